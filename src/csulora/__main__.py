@@ -1,0 +1,5 @@
+import sys
+
+from csulora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""The ``csulora`` command: a thin layer over the typed Python API.
+
+Each group of subcommands lives in its own module exposing ``register(subparsers)``;
+every handler returns an exit code. A :class:`~csulora.errors.CsuloraError` becomes one
+line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from csulora import __version__
+from csulora.errors import CsuloraError
+
+# Modules that add subcommands, in the order their commands appear in --help.
+COMMAND_MODULES = (
+    "csulora.cli.correction",  # subspace, audit, correct
+    "csulora.cli.tuning",      # tune
+    "csulora.cli.evaluation",  # eval, train, demo
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csulora",
+        description="Audit and correct LoRA adapters so fine-tuned LLMs keep their safety alignment.",
+    )
+    parser.add_argument("--version", action="version", version=f"csulora {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a command group not built yet
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except CsuloraError as exc:
+        print(f"csulora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"csulora {args.command}: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

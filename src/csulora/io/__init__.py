@@ -1,0 +1,1 @@
+"""I/O at the edges: checkpoints, PEFT adapters, subspace caches, atomic output."""
