@@ -1,0 +1,286 @@
+"""Per-module statistics of a LoRA update against the safety subspace (changes nothing).
+
+:class:`ModuleGeometry` computes, once and lazily, the small products every method and the
+audit share: the split of ``dW = s B A`` into its fully aligned, partially aligned and
+off-subspace parts (DESIGN §5), their energies, and the products with the exact
+displacement D when it is streamed. :func:`audit_module` turns them into the report.
+
+Where D comes from (DESIGN §10), reported as ``d_source``:
+- ``"exact"``: ``module.displacement`` is the full D; cosines use D itself.
+- ``"rank-k"``: only the subspace is known; ``cos_dW_D`` uses ``D_k = U diag(S) V^T`` and
+  ``dw_over_d`` the exact ``||D||`` stored with the subspace.
+- ``None``: neither (e.g. the scale baseline run without a subspace).
+
+Audit keys: rho_F, rho_P, rho_O, dw_norm, safelora_cos, cos_dW_D, dw_over_d,
+subspace_rank, subspace_energy, d_source. A value that cannot be computed from what was
+given is None (never NaN): rho without a subspace, cosines when a vector is zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from csulora.linalg import (
+    dense_frobenius_norm,
+    dense_matmul,
+    dense_t_matmul,
+    frobenius_inner,
+    frobenius_norm_sq,
+    project_columns,
+    project_rows,
+)
+from csulora.methods.base import REPORT_KEYS, ModuleInput, as_float64
+
+SAFELORA_PROJECTIONS = ("approx", "exact")
+COSINE_DECIMALS = 5  # the published Safe LoRA code rounds every cosine to 5 decimals
+
+
+@dataclass(frozen=True)
+class SubspaceSplit:
+    """``B = X1 + X2`` (in / out of span U) and ``A = Y1 + Y2`` (in / out of span V)."""
+
+    X1: Tensor  # P_U B, m x r
+    X2: Tensor  # Q_U B
+    Y1: Tensor  # A P_V, r x n
+    Y2: Tensor  # A Q_V
+
+
+@dataclass(frozen=True)
+class PartEnergies:
+    """``||F||^2, ||P||^2, ||O||^2`` of dW (scale included); their sum is ``||dW||^2``."""
+
+    F: float
+    P: float
+    O: float  # noqa: E741 - the letter of DESIGN §5
+
+    @property
+    def total(self) -> float:
+        return self.F + self.P + self.O
+
+    def fractions(self) -> tuple[float, float, float]:
+        """rho_F, rho_P, rho_O; all 0 for a zero update (DESIGN §10)."""
+        total = self.total
+        if total <= 0.0:
+            return 0.0, 0.0, 0.0
+        return self.F / total, self.P / total, self.O / total
+
+
+class ModuleGeometry:
+    """Shared, lazily computed products of one module's factors, subspace and D."""
+
+    def __init__(self, module: ModuleInput) -> None:
+        self.module = module
+        self.B = as_float64(module.update.B)
+        self.A = as_float64(module.update.A)
+        self.scale = float(module.update.scale)
+        self.subspace = module.subspace
+        self.D = module.displacement
+        self._projected_B: dict[str, Tensor | None] = {}
+        if self.subspace is not None:
+            self.U = as_float64(self.subspace.U)
+            self.S = as_float64(self.subspace.S)
+            self.V = as_float64(self.subspace.V)
+
+    # --- the update itself -------------------------------------------------------------
+    @cached_property
+    def dw_norm_sq(self) -> float:
+        return self.scale**2 * float(frobenius_norm_sq(self.B, self.A))
+
+    @property
+    def dw_norm(self) -> float:
+        return self.dw_norm_sq**0.5
+
+    @property
+    def dw_is_zero(self) -> bool:
+        return self.dw_norm_sq == 0.0
+
+    # --- split against the subspace ----------------------------------------------------
+    @property
+    def has_subspace(self) -> bool:
+        return self.subspace is not None
+
+    @property
+    def subspace_is_empty(self) -> bool:
+        return self.subspace is None or self.subspace.rank == 0
+
+    @cached_property
+    def split(self) -> SubspaceSplit:
+        """The four factor pieces of DESIGN §5 (an empty subspace puts all of B, A out)."""
+        if self.subspace is None:
+            raise ValueError(f"{self.module.name}: no subspace to split against")
+        X1 = project_columns(self.U, self.B)
+        Y1 = project_rows(self.A, self.V)
+        return SubspaceSplit(X1=X1, X2=self.B - X1, Y1=Y1, Y2=self.A - Y1)
+
+    @cached_property
+    def part_energies(self) -> PartEnergies:
+        """Energies of F = X1 Y1, P = X1 Y2 + X2 Y1, O = X2 Y2 (times s^2).
+
+        The two terms of P are Frobenius-orthogonal (``X1^T X2 = 0``), so their energies add.
+        Each piece is formed explicitly (m x r, r x n) rather than as ``B^T B - X1^T X1``,
+        which would cancel catastrophically when B lies almost inside span U.
+        """
+        sp = self.split
+        G1, G2 = sp.X1.T @ sp.X1, sp.X2.T @ sp.X2  # r x r Gram matrices of the B pieces
+        H1, H2 = sp.Y1 @ sp.Y1.T, sp.Y2 @ sp.Y2.T  # ... and of the A pieces
+        s2 = self.scale**2
+
+        def energy(G: Tensor, H: Tensor) -> float:  # ||X Y||^2 = sum((X^T X) * (Y Y^T))
+            return s2 * max(float((G * H).sum()), 0.0)
+
+        return PartEnergies(F=energy(G1, H1), P=energy(G1, H2) + energy(G2, H1), O=energy(G2, H2))
+
+    # --- the displacement --------------------------------------------------------------
+    @property
+    def d_source(self) -> str | None:
+        if self.D is not None:
+            return "exact"
+        if self.subspace is not None:
+            return "rank-k"
+        return None
+
+    @cached_property
+    def d_norm(self) -> float | None:
+        """Exact ``||D||_F``: from D itself, else as stored with the subspace."""
+        if self.D is not None:
+            return dense_frobenius_norm(self.D)
+        if self.subspace is not None:
+            return float(self.subspace.d_norm)
+        return None
+
+    @cached_property
+    def Dt_B(self) -> Tensor:
+        """``D^T B`` (n x r), the one pass over D that cosines and Safe LoRA need."""
+        if self.D is None:
+            raise ValueError(f"{self.module.name}: the exact displacement is not available")
+        return dense_t_matmul(self.D, self.B)
+
+    def cos_dw_d(self) -> float | None:
+        """Cosine of vec(dW) and vec(D) (of D_k when only the subspace is known)."""
+        if self.dw_is_zero:
+            return None
+        if self.D is not None:
+            d_norm = self.d_norm
+            # <s B A, D> = s * trace(A^T B^T D) = s * sum(A * (D^T B)^T)
+            inner = self.scale * float((self.A * self.Dt_B.T).sum())
+        elif self.subspace is not None:
+            d_norm = float(self.S.square().sum()) ** 0.5  # ||D_k||
+            # <s B A, U S V^T> = s * sum((A V) * (B^T U diag S))
+            inner = self.scale * float(((self.A @ self.V) * ((self.B.T @ self.U) * self.S)).sum())
+        else:
+            return None
+        if not d_norm:
+            return None
+        return inner / (self.dw_norm * d_norm)
+
+    def dw_over_d(self) -> float | None:
+        d_norm = self.d_norm
+        return self.dw_norm / d_norm if d_norm else None
+
+    # --- Safe LoRA's projection ---------------------------------------------------------
+    def safelora_available(self, projection: str) -> bool:
+        return self.D is not None if projection == "approx" else self.subspace is not None
+
+    def safelora_projected_B(self, projection: str) -> Tensor | None:
+        """``C B`` for Safe LoRA's C; None where C is undefined (D == 0 / empty subspace).
+
+        approx: ``C = D D^T / ||D||`` applied as ``D (D^T B) / ||D||`` (no m x m matrix);
+        exact:  ``C = U U^T`` (the top-k subspace, idempotent).
+        Memoised per projection: the audit numbers and the method share one pass over D.
+        """
+        if projection not in self._projected_B:
+            self._projected_B[projection] = self._compute_projected_B(projection)
+        return self._projected_B[projection]
+
+    def _compute_projected_B(self, projection: str) -> Tensor | None:
+        if projection == "approx":
+            d_norm = self.d_norm
+            if self.D is None or not d_norm:
+                return None
+            return dense_matmul(self.D, self.Dt_B) / d_norm
+        if self.subspace_is_empty:
+            return None
+        return project_columns(self.U, self.B)
+
+    def safelora_cosine(self, projected_B: Tensor | None) -> float | None:
+        """Published cosine of vec(C B A) and vec(B A), rounded to 5 decimals.
+
+        From r x r Gram matrices; the scale s cancels. None where C is undefined or
+        dW == 0 (the published code yields NaN / torch's eps-guarded 0 there). A zero
+        ``C B A`` against a non-zero ``B A`` gives 0.0, as torch's cosine_similarity does.
+        """
+        if projected_B is None or self.dw_is_zero:
+            return None
+        inner = float(frobenius_inner(projected_B, self.A, self.B, self.A))
+        norm_cba = float(frobenius_norm_sq(projected_B, self.A)) ** 0.5
+        norm_ba = float(frobenius_norm_sq(self.B, self.A)) ** 0.5
+        if norm_cba == 0.0 or norm_ba == 0.0:
+            return 0.0
+        return round_cosine(inner / (norm_cba * norm_ba))
+
+
+def round_cosine(value: float) -> float:
+    """Round as the published code does (``numpy.round(x, 5)``: round-half-even of x*1e5)."""
+    return float(np.round(value, COSINE_DECIMALS))
+
+
+def audit_module(module: ModuleInput, *, safelora_projection: str = "approx") -> dict[str, Any]:
+    """Statistics of one module's update; changes nothing.
+
+    ``safelora_projection`` picks the C of ``safelora_cos``: "approx" (the published
+    ``D D^T/||D||``; None without the exact D) or "exact" (``U U^T``; None without a
+    subspace).
+    """
+    return audit_report(ModuleGeometry(module), safelora_projection=safelora_projection)
+
+
+def audit_report(geometry: ModuleGeometry, *, safelora_projection: str = "approx") -> dict[str, Any]:
+    """:func:`audit_module` on an existing geometry (methods reuse its products)."""
+    if safelora_projection not in SAFELORA_PROJECTIONS:
+        raise ValueError(f"unknown Safe LoRA projection {safelora_projection!r}")
+    rho: tuple[float | None, ...] = (None, None, None)
+    if geometry.has_subspace:
+        rho = geometry.part_energies.fractions()
+    safelora_cos = None
+    if geometry.safelora_available(safelora_projection):
+        safelora_cos = geometry.safelora_cosine(geometry.safelora_projected_B(safelora_projection))
+    subspace = geometry.subspace
+    return {
+        "rho_F": rho[0],
+        "rho_P": rho[1],
+        "rho_O": rho[2],
+        "dw_norm": geometry.dw_norm,
+        "safelora_cos": safelora_cos,
+        "cos_dW_D": geometry.cos_dw_d(),
+        "dw_over_d": geometry.dw_over_d(),
+        "subspace_rank": subspace.rank if subspace is not None else None,
+        "subspace_energy": float(subspace.energy) if subspace is not None else None,
+        "d_source": geometry.d_source,
+    }
+
+
+
+def method_report(geometry: ModuleGeometry, *, safelora_projection: str = "approx") -> dict[str, Any]:
+    """A correction report (every key of ``REPORT_KEYS``) pre-filled with the audit numbers.
+
+    Methods fill in their own keys (lam/c, projected, norms after, ranks, ...) on top.
+    """
+    audit = audit_report(geometry, safelora_projection=safelora_projection)
+    report: dict[str, Any] = dict.fromkeys(REPORT_KEYS)
+    for key in ("rho_F", "rho_P", "rho_O", "safelora_cos", "cos_dW_D", "dw_over_d"):
+        report[key] = audit[key]
+    for key in ("subspace_rank", "subspace_energy", "d_source"):
+        report[key] = audit[key]
+    report["dw_norm_before"] = audit["dw_norm"]
+    report["rank_in"] = geometry.module.update.rank
+    return report
+
+
+def update_norm(B: Tensor, A: Tensor, scale: float) -> float:
+    """``||s B A||_F`` in factored form."""
+    return abs(scale) * float(frobenius_norm_sq(as_float64(B), as_float64(A))) ** 0.5

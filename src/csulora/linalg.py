@@ -1,0 +1,153 @@
+"""Low-rank linear algebra in factored form.
+
+Every quantity csulora reports or writes is a function of small products: for an update
+``X = B @ A`` (B: m x r, A: r x n) the Frobenius inner product and norm follow from the
+r x r Gram matrices ``B^T B`` and ``A A^T``; projections onto a k-dimensional subspace
+need ``U^T B`` (k x r). Nothing here builds an m x m or an m x n matrix from factors:
+m and n reach 28672 on 70B models while r and k are 8-64.
+
+The exact displacement ``D`` (m x n) is the one dense matrix that does appear. Products
+with it (:func:`dense_matmul`, :func:`dense_t_matmul`, :func:`dense_frobenius_norm`) are
+taken in D's own precision: float32 for a float32 D (as streamed by the API; float64
+products would cost a full-size copy and ~8x the time at 7B shapes, for accuracy far
+below what a bf16/fp16/fp32 adapter can hold), float64 for a float64 D (tests), and
+float32, one block of rows at a time, for a bf16/fp16 D. Results are float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Rows of a half-precision D converted to float32 at a time: bounded extra memory.
+_ROW_BLOCK = 2048
+
+
+def frobenius_inner(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor) -> Tensor:
+    """``<B1 A1, B2 A2>`` from r1 x r2 products: ``sum((B1^T B2) * (A1 A2^T))``.
+
+    Uses ``trace(A1^T B1^T B2 A2) = trace((B1^T B2)(A2 A1^T))`` and
+    ``trace(X Y) = sum(X * Y^T)``.
+    """
+    return ((B1.T @ B2) * (A1 @ A2.T)).sum()
+
+
+def frobenius_norm_sq(B: Tensor, A: Tensor) -> Tensor:
+    """``||B A||_F^2`` from the Gram matrices; clamped at 0 against rounding."""
+    return frobenius_inner(B, A, B, A).clamp_min(0.0)
+
+
+def project_columns(U: Tensor, B: Tensor) -> Tensor:
+    """``U U^T B``: the part of B's columns in span(U) (U orthonormal; m x r result)."""
+    return U @ (U.T @ B)
+
+
+def project_rows(A: Tensor, V: Tensor) -> Tensor:
+    """``A V V^T``: the part of A's rows in span(V) (V orthonormal; r x n result)."""
+    return (A @ V) @ V.T
+
+
+def compute_dtype(D: Tensor) -> torch.dtype:
+    """The precision of products with D: its own if float32/float64, else float32."""
+    return D.dtype if D.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def dense_matmul(D: Tensor, X: Tensor) -> Tensor:
+    """``D @ X`` (X: n x p) in D's compute precision, returned as float64."""
+    dtype = compute_dtype(D)
+    if D.dtype == dtype:
+        return (D @ X.to(dtype)).to(torch.float64)
+    X = X.to(dtype)
+    out = torch.empty(D.shape[0], X.shape[1], dtype=torch.float64)
+    for start in range(0, D.shape[0], _ROW_BLOCK):
+        out[start : start + _ROW_BLOCK] = D[start : start + _ROW_BLOCK].to(dtype) @ X
+    return out
+
+
+def dense_t_matmul(D: Tensor, Y: Tensor) -> Tensor:
+    """``D^T @ Y`` (Y: m x p) in D's compute precision, returned as float64."""
+    dtype = compute_dtype(D)
+    if D.dtype == dtype:
+        return (D.T @ Y.to(dtype)).to(torch.float64)
+    Y = Y.to(dtype)
+    out = torch.zeros(D.shape[1], Y.shape[1], dtype=torch.float64)
+    for start in range(0, D.shape[0], _ROW_BLOCK):
+        stop = start + _ROW_BLOCK
+        out += (D[start:stop].to(dtype).T @ Y[start:stop]).to(torch.float64)
+    return out
+
+
+def dense_frobenius_norm(D: Tensor) -> float:
+    """``||D||_F``: per-block norms in D's compute precision, combined in float64."""
+    dtype = compute_dtype(D)
+    total = 0.0
+    for start in range(0, D.shape[0], _ROW_BLOCK):
+        block = float(torch.linalg.vector_norm(D[start : start + _ROW_BLOCK].to(dtype)))
+        total += block * block
+    return total**0.5
+
+
+def dense_is_finite(D: Tensor) -> bool:
+    """Whether every entry of D is finite (checked without a full-size boolean copy)."""
+    return all(
+        bool(torch.isfinite(D[start : start + _ROW_BLOCK]).all())
+        for start in range(0, D.shape[0], _ROW_BLOCK)
+    )
+
+
+def fix_signs(U: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """Flip singular-vector pairs so each column of U has its largest-|.| entry positive.
+
+    An SVD fixes each pair ``(u_i, v_i)`` only up to a common sign; pinning it makes the
+    written subspace (and every factor derived from it) identical across runs and LAPACK
+    builds that agree on the vectors up to sign.
+    """
+    if U.shape[1] == 0:
+        return U, V
+    pivot = U.abs().argmax(dim=0)
+    signs = torch.sign(U[pivot, torch.arange(U.shape[1])])
+    signs[signs == 0] = 1.0
+    return U * signs, V * signs
+
+
+@dataclass(frozen=True)
+class LowRankApprox:
+    """Best rank-q approximation ``B @ A`` of a factored product, and what it dropped."""
+
+    B: Tensor  # m x q'
+    A: Tensor  # q' x n   (q' = min(q, rank of the product's core))
+    energy_total: float  # ||X||_F^2 of the input product
+    energy_dropped: float  # ||X - B A||_F^2
+
+    @property
+    def fraction_dropped(self) -> float:
+        """Share of ``||X||^2`` lost; 0 for a zero product."""
+        return self.energy_dropped / self.energy_total if self.energy_total > 0 else 0.0
+
+
+def best_rank_approx(B: Tensor, A: Tensor, q: int) -> LowRankApprox:
+    """Best rank-q approximation (Eckart-Young) of ``X = B @ A`` without forming X.
+
+    QR of both outer factors, ``B = Q_b R_b`` and ``A^T = Q_a R_a``, leaves the small core
+    ``R_b R_a^T`` whose SVD ``W diag(sig) Z^T`` is that of X itself:
+    ``X = (Q_b W) diag(sig) (Q_a Z)^T``. Keep the top q triplets and split each singular
+    value evenly between the two factors (``sqrt(sig)`` on each side) so neither factor's
+    scale dominates when written at reduced precision.
+    """
+    if q < 0:
+        raise ValueError(f"rank must be >= 0, got {q}")
+    Qb, Rb = torch.linalg.qr(B, mode="reduced")
+    Qa, Ra = torch.linalg.qr(A.T, mode="reduced")
+    W, sig, Zt = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    left, right = fix_signs(Qb @ W, Qa @ Zt.T)
+    energy_total = float((sig * sig).sum())
+    keep = min(q, int(sig.shape[0]))
+    root = sig[:keep].sqrt()
+    return LowRankApprox(
+        B=left[:, :keep] * root,
+        A=(right[:, :keep] * root).T,
+        energy_total=energy_total,
+        energy_dropped=float((sig[keep:] * sig[keep:]).sum()),
+    )

@@ -1,0 +1,103 @@
+"""RESTA, rank-k: add the alignment back, ``X = dW + beta * D_k`` (DESIGN §5b).
+
+Bhardwaj et al. (2024) add the full displacement D to the fine-tuned weights; full-rank
+D is no LoRA. Its top-k part ``D_k = U_k diag(S_k) V_k^T`` from the safety subspace is: an
+exact LoRA of rank r + k, by appending ``U_k diag(sqrt(S_k)) * sqrt(beta/|s|)`` (times the
+sign of s) to B and ``diag(sqrt(S_k)) V_k^T * sqrt(beta/|s|)`` to A, so that with the
+adapter's own scaling s the product is ``beta * D_k``. The CSULoRA method reuses
+:func:`append_restoration` for its ``restore`` knob, so both write the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from csulora.audit import ModuleGeometry, method_report, update_norm
+from csulora.errors import InputError
+from csulora.methods.base import (
+    CorrectionMethod,
+    LoraUpdate,
+    MethodConfig,
+    ModuleInput,
+    ModuleResult,
+    ModuleSubspace,
+    as_float64,
+    require_number,
+)
+
+
+@dataclass(frozen=True)
+class RestaConfig(MethodConfig):
+    restore: float = field(
+        default=1.0,
+        metadata={"help": "beta >= 0: strength of the alignment displacement D_k added back"},
+    )
+
+    def __post_init__(self) -> None:
+        require_number("restore", self.restore, low=0.0)
+        self._store_as("restore", float)
+
+
+def restoration_factors(
+    subspace: ModuleSubspace, beta: float, scale: float, *, name: str = "module"
+) -> tuple[Tensor, Tensor]:
+    """Factors ``(B_k, A_k)``, m x k and k x n, with ``scale * B_k @ A_k == beta * D_k``."""
+    if scale == 0.0 or not math.isfinite(scale):
+        raise InputError(f"{name}: the adapter's scaling is {scale}; cannot add the restoration")
+    U, S, V = as_float64(subspace.U), as_float64(subspace.S), as_float64(subspace.V)
+    root = (S * (beta / abs(scale))).sqrt()
+    sign = 1.0 if scale > 0 else -1.0
+    return (U * root) * sign, (V * root).T
+
+
+def append_restoration(
+    B: Tensor, A: Tensor, module: ModuleInput, beta: float
+) -> tuple[Tensor, Tensor]:
+    """``[B | B_k]`` and ``[A ; A_k]``: the update plus ``beta * D_k``; unchanged if beta == 0."""
+    subspace = module.subspace
+    if beta == 0.0 or subspace is None or subspace.rank == 0:
+        return B, A
+    Bk, Ak = restoration_factors(subspace, beta, module.update.scale, name=module.name)
+    return torch.cat([B, Bk], dim=1), torch.cat([A, Ak], dim=0)
+
+
+def restoration_energy_fraction(geometry: ModuleGeometry, beta: float) -> float | None:
+    """``||beta D_k||^2 / ||dW||^2``: energy added, relative to the input update's.
+
+    None when dW == 0 (no reference energy); 0.0 when nothing is added.
+    """
+    subspace = geometry.subspace
+    added = 0.0 if subspace is None else beta**2 * float(as_float64(subspace.S).square().sum())
+    if geometry.dw_is_zero:
+        return None if added > 0.0 else 0.0
+    return added / geometry.dw_norm_sq
+
+
+class Resta(CorrectionMethod):
+    name = "resta"
+    pretty_name = "RESTA (rank-k)"
+    paper_url = "https://arxiv.org/abs/2402.11746"
+    config_cls = RestaConfig
+
+    def correct_module(self, module: ModuleInput, config: MethodConfig) -> ModuleResult:
+        assert isinstance(config, RestaConfig)
+        geometry = ModuleGeometry(module)
+        report: dict[str, Any] = method_report(geometry)
+        if module.subspace is None:
+            raise InputError(f"{module.name}: RESTA needs the module's safety subspace")
+        B, A = append_restoration(geometry.B, geometry.A, module, float(config.restore))
+        if B is geometry.B:  # nothing appended: keep the input bytes
+            update = module.update
+        else:
+            update = LoraUpdate(A=A, B=B, scale=module.update.scale)
+        report.update(
+            dw_norm_after=update_norm(update.B, update.A, update.scale),
+            rank_out=update.rank,
+            restore_energy_added=restoration_energy_fraction(geometry, float(config.restore)),
+        )
+        return ModuleResult(name=module.name, update=update, report=report)

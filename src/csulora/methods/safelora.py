@@ -1,0 +1,204 @@
+"""Safe LoRA (Hsu et al., NeurIPS 2024) with the published semantics (DESIGN §4).
+
+Per module, with ``C = D D^T / ||D||`` ("approx", the published projection, needs the
+exact D) or ``C = U U^T`` ("exact", the top-k safety subspace):
+- ``cos`` = cosine of vec(C B A) and vec(B A), rounded to 5 decimals as the published code
+  does (``numpy.round``), from r x r Gram matrices;
+- the module is projected, ``B <- C B`` (only lora_B changes), when ``cos <= t``;
+  ``C B = D (D^T B) / ||D||`` is taken without any m x m matrix;
+- threshold mode: t = ``threshold``; number mode: t = the ``num_layers``-th smallest
+  cosine over all modules (all of them when there are fewer), so ties project more;
+- ``Pdst`` = mean over modules of ``1 / (1 + ||B_new - C B||)``.
+
+Report: every module's report has ``safelora_cos``, ``projected`` and ``safelora_dist``
+(its Pdst term); :meth:`SafeLora.summary` returns the global ``pdst``, the threshold
+``safelora_threshold`` actually used, and counts.
+
+Documented deviations, where the published code divides by zero or relies on torch's
+eps-guarded cosine: a module with D == 0 (or an empty subspace under "exact") or with
+dW == 0 is left unchanged, its cosine is None, it takes no part in the number-mode ranking
+and no part in Pdst. A zero ``C B A`` against a non-zero ``B A`` has cosine 0.0 (as torch).
+
+How the API says D is unavailable: ``ModuleInput.displacement is None``. The "approx"
+projection then raises OptionError; :meth:`check_sources` raises the same before any
+tensor is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from csulora.audit import SAFELORA_PROJECTIONS, ModuleGeometry, method_report, update_norm
+from csulora.errors import InputError, OptionError
+from csulora.methods.base import (
+    CorrectionMethod,
+    LoraUpdate,
+    MethodConfig,
+    ModuleInput,
+    ModuleResult,
+    require_choice,
+    require_number,
+)
+
+SELECT_MODES = ("number", "threshold")
+APPROX_NEEDS_D = (
+    "Safe LoRA approx needs the exact D: use --projection exact or give --base/--aligned"
+)
+
+
+@dataclass(frozen=True)
+class SafeLoraConfig(MethodConfig):
+    select: str = field(
+        default="number",
+        metadata={
+            "help": "number: project the --num-layers lowest-cosine modules (ties project "
+            "more); threshold: project every module with cosine <= --threshold",
+            "choices": list(SELECT_MODES),
+        },
+    )
+    num_layers: int = field(
+        default=10, metadata={"help": "modules to project in number mode (>= 1)"}
+    )
+    threshold: float = field(
+        default=0.5, metadata={"help": "cosine threshold of threshold mode, in [-1, 1]"}
+    )
+    projection: str = field(
+        default="approx",
+        metadata={
+            "help": "approx: the published C = D D^T/||D|| (needs --base/--aligned); "
+            "exact: C = U U^T of the safety subspace",
+            "choices": list(SAFELORA_PROJECTIONS),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        require_choice("select", self.select, SELECT_MODES)
+        require_number("num_layers", self.num_layers, low=1, integer=True)
+        require_number("threshold", self.threshold, low=-1.0, high=1.0)
+        require_choice("projection", self.projection, SAFELORA_PROJECTIONS)
+        self._store_as("num_layers", int)
+        self._store_as("threshold", float)
+
+
+@dataclass
+class _Measured:
+    """What phase 1 keeps per module: the factors, ``C B`` (m x r) and the report."""
+
+    name: str
+    update: LoraUpdate
+    projected_B: Tensor | None
+    cos: float | None
+    report: dict[str, Any]
+
+
+class SafeLora(CorrectionMethod):
+    name = "safelora"
+    pretty_name = "Safe LoRA"
+    paper_url = "https://arxiv.org/abs/2405.16833"
+    config_cls = SafeLoraConfig
+
+    def needs_subspace(self, config: MethodConfig) -> bool:
+        assert isinstance(config, SafeLoraConfig)
+        return config.projection == "exact"
+
+    def needs_displacement(self, config: MethodConfig) -> bool:
+        assert isinstance(config, SafeLoraConfig)
+        return config.projection == "approx"
+
+    def check_sources(
+        self, config: MethodConfig, *, has_displacement: bool, has_subspace: bool
+    ) -> None:
+        if self.needs_displacement(config) and not has_displacement:
+            raise OptionError(APPROX_NEEDS_D)
+        super().check_sources(
+            config, has_displacement=has_displacement, has_subspace=has_subspace
+        )
+
+    # --- one module (threshold semantics) -----------------------------------------------
+    def correct_module(self, module: ModuleInput, config: MethodConfig) -> ModuleResult:
+        """Threshold-mode decision for one module (number mode needs :meth:`correct`)."""
+        assert isinstance(config, SafeLoraConfig)
+        return self._finish(self._measure(module, config), float(config.threshold))
+
+    # --- the whole stream --------------------------------------------------------------
+    def correct(
+        self, modules: Iterable[ModuleInput], config: MethodConfig
+    ) -> Iterator[ModuleResult]:
+        assert isinstance(config, SafeLoraConfig)
+        if config.select == "threshold":
+            for module in modules:
+                yield self.correct_module(module, config)
+            return
+        # Number mode: one pass over the stream (D is read once), keeping only the factors
+        # and C B per module; the threshold is known when every cosine is.
+        measured = [self._measure(module, config) for module in modules]
+        threshold = number_mode_threshold([m.cos for m in measured], config.num_layers)
+        for item in measured:
+            yield self._finish(item, threshold)
+
+    def summary(self, results: Sequence[ModuleResult], config: MethodConfig) -> dict[str, Any]:
+        """Global fields: ``pdst``, ``safelora_threshold`` (t used), counts."""
+        assert isinstance(config, SafeLoraConfig)
+        cosines = [r.report.get("safelora_cos") for r in results]
+        if config.select == "threshold":
+            threshold: float | None = float(config.threshold)
+        else:
+            threshold = number_mode_threshold(cosines, config.num_layers)
+        dists = [r.report["safelora_dist"] for r in results if r.report.get("safelora_dist") is not None]
+        return {
+            "pdst": sum(dists) / len(dists) if dists else None,
+            "safelora_threshold": threshold,
+            "num_projected": sum(1 for r in results if r.report.get("projected")),
+            "num_modules": len(results),
+            "num_undefined": sum(1 for c in cosines if c is None),
+        }
+
+    # --- helpers -------------------------------------------------------------------------
+    def _measure(self, module: ModuleInput, config: SafeLoraConfig) -> _Measured:
+        if config.projection == "approx" and module.displacement is None:
+            raise OptionError(APPROX_NEEDS_D)
+        if config.projection == "exact" and module.subspace is None:
+            raise InputError(f"{module.name}: Safe LoRA exact needs the module's safety subspace")
+        geometry = ModuleGeometry(module)
+        report = method_report(geometry, safelora_projection=config.projection)
+        projected_B = geometry.safelora_projected_B(config.projection)
+        cos = report["safelora_cos"]
+        return _Measured(
+            name=module.name,
+            update=module.update,
+            projected_B=projected_B,
+            cos=cos,
+            report=report,
+        )
+
+    def _finish(self, item: _Measured, threshold: float | None) -> ModuleResult:
+        projected = item.cos is not None and threshold is not None and item.cos <= threshold
+        update = item.update
+        if projected:
+            assert item.projected_B is not None
+            update = LoraUpdate(A=update.A, B=item.projected_B, scale=update.scale)
+        dist = None
+        if item.cos is not None and item.projected_B is not None:
+            gap = torch.linalg.vector_norm(update.B.to(torch.float64) - item.projected_B)
+            dist = 1.0 / (1.0 + float(gap))
+        report = dict(item.report)
+        report.update(
+            projected=projected,
+            safelora_dist=dist,
+            dw_norm_after=update_norm(update.B, update.A, update.scale),
+            rank_out=update.rank,
+        )
+        return ModuleResult(name=item.name, update=update, report=report)
+
+
+def number_mode_threshold(cosines: Sequence[float | None], num_layers: int) -> float | None:
+    """The ``num_layers``-th smallest defined cosine (the largest if there are fewer)."""
+    defined = sorted(c for c in cosines if c is not None)
+    if not defined:
+        return None
+    return defined[min(num_layers, len(defined)) - 1]

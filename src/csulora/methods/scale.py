@@ -1,0 +1,60 @@
+"""Uniform scaling, ``X = c * dW`` (DESIGN §5b): the null baseline every method must beat.
+
+Scales ``lora_B`` by c and keeps rank and scaling. It needs no subspace; when one is given
+anyway the report still carries the audit numbers (rho, cosines) of the input update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from csulora.audit import ModuleGeometry, method_report, update_norm
+from csulora.errors import OptionError
+from csulora.methods.base import (
+    CorrectionMethod,
+    LoraUpdate,
+    MethodConfig,
+    ModuleInput,
+    ModuleResult,
+    require_number,
+)
+
+
+@dataclass(frozen=True)
+class ScaleConfig(MethodConfig):
+    # No default on purpose: a silent factor of 1 would write the adapter unchanged.
+    factor: float | None = field(
+        default=None, metadata={"help": "c in [0, 1]: the corrected update is c * dW (required)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.factor is None:
+            raise OptionError("--method scale needs --factor C (0 <= C <= 1)")
+        require_number("factor", self.factor, low=0.0, high=1.0)
+        self._store_as("factor", float)
+
+
+class Scale(CorrectionMethod):
+    name = "scale"
+    pretty_name = "Uniform scaling"
+    paper_url = None
+    config_cls = ScaleConfig
+
+    def needs_subspace(self, config: MethodConfig) -> bool:
+        return False
+
+    def correct_module(self, module: ModuleInput, config: MethodConfig) -> ModuleResult:
+        assert isinstance(config, ScaleConfig)
+        geometry = ModuleGeometry(module)
+        report: dict[str, Any] = method_report(geometry)
+        factor = float(config.factor)  # type: ignore[arg-type]
+        if factor == 1.0:
+            update = module.update
+        else:
+            update = LoraUpdate(A=geometry.A, B=factor * geometry.B, scale=module.update.scale)
+        report.update(
+            dw_norm_after=update_norm(update.B, update.A, update.scale),
+            rank_out=update.rank,
+        )
+        return ModuleResult(name=module.name, update=update, report=report)

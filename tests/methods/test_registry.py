@@ -1,0 +1,66 @@
+"""The method registry: one place for names, help, choices and config construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import pytest
+
+from csulora.errors import OptionError
+from csulora.methods import METHODS, get_method, make_config, option_names
+from csulora.methods.base import CorrectionMethod, MethodConfig
+
+
+def test_registry_holds_the_four_methods_by_name():
+    assert list(METHODS) == ["csulora", "safelora", "scale", "resta"]
+    for name, method in METHODS.items():
+        assert isinstance(method, CorrectionMethod)
+        assert method.name == name and method.pretty_name
+        assert issubclass(method.config_cls, MethodConfig)
+        assert get_method(name) is method
+
+
+def test_unknown_method_lists_the_choices():
+    with pytest.raises(OptionError, match="csulora, safelora, scale, resta"):
+        get_method("dare")
+
+
+def test_every_option_has_help_and_choices_are_enforced():
+    for method in METHODS.values():
+        hints = typing.get_type_hints(method.config_cls)
+        for field in dataclasses.fields(method.config_cls):
+            assert field.metadata.get("help"), (method.name, field.name)
+            assert field.name in hints
+            for choice in field.metadata.get("choices", []):
+                make_config(method, {field.name: choice, **({"factor": 0.5} if method.name == "scale" else {})})
+            if "choices" in field.metadata:
+                with pytest.raises(OptionError):
+                    make_config(method, {field.name: "no-such-choice", **({"factor": 0.5} if method.name == "scale" else {})})
+
+
+def test_flag_names_match_the_cli_contract():
+    assert option_names(get_method("csulora")) == ("gamma", "schedule", "rank_mode", "restore")
+    assert option_names(get_method("safelora")) == ("select", "num_layers", "threshold", "projection")
+    assert option_names(get_method("scale")) == ("factor",)
+    assert option_names(get_method("resta")) == ("restore",)
+
+
+def test_make_config_keeps_defaults_for_options_not_given():
+    config = make_config("csulora", {"gamma": 2.0, "restore": None, "num_layers": None})
+    assert config.to_dict() == {"gamma": 2.0, "schedule": "energy", "rank_mode": "exact", "restore": 0.0}
+    assert make_config("resta", {"restore": None}).restore == 1.0
+
+
+def test_make_config_refuses_options_of_other_methods():
+    with pytest.raises(OptionError, match="--gamma does not apply to --method safelora"):
+        make_config("safelora", {"gamma": 1.0})
+
+
+def test_numpy_scalars_from_a_sweep_grid_are_stored_as_plain_numbers():
+    import numpy as np
+
+    config = make_config("safelora", {"num_layers": np.int64(3), "threshold": np.float32(0.25)})
+    assert type(config.num_layers) is int and type(config.threshold) is float
+    assert type(make_config("csulora", {"gamma": np.float64(2)}).gamma) is float
+    assert type(make_config("scale", {"factor": 1}).factor) is float
