@@ -1,0 +1,564 @@
+"""The typed Python API: build a safety subspace, audit an adapter, correct an adapter.
+
+Three functions, the same three as the CLI commands (which only parse arguments and call
+these)::
+
+    from csulora.api import build_subspace, audit_adapter, correct_adapter
+
+    build_subspace("base/", "aligned/", "subspace.safetensors")          # once per model pair
+    report = audit_adapter("adapter/", subspace="subspace.safetensors")  # changes nothing
+    print(report.format_table())
+    correct_adapter("adapter/", "fixed/", "resta", subspace="subspace.safetensors", restore=1.0)
+
+Where D comes from: ``subspace=`` (a cache from :func:`build_subspace`) needs only that
+file; ``base=``/``aligned=`` stream the exact ``D = W_aligned - W_base`` module by module
+(one pair of weight tensors in memory, never two models) and compute subspaces on the fly.
+Both may be given: then the cached subspaces are used, checked against the pair, and the
+exact D serves the methods and reports that want it.
+
+Every option is validated before any tensor is read; every input problem is a one-line
+:class:`~csulora.errors.InputError`/:class:`~csulora.errors.OptionError`; outputs appear
+atomically (a temporary folder beside OUTDIR, renamed at the end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from csulora.errors import InputError, OptionError
+from csulora.io.adapters import DEFAULT_REPORT_NAME, LoraAdapter, read_adapter, write_adapter
+from csulora.io.atomic import atomic_output_dir, atomic_output_file, check_output_dir
+from csulora.io.checkpoints import (
+    CheckpointReader,
+    check_same_architecture,
+    decoder_linear_modules,
+    layer_index,
+    matches_target,
+    read_displacement,
+    weight_name,
+)
+from csulora.io.subspace_cache import (
+    SubspaceCache,
+    check_fingerprint,
+    displacement_fingerprint,
+    load_subspace_cache,
+    round_trip,
+    save_subspace_cache,
+)
+from csulora.methods.base import CorrectionMethod, MethodConfig, ModuleInput, ModuleSubspace
+from csulora.methods.registry import get_method, make_config
+from csulora.subspace import SubspaceConfig, compute_subspace
+
+PathLike = str | os.PathLike
+
+__all__ = [
+    "AuditReport",
+    "CorrectionReport",
+    "SubspaceConfig",
+    "audit_adapter",
+    "build_subspace",
+    "correct_adapter",
+]
+
+
+# -- reports ----------------------------------------------------------------------------------
+@dataclass
+class AuditReport:
+    """Per-module audit rows (``module`` plus the keys of :func:`csulora.audit.audit_module`)."""
+
+    adapter: str
+    d_source: str | None  # "exact" (streamed D) or "rank-k" (subspace cache only)
+    sources: dict[str, str | None]
+    modules: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "audit",
+            "adapter": self.adapter,
+            "d_source": self.d_source,
+            "sources": self.sources,
+            "summary": self.summary,
+            "modules": self.modules,
+        }
+
+    def to_json(self, path: PathLike | None = None) -> str:
+        """The report as JSON text; also written (atomically) to ``path`` when given."""
+        return _dump_json(self.to_dict(), path)
+
+    def format_table(self) -> str:
+        return format_module_table(self.modules, AUDIT_COLUMNS) + "\n" + _format_summary(self.summary)
+
+
+@dataclass
+class CorrectionReport:
+    """What :func:`correct_adapter` did, per module (``module`` plus the method's report keys)."""
+
+    method: str
+    options: dict[str, Any]
+    adapter: str
+    out_dir: str
+    report_path: str
+    d_source: str | None
+    sources: dict[str, str | None]
+    modules: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        # out_dir/report_path are left out on purpose: the file is the same wherever it lands.
+        return {
+            "kind": "correction",
+            "method": self.method,
+            "options": self.options,
+            "adapter": self.adapter,
+            "d_source": self.d_source,
+            "sources": self.sources,
+            "summary": self.summary,
+            "modules": self.modules,
+        }
+
+    def to_json(self, path: PathLike | None = None) -> str:
+        return _dump_json(self.to_dict(), path)
+
+    def format_table(self) -> str:
+        return format_module_table(self.modules, CORRECTION_COLUMNS) + "\n" + _format_summary(self.summary)
+
+
+# (report key, column title, format)
+AUDIT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("dw_norm", "|dW|", ".3g"),
+    ("rho_F", "rho_F", ".3f"),
+    ("rho_P", "rho_P", ".3f"),
+    ("rho_O", "rho_O", ".3f"),
+    ("safelora_cos", "cos_SL", ".4f"),
+    ("cos_dW_D", "cos(dW,D)", ".4f"),
+    ("dw_over_d", "|dW|/|D|", ".3g"),
+    ("subspace_rank", "k", "d"),
+    ("subspace_energy", "energy", ".3f"),
+)
+CORRECTION_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("rho_F", "rho_F", ".3f"),
+    ("rho_P", "rho_P", ".3f"),
+    ("rho_O", "rho_O", ".3f"),
+    ("safelora_cos", "cos_SL", ".4f"),
+    ("projected", "proj", ""),
+    ("c_P", "c_P", ".3f"),
+    ("c_O", "c_O", ".3f"),
+    ("dw_norm_before", "|dW|", ".3g"),
+    ("dw_norm_after", "|X|", ".3g"),
+    ("rank_in", "r", "d"),
+    ("rank_out", "r'", "d"),
+    ("restore_energy_added", "restore", ".3g"),
+)
+
+
+def format_module_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A plain-text table, one row per module, ``-`` where a value does not apply."""
+    header = ["module"] + [title for _, title, _ in columns]
+    body = [[row["module"]] + [_format_cell(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def render(line: list[str]) -> str:
+        return "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(line))
+
+    return "\n".join(render(line) for line in [header, *body])
+
+
+def _format_cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    try:
+        return format(value, fmt)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _format_summary(summary: dict[str, Any]) -> str:
+    parts = []
+    for key, value in summary.items():
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        elif not isinstance(value, dict | list):
+            parts.append(f"{key}={value}")
+    return "summary: " + ", ".join(parts)
+
+
+def _dump_json(data: dict[str, Any], path: PathLike | None) -> str:
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    if path is not None:
+        with atomic_output_file(path) as tmp:
+            tmp.write_text(text)
+    return text
+
+
+# -- options ------------------------------------------------------------------------------------
+@dataclass
+class _Sources:
+    """The opened inputs D can come from; closed by the ExitStack of the caller."""
+
+    cache: SubspaceCache | None = None
+    base: CheckpointReader | None = None
+    aligned: CheckpointReader | None = None
+
+    @property
+    def has_pair(self) -> bool:
+        return self.base is not None
+
+    def describe(self) -> dict[str, str | None]:
+        return {
+            "subspace": str(self.cache.path) if self.cache else None,
+            "base": str(self.base.folder) if self.base else None,
+            "aligned": str(self.aligned.folder) if self.aligned else None,
+        }
+
+
+def _check_source_options(subspace: PathLike | None, base: PathLike | None, aligned: PathLike | None) -> None:
+    if (base is None) != (aligned is None):
+        raise OptionError("--base and --aligned go together: give both, or use --subspace")
+    if subspace is None and base is None:
+        raise OptionError("give --subspace FILE or --base BASE --aligned ALIGNED")
+
+
+def _open_sources(
+    stack: ExitStack, subspace: PathLike | None, base: PathLike | None, aligned: PathLike | None
+) -> _Sources:
+    sources = _Sources()
+    if subspace is not None:
+        sources.cache = load_subspace_cache(subspace)
+        stack.callback(sources.cache.close)
+    if base is not None and aligned is not None:
+        sources.base = stack.enter_context(CheckpointReader(base))
+        sources.aligned = stack.enter_context(CheckpointReader(aligned))
+    return sources
+
+
+def _target_list(targets: Iterable[str] | str | None) -> list[str] | None:
+    """Targets as a list; a comma-separated string (the CLI spelling) is accepted too."""
+    if targets is None:
+        return None
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    cleaned = [str(t).strip() for t in items if str(t).strip()]
+    if not cleaned:
+        raise OptionError("--targets is empty")
+    return cleaned
+
+
+def _select_modules(adapter: LoraAdapter, targets: Iterable[str] | None) -> list[str]:
+    targets = _target_list(targets)
+    names = [name for name in adapter.modules if matches_target(name, targets)]
+    if not names:
+        raise OptionError(f"--targets {','.join(targets or [])} matches no module of the adapter {adapter.path}")
+    return names
+
+
+def _check_modules_against_sources(adapter: LoraAdapter, names: Sequence[str], sources: _Sources) -> None:
+    """Every check that headers and metadata allow, before any weight is read."""
+    if sources.base is not None and sources.aligned is not None:
+        check_same_architecture(sources.base, sources.aligned, names)
+        for name in names:
+            shape = sources.base.shape(weight_name(name))
+            _check_shape(adapter, name, shape, f"{sources.base.folder}: tensor {weight_name(name)}")
+    if sources.cache is not None:
+        for name in names:
+            entry = sources.cache.entry(name)
+            _check_shape(adapter, name, entry.shape, f"{sources.cache.path}: module {name}")
+
+
+def _check_shape(adapter: LoraAdapter, name: str, shape: Sequence[int], where: str) -> None:
+    module = adapter.modules[name]
+    if tuple(shape) != module.shape:
+        raise InputError(
+            f"{adapter.weights_file}: module {name} updates a {list(module.shape)} weight "
+            f"(lora_B {list(module.B.shape)}, lora_A {list(module.A.shape)}) but {where} has shape {list(shape)}"
+        )
+
+
+def _module_inputs(
+    adapter: LoraAdapter,
+    names: Sequence[str],
+    sources: _Sources,
+    *,
+    need_subspace: bool,
+    subspace_config: SubspaceConfig,
+    progress: bool,
+    desc: str,
+) -> Iterator[ModuleInput]:
+    """Stream one ModuleInput per target module: one weight pair and one D in memory."""
+    from tqdm import tqdm
+
+    for name in tqdm(names, desc=desc, unit="module", disable=None if progress else True):
+        displacement = None
+        if sources.has_pair:
+            displacement = read_displacement(sources.base, sources.aligned, name)
+        subspace = None
+        if need_subspace or sources.cache is not None:
+            subspace = _subspace_for(name, sources, displacement, subspace_config)
+        yield ModuleInput(name=name, update=adapter.modules[name].update(), subspace=subspace, displacement=displacement)
+        del displacement, subspace  # drop D before the next pair is read
+
+
+def _subspace_for(
+    name: str, sources: _Sources, displacement: Any, config: SubspaceConfig
+) -> ModuleSubspace:
+    if sources.cache is not None:
+        if displacement is not None:
+            check_fingerprint(sources.cache, name, displacement)
+        return sources.cache.get(name)
+    assert displacement is not None and sources.aligned is not None
+    label = f"{sources.aligned.folder}: {weight_name(name)}"
+    return round_trip(compute_subspace(displacement, config, name=label))
+
+
+def _check_subspace_config(config: SubspaceConfig | None, *, cache: PathLike | None = None) -> SubspaceConfig:
+    """The options for subspaces computed on the fly; refused beside a cache (it fixes them)."""
+    if config is None:
+        return SubspaceConfig()
+    if not isinstance(config, SubspaceConfig):
+        raise OptionError(f"subspace config must be a SubspaceConfig, got {type(config).__name__}")
+    if cache is not None:
+        raise OptionError(
+            f"subspace options (--rank, --energy, ...) do not apply with --subspace {cache}: the cache fixes them"
+        )
+    return config
+
+
+def _weighted_rho(rows: Sequence[dict[str, Any]], norm_key: str) -> dict[str, float | None]:
+    """Adapter-wide rho_F/P/O: each module's parts weighted by its ||dW||^2."""
+    total = sum((row.get(norm_key) or 0.0) ** 2 for row in rows if row.get("rho_F") is not None)
+    out: dict[str, float | None] = {}
+    for key in ("rho_F", "rho_P", "rho_O"):
+        if total > 0.0:
+            out[key] = sum((row.get(norm_key) or 0.0) ** 2 * row[key] for row in rows if row.get(key) is not None) / total
+        else:
+            out[key] = None
+    return out
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    kept = [float(v) for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+# -- build_subspace -----------------------------------------------------------------------------
+def build_subspace(
+    base: PathLike,
+    aligned: PathLike,
+    out_file: PathLike,
+    *,
+    config: SubspaceConfig | None = None,
+    targets: list[str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Compute every target module's safety subspace from a base/aligned pair and cache it.
+
+    ``targets`` (module names or their suffixes, e.g. ``["q_proj", "v_proj"]``) defaults to
+    every linear layer inside the decoder blocks. Streams one weight pair at a time.
+    Returns the path of the written ``.safetensors`` cache.
+    """
+    from tqdm import tqdm
+
+    config = _check_subspace_config(config)
+    out = Path(out_file)
+    if out.is_dir():
+        raise InputError(f"{out}: is a folder; give the cache file name, e.g. {out / 'subspace.safetensors'}")
+    targets = _target_list(targets)
+    with ExitStack() as stack:
+        base_reader = stack.enter_context(CheckpointReader(base))
+        aligned_reader = stack.enter_context(CheckpointReader(aligned))
+        modules = decoder_linear_modules(base_reader, targets)
+        if not modules:
+            what = f"matching --targets {','.join(targets)}" if targets else "inside decoder blocks"
+            raise InputError(f"{base_reader.folder}: no linear layers {what}")
+        check_same_architecture(base_reader, aligned_reader, modules)
+        subspaces: dict[str, ModuleSubspace] = {}
+        shapes: dict[str, tuple[int, int]] = {}
+        fingerprints: dict[str, str] = {}
+        for name in tqdm(modules, desc="subspace", unit="module", disable=None if progress else True):
+            displacement = read_displacement(base_reader, aligned_reader, name)
+            label = f"{aligned_reader.folder}: {weight_name(name)}"
+            subspaces[name] = compute_subspace(displacement, config, name=label)
+            shapes[name] = (int(displacement.shape[0]), int(displacement.shape[1]))
+            fingerprints[name] = displacement_fingerprint(displacement)
+            del displacement
+        sources = {"base": str(Path(base).resolve()), "aligned": str(Path(aligned).resolve())}
+        return save_subspace_cache(
+            out,
+            subspaces,
+            shapes=shapes,
+            fingerprints=fingerprints,
+            sources=sources,
+            options=dataclasses.asdict(config),
+        )
+
+
+# -- audit_adapter ------------------------------------------------------------------------------
+def audit_adapter(
+    adapter_dir: PathLike,
+    *,
+    subspace: PathLike | None = None,
+    base: PathLike | None = None,
+    aligned: PathLike | None = None,
+    progress: bool = True,
+    subspace_config: SubspaceConfig | None = None,
+    targets: list[str] | None = None,
+) -> AuditReport:
+    """Measure how an adapter's update sits against the safety subspace; changes nothing.
+
+    Per module: rho_F/rho_P/rho_O (energy split of dW), the Safe LoRA cosine, cos(dW, D),
+    ||dW||/||D||, subspace rank and captured energy. ``subspace_config`` applies when the
+    subspace is computed on the fly from ``base``/``aligned``.
+    """
+    from csulora.audit import audit_module
+
+    _check_source_options(subspace, base, aligned)
+    config = _check_subspace_config(subspace_config, cache=subspace)
+    targets = _target_list(targets)
+    adapter = read_adapter(adapter_dir)
+    names = _select_modules(adapter, targets)
+    rows: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        sources = _open_sources(stack, subspace, base, aligned)
+        _check_modules_against_sources(adapter, names, sources)
+        projection = "approx" if sources.has_pair else "exact"
+        stream = _module_inputs(
+            adapter, names, sources, need_subspace=True, subspace_config=config, progress=progress, desc="audit"
+        )
+        for module in stream:
+            rows.append({"module": module.name, **audit_module(module, safelora_projection=projection)})
+        described = sources.describe()
+    d_source = rows[0].get("d_source") if rows else None
+    summary = {
+        "modules": len(rows),
+        **_weighted_rho(rows, "dw_norm"),
+        "mean_cos_dW_D": _mean(row.get("cos_dW_D") for row in rows),
+        "min_safelora_cos": min((row["safelora_cos"] for row in rows if row.get("safelora_cos") is not None), default=None),
+        "safelora_projection": projection,
+    }
+    return AuditReport(adapter=str(adapter.path), d_source=d_source, sources=described, modules=rows, summary=summary)
+
+
+# -- correct_adapter ----------------------------------------------------------------------------
+def correct_adapter(
+    adapter_dir: PathLike,
+    out_dir: PathLike,
+    method: str,
+    *,
+    subspace: PathLike | None = None,
+    base: PathLike | None = None,
+    aligned: PathLike | None = None,
+    force: bool = False,
+    report_path: PathLike | None = None,
+    progress: bool = True,
+    subspace_config: SubspaceConfig | None = None,
+    targets: list[str] | None = None,
+    **method_options: Any,
+) -> CorrectionReport:
+    """Write a corrected copy of a PEFT LoRA adapter to ``out_dir`` with ``method``.
+
+    ``method`` is a registry name (``csulora``, ``safelora``, ``scale``, ``resta``) and
+    ``method_options`` its config fields (e.g. ``gamma=1.0, restore=0.5``). The output
+    is a PEFT folder stock ``PeftModel.from_pretrained`` loads; every module keeps its
+    scaling, ranks that change go to ``rank_pattern``/``alpha_pattern``. The per-module
+    report is written to ``report_path`` (default ``out_dir/csulora_report.json``).
+    ``targets`` restricts the correction to some modules; the others are copied unchanged.
+    """
+    impl = get_method(method)
+    config = make_config(impl, method_options)
+    _check_source_options_for(impl, config, subspace, base, aligned)
+    sub_config = _check_subspace_config(subspace_config, cache=subspace)
+    targets = _target_list(targets)
+    out = check_output_dir(out_dir, force)
+    report_file = Path(report_path) if report_path is not None else None
+    if report_file is not None and report_file.is_dir():
+        raise InputError(f"{report_file}: is a folder; give the report's file name")
+
+    adapter = read_adapter(adapter_dir)
+    names = _select_modules(adapter, targets)
+    results = {}
+    with ExitStack() as stack:
+        sources = _open_sources(stack, subspace, base, aligned)
+        _check_modules_against_sources(adapter, names, sources)
+        stream = _module_inputs(
+            adapter,
+            names,
+            sources,
+            need_subspace=impl.needs_subspace(config),
+            subspace_config=sub_config,
+            progress=progress,
+            desc=f"correct ({impl.name})",
+        )
+        for result in impl.correct(stream, config):
+            results[result.name] = result
+        described = sources.describe()
+    missing = [name for name in names if name not in results]
+    if missing:
+        raise InputError(f"method {impl.name} returned no result for module {missing[0]}")
+    ordered = [results[name] for name in names]
+    rows = [{"module": r.name, **r.report} for r in ordered]
+    for row in rows:
+        row.setdefault("d_source", "exact" if sources.has_pair else "rank-k")
+    summary = {
+        "modules": len(rows),
+        **impl.summary(ordered, config),
+        **{f"input_{k}": v for k, v in _weighted_rho(rows, "dw_norm_before").items()},
+        "mean_cos_dW_D": _mean(row.get("cos_dW_D") for row in rows),
+    }
+    report = CorrectionReport(
+        method=impl.name,
+        options=config.to_dict(),
+        adapter=str(adapter.path),
+        out_dir=str(out),
+        report_path=str(report_file if report_file is not None else out / DEFAULT_REPORT_NAME),
+        d_source=rows[0].get("d_source") if rows else None,
+        sources=described,
+        modules=rows,
+        summary=summary,
+    )
+    inside = _relative_inside(report_file, out) if report_file is not None else Path(DEFAULT_REPORT_NAME)
+    with atomic_output_dir(out, force) as tmp:
+        write_adapter(adapter, tmp, {name: results[name].update for name in names})
+        if inside is not None:  # the report travels with the adapter folder (one atomic rename)
+            (tmp / inside).parent.mkdir(parents=True, exist_ok=True)
+            report.to_json(tmp / inside)
+        else:
+            report.to_json(report_file)
+    return report
+
+
+def _relative_inside(path: Path, folder: Path) -> Path | None:
+    """``path`` relative to ``folder`` when it lies inside it, else None."""
+    try:
+        return path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return None
+
+
+def _check_source_options_for(
+    impl: CorrectionMethod,
+    config: MethodConfig,
+    subspace: PathLike | None,
+    base: PathLike | None,
+    aligned: PathLike | None,
+) -> None:
+    if (base is None) != (aligned is None):
+        raise OptionError("--base and --aligned go together: give both, or use --subspace")
+    has_pair = base is not None
+    check = getattr(impl, "check_sources", None)
+    if check is not None:
+        check(config, has_displacement=has_pair, has_subspace=has_pair or subspace is not None)
+    elif impl.needs_displacement(config) and not has_pair:
+        raise OptionError(f"--method {impl.name} with these options needs --base/--aligned (the exact D)")
+
+
+def layer_of(module: str) -> int | None:
+    """Decoder block index of a module (for per-layer plots); re-exported for the CLI."""
+    return layer_index(module)

@@ -1,0 +1,331 @@
+"""``csulora subspace | audit | correct``: thin commands over :mod:`csulora.api`.
+
+Method flags are not written here: they come from each registered method's config
+dataclass (field name -> ``--flag``, metadata ``help``/``choices``, the type from the
+annotation), so ``--method`` choices, flags and help text live with the methods. A flag
+given for a method that does not take it is an error (raised by the registry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from csulora.errors import OptionError
+
+# SubspaceConfig fields exposed on the command line (the randomized-SVD knobs included).
+SUBSPACE_FIELDS = ("rank", "energy", "max_rank", "seed", "oversample", "power_iterations", "algorithm")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_subspace(subparsers)
+    _register_audit(subparsers)
+    _register_correct(subparsers)
+
+
+# -- flags from dataclasses ----------------------------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_type(cls: type, field: dataclasses.Field) -> tuple[Any, list[Any] | None]:
+    """(argparse type, choices) of a config field from its annotation and metadata."""
+    hints = typing.get_type_hints(cls)
+    hint = hints.get(field.name, str)
+    choices = field.metadata.get("choices")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        hint = non_none[0] if len(non_none) == 1 else str
+        origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        literal = list(typing.get_args(hint))
+        return type(literal[0]), choices or literal
+    if hint is bool:
+        return _parse_bool, choices
+    if hint in (int, float, str):
+        return hint, choices
+    return str, choices
+
+
+def _metavar(kind: Any) -> str | None:
+    return {int: "N", float: "X"}.get(kind)
+
+
+def _add_subspace_flags(parser: argparse.ArgumentParser, *, title: str) -> None:
+    from csulora.subspace import SubspaceConfig
+
+    group = parser.add_argument_group(title)
+    fields = {f.name: f for f in dataclasses.fields(SubspaceConfig)}
+    exclusive = group.add_mutually_exclusive_group()
+    for name in SUBSPACE_FIELDS:
+        field = fields[name]
+        kind, choices = _field_type(SubspaceConfig, field)
+        help_text = field.metadata.get("help", "")
+        if field.default is not None:
+            help_text += f" (default {field.default})"
+        target = exclusive if name in ("rank", "energy") else group
+        target.add_argument(
+            _flag(name), dest=f"sub_{name}", type=kind, choices=choices, default=None,
+            metavar=None if choices else _metavar(kind), help=help_text,
+        )
+
+
+def _subspace_config(args: argparse.Namespace) -> Any:
+    """A SubspaceConfig from the flags that were given; None when none were."""
+    from csulora.subspace import SubspaceConfig
+
+    given = {name: getattr(args, f"sub_{name}") for name in SUBSPACE_FIELDS}
+    given = {name: value for name, value in given.items() if value is not None}
+    if not given:
+        return None
+    return SubspaceConfig(**given)
+
+
+def _add_method_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """One flag per config field over all methods; returns the dest names."""
+    from csulora.methods.registry import METHODS
+
+    owners: dict[str, list[tuple[str, dataclasses.Field, type]]] = {}
+    for method in METHODS.values():
+        for field in dataclasses.fields(method.config_cls):
+            owners.setdefault(field.name, []).append((method.name, field, method.config_cls))
+    group = parser.add_argument_group(
+        "method options", "each flag applies only to the methods named in its brackets; defaults per method"
+    )
+    for name, entries in owners.items():
+        _, field, cls = entries[0]
+        kind, choices = _field_type(cls, field)
+        defaults = [
+            f"{method}: {f.default}" for method, f, _ in entries if f.default not in (dataclasses.MISSING, None)
+        ]
+        help_text = field.metadata.get("help", "")
+        for method, other, _ in entries[1:]:
+            other_help = other.metadata.get("help", "")
+            if other_help and other_help != help_text:
+                help_text += f"; {method}: {other_help}"
+        help_text = f"[{', '.join(m for m, _, _ in entries)}] {help_text}"
+        if defaults:
+            help_text += f" (default {'; '.join(defaults)})"
+        group.add_argument(
+            _flag(name), dest=f"opt_{name}", type=kind, choices=choices, default=None,
+            metavar=None if choices else _metavar(kind), help=help_text,
+        )
+    return list(owners)
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        key[len("opt_"):]: value for key, value in vars(args).items() if key.startswith("opt_") and value is not None
+    }
+
+
+def _add_source_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("where D comes from (give --subspace, or --base and --aligned)")
+    group.add_argument("--subspace", metavar="FILE", help="subspace cache written by `csulora subspace`")
+    group.add_argument("--base", metavar="BASE", help="base checkpoint folder (safetensors)")
+    group.add_argument("--aligned", metavar="ALIGNED", help="aligned checkpoint folder (safetensors)")
+
+
+def _check_sources(args: argparse.Namespace) -> None:
+    if (args.base is None) != (args.aligned is None):
+        raise OptionError("--base and --aligned go together: give both, or use --subspace")
+    if args.subspace is None and args.base is None:
+        raise OptionError("give --subspace FILE or --base BASE --aligned ALIGNED")
+    if args.subspace is not None and _subspace_config(args) is not None:
+        raise OptionError(
+            f"subspace options (--rank, --energy, ...) do not apply with --subspace {args.subspace}: the cache fixes them"
+        )
+
+
+def _targets(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    if not targets:
+        raise OptionError("--targets is empty")
+    return targets
+
+
+# -- subspace -------------------------------------------------------------------------------------
+def _register_subspace(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "subspace",
+        help="compute the safety subspace of a base/aligned pair and cache it",
+        description="Top-k SVD of D = W_aligned - W_base for every target linear layer, streamed one "
+        "tensor pair at a time, cached to one .safetensors file.",
+    )
+    parser.add_argument("base", metavar="BASE", help="base checkpoint folder (safetensors)")
+    parser.add_argument("aligned", metavar="ALIGNED", help="aligned checkpoint folder (safetensors)")
+    parser.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="cache file to write")
+    parser.add_argument(
+        "--targets", metavar="LIST",
+        help="comma-separated module names or suffixes (default: every linear layer in the decoder blocks)",
+    )
+    _add_subspace_flags(parser, title="subspace options")
+    parser.set_defaults(handler=_run_subspace)
+
+
+def _run_subspace(args: argparse.Namespace) -> int:
+    from csulora.api import build_subspace
+    from csulora.io.subspace_cache import load_subspace_cache
+
+    config = _subspace_config(args)
+    targets = _targets(args.targets)
+    path = build_subspace(args.base, args.aligned, args.output, config=config, targets=targets)
+    cache = load_subspace_cache(path)
+    entries = list(cache.entries.values())
+    ranks = [e.rank for e in entries]
+    energies = [e.energy for e in entries if e.rank]
+    mean_energy = sum(energies) / len(energies) if energies else 0.0
+    print(
+        f"wrote {path}: {len(entries)} modules, rank {min(ranks)}-{max(ranks)}, "
+        f"mean captured energy {mean_energy:.3f}, {sum(1 for r in ranks if r == 0)} untouched (D == 0)"
+    )
+    return 0
+
+
+# -- audit ----------------------------------------------------------------------------------------
+def _register_audit(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "audit",
+        help="report how an adapter's update sits against the safety subspace (changes nothing)",
+        description="Per module: rho_F/rho_P/rho_O, the Safe LoRA cosine, cos(dW, D), ||dW||/||D||.",
+    )
+    parser.add_argument("adapter", metavar="ADAPTER", help="PEFT LoRA adapter folder")
+    _add_source_flags(parser)
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="plot per-layer rho_F/rho_P/rho_O")
+    _add_subspace_flags(parser, title="subspace options (computed from --base/--aligned; not with --subspace)")
+    parser.set_defaults(handler=_run_audit)
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    from csulora.api import audit_adapter
+
+    _check_sources(args)
+    config = _subspace_config(args)
+    if args.plot is not None and Path(args.plot).suffix.lower() != ".png":
+        raise OptionError(f"--plot {args.plot}: expected a .png file name")
+    for flag, value in (("--json", args.json), ("--plot", args.plot)):
+        if value is not None and Path(value).is_dir():
+            raise OptionError(f"{flag} {value}: is a folder; give a file name")
+    report = audit_adapter(
+        args.adapter, subspace=args.subspace, base=args.base, aligned=args.aligned, subspace_config=config
+    )
+    print(report.format_table())
+    if args.json is not None:
+        report.to_json(args.json)
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        plot_audit(report.modules, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def plot_audit(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Stacked bars of rho_F/rho_P/rho_O per decoder layer (energy-weighted over its modules)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from csulora.io.atomic import atomic_output_file
+    from csulora.io.checkpoints import layer_index
+
+    per_layer: dict[int, list[float]] = {}
+    for row in rows:
+        layer = layer_index(row["module"])
+        if layer is None or row.get("rho_F") is None:
+            continue
+        weight = (row.get("dw_norm") or 0.0) ** 2
+        sums = per_layer.setdefault(layer, [0.0, 0.0, 0.0, 0.0])
+        for i, key in enumerate(("rho_F", "rho_P", "rho_O")):
+            sums[i] += weight * row[key]
+        sums[3] += weight
+    layers = sorted(per_layer)
+    fractions = [[per_layer[layer][i] / per_layer[layer][3] if per_layer[layer][3] else 0.0 for layer in layers]
+                 for i in range(3)]
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.3 * len(layers) + 2.0), 3.4))
+    bottom = [0.0] * len(layers)
+    for values, label, color in zip(fractions, ("rho_F (aligned)", "rho_P (partial)", "rho_O (off)"),
+                                    ("#2b8cbe", "#a6bddb", "#e34a33")):
+        ax.bar(layers, values, bottom=bottom, label=label, color=color)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("share of ||dW||^2")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3, frameon=False)
+    ax.set_title("adapter update vs safety subspace")
+    fig.tight_layout()
+    with atomic_output_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return Path(path)
+
+
+# -- correct --------------------------------------------------------------------------------------
+def _register_correct(subparsers: argparse._SubParsersAction) -> None:
+    from csulora.methods.registry import METHODS
+
+    method_lines = "\n".join(
+        f"  {m.name:9s} {m.pretty_name}" + (f" ({m.paper_url})" if m.paper_url else "") for m in METHODS.values()
+    )
+    parser = subparsers.add_parser(
+        "correct",
+        help="write a corrected copy of a LoRA adapter",
+        description=f"methods:\n{method_lines}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("adapter", metavar="ADAPTER", help="PEFT LoRA adapter folder")
+    parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the corrected adapter")
+    _add_source_flags(parser)
+    parser.add_argument("--method", required=True, choices=list(METHODS), help="correction method")
+    parser.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
+    parser.add_argument("--report", metavar="FILE", help="per-module report JSON (default OUTDIR/csulora_report.json)")
+    _add_method_flags(parser)
+    _add_subspace_flags(parser, title="subspace options (computed from --base/--aligned; not with --subspace)")
+    parser.set_defaults(handler=_run_correct)
+
+
+def _run_correct(args: argparse.Namespace) -> int:
+    from csulora.api import correct_adapter
+    from csulora.methods.registry import get_method, make_config
+
+    options = _method_options(args)
+    make_config(get_method(args.method), options)  # flag/method mismatches before anything else
+    _check_sources(args)
+    config = _subspace_config(args)
+    report = correct_adapter(
+        args.adapter,
+        args.output,
+        args.method,
+        subspace=args.subspace,
+        base=args.base,
+        aligned=args.aligned,
+        force=args.force,
+        report_path=args.report,
+        subspace_config=config,
+        **options,
+    )
+    print(report.format_table())
+    print(f"wrote {report.out_dir} (report: {report.report_path})", file=sys.stdout)
+    return 0

@@ -1,0 +1,188 @@
+"""A tiny random Llama base/aligned pair and REAL PEFT LoRA adapters, built on disk.
+
+Everything goes through the real libraries (``save_pretrained`` of transformers and of
+PEFT), so the tests read exactly what users' folders hold. The pair and each adapter
+variant are built once per test session (module-level cache over ``tmp_path_factory``)
+and must be treated as read-only by the tests; tests that damage files copy them first.
+
+The aligned model differs from the base by a low-rank displacement in every decoder
+linear layer except ``model.layers.1.self_attn.k_proj``, which alignment leaves untouched
+(D == 0, the empty-subspace case).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+HIDDEN = 32
+INTERMEDIATE = 48
+LAYERS = 2
+UNTOUCHED_MODULE = "model.layers.1.self_attn.k_proj"
+
+_CACHE: dict[Any, Path] = {}
+
+
+def tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=64,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+
+
+def _tiny_model(seed: int):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config())
+
+
+def build_pair(root: Path, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[Path, Path]:
+    """Save a random base and an aligned model (base + low-rank D per linear layer)."""
+    model = _tiny_model(seed).to(dtype)
+    base_dir, aligned_dir = root / "base", root / "aligned"
+    model.save_pretrained(base_dir)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            module = name[: -len(".weight")]
+            if param.ndim != 2 or ".layers." not in name or module == UNTOUCHED_MODULE:
+                continue
+            m, n = param.shape
+            left = torch.randn(m, 3, generator=generator)
+            right = torch.randn(3, n, generator=generator)
+            delta = 0.02 * left @ right + 0.002 * torch.randn(m, n, generator=generator)
+            param += delta.to(dtype)
+    model.save_pretrained(aligned_dir)
+    return base_dir, aligned_dir
+
+
+def build_adapter(
+    out_dir: Path,
+    *,
+    r: int = 4,
+    lora_alpha: int = 8,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    use_rslora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, int] | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 7,
+    **extra: Any,
+) -> Path:
+    """A real PEFT LoRA adapter for the tiny Llama with random (non-zero) A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=list(target_modules),
+        use_rslora=use_rslora,
+        rank_pattern=rank_pattern or {},
+        alpha_pattern=alpha_pattern or {},
+        lora_dropout=0.0,
+        **extra,
+    )
+    model = get_peft_model(_tiny_model(0), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+    model = model.to(dtype)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+ADAPTER_VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "rslora": {"use_rslora": True, "r": 4, "lora_alpha": 6},
+    "patterns": {
+        "target_modules": ("q_proj", "v_proj", "down_proj"),
+        "rank_pattern": {"v_proj": 2, "layers.1.mlp.down_proj": 3},
+        "alpha_pattern": {"layers.1.self_attn.q_proj": 3, "down_proj": 5},
+    },
+    "rslora_patterns": {
+        "use_rslora": True,
+        "target_modules": ("q_proj", "k_proj", "v_proj"),
+        "rank_pattern": {"k_proj": 2},
+        "alpha_pattern": {"v_proj": 12},
+    },
+    "bf16": {"dtype": torch.bfloat16},
+}
+
+
+def _cached(key: Any, factory: pytest.TempPathFactory, build) -> Path:
+    if key not in _CACHE:
+        _CACHE[key] = build(factory.mktemp(str(key[0])))
+    return _CACHE[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """(base_dir, aligned_dir) of the float32 tiny Llama pair."""
+    root = _cached(("pair",), tmp_path_factory, lambda d: build_pair(d) and d)
+    return root / "base", root / "aligned"
+
+
+def adapter_variant(tmp_path_factory, variant: str) -> Path:
+    """A session-cached adapter folder of one of :data:`ADAPTER_VARIANTS`."""
+    return _cached(
+        ("adapter", variant),
+        tmp_path_factory,
+        lambda d: build_adapter(d / "adapter", **ADAPTER_VARIANTS[variant]),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory) -> Path:
+    return adapter_variant(tmp_path_factory, "plain")
+
+
+@pytest.fixture(scope="session")
+def tiny_subspace(tmp_path_factory, tiny_pair) -> Path:
+    """A subspace cache of the tiny pair (all decoder linear layers, default options)."""
+
+    def build(d: Path) -> Path:
+        from csulora.api import build_subspace
+
+        return build_subspace(*tiny_pair, d / "subspace.safetensors", progress=False)
+
+    return _cached(("subspace",), tmp_path_factory, build)
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def merged_weights(model_dir: Path, adapter_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """Linear weights (float64) of a model, after merging an adapter with stock PEFT."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return {
+        name[: -len(".weight")]: p.detach().to(torch.float64).clone()
+        for name, p in model.named_parameters()
+        if p.ndim == 2 and ".layers." in name
+    }
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Hidden temp files/folders the atomic writers would leave behind on failure."""
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
