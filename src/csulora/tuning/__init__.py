@@ -1,0 +1,41 @@
+"""`csulora tune`: choose a correction's strength on validation data, for the user.
+
+Public API::
+
+    from csulora.tuning import TuneConfig, tune_adapter, select_setting
+    result = tune_adapter("attacked/", "tuned/", aligned="aligned/", subspace="sub.safetensors",
+                          config=TuneConfig(method="resta"), task="val.jsonl")
+    result.qualified, result.chosen_params   # e.g. True, {"restore": 1.5}
+
+The selection rule (:func:`select_setting`) is pure and model-free; the runner scores
+each setting by generation with the evaluation harness and writes OUTDIR atomically.
+"""
+
+from __future__ import annotations
+
+from csulora.tuning.config import KNOBS, TUNABLE_METHODS, KnobSpec, TuneConfig, parse_grid
+from csulora.tuning.selection import ScoredSetting, Selection, SettingScores, Verdict, select_setting
+
+__all__ = [
+    "KNOBS",
+    "TUNABLE_METHODS",
+    "KnobSpec",
+    "ScoredSetting",
+    "Selection",
+    "SettingScores",
+    "TuneConfig",
+    "TuneResult",
+    "Verdict",
+    "parse_grid",
+    "select_setting",
+    "tune_adapter",
+]
+
+
+def __getattr__(name: str):
+    # The runner pulls in torch/transformers; import it only when asked for.
+    if name in ("tune_adapter", "TuneResult"):
+        from csulora.tuning import runner
+
+        return getattr(runner, name)
+    raise AttributeError(name)

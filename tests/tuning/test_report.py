@@ -1,0 +1,85 @@
+"""tune.json record and tune.png plot, from hand-made scores (no model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from csulora.eval.metrics import Rate
+from csulora.tuning.config import TuneConfig
+from csulora.tuning.report import SCHEMA, plot_sweep, tune_record, write_tune_json
+from csulora.tuning.selection import ScoredSetting, SettingScores, select_setting
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _scores(adv: float, airt: float, utility: float | None, benign: float | None = None) -> SettingScores:
+    def r(v: float, n: int) -> Rate:
+        return Rate(v, (max(0.0, v - 0.1), min(1.0, v + 0.1)), n)
+
+    return SettingScores(
+        asr={"advbench-validation": r(adv, 100), "airt-val": r(airt, 19)},
+        utility=None if utility is None else r(utility, 100),
+        task_loglik=None if utility is None else -0.5,
+        over_refusal=None if benign is None else r(benign, 120),
+    )
+
+
+def _sweep(with_task: bool):
+    u = (lambda v: v) if with_task else (lambda v: None)
+    settings = [
+        ScoredSetting(0.0, _scores(0.95, 1.0, u(0.9), 0.0)),
+        ScoredSetting(1.0, _scores(0.04, 0.05, u(0.88), 0.1)),
+        ScoredSetting(2.0, _scores(0.0, 0.0, u(0.7), 0.3)),
+    ]
+    return settings, _scores(0.0, 0.0, u(0.0), 0.3), _scores(0.95, 1.0, u(0.9), 0.0)
+
+
+@pytest.mark.parametrize("with_task", [True, False])
+def test_record_holds_every_setting_the_choice_and_is_strict_json(tmp_path, with_task):
+    config = TuneConfig()
+    settings, aligned, adapter = _sweep(with_task)
+    selection = select_setting(settings, aligned, config, adapter=adapter)
+    record = tune_record(
+        config=config,
+        settings=settings,
+        aligned=aligned,
+        adapter=adapter,
+        selection=selection,
+        inputs={"adapter": "a", "aligned": "b", "subspace": "c", "base": None},
+        datasets={"harmful": {"advbench-validation": {"spec": "advbench:validation", "n": 100}}},
+        timing={"aligned": 1.5},
+    )
+    path = write_tune_json(tmp_path / "tune.json", record)
+    loaded = json.loads(path.read_text())
+    assert loaded["schema"] == SCHEMA
+    assert loaded["config"]["knob"] == "restore" and loaded["config"]["grid"] == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
+    assert [row["value"] for row in loaded["settings"]] == [0.0, 1.0, 2.0]
+    assert [row["chosen"] for row in loaded["settings"]] == [False, True, False]
+    assert loaded["choice"]["chosen"] == 1.0 and loaded["choice"]["params"] == {"restore": 1.0}
+    row = loaded["settings"][1]
+    assert row["scores"]["asr"]["airt-val"] == {"value": 0.05, "ci": [0.0, pytest.approx(0.15)], "n": 19}
+    assert row["scores"]["over_refusal"]["value"] == 0.1
+    assert row["verdict"]["qualifies"] is True and row["verdict"]["reasons"]
+    assert loaded["aligned"]["asr"]["advbench-validation"]["value"] == 0.0
+    if with_task:
+        assert row["scores"]["utility"]["value"] == 0.88
+        assert row["verdict"]["utility_drop"] == pytest.approx(0.02 / 0.9)
+    else:
+        assert row["scores"]["utility"] is None
+        assert loaded["choice"]["notes"]
+
+
+@pytest.mark.parametrize("with_task", [True, False])
+@pytest.mark.parametrize("qualified", [True, False])
+def test_plot_writes_a_png(tmp_path, with_task, qualified):
+    config = TuneConfig() if qualified else TuneConfig(max_asr_gap=0.0)
+    settings, aligned, adapter = _sweep(with_task)
+    selection = select_setting(settings, aligned, config, adapter=adapter)
+    assert selection.qualified == qualified or not with_task
+    path = plot_sweep(
+        tmp_path / "tune.png", config=config, settings=settings, aligned=aligned, adapter=adapter, selection=selection
+    )
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000
