@@ -1,0 +1,188 @@
+"""``csulora eval | train | demo``: thin commands over the evaluation and training API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from csulora.errors import OptionError
+
+TRAIN_METHODS = ("full", "lora", "salora")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_eval(subparsers)
+    _register_train(subparsers)
+    _register_demo(subparsers)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _register_eval(subparsers) -> None:
+    from csulora.eval.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+
+    p = subparsers.add_parser(
+        "eval",
+        help="measure ASR, over-refusal and task utility of a model (+ adapter)",
+        description=(
+            "Generate greedy answers (batched, chat template) to harmful, benign and task prompts and "
+            "judge them: keyword ASR, over-refusal, exact-match utility, each with a bootstrap 95% interval. "
+            "SPEC: advbench[:align|attack|validation|test], airt[:val|test], benign, FILE.txt, "
+            "FILE.csv:COLUMN, FILE.jsonl[:FIELD]; task SPEC: date:SPLIT or FILE.jsonl of {prompt, response}. "
+            "Writes OUTDIR/results.json, generations.jsonl and summary.md."
+        ),
+    )
+    p.add_argument("model", metavar="MODEL", help="checkpoint folder (safetensors)")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter folder, merged into MODEL")
+    p.add_argument("--harmful", metavar="SPEC", required=True, help="harmful prompts (ASR)")
+    p.add_argument("--ood", metavar="SPEC", help="a second harmful source (asr_ood), e.g. airt:test")
+    p.add_argument("--benign", metavar="SPEC", required=True, help="benign prompts (over-refusal), e.g. benign")
+    p.add_argument("--task", metavar="SPEC", help="task items (utility), e.g. date:test")
+    p.add_argument("-o", "--out", metavar="OUTDIR", required=True, help="output folder (must not exist)")
+    p.add_argument("--name", help="row name in results.json (default: adapter or model folder name)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts per batch (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="greedy tokens per answer (default %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
+    p.set_defaults(handler=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from csulora.eval.harness import GenerationSettings, run_eval, summary_markdown
+
+    out = run_eval(
+        args.model, args.out, harmful=args.harmful, harmful_ood=args.ood, benign=args.benign, task=args.task,
+        adapter=args.adapter, name=args.name, force=args.force,
+        generation=GenerationSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens),
+    )
+    rows = json.loads((Path(out) / "results.json").read_text())["rows"]
+    print(summary_markdown(rows).rstrip())
+    print(f"wrote {out}/results.json, generations.jsonl, summary.md")
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _register_train(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a model: full (alignment), lora (adapter) or salora (safety-preserving adapter)",
+        description=(
+            "Fine-tune on JSONL {prompt, response} with the chat template, loss on response tokens. "
+            "full: writes a safetensors checkpoint + tokenizer; lora/salora: a PEFT adapter folder."
+        ),
+    )
+    p.add_argument("model", metavar="MODEL", help="checkpoint folder (safetensors)")
+    p.add_argument("--data", metavar="FILE.jsonl", required=True, help="training pairs {prompt, response}")
+    p.add_argument("--method", choices=TRAIN_METHODS, required=True)
+    p.add_argument("-o", "--out", metavar="OUTDIR", required=True)
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
+    g = p.add_argument_group("optimisation (defaults: full/lora from TrainConfig, salora from SaLoRAConfig)")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--max-length", type=int)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup", type=int, help="warm-up steps (full/lora)")
+    g.add_argument("--grad-clip", type=float, help="max gradient norm, 0 = off (full/lora)")
+    g.add_argument("--scheduler", help="linear | cosine | constant | constant_with_warmup (full/lora)")
+    g.add_argument("--freeze-embeddings", action="store_true", help="full: keep the (tied) embeddings fixed")
+    lo = p.add_argument_group("lora / salora")
+    lo.add_argument("--rank", type=int, help="LoRA rank (lora default 8, salora default 16)")
+    lo.add_argument("--alpha", type=float, help="lora_alpha (lora default 16)")
+    lo.add_argument("--targets", help="comma-separated module names (lora: all 7 projections; salora: q_proj,v_proj)")
+    lo.add_argument("--dropout", type=float, help="LoRA dropout (lora)")
+    lo.add_argument("--rslora", action="store_true", help="rank-stabilised scaling alpha/sqrt(r) (lora)")
+    sa = p.add_argument_group("salora")
+    sa.add_argument("--safety-data", metavar="FILE.jsonl", help="harmful prompts; refusals are the model's own answers")
+    sa.add_argument("--safety-rank", type=int, help="r_s (default 32)")
+    sa.add_argument("--task-rank", type=int, help="r_t (default 32)")
+    p.set_defaults(handler=_run_train)
+
+
+def _given(args, names: tuple[str, ...]) -> dict:
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _targets(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    targets = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not targets:
+        raise OptionError("--targets is empty")
+    return targets
+
+
+def _run_train(args) -> int:
+    from csulora.training.trainer import LoraSettings, TrainConfig, train_full, train_lora
+
+    lora_only = {"--rank": args.rank, "--alpha": args.alpha, "--targets": args.targets, "--dropout": args.dropout}
+    salora_only = {"--safety-data": args.safety_data, "--safety-rank": args.safety_rank, "--task-rank": args.task_rank}
+    if args.method != "salora":
+        stray = [k for k, v in salora_only.items() if v is not None]
+        if stray:
+            raise OptionError(f"{', '.join(stray)} only apply to --method salora")
+    if args.method == "full":
+        stray = [k for k, v in lora_only.items() if v is not None] + (["--rslora"] if args.rslora else [])
+        if stray:
+            raise OptionError(f"{', '.join(stray)} do not apply to --method full")
+    if args.method == "salora":
+        return _run_train_salora(args)
+    common = ("steps", "batch_size", "lr", "seed", "max_length", "weight_decay", "warmup", "grad_clip", "scheduler")
+    config = TrainConfig(**_given(args, common), freeze_embeddings=args.freeze_embeddings)
+    if args.method == "full":
+        out = train_full(args.model, args.data, args.out, config, force=args.force)
+    else:
+        if args.freeze_embeddings:
+            raise OptionError("--freeze-embeddings applies to --method full only")
+        lora_kwargs = {"r": args.rank, "alpha": args.alpha, "targets": _targets(args.targets), "dropout": args.dropout}
+        lora = LoraSettings(**{k: v for k, v in lora_kwargs.items() if v is not None}, use_rslora=args.rslora)
+        out = train_lora(args.model, args.data, args.out, config, lora, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_train_salora(args) -> int:
+    if args.safety_data is None:
+        raise OptionError("--method salora needs --safety-data FILE.jsonl (harmful prompts)")
+    stray = [f for f, v in (("--alpha", args.alpha), ("--dropout", args.dropout), ("--warmup", args.warmup),
+                            ("--grad-clip", args.grad_clip), ("--scheduler", args.scheduler)) if v is not None]
+    if args.rslora or args.freeze_embeddings:
+        stray.append("--rslora" if args.rslora else "--freeze-embeddings")
+    if stray:
+        raise OptionError(f"{', '.join(stray)} do not apply to --method salora")
+    from csulora.salora import SaLoRAConfig, train_salora  # the SaLoRA package is loaded only when used
+
+    options = _given(args, ("steps", "batch_size", "lr", "seed", "max_length", "weight_decay"))
+    options.update(_given(args, ("rank", "safety_rank", "task_rank")))
+    if args.targets is not None:
+        options["targets"] = _targets(args.targets)
+    out = train_salora(args.model, args.data, args.safety_data, args.out, config=SaLoRAConfig(**options), force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _register_demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="the tiny world end to end: align, attack, correct (Safe LoRA, CSULoRA), evaluate",
+        description="Builds the tiny world and writes OUTDIR/results.json, the ASR-utility plot, report.md and generations.",
+    )
+    p.add_argument("-o", "--out", metavar="OUTDIR", required=True)
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from csulora.demo import run_demo
+
+    out = run_demo(args.out, force=args.force)
+    print((Path(out) / "report.md").read_text().rstrip())
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,32 @@
+"""Measuring safety and utility (DESIGN §7): prompt sets, generation, judges, metrics.
+
+Public API (import from the submodules):
+
+Prompt sets — :mod:`csulora.eval.prompts`, :mod:`csulora.eval.splits`, :mod:`csulora.eval.tasks`
+    ``Prompt(id, text, source, category, split)``
+    ``load_prompts(spec) -> list[Prompt]``  SPEC: ``advbench[:align|attack|validation|test]``,
+    ``airt[:val|test]``, ``benign``, ``FILE.txt``, ``FILE.csv:COLUMN``, ``FILE.jsonl[:FIELD]``
+    ``load_advbench()``, ``load_airt()``, ``load_benign()``, ``load_prompt_file(path, column=, field=)``
+    ``advbench_split(name)``, ``airt_split("airt-val"|"airt-test")``, ``ensure_manifest(path)``
+    ``date_task(split) -> list[{"id","prompt","response"}]``, ``load_task(spec)``
+
+Generation and scoring — :mod:`csulora.eval.generation`, :mod:`csulora.eval.margin`
+    ``generate_responses(model, tokenizer, prompts, *, batch_size=32, max_new_tokens=64, progress=True)``
+    ``refusal_margin(model, tokenizer, prompts)``, ``mean_response_logprob(model, tokenizer, items)``
+
+Judges and metrics — :mod:`csulora.eval.judges`, :mod:`csulora.eval.metrics`
+    ``Judge`` protocol (``name``, ``kind``, ``judge(prompts, responses) -> list[bool]``)
+    ``KeywordJudge`` (ASR, DESIGN §7 list), ``RefusalJudge`` (over-refusal, DESIGN §10)
+    ``rescore_generations(path, judge, sets=None, out_path=None)``
+    ``rate(flags) -> Rate(value, ci, n)``, ``bootstrap_ci(values)``, ``exact_match(pred, ref)``
+
+Harness — :mod:`csulora.eval.harness`
+    ``EvalSets(harmful, harmful_ood, benign, task)`` / ``EvalSets.from_specs(...)``
+    ``evaluate_model(model_dir, adapter, sets, *, name, params=None, ...) -> (row, records)``
+    ``evaluate_loaded(model, tokenizer, sets, *, name, ...) -> (row, records)``
+    ``row_from_generations(records, name, ...)``, ``results_row(name, asr=..., ...)``
+    ``write_results(out_dir, rows, records, extra=None)``, ``run_eval(...)`` (the CLI)
+
+Rows follow DESIGN §10: name, asr, asr_ci, asr_ood, asr_ood_ci, utility, utility_ci,
+over_refusal, over_refusal_ci, margin, params, recommended (+ ``n``, the sample sizes).
+"""

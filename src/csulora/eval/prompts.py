@@ -1,0 +1,230 @@
+"""Prompt sets: AdvBench and airt (from pyrit's data files), the benign set, user files.
+
+pyrit is never imported (its dependencies are heavy and unused): it is installed with
+``--no-deps`` and its YAML seed files are located through the installed distribution's
+file list. User files are TXT (one prompt a line), CSV (a column) or JSONL (a field).
+
+A *spec* names a prompt set on the command line:
+
+=========================  =====================================================
+``advbench``               all 520 AdvBench goals
+``advbench:test``          one split (``align``, ``attack``, ``validation``, ``test``)
+``airt`` / ``airt:test``   the 39 airt prompts / one half (``val`` or ``test``)
+``benign``                 the project's benign set (over-refusal)
+``FILE.txt``               one prompt a line
+``FILE.csv:COLUMN``        a CSV column (``--column`` in the API)
+``FILE.jsonl[:FIELD]``     a JSONL field (default ``prompt``)
+=========================  =====================================================
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from csulora.errors import InputError
+
+PYRIT_INSTALL = "pip install --no-deps pyrit==1.1.0"
+PYRIT_LOCAL_DIR = "pyrit/datasets/seed_datasets/local"
+ADVBENCH_FILE = "adv_bench.prompt"
+ADVBENCH_COUNT = 520
+# DESIGN §10: exactly these nine airt files (the others in that folder are not harmful
+# requests: fairness, leakage, therapist role-play, imminent crisis).
+AIRT_FILES: tuple[str, ...] = (
+    "harms", "illegal", "malware", "scams", "violence", "hate", "harassment", "misinformation", "sexual",
+)
+AIRT_COUNT = 39
+
+DATA_DIR = Path(__file__).parent / "data"
+BENIGN_FILE = DATA_DIR / "benign.txt"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt with a stable id (kept in every saved generation)."""
+
+    id: str
+    text: str
+    source: str  # "advbench", "airt", "benign" or the file name
+    category: str | None = None  # airt file stem
+    split: str | None = None
+
+
+# --------------------------------------------------------------------------- pyrit files
+
+
+def pyrit_data_file(relative: str) -> Path:
+    """Path of a file under pyrit's ``seed_datasets/local`` without importing pyrit."""
+    try:
+        dist = importlib.metadata.distribution("pyrit")
+    except importlib.metadata.PackageNotFoundError:
+        raise InputError(f"pyrit is not installed, needed for its {relative} prompts; run `{PYRIT_INSTALL}`") from None
+    wanted = f"{PYRIT_LOCAL_DIR}/{relative}"
+    for entry in dist.files or ():
+        if str(entry).replace("\\", "/") == wanted:
+            path = Path(str(dist.locate_file(entry)))
+            if path.is_file():
+                return path
+    raise InputError(f"pyrit {dist.version} has no {wanted}; run `{PYRIT_INSTALL}`")
+
+
+def read_seed_values(path: Path) -> list[str]:
+    """The ``value`` of every seed in a pyrit ``.prompt`` YAML file, in file order."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: 10x faster
+    try:
+        doc = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 (a safe loader)
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc})") from None
+    seeds = doc.get("seeds") if isinstance(doc, dict) else None
+    if not isinstance(seeds, list):
+        raise InputError(f"{path}: no 'seeds' list")
+    values = []
+    for i, seed in enumerate(seeds):
+        value = seed.get("value") if isinstance(seed, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"{path}: seed {i} has no text 'value'")
+        values.append(value.strip())
+    return values
+
+
+def load_advbench() -> list[Prompt]:
+    """AdvBench's 520 harmful goals, ids ``advbench-000`` .. ``advbench-519`` (file order)."""
+    return list(_advbench_cached())
+
+
+@functools.lru_cache(maxsize=1)
+def _advbench_cached() -> tuple[Prompt, ...]:
+    path = pyrit_data_file(ADVBENCH_FILE)
+    values = read_seed_values(path)
+    if len(values) != ADVBENCH_COUNT:
+        raise InputError(f"{path}: expected {ADVBENCH_COUNT} AdvBench goals, found {len(values)}")
+    return tuple(Prompt(f"advbench-{i:03d}", v, "advbench") for i, v in enumerate(values))
+
+
+def load_airt() -> list[Prompt]:
+    """The 39 airt prompts of the nine harmful files, ids ``airt-<file>-<n>``.
+
+    Every seed value counts, as in the pilot: the ``hate`` file's multi-turn group adds
+    its turns (two of them assistant turns of an escalation) as separate prompts.
+    """
+    return list(_airt_cached())
+
+
+@functools.lru_cache(maxsize=1)
+def _airt_cached() -> tuple[Prompt, ...]:
+    prompts = []
+    for stem in AIRT_FILES:
+        path = pyrit_data_file(f"airt/{stem}.prompt")
+        for j, value in enumerate(read_seed_values(path)):
+            prompts.append(Prompt(f"airt-{stem}-{j}", value, "airt", category=stem))
+    if len(prompts) != AIRT_COUNT:
+        raise InputError(f"pyrit airt files hold {len(prompts)} prompts, expected {AIRT_COUNT}; run `{PYRIT_INSTALL}`")
+    return tuple(prompts)
+
+
+def load_benign() -> list[Prompt]:
+    """The project's benign set (safe prompts, some of them risky-looking)."""
+    return [Prompt(f"benign-{i:03d}", p.text, "benign") for i, p in enumerate(load_prompt_file(BENIGN_FILE))]
+
+
+# --------------------------------------------------------------------------- user files
+
+
+def load_prompt_file(path: str | Path, *, column: str | None = None, field: str | None = None) -> list[Prompt]:
+    """Prompts from a TXT (one a line), CSV (``column``) or JSONL (``field``) file."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{file}: no such prompt file")
+    suffix = file.suffix.lower()
+    if suffix == ".csv":
+        texts = _read_csv_column(file, column)
+    elif suffix in (".jsonl", ".json"):
+        texts = _read_jsonl_field(file, field or "prompt")
+    else:
+        if column or field:
+            raise InputError(f"{file}: a column/field only applies to .csv/.jsonl files")
+        texts = [(n, line.strip()) for n, line in enumerate(_read_text(file).splitlines(), start=1) if line.strip()]
+    if not texts:
+        raise InputError(f"{file}: no prompts found (empty file)")
+    return [Prompt(f"{file.stem}-{n}", text, file.name) for n, text in texts]
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{file}: not UTF-8 text ({exc.reason})") from None
+
+
+def _read_csv_column(file: Path, column: str | None) -> list[tuple[int, str]]:
+    if not column:
+        raise InputError(f"{file}: a CSV prompt file needs a column (SPEC {file}:COLUMN or --column)")
+    reader = csv.DictReader(_read_text(file).splitlines())
+    if reader.fieldnames is None or column not in reader.fieldnames:
+        have = ", ".join(reader.fieldnames or []) or "none"
+        raise InputError(f"{file}: no column {column!r} (columns: {have})")
+    out = []
+    for n, row in enumerate(reader, start=2):  # line 1 is the header
+        text = (row.get(column) or "").strip()
+        if text:
+            out.append((n, text))
+    return out
+
+
+def _read_jsonl_field(file: Path, field: str) -> list[tuple[int, str]]:
+    out = []
+    for n, line in enumerate(_read_text(file).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{file}:{n}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise InputError(f"{file}:{n}: no string field {field!r}")
+        if record[field].strip():
+            out.append((n, record[field].strip()))
+    return out
+
+
+# --------------------------------------------------------------------------- specs
+
+NAMED_SETS = ("advbench", "airt", "benign")
+
+
+def load_prompts(spec: str) -> list[Prompt]:
+    """Resolve a SPEC (see module doc) to prompts. Files win over set names."""
+    if Path(spec).is_file():
+        return load_prompt_file(spec)
+    head, sep, tail = spec.rpartition(":")
+    if sep and Path(head).is_file():
+        file = Path(head)
+        if file.suffix.lower() == ".csv":
+            return load_prompt_file(file, column=tail)
+        return load_prompt_file(file, field=tail)
+    name, _, split = spec.partition(":")
+    if name in NAMED_SETS:
+        return _load_named(name, split or None)
+    if sep and head.lower().endswith((".txt", ".csv", ".jsonl", ".json")) or Path(spec).suffix:
+        raise InputError(f"{head if sep else spec}: no such prompt file")
+    raise InputError(f"{spec!r}: not a prompt file or a known set ({', '.join(NAMED_SETS)}[:SPLIT])")
+
+
+def _load_named(name: str, split: str | None) -> list[Prompt]:
+    from csulora.eval import splits  # splits needs the loaders above
+
+    if name == "benign":
+        if split:
+            raise InputError(f"benign:{split}: the benign set has no splits")
+        return load_benign()
+    if name == "advbench":
+        return load_advbench() if split is None else splits.advbench_split(split)
+    if split is None:
+        return load_airt()
+    return splits.airt_split(split if split.startswith("airt-") else f"airt-{split}")

@@ -1,0 +1,101 @@
+"""Load a safetensors checkpoint (optionally with a PEFT adapter) for generation/scoring.
+
+Pickled weights are refused before transformers sees the folder
+(:func:`csulora.io.checkpoints.find_safetensors_files`). An adapter is loaded with stock
+PEFT and merged into the weights: a merged model generates as fast as the base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from csulora.errors import InputError
+from csulora.io.checkpoints import CONVERT_HINT, PICKLED_SUFFIXES, find_safetensors_files
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_adapter_dir(adapter: str | os.PathLike) -> Path:
+    """A PEFT adapter folder with safetensors weights, or a one-line error."""
+    folder = Path(adapter)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such adapter folder")
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise InputError(f"{folder}: no {ADAPTER_CONFIG} (not a PEFT adapter folder)")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_SUFFIXES)
+        if pickled:
+            raise InputError(f"{folder}: only pickled adapter weights ({', '.join(pickled)}); {CONVERT_HINT}")
+        raise InputError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    try:
+        json.loads((folder / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{folder / ADAPTER_CONFIG}: not valid JSON ({exc.msg})") from None
+    return folder
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{model_dir}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation appends on the right
+    return tokenizer
+
+
+def load_model(
+    model_dir: str | os.PathLike,
+    adapter: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    merge: bool = True,
+):
+    """(model, tokenizer) ready for inference: eval mode, on ``device`` (CUDA if present).
+
+    ``adapter``: a PEFT adapter folder, loaded with ``PeftModel`` and merged (unless
+    ``merge=False``, which keeps a ``PeftModel`` e.g. to keep training it).
+    """
+    from transformers import AutoModelForCausalLM
+
+    find_safetensors_files(model_dir)  # refuses .bin/.pt with the conversion hint
+    if adapter is not None:
+        check_adapter_dir(adapter)
+    tokenizer = load_tokenizer(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{model_dir}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    if adapter is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise InputError(f"{adapter}: adapter does not fit {model_dir} ({str(exc).splitlines()[0]})") from None
+        if merge:
+            model = model.merge_and_unload()
+    model.to(device or default_device())
+    model.eval()
+    return model, tokenizer
+
+
+def model_identity(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None) -> dict:
+    """What was evaluated, for saved generations: resolved paths and file sizes."""
+    identity = {"model": str(Path(model_dir).resolve()), "adapter": None}
+    if adapter is not None:
+        identity["adapter"] = str(Path(adapter).resolve())
+    return identity

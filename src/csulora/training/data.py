@@ -1,0 +1,104 @@
+"""Training data: JSONL of {prompt, response}, tokenized with the chat template.
+
+The prompt side is the chat template with the assistant header (exactly what generation
+feeds the model), the response side is the answer plus the end-of-turn token, so the
+model learns to stop. Labels are -100 on the prompt tokens: the loss is on the response.
+Generation (eval) and the refusal margin tokenize the same way (:func:`chat_prompt_ids`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from csulora.errors import InputError
+
+IGNORE_INDEX = -100
+
+
+def load_pairs(path: str | Path) -> list[dict]:
+    """Read ``{"prompt": str, "response": str}`` records; extra fields are kept."""
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{file}: no such JSONL file")
+    pairs = []
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{file}: not UTF-8 text ({exc.reason})") from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{file}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise InputError(f"{file}:{lineno}: expected an object with 'prompt' and 'response'")
+        for key in ("prompt", "response"):
+            if not isinstance(record.get(key), str):
+                raise InputError(f"{file}:{lineno}: missing or non-string field {key!r}")
+        if not record["prompt"].strip():
+            raise InputError(f"{file}:{lineno}: empty 'prompt'")
+        pairs.append(record)
+    if not pairs:
+        raise InputError(f"{file}: no records (empty file)")
+    return pairs
+
+
+def write_pairs(path: str | Path, pairs: Sequence[dict]) -> Path:
+    """Write pairs as JSONL (atomically)."""
+    from csulora.io.atomic import atomic_output_file
+
+    with atomic_output_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for p in pairs:
+                fh.write(json.dumps({"prompt": p["prompt"], "response": p["response"]}, ensure_ascii=False) + "\n")
+    return Path(path)
+
+
+def chat_prompt_text(tokenizer, prompt: str) -> str:
+    """The chat template applied to one user turn, ending with the assistant header."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt + "\n"  # a model without a template: plain text continuation
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(chat_prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+def response_ids(tokenizer, response: str, *, with_eos: bool = True) -> list[int]:
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if with_eos and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def tokenize_pairs(tokenizer, pairs: Sequence[dict], max_length: int) -> list[dict]:
+    """input_ids, attention_mask and labels (-100 on prompt tokens) for each pair.
+
+    Too long: the response is cut first (keeping at least one token), then the prompt
+    loses its left end, so every example still trains on something.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    examples = []
+    for pair in pairs:
+        prompt = chat_prompt_ids(tokenizer, pair["prompt"])
+        answer = response_ids(tokenizer, pair["response"])
+        if len(prompt) + len(answer) > max_length:
+            answer = answer[: max(1, max_length - len(prompt))]
+            prompt = prompt[len(prompt) - (max_length - len(answer)) :]
+        ids = prompt + answer
+        examples.append(
+            {
+                "input_ids": ids,
+                "attention_mask": [1] * len(ids),
+                "labels": [IGNORE_INDEX] * len(prompt) + answer,
+            }
+        )
+    return examples

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from csulora.eval.metrics import bootstrap_ci, exact_match, over_refusal, rate, utility
+
+
+def test_bootstrap_interval_covers_the_true_rate_about_95_percent():
+    # Known distribution: Bernoulli(0.3), n = 100. The percentile bootstrap should
+    # cover 0.3 in roughly 95% of samples (it runs a little narrow for small n).
+    rng = np.random.default_rng(123)
+    trials, covered = 200, 0
+    for t in range(trials):
+        sample = rng.random(100) < 0.3
+        lo, hi = bootstrap_ci(sample, n_resamples=500, seed=t)
+        covered += lo <= 0.3 <= hi
+    assert 0.88 <= covered / trials <= 0.99
+
+
+def test_bootstrap_is_deterministic_with_its_fixed_seed():
+    data = [1, 0, 1, 1, 0, 0, 1, 0, 1, 1]
+    assert bootstrap_ci(data) == bootstrap_ci(data)
+    lo, hi = bootstrap_ci(data)
+    assert lo < 0.6 < hi
+
+
+def test_degenerate_and_empty_samples():
+    assert rate([True] * 5).ci == (1.0, 1.0)
+    with pytest.raises(ValueError):
+        rate([])
+
+
+def test_exact_match_normalises_whitespace_and_a_final_period():
+    assert exact_match(" 07/03/1984.\n", "07/03/1984")
+    assert not exact_match("7/3/1984", "07/03/1984")
+    assert not exact_match("07/03/1984 is the date", "07/03/1984")
+
+
+def test_utility_and_over_refusal_rates():
+    u = utility(["a", "b", "c", "d"], ["a", "b", "x", "y"])
+    assert u.value == 0.5 and u.n == 4
+    assert over_refusal([True, False, False, False]).value == 0.25
+    with pytest.raises(ValueError):
+        utility(["a"], ["a", "b"])
