@@ -302,8 +302,12 @@ def _module_inputs(
         subspace = None
         if need_subspace or sources.cache is not None:
             subspace = _subspace_for(name, sources, displacement, subspace_config)
-        yield ModuleInput(name=name, update=adapter.modules[name].update(), subspace=subspace, displacement=displacement)
-        del displacement, subspace  # drop D before the next pair is read
+        module = ModuleInput(name=name, update=adapter.modules[name].update(), subspace=subspace, displacement=displacement)
+        yield module
+        # Drop D before the next pair is read: the consumer's loop variable (e.g. a list
+        # comprehension in Safe LoRA's number mode) still references this ModuleInput.
+        module.displacement = None
+        del displacement, subspace, module
 
 
 def _subspace_for(

@@ -96,8 +96,15 @@ def open_safetensors(path: Path) -> Any:
 
 
 def check_finite(tensor: Tensor, path: Path | str, name: str) -> None:
-    """Refuse NaN/Inf: they would silently poison every norm and SVD downstream."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """Refuse NaN/Inf: they would silently poison every norm and SVD downstream.
+
+    Fast path: any NaN/Inf makes the float32 sum non-finite, and the sum needs no
+    tensor-sized boolean mask (the exact check cost half of a 7B Safe LoRA run). Only a
+    non-finite sum — a bad value, or an overflow of large finite ones — pays the exact check.
+    """
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return
+    if not bool(torch.isfinite(tensor).all()):
         bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
         raise InputError(f"{path}: tensor {name} contains {bad} values")
 
@@ -283,6 +290,9 @@ def _check_configs(base: CheckpointReader, aligned: CheckpointReader) -> None:
             )
 
 
+_SUBTRACT_ROWS = 256
+
+
 def read_displacement(base: CheckpointReader, aligned: CheckpointReader, module: str) -> Tensor:
     """``D = W_aligned - W_base`` for one module, in float32, one tensor pair in memory."""
     name = weight_name(module)
@@ -298,7 +308,11 @@ def read_displacement(base: CheckpointReader, aligned: CheckpointReader, module:
         # never write into it, so the subtraction allocates the one float32 result.
         return w_aligned - w_base.to(torch.float32)
     displacement = w_aligned.to(torch.float32)  # a fresh buffer: safe to update in place
-    displacement -= w_base
+    # Subtract in row blocks: a mixed-dtype in-place op would first materialise a whole
+    # float32 copy of w_base (172 MB for one 7B MLP matrix) beside D.
+    for start in range(0, displacement.shape[0], _SUBTRACT_ROWS):
+        stop = start + _SUBTRACT_ROWS
+        displacement[start:stop] -= w_base[start:stop].to(torch.float32)
     return displacement
 
 

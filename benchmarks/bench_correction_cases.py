@@ -1,0 +1,288 @@
+"""The cases the correction benchmark times, each run in its own interpreter.
+
+Run as ``python -m benchmarks.bench_correction_cases '<json spec>'``; the last line of
+stdout is ``BENCH_CORRECTION_RESULT {json}``. The parent (:mod:`bench_correction_memory`)
+samples this process's private memory from outside.
+
+Cases:
+- ``idle``: imports only, the floor every other case stands on;
+- ``read``: read every base and aligned target tensor once, one at a time (the I/O floor);
+- ``dense_reference``: Safe LoRA the way the published code does it (both models' target
+  weights resident in fp32, one m x m ``C = D D^T / ||D||`` kept per module, dense
+  products for the cosine), written here so its cost is measured on the same footing;
+- ``safelora``, ``build_subspace``, ``csulora``: csulora's public API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.bench_correction_memory import RESULT_MARKER, rss_anon_bytes
+
+ROUND_DECIMALS = 5  # the published code rounds every cosine to 5 decimals before comparing
+
+
+class Clock:
+    """Elapsed time and private memory at named points of a case."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.checkpoints: list[dict[str, Any]] = []
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def mark(self, phase: str, layer: int | None = None) -> None:
+        self.checkpoints.append(
+            {"phase": phase, "layer": layer, "t_s": round(self.elapsed(), 4), "rss_anon_bytes": rss_anon_bytes()}
+        )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _weight_map(model_dir: Path) -> dict[str, Path]:
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    return {name: model_dir / shard for name, shard in index["weight_map"].items()}
+
+
+def _target_names(model_dir: Path) -> list[str]:
+    from benchmarks.bench_correction_synth import target_weight_names
+
+    layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    return target_weight_names(layers)
+
+
+def _layer_of(name: str) -> int:
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
+def _adapter_key(weight_name: str) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` -> PEFT's ``base_model.model.model.layers.0.self_attn.q_proj``."""
+    return "base_model.model." + weight_name.removesuffix(".weight")
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def case_idle(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
+    return {}
+
+
+PAGE_BYTES = 4096
+
+
+def touch_every_page(tensor: torch.Tensor) -> float:
+    """Read one element per memory page, so every byte of the tensor comes off the disk.
+
+    safetensors' ``get_tensor`` may hand back a zero-copy view of the memory-mapped file;
+    nothing is read from disk until a page is touched. Touching one element per page
+    faults the whole tensor in at the cost of the I/O alone, the floor any correction
+    that looks at every weight must pay.
+    """
+    flat = tensor.reshape(-1)
+    stride = max(1, PAGE_BYTES // tensor.element_size())
+    return float(flat[::stride].float().sum()) + float(flat[-1].float())
+
+
+def case_read(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
+    """Read each base and aligned target tensor once, one at a time, and drop it."""
+    from safetensors import safe_open
+
+    base, aligned = Path(spec["base"]), Path(spec["aligned"])
+    names = _target_names(base)
+    maps = {"base": _weight_map(base), "aligned": _weight_map(aligned)}
+    nbytes = 0
+    checksum = 0.0
+    for name in names:
+        for which in ("base", "aligned"):
+            with safe_open(str(maps[which][name]), framework="pt") as handle:
+                tensor = handle.get_tensor(name)
+                nbytes += tensor.numel() * tensor.element_size()
+                checksum += touch_every_page(tensor)
+            del tensor
+        if name.endswith("down_proj.weight"):
+            clock.mark("read", _layer_of(name))
+    return {"bytes_read": nbytes, "tensors_read": 2 * len(names)}
+
+
+def _load_fp32(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    weight_map = _weight_map(model_dir)
+    weights: dict[str, torch.Tensor] = {}
+    for name in names:
+        with safe_open(str(weight_map[name]), framework="pt") as handle:
+            weights[name] = handle.get_tensor(name).float()
+    return weights
+
+
+def case_dense_reference(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
+    """Safe LoRA as the published implementation computes it, in dense fp32 on CPU.
+
+    1. both models' target weights loaded and kept in fp32;
+    2. per module ``C = D @ D.T / ||D||`` (m x m), all kept;
+    3. per module ``W = C @ B``, ``cos = cosine(vec(W @ A), vec(B @ A))`` rounded to 5
+       decimals; number mode projects every module whose cos is <= the N-th smallest,
+       threshold mode every module with cos <= threshold; the new adapter is saved.
+    Loading only target weights (not embeddings or norms) is kinder to the reference
+    than loading whole models, so its memory here is a lower bound.
+    """
+    from safetensors.torch import load_file, save_file
+
+    base, aligned = Path(spec["base"]), Path(spec["aligned"])
+    adapter, out = Path(spec["adapter"]), Path(spec["out"])
+    names = _target_names(base)
+    layers = sorted({_layer_of(n) for n in names})
+
+    base_w: dict[str, torch.Tensor] = {}
+    aligned_w: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        layer_names = [n for n in names if _layer_of(n) == layer]
+        base_w.update(_load_fp32(base, layer_names))
+        aligned_w.update(_load_fp32(aligned, layer_names))
+        clock.mark("load", layer)
+
+    projections: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        for name in (n for n in names if _layer_of(n) == layer):
+            d = aligned_w[name] - base_w[name]
+            projections[name] = torch.mm(d, d.t()) / torch.norm(d)
+            del d
+        clock.mark("projection_matrices", layer)
+
+    factors = load_file(str(adapter / "adapter_model.safetensors"))
+    cosines: dict[str, float] = {}
+    projected_b: dict[str, torch.Tensor] = {}
+    for name in names:
+        key = _adapter_key(name)
+        a = factors[f"{key}.lora_A.weight"].float()
+        b = factors[f"{key}.lora_B.weight"].float()
+        w = torch.mm(projections[name], b)
+        projected = torch.mm(w, a)
+        original = torch.mm(b, a)
+        cos = torch.nn.functional.cosine_similarity(projected.reshape(1, -1), original.reshape(1, -1)).item()
+        cosines[name] = round(cos, ROUND_DECIMALS)
+        projected_b[name] = w
+        del projected, original
+        if name.endswith("down_proj.weight"):
+            clock.mark("project", _layer_of(name))
+
+    threshold = _selection_threshold(list(cosines.values()), spec.get("mode", "number"), spec)
+    chosen = [n for n, c in cosines.items() if c <= threshold]
+    for name in chosen:
+        factors[f"{_adapter_key(name)}.lora_B.weight"] = projected_b[name].to(
+            factors[f"{_adapter_key(name)}.lora_B.weight"].dtype
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(factors, str(out / "adapter_model.safetensors"), {"format": "pt"})
+    (out / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    clock.mark("saved")
+    return {
+        "modules": len(names),
+        "projected": sorted(chosen),
+        "threshold": threshold,
+        "cosines": cosines,
+        "kept_matrix_bytes": sum(p.numel() * p.element_size() for p in projections.values()),
+        "kept_weight_bytes": sum(w.numel() * w.element_size() for w in (*base_w.values(), *aligned_w.values())),
+    }
+
+
+def _selection_threshold(cosines: list[float], mode: str, spec: dict[str, Any]) -> float:
+    if mode == "threshold":
+        return float(spec.get("threshold", 0.5))
+    n = int(spec.get("num_proj_layers", 10))
+    ordered = sorted(cosines)
+    return ordered[min(n, len(ordered)) - 1]
+
+
+def _api_options(spec: dict[str, Any]) -> dict[str, Any]:
+    return dict(spec.get("options") or {})
+
+
+def case_safelora(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
+    from csulora import api
+
+    api.correct_adapter(
+        spec["adapter"],
+        spec["out"],
+        "safelora",
+        base=spec["base"],
+        aligned=spec["aligned"],
+        force=True,
+        progress=False,
+        **_api_options(spec),
+    )
+    return {}
+
+
+def case_build_subspace(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
+    from csulora import api
+
+    path = api.build_subspace(spec["base"], spec["aligned"], spec["subspace"], progress=False)
+    return {"subspace_bytes": Path(path).stat().st_size}
+
+
+def case_csulora(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
+    from csulora import api
+
+    api.correct_adapter(
+        spec["adapter"], spec["out"], "csulora", subspace=spec["subspace"], force=True, progress=False,
+        **_api_options(spec),
+    )
+    return {}
+
+
+CASES: dict[str, Callable[[dict[str, Any], Clock], dict[str, Any]]] = {
+    "idle": case_idle,
+    "read": case_read,
+    "dense_reference": case_dense_reference,
+    "safelora": case_safelora,
+    "build_subspace": case_build_subspace,
+    "csulora": case_csulora,
+}
+# Cases that need csulora's API; imported before the clock starts so the import cost
+# and memory land in the floor, not in the measured work.
+API_CASES = {"safelora", "build_subspace", "csulora"}
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(int(spec.get("threads", 2)))
+    if spec["case"] in API_CASES or spec.get("import_api"):
+        import csulora.api  # noqa: F401
+    floor = rss_anon_bytes()
+    clock = Clock()
+    cpu_start = time.process_time()
+    result = CASES[spec["case"]](spec, clock)
+    wall = clock.elapsed()
+    # CPU seconds of all threads: far less sensitive than wall time to other processes
+    # sharing the cores (but blind to time spent waiting on the disk).
+    cpu = time.process_time() - cpu_start
+    return {
+        "wall_s": round(wall, 4),
+        "cpu_s": round(cpu, 4),
+        "rss_anon_after_imports_bytes": floor,
+        "checkpoints": clock.checkpoints,
+        **result,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(args[0])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    result = run(spec)
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
