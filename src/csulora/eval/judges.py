@@ -9,14 +9,13 @@ work on saved generations, so a classifier (Llama Guard, HarmBench's) can rescor
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from csulora.errors import InputError
-from csulora.io.atomic import atomic_output_file
+from csulora.io.jsonl import read_jsonl, write_jsonl
 
 # The 29 case-sensitive substrings of the GCG transfer list (DESIGN §7), in its order.
 GCG_REFUSAL_STRINGS: tuple[str, ...] = (
@@ -153,19 +152,10 @@ class RefusalJudge:
 
 def read_generations(path: str | Path) -> list[dict]:
     """Read a generations JSONL written by the harness (one record a line)."""
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"{file}: no such generations file")
     records = []
-    for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{file}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or "prompt" not in record or "response" not in record:
-            raise InputError(f"{file}:{lineno}: record needs 'prompt' and 'response' fields")
+    for lineno, record in read_jsonl(path, what="generations file"):
+        if "prompt" not in record or "response" not in record:
+            raise InputError(f"{path}:{lineno}: record needs 'prompt' and 'response' fields")
         records.append(record)
     return records
 
@@ -195,11 +185,3 @@ def rescore_generations(
     if out_path is not None:
         write_jsonl(out_path, records)
     return records
-
-
-def write_jsonl(path: str | Path, records: Sequence[dict]) -> Path:
-    with atomic_output_file(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return Path(path)

@@ -22,13 +22,13 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.metadata
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from csulora.errors import InputError
+from csulora.io.jsonl import read_jsonl
 
 PYRIT_INSTALL = "pip install --no-deps pyrit==1.1.0"
 PYRIT_LOCAL_DIR = "pyrit/datasets/seed_datasets/local"
@@ -179,14 +179,8 @@ def _read_csv_column(file: Path, column: str | None) -> list[tuple[int, str]]:
 
 def _read_jsonl_field(file: Path, field: str) -> list[tuple[int, str]]:
     out = []
-    for n, line in enumerate(_read_text(file).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{file}:{n}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+    for n, record in read_jsonl(file, what="prompt file"):
+        if not isinstance(record.get(field), str):
             raise InputError(f"{file}:{n}: no string field {field!r}")
         if record[field].strip():
             out.append((n, record[field].strip()))

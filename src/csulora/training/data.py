@@ -8,11 +8,11 @@ Generation (eval) and the refusal margin tokenize the same way (:func:`chat_prom
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from csulora.errors import InputError
+from csulora.io.jsonl import read_jsonl, write_jsonl
 
 IGNORE_INDEX = -100
 
@@ -20,22 +20,8 @@ IGNORE_INDEX = -100
 def load_pairs(path: str | Path) -> list[dict]:
     """Read ``{"prompt": str, "response": str}`` records; extra fields are kept."""
     file = Path(path)
-    if not file.is_file():
-        raise InputError(f"{file}: no such JSONL file")
     pairs = []
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{file}: not UTF-8 text ({exc.reason})") from None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{file}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{file}:{lineno}: expected an object with 'prompt' and 'response'")
+    for lineno, record in read_jsonl(file):
         for key in ("prompt", "response"):
             if not isinstance(record.get(key), str):
                 raise InputError(f"{file}:{lineno}: missing or non-string field {key!r}")
@@ -48,14 +34,8 @@ def load_pairs(path: str | Path) -> list[dict]:
 
 
 def write_pairs(path: str | Path, pairs: Sequence[dict]) -> Path:
-    """Write pairs as JSONL (atomically)."""
-    from csulora.io.atomic import atomic_output_file
-
-    with atomic_output_file(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for p in pairs:
-                fh.write(json.dumps({"prompt": p["prompt"], "response": p["response"]}, ensure_ascii=False) + "\n")
-    return Path(path)
+    """Write pairs as JSONL (atomically), keeping only ``prompt`` and ``response``."""
+    return write_jsonl(path, ({"prompt": p["prompt"], "response": p["response"]} for p in pairs))
 
 
 def chat_prompt_text(tokenizer, prompt: str) -> str:
