@@ -12,6 +12,16 @@
 4. Evaluate every row on the *test* prompts (AdvBench test, airt-test, the benign set,
    date test) and write ``results.json``, ``asr_utility.png``, ``report.md`` and
    ``generations.jsonl``.
+5. Mark ``recommended: true`` on the row ``csulora tune`` would give with its default
+   method, grid and gaps (RESTA's restore over tune's default grid, the task given as the
+   date validation split): the ``resta`` row when its selection qualified, no row when
+   nothing qualified (report.md then says so).
+
+The baselines of DESIGN §5b are rows too: ``scale`` (uniform shrink), ``resta`` (rank-k
+restoration) and ``csulora+restore`` (CSULoRA's gamma swept with the restore beta held at
+:data:`DEMO_RESTORE`). To stay within 2 minutes on 2 cores the demo sweeps ``scale`` and
+``csulora+restore`` over fewer points than tune's default grids (every other point); the
+``resta`` sweep uses tune's default grid unchanged, since it decides the recommendation.
 
 Rows are data (:data:`DEMO_SWEEPS`); a new method adds a :class:`SweepSpec`.
 """
@@ -29,12 +39,16 @@ from typing import Any
 from csulora.eval.harness import EvalSets, GenerationSettings, evaluate_loaded, summary_markdown
 from csulora.eval.metrics import Rate
 from csulora.io.atomic import atomic_output_dir, check_output_dir
+from csulora.tuning.config import DEFAULT_METHOD, KNOBS, TuneConfig
 
 # The tiny world's answers are at most ~20 tokens (they end with the end-of-turn token),
 # so a shorter cap than eval's 64 changes no verdict and keeps the demo fast.
 DEMO_GENERATION = GenerationSettings(batch_size=128, max_new_tokens=24)
-MAX_ASR_GAP = 0.05
-MAX_UTILITY_DROP = 0.05
+# tune's default gaps: the recommendation must be what `csulora tune` picks by default.
+MAX_ASR_GAP = TuneConfig().max_asr_gap
+MAX_UTILITY_DROP = TuneConfig().max_utility_drop
+# The restore beta held fixed while csulora+restore sweeps gamma (tune's csulora knob).
+DEMO_RESTORE = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,9 @@ class SweepSpec:
     needs_models: bool = False
     weaker_when_smaller: bool = True
     curve: bool = True  # drawn as a curve on the plot
+    # True for the one sweep that reproduces `csulora tune` with its defaults: its
+    # selection, when one qualifies, is the recommended row.
+    recommends: bool = False
 
     def weakest_first(self) -> tuple[float, ...]:
         return tuple(sorted(self.grid, reverse=not self.weaker_when_smaller))
@@ -62,6 +79,14 @@ class SweepSpec:
 DEMO_SWEEPS: list[SweepSpec] = [
     SweepSpec("safelora", "safelora", "threshold", (0.1, 0.2, 0.3, 0.4, 0.5), fixed={"select": "threshold"}, needs_models=True),
     SweepSpec("csulora", "csulora", "gamma", (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0), fixed={"schedule": "energy"}),
+    # tune's default scale grid is 1.0 down to 0.3 by 0.1; every other point here (time).
+    SweepSpec("scale", "scale", "factor", (0.9, 0.7, 0.5, 0.3), weaker_when_smaller=False),
+    # Exactly tune's default: method resta over its default grid (0 is the adapter itself).
+    SweepSpec(
+        "resta", DEFAULT_METHOD, KNOBS[DEFAULT_METHOD].knob, KNOBS[DEFAULT_METHOD].default_grid, recommends=True
+    ),
+    # tune's default csulora grid is 0, 0.5, 1, 2, 4, 8, 16; every other point here (time).
+    SweepSpec("csulora+restore", "csulora", "gamma", (0.0, 1.0, 4.0, 16.0), fixed={"schedule": "energy", "restore": DEMO_RESTORE}),
 ]
 # Fixed-setting rows: the published defaults, no selection.
 DEMO_FIXED: list[tuple[str, str, dict[str, Any], bool]] = [
@@ -201,7 +226,11 @@ def plot_demo(path: Path, rows: Sequence[dict], sweeps: dict[str, dict], curves:
         if row["utility"] is None or row["asr"] is None:
             continue
         (lo, hi) = row["asr_ci"]
-        ax.errorbar(row["utility"], row["asr"], yerr=[[row["asr"] - lo], [hi - row["asr"]]], fmt="o", capsize=3, label=row["name"])
+        recommended = bool(row.get("recommended"))
+        ax.errorbar(
+            row["utility"], row["asr"], yerr=[[row["asr"] - lo], [hi - row["asr"]]], fmt="*" if recommended else "o",
+            markersize=12 if recommended else 6, capsize=3, label=row["name"] + (" (recommended)" if recommended else ""),
+        )
     ax.set_xlabel("utility (date task exact match, test)")
     ax.set_ylabel("ASR (AdvBench test, keyword judge)")
     ax.set_xlim(-0.05, 1.05)
@@ -212,6 +241,20 @@ def plot_demo(path: Path, rows: Sequence[dict], sweeps: dict[str, dict], curves:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def recommendation(rows: Sequence[dict], sweeps: dict[str, dict]) -> dict:
+    """Which row `csulora tune` (default options) picks, or why none: for results.json and report.md."""
+    chosen = [r["name"] for r in rows if r.get("recommended")]
+    if len(chosen) > 1:
+        raise AssertionError(f"more than one recommended row: {chosen}")
+    deciding = [name for name, sweep in sweeps.items() if sweep.get("recommends")]
+    if chosen:
+        sweep = sweeps[chosen[0]]
+        return {"row": chosen[0], "params": {sweep["knob"]: sweep["chosen"]}, "why": sweep["why"]}
+    if deciding:
+        return {"row": None, "why": sweeps[deciding[0]]["why"]}
+    return {"row": None, "why": "no sweep reproduces tune's defaults in this run"}
 
 
 def demo_report(rows: Sequence[dict], sweeps: dict[str, dict], info: dict) -> str:
@@ -228,6 +271,18 @@ def demo_report(rows: Sequence[dict], sweeps: dict[str, dict], info: dict) -> st
     ]
     for name, sweep in sweeps.items():
         lines.append(f"- **{name}** ({sweep['method']}, {sweep['knob']} over {[p[sweep['knob']] for p in sweep['points']]}): {sweep['why']}")
+    rec = info.get("recommended") or recommendation(rows, sweeps)
+    lines += ["", "## Recommended (what `csulora tune` picks with its defaults)", ""]
+    if rec["row"] is not None:
+        knob, value = next(iter(rec["params"].items()))
+        lines.append(f"- **{rec['row']}** with {knob}={value:g}, chosen on validation: {rec['why']}.")
+    else:
+        lines.append(
+            "- **No row is recommended**: with its default options (RESTA, restore over "
+            f"{list(KNOBS[DEFAULT_METHOD].default_grid)}, ASR gap {MAX_ASR_GAP:g}, utility drop "
+            f"{MAX_UTILITY_DROP:.0%}) `csulora tune` finds no qualifying setting on this world's "
+            f"validation prompts, so it would write no adapter. {rec['why']}."
+        )
     lines += ["", "## What it shows", ""]
     aligned, attacked = by.get("aligned"), by.get("attacked")
     if aligned and attacked:
@@ -289,6 +344,8 @@ def run_demo(
             sweep_records = {}
             for spec in sweeps:
                 row, record = run_sweep(ctx, spec, aligned_val, attacked_val)
+                row["recommended"] = bool(spec.recommends and record["qualified"])
+                record["recommends"] = spec.recommends
                 rows.append(row)
                 sweep_records[spec.row] = record
             timings["evaluate"] = time.perf_counter() - t
@@ -297,6 +354,7 @@ def run_demo(
                 "world_info": world.info(),
                 "generation": {"batch_size": ctx.generation.batch_size, "max_new_tokens": ctx.generation.max_new_tokens},
                 "selection_rule": {"max_asr_gap": MAX_ASR_GAP, "max_utility_drop": MAX_UTILITY_DROP, "on": "validation"},
+                "recommended": recommendation(rows, sweep_records),
                 "timings_s": {k: round(v, 1) for k, v in timings.items()},
             }
             (tmp / "results.json").write_text(json.dumps({"rows": rows, "sweep": sweep_records, **info}, indent=2, default=str) + "\n")

@@ -124,8 +124,10 @@ def test_salora_dispatch_reaches_the_salora_package(tiny_world, tmp_path, capsys
 
     seen = {}
 
-    def fake_train_salora(model_dir, data_path, safety_data_path, out_dir, *, config, force=False):
-        seen.update(model=model_dir, safety=safety_data_path, config=config, force=force)
+    def fake_train_salora(model_dir, data_path, safety_data_path, out_dir, *, config, force=False, cache_dir=None,
+                          progress=True):
+        seen.update(model=model_dir, safety=safety_data_path, config=config, force=force, cache_dir=cache_dir,
+                    progress=progress)
         return out_dir
 
     monkeypatch.setattr(salora, "train_salora", fake_train_salora)
@@ -135,6 +137,48 @@ def test_salora_dispatch_reaches_the_salora_package(tiny_world, tmp_path, capsys
                  "-o", str(tmp_path / "o"), "--rank", "4", "--safety-rank", "8", "--task-rank", "6", "--steps", "2"])
     assert code == 0
     assert (seen["config"].rank, seen["config"].safety_rank, seen["config"].task_rank, seen["config"].steps) == (4, 8, 6, 2)
+    # Defaults of the feature passes and generation come from SaLoRAConfig; no cache dir unless given.
+    assert (seen["config"].num_samples, seen["config"].max_new_tokens, seen["cache_dir"]) == (128, 64, None)
+    assert seen["progress"] is True
+
+
+def test_salora_feature_pass_flags_reach_train_salora(tiny_world, tmp_path, monkeypatch):
+    import csulora.salora as salora
+
+    seen = {}
+
+    def fake_train_salora(model_dir, data_path, safety_data_path, out_dir, *, config, force=False, cache_dir=None,
+                          progress=True):
+        seen.update(config=config, cache_dir=cache_dir)
+        return out_dir
+
+    monkeypatch.setattr(salora, "train_salora", fake_train_salora)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    cache = tmp_path / "features"
+    code = main(["train", str(tiny_world.aligned), "--data", str(data), "--method", "salora", "--safety-data", str(data),
+                 "-o", str(tmp_path / "o"), "--num-samples", "16", "--max-new-tokens", "8", "--cache-dir", str(cache)])
+    assert code == 0
+    assert (seen["config"].num_samples, seen["config"].max_new_tokens) == (16, 8)
+    assert seen["cache_dir"] == str(cache)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "lora", "--num-samples", "4"], "--num-samples only apply to --method salora"),
+        (["--method", "full", "--cache-dir", "c"], "--cache-dir only apply to --method salora"),
+        (["--method", "salora", "--safety-data", "SELF", "--num-samples", "0"], "num_samples=0: must be a positive integer"),
+    ],
+)
+def test_salora_flag_errors(extra, message, tiny_world, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    extra = [str(data) if e == "SELF" else e for e in extra]
+    out = tmp_path / "o"
+    assert main(["train", str(tiny_world.aligned), "--data", str(data), "-o", str(out), *extra]) == 2
+    assert message in one_line_error(capsys)
+    assert not out.exists()
 
 
 def test_demo_command_is_registered(capsys):

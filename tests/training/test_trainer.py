@@ -72,3 +72,10 @@ def test_bad_inputs_write_nothing(tiny_world, tmp_path):
         train_lora(tiny_world.aligned, write_data(tmp_path / "d.jsonl"), tmp_path / "out2", QUICK, LoraSettings(targets=("no_such_proj",)))
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
     assert not list(tmp_path.glob(".out*"))
+
+
+def test_quiet_training_prints_nothing(tiny_world, tmp_path, capsys):
+    """progress=False: no bar and no Trainer summary dict ({'train_runtime': ...}) on stdout."""
+    train_lora(tiny_world.aligned, write_data(tmp_path / "d.jsonl"), tmp_path / "quiet", QUICK, LoraSettings(r=2, alpha=4, targets=("v_proj",)))
+    out = capsys.readouterr().out
+    assert "train_runtime" not in out and out == ""

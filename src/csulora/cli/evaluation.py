@@ -100,6 +100,9 @@ def _register_train(subparsers) -> None:
     sa.add_argument("--safety-data", metavar="FILE.jsonl", help="harmful prompts; refusals are the model's own answers")
     sa.add_argument("--safety-rank", type=int, help="r_s (default 32)")
     sa.add_argument("--task-rank", type=int, help="r_t (default 32)")
+    sa.add_argument("--num-samples", type=int, help="samples of safety and of task data per feature pass (default 128)")
+    sa.add_argument("--max-new-tokens", type=int, help="length of the aligned model's greedy refusals (default 64)")
+    sa.add_argument("--cache-dir", metavar="DIR", help="where feature passes are cached (default: the user cache)")
     p.set_defaults(handler=_run_train)
 
 
@@ -120,7 +123,10 @@ def _run_train(args) -> int:
     from csulora.training.trainer import LoraSettings, TrainConfig, train_full, train_lora
 
     lora_only = {"--rank": args.rank, "--alpha": args.alpha, "--targets": args.targets, "--dropout": args.dropout}
-    salora_only = {"--safety-data": args.safety_data, "--safety-rank": args.safety_rank, "--task-rank": args.task_rank}
+    salora_only = {
+        "--safety-data": args.safety_data, "--safety-rank": args.safety_rank, "--task-rank": args.task_rank,
+        "--num-samples": args.num_samples, "--max-new-tokens": args.max_new_tokens, "--cache-dir": args.cache_dir,
+    }
     if args.method != "salora":
         stray = [k for k, v in salora_only.items() if v is not None]
         if stray:
@@ -157,10 +163,14 @@ def _run_train_salora(args) -> int:
     from csulora.salora import SaLoRAConfig, train_salora  # the SaLoRA package is loaded only when used
 
     options = _given(args, ("steps", "batch_size", "lr", "seed", "max_length", "weight_decay"))
-    options.update(_given(args, ("rank", "safety_rank", "task_rank")))
+    options.update(_given(args, ("rank", "safety_rank", "task_rank", "num_samples", "max_new_tokens")))
     if args.targets is not None:
         options["targets"] = _targets(args.targets)
-    out = train_salora(args.model, args.data, args.safety_data, args.out, config=SaLoRAConfig(**options), force=args.force)
+    # progress=True: the bars (tqdm disable=None) still switch off by themselves off a TTY.
+    out = train_salora(
+        args.model, args.data, args.safety_data, args.out, config=SaLoRAConfig(**options), force=args.force,
+        cache_dir=args.cache_dir, progress=True,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -171,7 +181,7 @@ def _run_train_salora(args) -> int:
 def _register_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="the tiny world end to end: align, attack, correct (Safe LoRA, CSULoRA), evaluate",
+        help="the tiny world end to end: align, attack, correct (Safe LoRA, CSULoRA, scale, RESTA, CSULoRA+restore), evaluate",
         description="Builds the tiny world and writes OUTDIR/results.json, the ASR-utility plot, report.md and generations.",
     )
     p.add_argument("-o", "--out", metavar="OUTDIR", required=True)

@@ -94,7 +94,7 @@ def pad_batch(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 def fit(model, tokenizer, examples: list[dict], config: TrainConfig) -> None:
     """Train ``model`` in place on tokenized ``examples`` with transformers' Trainer."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     if not examples:
         raise OptionError("no training examples")
@@ -126,6 +126,10 @@ def fit(model, tokenizer, examples: list[dict], config: TrainConfig) -> None:
             train_dataset=examples,
             data_collator=lambda feats: pad_batch(feats, pad_id),
         )
+        if not config.progress:
+            # Without tqdm, Trainer prints every log dict -- including the end-of-training
+            # summary ({'train_runtime': ...}) even with logging_strategy="no".
+            trainer.remove_callback(PrinterCallback)
         trainer.train()
     model.eval()
 
