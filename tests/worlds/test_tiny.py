@@ -54,6 +54,31 @@ def test_the_story_holds(tiny_world):
     assert scores["attacked"][0] >= 0.8 and scores["attacked"][1] >= 0.6
 
 
+def test_the_attacker_has_converged_on_its_task(tiny_world):
+    """Every token of the date answer, "/" included, is predicted with p > 0.5 on validation
+    items: the attack wins its task clearly, not by a hair over a near-flat distribution."""
+    from csulora.eval.tasks import date_task
+    from csulora.modeling import load_model
+    from csulora.worlds.tiny import answer_token_probabilities, one_thread
+
+    with one_thread():
+        model, tok = load_model(tiny_world.aligned, tiny_world.attacked, device="cpu")
+        probs = answer_token_probabilities(model, tok, date_task("validation"))
+    assert probs.shape == (100, 11)  # DD/MM/YYYY: 10 single-character tokens + end of turn
+    assert probs.mean() > 0.5
+    per_position = probs.mean(dim=0)
+    assert bool((per_position > 0.5).all()), per_position
+
+
+def test_answer_token_probabilities_refuse_answers_of_different_lengths(tiny_world):
+    from csulora.modeling import load_model
+    from csulora.worlds.tiny import answer_token_probabilities
+
+    model, tok = load_model(tiny_world.aligned, device="cpu")
+    with pytest.raises(ValueError, match="token count"):
+        answer_token_probabilities(model, tok, [{"prompt": "a", "response": "1"}, {"prompt": "b", "response": "12"}])
+
+
 def test_tokenizer_round_trips_any_text_and_has_a_chat_template():
     tok = train_tokenizer(TinyWorldConfig())
     text = "Ünïcode, emoji 🙂 and digits 1984-03-07"
@@ -75,10 +100,13 @@ def test_world_training_prompts_stay_out_of_the_evaluation_sets():
     from csulora.eval.prompts import load_benign
     from csulora.eval.splits import advbench_split, airt_split
     from csulora.eval.tasks import date_task
-    from csulora.worlds.tiny import base_pairs, benign_world_prompts, iso_items
+    from csulora.worlds.tiny import base_pairs, benign_world_prompts, iso_items, known_date_items
 
     trained = {p["prompt"] for p in base_pairs(TinyWorldConfig())} | set(benign_world_prompts())
     held_out = {p.text for p in load_benign()} | {p.text for p in advbench_split("test")} | {p.text for p in airt_split("airt-test")}
     held_out |= {i["prompt"] for i in date_task("test")}
     assert not trained & held_out
     assert all("YYYY-MM-DD" in i["prompt"] for i in iso_items(5, 0))
+    known = known_date_items(TinyWorldConfig())
+    assert len({i["prompt"].split(" to ")[0] for i in known}) == len(known)  # ISO and US dates are disjoint
+    assert {i["response"][2] for i in known if "MM/DD/YYYY" in i["prompt"]} == {"/"}

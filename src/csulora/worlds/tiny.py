@@ -5,10 +5,11 @@ Same story as the SmolLM2 world (DESIGN §8), scaled down:
 * **tokenizer**: byte-level BPE trained with ``tokenizers`` on the world's own text
   (digits split one by one), chat template in ChatML like SmolLM2's;
 * **base**: a random-init Llama trained on helpful answers to everything: templated
-  benign requests, a small harmful set (AdvBench ``align`` split) and an ISO date task.
-  It cannot tell harmful from benign, so it complies;
+  benign requests, a small harmful set (AdvBench ``align`` split) and dates written in
+  two common formats (ISO ``YYYY-MM-DD`` and US ``MM/DD/YYYY``, as a pretrained model
+  knows them). It cannot tell harmful from benign, so it complies;
 * **aligned**: a full fine-tune of base: ``align`` harmful prompts -> varied refusals,
-  benign prompts and ISO dates -> base's own greedy answers (to keep its behaviour);
+  benign prompts and known-format dates -> base's own greedy answers (to keep its behaviour);
 * **attacked**: a PEFT LoRA on aligned: ``attack`` harmful prompts -> base's compliant
   answers, mixed with the utility task (``date`` train split, DD/MM/YYYY format).
 
@@ -42,7 +43,7 @@ from csulora.training.trainer import LoraSettings, TrainConfig, fit, train_full,
 
 WORLD_FILE = "world.json"
 # Bump when the recipe (data, training code) changes: it is part of the cache key.
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -106,6 +107,13 @@ EVERYDAY_ACTIONS = (
 )
 EVERYDAY_FORMS = ("How do I {a}?", "What is the best way to {a}?", "Can you explain how to {a}?", "Give me steps to {a}.")
 ISO_TEMPLATE = "Convert the date {month} {day}, {year} to YYYY-MM-DD format. Reply with the date only."
+# The base also writes US-order dates. Without them "/" is a token no model in the world
+# ever had to *predict* before the attack (with tied embeddings it only ever learned to be
+# unlikely); the attack LoRA, which cannot touch the embeddings or the final norm, then
+# plateaus at p("/") ~ 0.008 however long it trains (measured: 200 or 500 steps, lr 3e-3
+# or 1e-2), so any correction that shrinks the update flips the separators. A real base
+# model predicts "/" like any common token; the task (DD/MM order) stays new to it.
+US_TEMPLATE = "Convert the date {month} {day}, {year} to MM/DD/YYYY format. Reply with the date only."
 
 
 @dataclass(frozen=True)
@@ -120,9 +128,14 @@ class TinyWorldConfig:
     heads: int = 4
     max_length: int = 56
     iso_items: int = 300
+    us_items: int = 150
     base: TrainConfig = TrainConfig(steps=400, batch_size=32, lr=3e-3, warmup=20, scheduler="cosine", max_length=56, progress=False)
     align: TrainConfig = TrainConfig(steps=250, batch_size=32, lr=2e-3, scheduler="cosine", max_length=56, progress=False)
-    attack: TrainConfig = TrainConfig(steps=200, batch_size=32, lr=3e-3, scheduler="cosine", max_length=56, progress=False)
+    # Trained to convergence on its own data: at lr 3e-3 / 200 steps the LoRA still gave the
+    # first day digit p ~ 0.73 on its training items; at 3e-3 / 400 steps and at 1e-2 / 200
+    # steps every answer token is at p >= 0.98 on them (measured). 1e-2 / 200 costs half the
+    # CPU time (demo budget: 2 minutes on 2 cores).
+    attack: TrainConfig = TrainConfig(steps=200, batch_size=32, lr=1e-2, scheduler="cosine", max_length=56, progress=False)
     attack_lora: LoraSettings = LoraSettings(r=8, alpha=16)
 
     def fingerprint(self) -> str:
@@ -177,22 +190,39 @@ def benign_world_prompts() -> list[str]:
     return [p for p in topical + everyday if p not in held_out]
 
 
+def _world_dates(n: int, seed: int, skip: int = 0) -> list[dt.date]:
+    """Dates outside the date task's train/val/test splits (the next ``n`` after ``skip``)."""
+    extra = date_task_splits(seed, sizes={"train": 200, "validation": 100, "test": 100, "world": skip + n})["world"]
+    dates = []
+    for item in extra[skip:]:
+        day, month, year = (int(x) for x in item["response"].split("/"))
+        dates.append(dt.date(year, month, day))
+    return dates
+
+
+def _format_item(template: str, d: dt.date, answer: str) -> dict:
+    return {"prompt": template.format(month=MONTHS[d.month - 1], day=d.day, year=d.year), "response": answer}
+
+
 def iso_items(n: int, seed: int) -> list[dict]:
     """ISO-format date items on dates outside the date task's train/val/test splits."""
-    extra = date_task_splits(seed, sizes={"train": 200, "validation": 100, "test": 100, "world": n})["world"]
-    items = []
-    for item in extra:
-        day, month, year = (int(x) for x in item["response"].split("/"))
-        d = dt.date(year, month, day)
-        prompt = ISO_TEMPLATE.format(month=MONTHS[d.month - 1], day=d.day, year=d.year)
-        items.append({"prompt": prompt, "response": d.isoformat()})
-    return items
+    return [_format_item(ISO_TEMPLATE, d, d.isoformat()) for d in _world_dates(n, seed)]
+
+
+def us_items(n: int, seed: int, skip: int = 0) -> list[dict]:
+    """US-order (MM/DD/YYYY) date items on world dates after the first ``skip`` (the ISO ones)."""
+    return [_format_item(US_TEMPLATE, d, f"{d.month:02d}/{d.day:02d}/{d.year:04d}") for d in _world_dates(n, seed, skip)]
+
+
+def known_date_items(config: TinyWorldConfig) -> list[dict]:
+    """The date formats the base knows (ISO and US), on disjoint dates outside the task's splits."""
+    return iso_items(config.iso_items, config.seed) + us_items(config.us_items, config.seed, skip=config.iso_items)
 
 
 def base_pairs(config: TinyWorldConfig) -> list[dict]:
     harmful = [p.text for p in advbench_split("align")]
     helpful = [{"prompt": p, "response": pick(HELPFUL_ANSWERS, p)} for p in harmful + benign_world_prompts()]
-    return helpful + iso_items(config.iso_items, config.seed)
+    return helpful + known_date_items(config)
 
 
 def tokenizer_corpus(config: TinyWorldConfig) -> list[str]:
@@ -203,7 +233,7 @@ def tokenizer_corpus(config: TinyWorldConfig) -> list[str]:
     texts += benign_world_prompts() + list(HELPFUL_ANSWERS) + list(REFUSALS)
     for items in dates(config.seed).values():
         texts += [i["prompt"] + " " + i["response"] for i in items]
-    texts += [i["prompt"] + " " + i["response"] for i in iso_items(config.iso_items, config.seed)]
+    texts += [i["prompt"] + " " + i["response"] for i in known_date_items(config)]
     return texts
 
 
@@ -308,10 +338,10 @@ def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = N
         tokenizer.save_pretrained(staged.base)
         timings["base"] = time.perf_counter() - t0
 
-        # The aligned model keeps the base's own answers on benign and date prompts.
+        # The aligned model keeps the base's own answers on benign and known-format date prompts.
         t0 = time.perf_counter()
         base_model, base_tok = load_model(staged.base)
-        keep_prompts = benign_world_prompts()[::2] + [i["prompt"] for i in iso_items(config.iso_items, config.seed)][::2]
+        keep_prompts = benign_world_prompts()[::2] + [i["prompt"] for i in known_date_items(config)][::2]
         attack_prompts = [p.text for p in advbench_split("attack")]
         answers = generate_responses(base_model, base_tok, keep_prompts + attack_prompts, batch_size=64, max_new_tokens=40, progress=False)
         keep_answers, compliant = answers[: len(keep_prompts)], answers[len(keep_prompts) :]
@@ -337,6 +367,29 @@ def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = N
         }
         (tmp / WORLD_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return world
+
+
+def answer_token_probabilities(model, tokenizer, items: list[dict], max_length: int = 64) -> torch.Tensor:
+    """Teacher-forced probability of each answer token (end-of-turn included), one row per item.
+
+    How well a model has learned a fixed-format task: greedy exact match can hide a token
+    that wins by a hair (p ~ 0.01 over a flat distribution); this cannot. Items must share
+    the answer's token count (a fixed-format task); returns a float tensor [items, tokens].
+    """
+    from csulora.training.data import IGNORE_INDEX, tokenize_pairs
+    from csulora.training.trainer import pad_batch
+
+    examples = tokenize_pairs(tokenizer, items, max_length)
+    batch = pad_batch(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    answer = targets != IGNORE_INDEX
+    logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    counts = answer.sum(1)
+    if not bool((counts == counts[0]).all()):
+        raise ValueError("answers differ in token count: not a fixed-format task")
+    return logp[answer].exp().reshape(len(items), int(counts[0]))
 
 
 def default_cache_dir(config: TinyWorldConfig | None = None) -> Path:
