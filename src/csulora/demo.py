@@ -118,17 +118,23 @@ def demo_sets() -> tuple[EvalSets, EvalSets]:
 
 
 def _evaluate(ctx: DemoContext, adapter: Path | None, sets: EvalSets, name: str, params: dict | None = None, keep: bool = True) -> dict:
-    from csulora.modeling import load_model, model_identity
-
-    model, tokenizer = load_model(ctx.world.aligned if name != "base" else ctx.world.base, adapter, device="cpu")
-    identity = model_identity(ctx.world.aligned if name != "base" else ctx.world.base, adapter)
-    row, records = evaluate_loaded(
-        model, tokenizer, sets, name=name, params=params, identity=identity,
-        generation=ctx.generation, with_margin=keep, progress=False,
-    )
+    row, records = _evaluate_with_records(ctx, adapter, sets, name, params, with_margin=keep)
     if keep:
         ctx.records.extend(records)
     return row
+
+
+def _evaluate_with_records(
+    ctx: DemoContext, adapter: Path | None, sets: EvalSets, name: str, params: dict | None, *, with_margin: bool
+) -> tuple[dict, list[dict]]:
+    from csulora.modeling import load_model, model_identity
+
+    model_dir = ctx.world.aligned if name != "base" else ctx.world.base
+    model, tokenizer = load_model(model_dir, adapter, device="cpu")
+    return evaluate_loaded(
+        model, tokenizer, sets, name=name, params=params, identity=model_identity(model_dir, adapter),
+        generation=ctx.generation, with_margin=with_margin, progress=False,
+    )
 
 
 def _rate(row: dict, key: str) -> Rate | None:
@@ -165,8 +171,10 @@ def run_sweep(ctx: DemoContext, spec: SweepSpec, aligned_val: dict, attacked_val
         options = {**spec.fixed, spec.knob: value}
         adapter = _correct(ctx, spec.method, options, f"{spec.row}-{spec.knob}-{value:g}", spec.needs_models)
         val_row = _evaluate(ctx, adapter, ctx.validation, f"{spec.row}[{spec.knob}={value:g}]", keep=False)
-        test_row = _evaluate(ctx, adapter, ctx.test, spec.row, params=options, keep=False)
-        points.append({"value": value, "adapter": adapter, "validation": val_row, "test": test_row})
+        # Every point is scored on test for the plot's curve; the chosen one's row and
+        # generations are reused below rather than generated a second time.
+        test_row, test_records = _evaluate_with_records(ctx, adapter, ctx.test, spec.row, options, with_margin=True)
+        points.append({"value": value, "validation": val_row, "test": test_row, "records": test_records})
     config = TuneConfig(
         method=spec.method if spec.method in ("resta", "csulora", "safelora", "scale") else "csulora",
         grid=tuple(p["value"] for p in points), max_asr_gap=MAX_ASR_GAP, max_utility_drop=MAX_UTILITY_DROP,
@@ -182,7 +190,8 @@ def run_sweep(ctx: DemoContext, spec: SweepSpec, aligned_val: dict, attacked_val
         # then highest utility) and say so; the row is marked "qualified": false.
         chosen = min(points, key=lambda p: _safety_key(p["validation"]))
         why = f"no setting qualified ({selection.summary}); showing the safest, {spec.knob}={chosen['value']:g}"
-    row = _evaluate(ctx, chosen["adapter"], ctx.test, spec.row, params={**spec.fixed, spec.knob: chosen["value"]})
+    row = chosen["test"]
+    ctx.records.extend(chosen["records"])
     row["params"]["selected_on"] = "validation"
     row["params"]["qualified"] = selection.index is not None
     record = {
