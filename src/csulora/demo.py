@@ -28,6 +28,7 @@ Rows are data (:data:`DEMO_SWEEPS`); a new method adds a :class:`SweepSpec`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -107,6 +108,13 @@ class DemoContext:
     records: list[dict] = field(default_factory=list)
 
 
+def demo_workers() -> int:
+    """Processes for the sweep: one per core, at most two (``CSULORA_DEMO_WORKERS`` overrides)."""
+    if "CSULORA_DEMO_WORKERS" in os.environ:
+        return max(1, int(os.environ["CSULORA_DEMO_WORKERS"]))
+    return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def demo_sets() -> tuple[EvalSets, EvalSets]:
     from csulora.eval.prompts import load_benign
     from csulora.eval.splits import advbench_split, airt_split
@@ -161,20 +169,53 @@ def _correct(ctx: DemoContext, method: str, options: dict, tag: str, needs_model
     return out
 
 
-def run_sweep(ctx: DemoContext, spec: SweepSpec, aligned_val: dict, attacked_val: dict) -> tuple[dict, dict]:
-    """Correct at every grid value, select on validation, return (test row, sweep record)."""
-    from csulora.tuning.config import TuneConfig
-    from csulora.tuning.selection import ScoredSetting, select_setting
+def _sweep_point(ctx: DemoContext, spec: SweepSpec, value: float) -> dict:
+    """Correct at one grid value; score it on validation (to choose) and test (to plot)."""
+    from csulora.worlds.tiny import one_thread
 
-    points = []
-    for value in spec.weakest_first():
+    with one_thread():
         options = {**spec.fixed, spec.knob: value}
         adapter = _correct(ctx, spec.method, options, f"{spec.row}-{spec.knob}-{value:g}", spec.needs_models)
         val_row = _evaluate(ctx, adapter, ctx.validation, f"{spec.row}[{spec.knob}={value:g}]", keep=False)
         # Every point is scored on test for the plot's curve; the chosen one's row and
-        # generations are reused below rather than generated a second time.
+        # generations are reused by run_sweep rather than generated a second time.
         test_row, test_records = _evaluate_with_records(ctx, adapter, ctx.test, spec.row, options, with_margin=True)
-        points.append({"value": value, "validation": val_row, "test": test_row, "records": test_records})
+    return {"value": value, "validation": val_row, "test": test_row, "records": test_records}
+
+
+def score_sweep_points(ctx: DemoContext, specs: Sequence[SweepSpec], workers: int) -> dict[str, list[dict]]:
+    """All grid points of all sweeps, on ``workers`` processes (each single-threaded).
+
+    The points are independent, so two processes use both cores of a small machine where
+    one single-threaded process would leave one idle; results come back in grid order.
+    """
+    jobs = [(spec, value) for spec in specs for value in spec.weakest_first()]
+    if workers <= 1:
+        scored = [_sweep_point(ctx, spec, value) for spec, value in jobs]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        light = dataclasses.replace(ctx, records=[])  # workers return their records instead
+        # spawn, not fork: forking a process whose torch thread pools already ran can hang.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_sweep_point, light, spec, value) for spec, value in jobs]
+            scored = [f.result() for f in futures]
+    points: dict[str, list[dict]] = {spec.row: [] for spec in specs}
+    for (spec, _), point in zip(jobs, scored):
+        points[spec.row].append(point)
+    return points
+
+
+def run_sweep(
+    ctx: DemoContext, spec: SweepSpec, aligned_val: dict, attacked_val: dict, points: list[dict] | None = None
+) -> tuple[dict, dict]:
+    """Select on validation among the scored grid points; return (test row, sweep record)."""
+    from csulora.tuning.config import TuneConfig
+    from csulora.tuning.selection import ScoredSetting, select_setting
+
+    if points is None:
+        points = score_sweep_points(ctx, [spec], workers=1)[spec.row]
     config = TuneConfig(
         method=spec.method if spec.method in ("resta", "csulora", "safelora", "scale") else "csulora",
         grid=tuple(p["value"] for p in points), max_asr_gap=MAX_ASR_GAP, max_utility_drop=MAX_UTILITY_DROP,
@@ -351,8 +392,9 @@ def run_demo(
                 adapter = _correct(ctx, method, options, name, needs_models)
                 rows.append(_evaluate(ctx, adapter, test, name, params=dict(options)))
             sweep_records = {}
+            sweep_points = score_sweep_points(ctx, sweeps, workers=demo_workers())
             for spec in sweeps:
-                row, record = run_sweep(ctx, spec, aligned_val, attacked_val)
+                row, record = run_sweep(ctx, spec, aligned_val, attacked_val, sweep_points[spec.row])
                 row["recommended"] = bool(spec.recommends and record["qualified"])
                 record["recommends"] = spec.recommends
                 rows.append(row)
