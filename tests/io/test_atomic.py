@@ -72,3 +72,15 @@ def test_atomic_file(tmp_path):
         tmp.write_text("{}")
     assert target.read_text() == "{}"
     assert _leftovers(target.parent) == []
+
+
+def test_atomic_file_gets_the_usual_mode_not_a_private_one(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_output_file(tmp_path / "r.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
