@@ -221,10 +221,7 @@ def world_sets(ctx: Context) -> dict[str, list[dict]]:
         sets[name] = [{"id": p.id, "prompt": p.text} for p in airt_split(name)]
     for name in ("train", "validation", "test"):
         sets[f"task-{name}"] = date_task(name)
-    try:
-        benign = [{"id": p.id, "prompt": p.text} for p in load_benign()]
-    except Exception:  # the benign file may not exist yet when the world is first built
-        benign = []
+    benign = [{"id": p.id, "prompt": p.text} for p in load_benign()]
     sets["benign"] = benign
     exclude = {b["prompt"] for b in benign}
     sets["benign-align"] = [

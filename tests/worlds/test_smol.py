@@ -45,10 +45,8 @@ def test_benign_prompts_distinct_seeded_and_exclusion_applied():
 
 
 def test_benign_prompts_disjoint_from_the_over_refusal_set():
-    from csulora.eval.prompts import BENIGN_FILE, load_benign
+    from csulora.eval.prompts import load_benign
 
-    if not BENIGN_FILE.exists():
-        pytest.skip("benign eval set not written yet")
     eval_set = {" ".join(p.text.lower().split()) for p in load_benign()}
     ours = benign_training_prompts(RECIPE.n_benign_align, RECIPE.seed, exclude={p.text for p in load_benign()})
     assert not eval_set & {" ".join(p.lower().split()) for p in ours}
