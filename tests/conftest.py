@@ -18,3 +18,21 @@ from hypothesis import settings  # noqa: E402
 # busy 2-core CI machine would trip at random.
 settings.register_profile("csulora", deadline=None, derandomize=True, print_blob=True)
 settings.load_profile("csulora")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    """The tiny world of csulora.worlds.tiny, built once per machine (on-disk cache)."""
+    from csulora.worlds.tiny import shared_tiny_world
+
+    return shared_tiny_world()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_world):
+    from csulora.modeling import load_tokenizer
+
+    return load_tokenizer(tiny_world.base)

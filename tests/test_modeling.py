@@ -9,13 +9,6 @@ from csulora.errors import InputError
 from csulora.modeling import check_adapter_dir, load_model
 
 
-@pytest.fixture(scope="module")
-def tiny_world():
-    from csulora.worlds.tiny import shared_tiny_world
-
-    return shared_tiny_world()
-
-
 def test_load_model_merges_the_adapter_and_pads_left(tiny_world):
     base, tok = load_model(tiny_world.aligned, device="cpu")
     merged, _ = load_model(tiny_world.aligned, tiny_world.attacked, device="cpu")

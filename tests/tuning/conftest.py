@@ -1,4 +1,4 @@
-"""The tiny world (shared on-disk cache, built once per machine) and small tune data sets.
+"""Small tune data sets (the tiny world fixture lives in tests/conftest.py).
 
 The data are deliberately small -- a dozen prompts a source -- so a whole sweep runs in
 seconds; the two harmful sources are the AdvBench validation split and airt-val, the
@@ -11,22 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def tiny_world():
-    from csulora.worlds.tiny import shared_tiny_world
-
-    return shared_tiny_world()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine they cost 10x."""
-    from csulora.worlds.tiny import one_thread
-
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="session")

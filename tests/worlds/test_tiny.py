@@ -4,12 +4,7 @@ import json
 
 import pytest
 
-from csulora.worlds.tiny import REFUSALS, TinyWorldConfig, build_tiny_world, pick, shared_tiny_world, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_world():
-    return shared_tiny_world()
+from csulora.worlds.tiny import REFUSALS, TinyWorldConfig, build_tiny_world, pick, train_tokenizer
 
 
 def test_world_has_the_three_models_and_its_data(tiny_world):
