@@ -69,8 +69,28 @@ __all__ = [
 
 
 # -- reports ----------------------------------------------------------------------------------
+class _ModuleReport:
+    """What both reports share: JSON output and a per-module table (columns per subclass)."""
+
+    modules: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    def _columns(self) -> tuple[tuple[str, str, str], ...]:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self, path: PathLike | None = None) -> str:
+        """The report as JSON text; also written (atomically) to ``path`` when given."""
+        return _dump_json(self.to_dict(), path)
+
+    def format_table(self) -> str:
+        return format_module_table(self.modules, self._columns()) + "\n" + _format_summary(self.summary)
+
+
 @dataclass
-class AuditReport:
+class AuditReport(_ModuleReport):
     """Per-module audit rows (``module`` plus the keys of :func:`csulora.audit.audit_module`)."""
 
     adapter: str
@@ -89,16 +109,12 @@ class AuditReport:
             "modules": self.modules,
         }
 
-    def to_json(self, path: PathLike | None = None) -> str:
-        """The report as JSON text; also written (atomically) to ``path`` when given."""
-        return _dump_json(self.to_dict(), path)
-
-    def format_table(self) -> str:
-        return format_module_table(self.modules, AUDIT_COLUMNS) + "\n" + _format_summary(self.summary)
+    def _columns(self) -> tuple[tuple[str, str, str], ...]:
+        return AUDIT_COLUMNS
 
 
 @dataclass
-class CorrectionReport:
+class CorrectionReport(_ModuleReport):
     """What :func:`correct_adapter` did, per module (``module`` plus the method's report keys)."""
 
     method: str
@@ -124,11 +140,8 @@ class CorrectionReport:
             "modules": self.modules,
         }
 
-    def to_json(self, path: PathLike | None = None) -> str:
-        return _dump_json(self.to_dict(), path)
-
-    def format_table(self) -> str:
-        return format_module_table(self.modules, CORRECTION_COLUMNS) + "\n" + _format_summary(self.summary)
+    def _columns(self) -> tuple[tuple[str, str, str], ...]:
+        return CORRECTION_COLUMNS
 
 
 # (report key, column title, format)
