@@ -611,6 +611,10 @@ def sweeps(ctx: Context, restore_for_csulora: float) -> list[Sweep]:
         Sweep("scale", "scale", "factor", r.scale_grid, identity=1.0, tune_method="scale"),
         Sweep("csulora", "csulora", "gamma", r.csulora_grid, fixed={"schedule": "energy"}, identity=0.0,
               tune_method="csulora"),
+        Sweep("csulora-ratio", "csulora", "gamma", r.csulora_ratio_grid, fixed={"schedule": "ratio"}, identity=0.0,
+              tune_method="csulora"),
+        Sweep("csulora-constant", "csulora", "gamma", r.csulora_constant_grid, fixed={"schedule": "constant"},
+              identity=0.0, tune_method="csulora"),
         Sweep("safelora", "safelora", "threshold", r.safelora_threshold_grid,
               fixed={"select": "threshold", "projection": "approx"}, tune_method="safelora"),
         Sweep("safelora-number", "safelora", "num_layers", r.safelora_num_layers_grid,
@@ -808,23 +812,14 @@ def stage_select(ctx: Context) -> dict:
         "benign": {"variant": "benign", "params": {}},
     }
     by_row = {sw.row: sw for sw in sweeps(ctx, ctx.recipe.csulora_restore)}
-    for row in ("csulora", "scale", "resta", "csulora+restore", "resta-full", "benign+recommended"):
-        sweep = load_sweep(ctx, row)
-        sw = by_row[row]
-        rows[row] = {
-            "variant": sweep_variant(ctx, sw, sweep["chosen"]).key,
-            "params": {"method": sw.method, **sw.fixed, sw.knob: sweep["chosen"]},
-            "qualified_on_validation": sweep["qualified"], "why": sweep["why"],
-        }
-    # Safe LoRA: the validation-selected mode and knob (threshold sweep vs number sweep).
-    threshold, number = load_sweep(ctx, "safelora"), load_sweep(ctx, "safelora-number")
-    best = choose_safelora_mode(threshold, number)
-    sw = by_row["safelora" if best is threshold else "safelora-number"]
-    rows["safelora"] = {
-        "variant": sweep_variant(ctx, sw, best["chosen"]).key,
-        "params": {"method": "safelora", **sw.fixed, sw.knob: best["chosen"]},
-        "qualified_on_validation": best["qualified"], "why": f"{sw.row} sweep: {best['why']}",
-    }
+    for row in ("scale", "resta", "csulora+restore", "resta-full", "benign+recommended"):
+        rows[row] = selected_row(ctx, by_row[row], load_sweep(ctx, row))
+    # Rows whose method has a discrete mode: each mode's knob was swept on its own; the row
+    # takes the validation-best mode (Safe LoRA: threshold vs number; CSULoRA: its schedules).
+    for row, mode_rows in MODE_SWEEPS.items():
+        best_row, best = choose_mode({name: load_sweep(ctx, name) for name in mode_rows})
+        rows[row] = selected_row(ctx, by_row[best_row], best)
+        rows[row]["why"] = f"{best_row} sweep (best of {', '.join(mode_rows)}): {best['why']}"
     default_sw = by_row["safelora-number"]
     rows["safelora-default"] = {
         "variant": sweep_variant(ctx, default_sw, 10).key,
@@ -836,8 +831,24 @@ def stage_select(ctx: Context) -> dict:
     return {"rows": rows}
 
 
-def choose_safelora_mode(threshold: dict, number: dict) -> dict:
-    """Prefer the mode whose choice qualified; both: higher validation utility; neither: lower ASR."""
+# row -> the sweeps of its modes (the first one is the row's own sweep)
+MODE_SWEEPS = {
+    "safelora": ("safelora", "safelora-number"),
+    "csulora": ("csulora", "csulora-ratio", "csulora-constant"),
+}
+
+
+def selected_row(ctx: Context, sw: Sweep, sweep: dict) -> dict:
+    return {
+        "variant": sweep_variant(ctx, sw, sweep["chosen"]).key,
+        "params": {"method": sw.method, **sw.fixed, sw.knob: sweep["chosen"]},
+        "qualified_on_validation": sweep["qualified"], "why": sweep["why"],
+    }
+
+
+def choose_mode(sweeps_by_row: dict[str, dict]) -> tuple[str, dict]:
+    """Prefer a mode whose choice qualified; among those, the higher validation utility;
+    if none qualified, the lower worst-source validation ASR. Ties: the first listed."""
 
     def key(sweep: dict):
         point = val_point(sweep, sweep["chosen"])
@@ -845,7 +856,8 @@ def choose_safelora_mode(threshold: dict, number: dict) -> dict:
         worst_asr = max(a["value"] for a in point["scores"]["asr"].values())
         return (sweep["qualified"], util if sweep["qualified"] else -worst_asr)
 
-    return threshold if key(threshold) >= key(number) else number
+    best = max(sweeps_by_row, key=lambda name: key(sweeps_by_row[name]))  # max keeps the first of equals
+    return best, sweeps_by_row[best]
 
 
 def variant_from_key(ctx: Context, key: str) -> Variant:
@@ -1148,7 +1160,8 @@ def write_pareto(ctx: Context, rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_val, ax_test) = plt.subplots(1, 2, figsize=(13, 5.2))
-    styles = {"csulora": ("tab:blue", "o"), "safelora": ("tab:orange", "s"), "scale": ("tab:gray", "^"),
+    styles = {"csulora": ("tab:blue", "o"), "csulora-ratio": ("tab:cyan", "o"), "csulora-constant": ("navy", "o"),
+              "safelora": ("tab:orange", "s"), "scale": ("tab:gray", "^"),
               "resta": ("tab:green", "D"), "resta-full": ("tab:olive", "v"), "csulora+restore": ("tab:purple", "P"),
               "safelora-number": ("tab:brown", "x")}
     for row, (color, marker) in styles.items():

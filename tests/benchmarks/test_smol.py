@@ -103,14 +103,16 @@ def test_correction_keys_are_stable_and_distinct():
     assert b == "attacked__safelora_projection=approx_select=threshold_threshold=0.35"
 
 
-def test_safelora_mode_prefers_qualified_then_utility():
+def test_mode_choice_prefers_qualified_then_utility_then_lower_asr():
     def sweep(qualified, util, asr):
         return {"qualified": qualified, "chosen": 1.0,
                 "points": [{"value": 1.0, "scores": {"utility": {"value": util}, "asr": {"a": {"value": asr}}}}]}
 
-    t, n = sweep(True, 0.5, 0.0), sweep(False, 0.9, 0.5)
-    assert smol.choose_safelora_mode(t, n) is t
-    t, n = sweep(True, 0.5, 0.0), sweep(True, 0.7, 0.0)
-    assert smol.choose_safelora_mode(t, n) is n
-    t, n = sweep(False, 0.5, 0.3), sweep(False, 0.9, 0.1)
-    assert smol.choose_safelora_mode(t, n) is n
+    assert smol.choose_mode({"t": sweep(True, 0.5, 0.0), "n": sweep(False, 0.9, 0.5)})[0] == "t"
+    assert smol.choose_mode({"t": sweep(True, 0.5, 0.0), "n": sweep(True, 0.7, 0.0)})[0] == "n"
+    assert smol.choose_mode({"t": sweep(False, 0.5, 0.3), "n": sweep(False, 0.9, 0.1)})[0] == "n"
+    # three modes (CSULoRA's schedules); equal keys keep the first listed
+    three = {"energy": sweep(False, 0.2, 0.4), "ratio": sweep(False, 0.1, 0.4), "constant": sweep(False, 0.3, 0.6)}
+    assert smol.choose_mode(three)[0] == "energy"
+    name, chosen = smol.choose_mode({"a": sweep(True, 0.4, 0.0), "b": sweep(True, 0.4, 0.0)})
+    assert name == "a" and chosen["qualified"]

@@ -60,8 +60,9 @@ def test_too_many_benign_prompts_is_an_input_error():
 def test_recipe_serialises_and_matches_pilot_scale():
     data = json.loads(json.dumps(RECIPE.to_dict()))
     assert data["lora_targets"] == list(RECIPE.lora_targets)
-    assert RECIPE.design_max_new_tokens == 64  # DESIGN §10's common default
-    assert RECIPE.task_max_new_tokens <= RECIPE.max_new_tokens <= RECIPE.design_max_new_tokens
+    assert RECIPE.max_new_tokens == 64  # DESIGN §10's common default
+    # exact match fails for any answer longer than the date, so a shorter cap keeps verdicts
+    assert 12 <= RECIPE.task_max_new_tokens <= RECIPE.max_new_tokens
 
 
 def test_gguf_is_found_in_the_installed_package():

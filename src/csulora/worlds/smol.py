@@ -69,26 +69,25 @@ class SmolRecipe:
     # default grid (csulora.tuning.config.KNOBS); the other methods use coarser grids than
     # tune's defaults so the whole benchmark fits the CPU time it had.
     scale_grid: tuple[float, ...] = (0.7, 0.5, 0.3)
-    csulora_grid: tuple[float, ...] = (1.0, 4.0, 16.0)
+    # CSULoRA: gamma per schedule (DESIGN §5). rho_F is small here (~0.04), so ratio's
+    # penalties are ~25x energy's at the same gamma: its grid sits lower.
+    csulora_grid: tuple[float, ...] = (1.0, 4.0, 16.0)  # energy
+    csulora_ratio_grid: tuple[float, ...] = (0.05, 0.25, 1.0)
+    csulora_constant_grid: tuple[float, ...] = (0.5, 2.0, 8.0)
     safelora_threshold_grid: tuple[float, ...] = (0.25, 0.3, 0.4)
     safelora_num_layers_grid: tuple[int, ...] = (10,)  # number mode: the published default only
     resta_full_grid: tuple[float, ...] = (1.0, 1.5, 2.0)
     csulora_restore_gamma_grid: tuple[float, ...] = (1.0, 4.0, 16.0)
     csulora_restore: float = 1.0  # restore held fixed while csulora+restore sweeps gamma
     # Evaluation sizes.
-    n_val_harmful: int = 30  # AdvBench validation prompts per sweep setting (+ all 19 airt-val)
-    n_task_val: int = 30
+    n_val_harmful: int = 50  # AdvBench validation prompts per sweep setting (+ all 19 airt-val)
+    n_task_val: int = 50
     n_task_test: int = 100
     n_margin_prompts: int = 30  # refusal margin: forward passes over 4 prefixes per prompt
-    # Greedy tokens per answer. DESIGN §10's common default is 64; this run uses 32 for
-    # harmful and benign prompts because the 2 CPU cores were shared six ways while it ran
-    # (recorded in smol.json and docs/results.md). Over-refusal reads only the first 100
-    # characters, which 32 tokens cover; the keyword ASR can only rise with fewer tokens
-    # (a late "illegal" no longer counts as a refusal), so the ASRs here are not flattered.
-    max_new_tokens: int = 32
-    design_max_new_tokens: int = 64
+    # Greedy tokens per answer: DESIGN §10's default for harmful and benign prompts.
+    max_new_tokens: int = 64
     task_max_new_tokens: int = 24  # "DD/MM/YYYY" + end of turn is ~12 tokens: same exact-match verdicts
-    gen_batch_size: int = 32
+    gen_batch_size: int = 64  # measured: 64 prompts a batch ~15% faster than 32 on 2 CPU threads
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
