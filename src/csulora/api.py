@@ -372,7 +372,7 @@ def build_subspace(
     out_file: PathLike,
     *,
     config: SubspaceConfig | None = None,
-    targets: list[str] | None = None,
+    targets: Sequence[str] | str | None = None,
     progress: bool = True,
 ) -> Path:
     """Compute every target module's safety subspace from a base/aligned pair and cache it.
@@ -426,7 +426,7 @@ def audit_adapter(
     aligned: PathLike | None = None,
     progress: bool = True,
     subspace_config: SubspaceConfig | None = None,
-    targets: list[str] | None = None,
+    targets: Sequence[str] | str | None = None,
 ) -> AuditReport:
     """Measure how an adapter's update sits against the safety subspace; changes nothing.
 
@@ -476,7 +476,7 @@ def correct_adapter(
     report_path: PathLike | None = None,
     progress: bool = True,
     subspace_config: SubspaceConfig | None = None,
-    targets: list[str] | None = None,
+    targets: Sequence[str] | str | None = None,
     **method_options: Any,
 ) -> CorrectionReport:
     """Write a corrected copy of a PEFT LoRA adapter to ``out_dir`` with ``method``.

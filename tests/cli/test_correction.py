@@ -109,6 +109,26 @@ def test_correct_from_base_and_aligned_with_subspace_options(tiny_adapter, tiny_
     assert {row["subspace_rank"] for row in report["modules"]} == {1}
 
 
+def test_targets_restrict_audit_and_correct(tiny_adapter, tiny_subspace, outs, tmp_path, capsys):
+    js = tmp_path / "a.json"
+    assert main(["audit", str(tiny_adapter), "--subspace", str(tiny_subspace), "--targets", "q_proj",
+                 "--json", str(js)]) == 0
+    assert {m["module"].rsplit(".", 1)[-1] for m in json.loads(js.read_text())["modules"]} == {"q_proj"}
+    assert main(["correct", str(tiny_adapter), "-o", str(outs / "o"), "--subspace", str(tiny_subspace),
+                 "--method", "scale", "--factor", "0.5", "--targets", "q_proj"]) == 0
+    report = json.loads((outs / "o" / "csulora_report.json").read_text())
+    assert len(report["modules"]) == 2
+    with safe_open(str(tiny_adapter / ADAPTER_WEIGHTS), "pt") as before, \
+            safe_open(str(outs / "o" / ADAPTER_WEIGHTS), "pt") as after:
+        for key in before.keys():
+            same = torch.equal(before.get_tensor(key), after.get_tensor(key))
+            assert same == ("v_proj" in key or "lora_A" in key), key  # scale shrinks q_proj's B only
+    capsys.readouterr()
+    fails(["correct", tiny_adapter, "-o", outs / "o2", "--subspace", tiny_subspace, "--method", "scale",
+           "--factor", "0.5", "--targets", "mlp.nothing"], capsys, r"--targets mlp.nothing matches no module")
+    assert not (outs / "o2").exists() and leftovers(outs) == []
+
+
 def test_existing_outdir_needs_force(tiny_adapter, tiny_subspace, outs, capsys):
     out = outs / "o"
     out.mkdir()

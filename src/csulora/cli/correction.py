@@ -153,13 +153,10 @@ def _check_sources(args: argparse.Namespace) -> None:
         )
 
 
-def _targets(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    targets = [t.strip() for t in text.split(",") if t.strip()]
-    if not targets:
-        raise OptionError("--targets is empty")
-    return targets
+def _add_targets_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--targets", metavar="LIST", help=f"comma-separated module names or suffixes ({default})"
+    )
 
 
 # -- subspace -------------------------------------------------------------------------------------
@@ -173,10 +170,7 @@ def _register_subspace(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("base", metavar="BASE", help="base checkpoint folder (safetensors)")
     parser.add_argument("aligned", metavar="ALIGNED", help="aligned checkpoint folder (safetensors)")
     parser.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="cache file to write")
-    parser.add_argument(
-        "--targets", metavar="LIST",
-        help="comma-separated module names or suffixes (default: every linear layer in the decoder blocks)",
-    )
+    _add_targets_flag(parser, "default: every linear layer in the decoder blocks")
     _add_subspace_flags(parser, title="subspace options")
     parser.set_defaults(handler=_run_subspace)
 
@@ -186,8 +180,7 @@ def _run_subspace(args: argparse.Namespace) -> int:
     from csulora.io.subspace_cache import load_subspace_cache
 
     config = _subspace_config(args)
-    targets = _targets(args.targets)
-    path = build_subspace(args.base, args.aligned, args.output, config=config, targets=targets)
+    path = build_subspace(args.base, args.aligned, args.output, config=config, targets=args.targets)
     cache = load_subspace_cache(path)
     entries = list(cache.entries.values())
     ranks = [e.rank for e in entries]
@@ -211,6 +204,7 @@ def _register_audit(subparsers: argparse._SubParsersAction) -> None:
     _add_source_flags(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="plot per-layer rho_F/rho_P/rho_O")
+    _add_targets_flag(parser, "default: every module of the adapter")
     _add_subspace_flags(parser, title="subspace options (computed from --base/--aligned; not with --subspace)")
     parser.set_defaults(handler=_run_audit)
 
@@ -226,7 +220,8 @@ def _run_audit(args: argparse.Namespace) -> int:
         if value is not None and Path(value).is_dir():
             raise OptionError(f"{flag} {value}: is a folder; give a file name")
     report = audit_adapter(
-        args.adapter, subspace=args.subspace, base=args.base, aligned=args.aligned, subspace_config=config
+        args.adapter, subspace=args.subspace, base=args.base, aligned=args.aligned, subspace_config=config,
+        targets=args.targets,
     )
     print(report.format_table())
     if args.json is not None:
@@ -301,6 +296,7 @@ def _register_correct(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", required=True, choices=list(METHODS), help="correction method")
     parser.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     parser.add_argument("--report", metavar="FILE", help="per-module report JSON (default OUTDIR/csulora_report.json)")
+    _add_targets_flag(parser, "default: every module of the adapter; the others are copied unchanged")
     _add_method_flags(parser)
     _add_subspace_flags(parser, title="subspace options (computed from --base/--aligned; not with --subspace)")
     parser.set_defaults(handler=_run_correct)
@@ -324,6 +320,7 @@ def _run_correct(args: argparse.Namespace) -> int:
         force=args.force,
         report_path=args.report,
         subspace_config=config,
+        targets=args.targets,
         **options,
     )
     print(report.format_table())
