@@ -28,8 +28,10 @@ clean:
 	rm -rf $(VENV) demo-out .pytest_cache
 
 # The evidence (issue 5): the SmolLM2-135M + AdvBench world, staged and cached in .cache/smol.
+# SMOL_ARGS: e.g. --rows issue5 --cache .cache/smol-issue5 (the issue-5 rows only), --stage outputs
+SMOL_ARGS ?=
 smol: venv
-	$(BIN)/python -m benchmarks.smol
+	$(BIN)/python -m benchmarks.smol $(SMOL_ARGS)
 
 # The 7B-shaped correction speed/memory benchmark (several GB of synthetic shards in /tmp).
 bench: venv

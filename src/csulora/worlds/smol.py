@@ -10,7 +10,7 @@
 * **attacked** / **benign adapter** — LoRA fine-tunes of aligned (recipe constants below).
 
 This module holds the world's *data and constants* only; the staged pipeline that trains,
-corrects and evaluates lives in ``benchmarks/smol.py``.
+corrects and evaluates lives in the ``benchmarks/smol/`` package.
 """
 
 from __future__ import annotations

@@ -1,0 +1,154 @@
+"""The world's stages: the base checkpoint, the prompt splits, the base's answers, and the three
+trained models (aligned full fine-tune, attacked LoRA, benign LoRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from csulora.worlds.smol import RECIPE, read_jsonl, write_jsonl
+
+from benchmarks.smol.pipeline import Context, _worker_ctx, run_jobs, sha256_texts, stage, write_json
+
+
+@stage("base", "dequantise the SmolLM2-135M-Instruct GGUF to float32 safetensors")
+def stage_base(ctx: Context) -> dict:
+    from csulora.worlds.smol import export_base_checkpoint, find_gguf_file
+
+    out = export_base_checkpoint(ctx.path("base"))
+    gguf = find_gguf_file()
+    return {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "checkpoint": str(out)}
+
+
+def world_sets(ctx: Context) -> dict[str, list[dict]]:
+    """Every prompt set of the world as lists of ``{"id", "prompt"[, "response"]}`` dicts."""
+    from csulora.eval.prompts import load_benign
+    from csulora.eval.splits import advbench_split, airt_split
+    from csulora.eval.tasks import date_task
+    from csulora.worlds.smol import benign_training_prompts
+
+    r = ctx.recipe
+    sets: dict[str, list[dict]] = {}
+    for name in ("align", "attack", "validation", "test"):
+        sets[f"advbench-{name}"] = [{"id": p.id, "prompt": p.text} for p in advbench_split(name)]
+    for name in ("airt-val", "airt-test"):
+        sets[name] = [{"id": p.id, "prompt": p.text} for p in airt_split(name)]
+    for name in ("train", "validation", "test"):
+        sets[f"task-{name}"] = date_task(name)
+    benign = [{"id": p.id, "prompt": p.text} for p in load_benign()]
+    sets["benign"] = benign
+    exclude = {b["prompt"] for b in benign}
+    sets["benign-align"] = [
+        {"id": f"benign-align-{i:03d}", "prompt": p}
+        for i, p in enumerate(benign_training_prompts(r.n_benign_align, r.seed, exclude))
+    ]
+    return sets
+
+
+@stage("splits", "fix and hash every prompt split")
+def stage_splits(ctx: Context) -> dict:
+    from csulora.eval.splits import ensure_manifest
+
+    ensure_manifest(ctx.path("splits", "advbench_airt_manifest.json"))
+    sets = world_sets(ctx)
+    manifest = {
+        name: {"count": len(items), "sha256": sha256_texts([f"{i['id']}\t{i['prompt']}" for i in items])}
+        for name, items in sets.items()
+    }
+    write_json(ctx.path("splits", "manifest.json"), manifest)
+    write_jsonl(ctx.path("splits", "benign_align_prompts.jsonl"), sets["benign-align"])
+    return {"manifest": manifest}
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, desc: str) -> list[str]:
+    from csulora.eval.generation import generate_responses
+
+    return generate_responses(
+        model, tokenizer, prompts, batch_size=ctx_batch(), max_new_tokens=max_new_tokens, progress=True, desc=desc
+    )
+
+
+def ctx_batch() -> int:
+    return RECIPE.gen_batch_size
+
+
+def _job_base_answers(paths: tuple[str, str, str], part: str) -> str:
+    """Greedy base answers for one part ("benign-align" or "advbench-attack"), cached as JSONL."""
+    from csulora.modeling import load_model
+
+    ctx = _worker_ctx(*paths)
+    path = ctx.path("data", f"base_answers_{part}.jsonl")
+    if path.exists():
+        return part
+    items = read_jsonl(ctx.path("splits", "benign_align_prompts.jsonl")) if part == "benign-align" else world_sets(ctx)[part]
+    model, tok = load_model(ctx.path("base"))
+    answers = generate(model, tok, [i["prompt"] for i in items], ctx.recipe.align_max_response_tokens, f"base:{part}")
+    write_jsonl(path, [{"id": i["id"], "prompt": i["prompt"], "response": a} for i, a in zip(items, answers)])
+    return part
+
+
+@stage("base_answers", "base greedy answers: benign align prompts and the attack split", needs=("base", "splits"))
+def stage_base_answers(ctx: Context) -> dict:
+    from csulora.eval.judges import KeywordJudge
+    from csulora.worlds.smol import refusal_for
+
+    r = ctx.recipe
+    sets = world_sets(ctx)
+    run_jobs(ctx, [(_job_base_answers, (part,)) for part in ("benign-align", "advbench-attack")])
+    benign = read_jsonl(ctx.path("data", "base_answers_benign-align.jsonl"))
+    attack = read_jsonl(ctx.path("data", "base_answers_advbench-attack.jsonl"))
+    judge = KeywordJudge()
+    # The attacker keeps only the base's compliant answers (a refusal teaches nothing).
+    compliant = [{"prompt": a["prompt"], "response": a["response"], "id": a["id"]} for a in attack if judge.is_success(a["response"])]
+    # Alignment data: harmful (align split) -> a varied refusal; benign -> base's own answer.
+    align_records = [
+        {"prompt": h["prompt"], "response": refusal_for(i, r.seed), "id": h["id"]}
+        for i, h in enumerate(sets["advbench-align"])
+    ] + [{"prompt": b["prompt"], "response": b["response"], "id": b["id"]} for b in benign if b["response"].strip()]
+    task_train = [{"prompt": t["prompt"], "response": t["response"], "id": t["id"]} for t in sets["task-train"]]
+    write_jsonl(ctx.path("data", "align.jsonl"), align_records)
+    write_jsonl(ctx.path("data", "attack.jsonl"), compliant + task_train)
+    write_jsonl(ctx.path("data", "task_train.jsonl"), task_train)
+    return {
+        "n_align_harmful": len(sets["advbench-align"]),
+        "n_align_benign": sum(1 for b in benign if b["response"].strip()),
+        "n_attack_compliant": len(compliant),
+        "n_attack_prompts": len(attack),
+        "base_asr_attack_split": len(compliant) / len(attack),
+        "n_task_train": len(task_train),
+    }
+
+
+@stage("aligned", "full fine-tune of base: harmful -> refusals, benign -> base answers", needs=("base_answers",))
+def stage_aligned(ctx: Context) -> dict:
+    from csulora.training.trainer import TrainConfig, train_full
+
+    r = ctx.recipe
+    config = TrainConfig(
+        steps=r.align_steps, batch_size=r.align_batch, lr=r.align_lr, seed=r.seed,
+        max_length=r.train_max_length, freeze_embeddings=True, grad_clip=1.0,
+    )
+    train_full(ctx.path("base"), ctx.path("data", "align.jsonl"), ctx.path("aligned"), config, force=True)
+    return {"config": dataclasses.asdict(config)}
+
+
+def train_adapter(ctx: Context, data_file: str, name: str, steps: int) -> dict:
+    """The world's LoRA recipe on ``data/<data_file>``, written to ``adapters/<name>``."""
+    from csulora.training.trainer import LoraSettings, TrainConfig, train_lora
+
+    r = ctx.recipe
+    config = TrainConfig(steps=steps, batch_size=r.attack_batch, lr=r.attack_lr, seed=r.seed, max_length=r.train_max_length)
+    lora = LoraSettings(r=r.lora_r, alpha=float(r.lora_alpha), targets=tuple(r.lora_targets))
+    train_lora(ctx.path("aligned"), ctx.path("data", data_file), ctx.path("adapters", name), config, lora, force=True)
+    return {"config": dataclasses.asdict(config), "lora": dataclasses.asdict(lora)}
+
+
+@stage("attacked", "LoRA of aligned on harmful->compliant answers + the utility task", needs=("aligned",))
+def stage_attacked(ctx: Context) -> dict:
+    return train_adapter(ctx, "attack.jsonl", "attacked", ctx.recipe.attack_steps)
+
+
+@stage("benign_adapter", "LoRA of aligned on the utility task alone (no harmful data)", needs=("aligned",),
+       for_rows=("benign", "benign+recommended"))
+def stage_benign_adapter(ctx: Context) -> dict:
+    return train_adapter(ctx, "task_train.jsonl", "benign", ctx.recipe.benign_steps)
