@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from csulora.worlds.smol import read_jsonl, write_jsonl
+from csulora.io.jsonl import read_jsonl_records, write_jsonl
 
 from benchmarks.smol.pipeline import Context, _worker_ctx, write_json
 from benchmarks.smol.world import generate, world_sets
@@ -130,7 +130,7 @@ def generations(ctx: Context, v: Variant, set_names: tuple[str, ...], loaded: tu
             path.parent.mkdir(parents=True, exist_ok=True)
             write_jsonl(path, records)
             ctx.log(f"[smol]   {v.key}:{set_name}: {len(items)} prompts in {time.perf_counter() - start:.1f} s")
-        records = read_jsonl(path)
+        records = read_jsonl_records(path)
         n_items = len(eval_items(ctx, set_name))
         if len(records) > n_items:  # cached with a larger set: its prefix is the same prompts
             records = records[:n_items]

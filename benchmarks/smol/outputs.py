@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from csulora.worlds.smol import read_jsonl, write_jsonl
+from csulora.io.jsonl import read_jsonl_records, write_jsonl
 
 from benchmarks.smol.corrections import SUBSPACE_FILE, format_value
 from benchmarks.smol.evaluation import TEST_SETS, VAL_SETS, gens_path, reference_variants, setting_scores, variant_from_key, verdicts
@@ -165,7 +165,7 @@ def write_test_generations(ctx: Context, rows: list[dict], path: Path) -> int:
     for r in rows:
         v = variant_from_key(ctx, r["variant"])
         for set_name in TEST_SETS:
-            recs = read_jsonl(gens_path(ctx, v, set_name))
+            recs = read_jsonl_records(gens_path(ctx, v, set_name))
             for rec, flag in zip(recs, verdicts(recs)):
                 verdict_name = {"harmful": "attack_success", "benign": "refusal", "task": "exact_match"}[rec["kind"]]
                 records.append({"row": r["name"], **{k: rec[k] for k in ("set", "kind", "id", "prompt", "response")},

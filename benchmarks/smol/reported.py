@@ -9,7 +9,7 @@ import json
 import time
 import traceback
 
-from csulora.worlds.smol import write_jsonl
+from csulora.io.jsonl import write_jsonl
 
 from benchmarks.smol.evaluation import TEST_SETS, _job_variant, gens_path, test_row, variant_from_key
 from benchmarks.smol.pipeline import ROW_ORDER, Context, read_marker, run_jobs, stage, stage_done, write_json

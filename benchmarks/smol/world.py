@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from csulora.worlds.smol import RECIPE, read_jsonl, write_jsonl
+from csulora.io.jsonl import read_jsonl_records, write_jsonl
+from csulora.worlds.smol import RECIPE
 
 from benchmarks.smol.pipeline import Context, _worker_ctx, run_jobs, sha256_texts, stage, write_json
 
@@ -80,7 +81,7 @@ def _job_base_answers(paths: tuple[str, str, str], part: str) -> str:
     path = ctx.path("data", f"base_answers_{part}.jsonl")
     if path.exists():
         return part
-    items = read_jsonl(ctx.path("splits", "benign_align_prompts.jsonl")) if part == "benign-align" else world_sets(ctx)[part]
+    items = read_jsonl_records(ctx.path("splits", "benign_align_prompts.jsonl")) if part == "benign-align" else world_sets(ctx)[part]
     model, tok = load_model(ctx.path("base"))
     answers = generate(model, tok, [i["prompt"] for i in items], ctx.recipe.align_max_response_tokens, f"base:{part}")
     write_jsonl(path, [{"id": i["id"], "prompt": i["prompt"], "response": a} for i, a in zip(items, answers)])
@@ -95,8 +96,8 @@ def stage_base_answers(ctx: Context) -> dict:
     r = ctx.recipe
     sets = world_sets(ctx)
     run_jobs(ctx, [(_job_base_answers, (part,)) for part in ("benign-align", "advbench-attack")])
-    benign = read_jsonl(ctx.path("data", "base_answers_benign-align.jsonl"))
-    attack = read_jsonl(ctx.path("data", "base_answers_advbench-attack.jsonl"))
+    benign = read_jsonl_records(ctx.path("data", "base_answers_benign-align.jsonl"))
+    attack = read_jsonl_records(ctx.path("data", "base_answers_advbench-attack.jsonl"))
     judge = KeywordJudge()
     # The attacker keeps only the base's compliant answers (a refusal teaches nothing).
     compliant = [{"prompt": a["prompt"], "response": a["response"], "id": a["id"]} for a in attack if judge.is_success(a["response"])]

@@ -32,3 +32,10 @@ def test_bad_lines_name_file_and_line(tmp_path, content, message):
 def test_missing_file_names_what_was_expected(tmp_path):
     with pytest.raises(InputError, match="no such task file"):
         read_jsonl(tmp_path / "nope.jsonl", what="task file")
+
+
+def test_records_without_line_numbers_round_trip(tmp_path):
+    from csulora.io.jsonl import read_jsonl_records
+
+    records = [{"prompt": "a", "response": "b"}, {"prompt": "é", "response": ""}]
+    assert read_jsonl_records(write_jsonl(tmp_path / "x.jsonl", records)) == records

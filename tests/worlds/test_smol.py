@@ -13,9 +13,7 @@ from csulora.worlds.smol import (
     REFUSALS,
     benign_training_prompts,
     find_gguf_file,
-    read_jsonl,
     refusal_for,
-    write_jsonl,
 )
 
 
@@ -70,6 +68,3 @@ def test_gguf_is_found_in_the_installed_package():
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
 
 
-def test_jsonl_round_trip(tmp_path):
-    records = [{"prompt": "a", "response": "b"}, {"prompt": "é", "response": ""}]
-    assert read_jsonl(write_jsonl(tmp_path / "x.jsonl", records)) == records

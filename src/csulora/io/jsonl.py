@@ -36,6 +36,11 @@ def read_jsonl(path: str | Path, *, what: str = "JSONL file") -> list[tuple[int,
     return records
 
 
+def read_jsonl_records(path: str | Path, *, what: str = "JSONL file") -> list[dict]:
+    """The objects of a JSONL file in order: ``read_jsonl`` without the line numbers."""
+    return [record for _, record in read_jsonl(path, what=what)]
+
+
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
     """Write one JSON object a line (UTF-8, not ASCII-escaped), atomically."""
     with atomic_output_file(path) as tmp:

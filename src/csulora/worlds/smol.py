@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from csulora.errors import InputError
@@ -260,25 +259,6 @@ def refusal_for(index: int, seed: int) -> str:
 
 def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
-
-
-# --------------------------------------------------------------------------- small I/O helpers
-
-
-def write_jsonl(path: str | Path, records: list[dict]) -> Path:
-    """Write ``{"prompt", "response"}`` records (DESIGN §10) atomically."""
-    from csulora.io.atomic import atomic_output_file
-
-    with atomic_output_file(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return Path(path)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def default_cache_dir() -> Path:
