@@ -13,7 +13,7 @@ import torch
 
 from csulora.io.jsonl import read_jsonl_records, write_jsonl
 
-from benchmarks.smol.pipeline import Context, _worker_ctx, write_json
+from benchmarks.smol.pipeline import Context, worker_ctx, write_json
 from benchmarks.smol.world import generate, world_sets
 
 # Evaluation sets: name -> (world set, kind, how many items). "kind" picks the judge.
@@ -248,8 +248,8 @@ def refusal_margin(ctx: Context, v: Variant, loaded: tuple | None = None) -> flo
     return value
 
 
-def _job_variant(paths: tuple[str, str, str], key: str, set_names: tuple[str, ...]) -> str:
-    ctx = _worker_ctx(*paths)
+def job_variant(paths: tuple[str, str, str], key: str, set_names: tuple[str, ...]) -> str:
+    ctx = worker_ctx(*paths)
     v = variant_from_key(ctx, key)
     if set_names == TEST_SETS and not ctx.path("margins", f"{v.key}.json").exists():
         model, tok = load_variant(ctx, v)

@@ -195,7 +195,7 @@ def set_threads() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _worker_init(threads: int) -> None:
+def worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(RECIPE.seed)
     from transformers.utils import logging as hf_logging
@@ -204,7 +204,7 @@ def _worker_init(threads: int) -> None:
     hf_logging.disable_progress_bar()
 
 
-def _worker_ctx(cache: str, out: str, docs: str) -> Context:
+def worker_ctx(cache: str, out: str, docs: str) -> Context:
     return Context(cache=Path(cache), out=Path(out), docs=Path(docs), log=lambda m: print(m, flush=True))
 
 
@@ -223,7 +223,7 @@ def run_jobs(ctx: Context, jobs: list[tuple[Callable, tuple]]) -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max_workers=ctx.workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init, initargs=(1,)) as pool:
+                             initializer=worker_init, initargs=(1,)) as pool:
         futures = [pool.submit(func, paths, *args) for func, args in jobs]
         for fut in as_completed(futures):
             ctx.log(f"[smol]   job done: {fut.result()}")

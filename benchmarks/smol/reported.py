@@ -11,7 +11,7 @@ import traceback
 
 from csulora.io.jsonl import write_jsonl
 
-from benchmarks.smol.evaluation import TEST_SETS, _job_variant, gens_path, test_row, variant_from_key
+from benchmarks.smol.evaluation import TEST_SETS, job_variant, gens_path, test_row, variant_from_key
 from benchmarks.smol.pipeline import ROW_ORDER, Context, read_marker, run_jobs, stage, stage_done, write_json
 from benchmarks.smol.world import world_sets
 
@@ -19,7 +19,7 @@ from benchmarks.smol.world import world_sets
 @stage("test", "every row on the test sets (reported numbers only)", needs=("select",))
 def stage_test(ctx: Context) -> dict:
     spec = json.loads(ctx.path("select", "rows.json").read_text())
-    run_jobs(ctx, [(_job_variant, (spec[name]["variant"], TEST_SETS)) for name in ROW_ORDER if name in spec])
+    run_jobs(ctx, [(job_variant, (spec[name]["variant"], TEST_SETS)) for name in ROW_ORDER if name in spec])
     rows = []
     for name in ROW_ORDER:
         if name not in spec:

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 from benchmarks.smol.corrections import corrected_variant
 from benchmarks.smol.evaluation import (
-    VAL_SETS, Variant, _job_variant, generations, reference_variants, setting_scores,
+    VAL_SETS, Variant, job_variant, generations, reference_variants, setting_scores,
 )
-from benchmarks.smol.pipeline import Context, _worker_ctx, run_jobs, stage, write_json
+from benchmarks.smol.pipeline import Context, worker_ctx, run_jobs, stage, write_json
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ def fallback_choice(scored, aligned, adapter, config) -> float:
     return min(scored, key=lambda s: (round(worst_gap(s), 9), -util(s))).value
 
 
-def _job_sweep_point(paths: tuple[str, str, str], row: str, value: float, set_names: tuple[str, ...]) -> str:
-    ctx = _worker_ctx(*paths)
+def job_sweep_point(paths: tuple[str, str, str], row: str, value: float, set_names: tuple[str, ...]) -> str:
+    ctx = worker_ctx(*paths)
     sw = {s.row: s for s in sweeps(ctx, ctx.recipe.csulora_restore)}[row]
     v = sweep_variant(ctx, sw, value)
     generations(ctx, v, set_names)
@@ -145,14 +145,14 @@ def prefetch_sweeps(ctx: Context) -> None:
     """Evaluate every point the sweeps will certainly need, in parallel, before selecting."""
     adapters = {sw.adapter for sw in wanted_sweeps(ctx)}
     jobs: list[tuple[Callable, tuple]] = [
-        (_job_variant, (name, VAL_SETS)) for name in ("aligned", "attacked", "benign") if name == "aligned" or name in adapters
+        (job_variant, (name, VAL_SETS)) for name in ("aligned", "attacked", "benign") if name == "aligned" or name in adapters
     ]
     for sw in wanted_sweeps(ctx):
         if ctx.path("sweeps", f"{sw.row}.json").exists():
             continue
         values = [v for v in sw.grid if v != sw.identity or sw.fixed.get("restore")]
         for value in values if sw.full_curve else values[: sw.prefetch]:
-            jobs.append((_job_sweep_point, (sw.row, value, VAL_SETS)))
+            jobs.append((job_sweep_point, (sw.row, value, VAL_SETS)))
     run_jobs(ctx, jobs)
 
 

@@ -9,7 +9,7 @@ import dataclasses
 from csulora.io.jsonl import read_jsonl_records, write_jsonl
 from csulora.worlds.smol import RECIPE
 
-from benchmarks.smol.pipeline import Context, _worker_ctx, run_jobs, sha256_texts, stage, write_json
+from benchmarks.smol.pipeline import Context, worker_ctx, run_jobs, sha256_texts, stage, write_json
 
 
 @stage("base", "dequantise the SmolLM2-135M-Instruct GGUF to float32 safetensors")
@@ -73,11 +73,11 @@ def ctx_batch() -> int:
     return RECIPE.gen_batch_size
 
 
-def _job_base_answers(paths: tuple[str, str, str], part: str) -> str:
+def job_base_answers(paths: tuple[str, str, str], part: str) -> str:
     """Greedy base answers for one part ("benign-align" or "advbench-attack"), cached as JSONL."""
     from csulora.modeling import load_model
 
-    ctx = _worker_ctx(*paths)
+    ctx = worker_ctx(*paths)
     path = ctx.path("data", f"base_answers_{part}.jsonl")
     if path.exists():
         return part
@@ -95,7 +95,7 @@ def stage_base_answers(ctx: Context) -> dict:
 
     r = ctx.recipe
     sets = world_sets(ctx)
-    run_jobs(ctx, [(_job_base_answers, (part,)) for part in ("benign-align", "advbench-attack")])
+    run_jobs(ctx, [(job_base_answers, (part,)) for part in ("benign-align", "advbench-attack")])
     benign = read_jsonl_records(ctx.path("data", "base_answers_benign-align.jsonl"))
     attack = read_jsonl_records(ctx.path("data", "base_answers_advbench-attack.jsonl"))
     judge = KeywordJudge()
