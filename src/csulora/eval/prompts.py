@@ -1,4 +1,5 @@
-"""Prompt sets: AdvBench and airt (from pyrit's data files), the benign set, user files.
+"""Prompt sets: AdvBench and airt (from pyrit's data files), the benign sets, the
+project's harmful requests, user files.
 
 pyrit is never imported (its dependencies are heavy and unused): it is installed with
 ``--no-deps`` and its YAML seed files are located through the installed distribution's
@@ -6,15 +7,33 @@ file list. User files are TXT (one prompt a line), CSV (a column) or JSONL (a fi
 
 A *spec* names a prompt set on the command line:
 
-=========================  =====================================================
-``advbench``               all 520 AdvBench goals
-``advbench:test``          one split (``align``, ``attack``, ``validation``, ``test``)
-``airt`` / ``airt:test``   the 39 airt prompts / one half (``val`` or ``test``)
-``benign``                 the project's benign set (over-refusal)
-``FILE.txt``               one prompt a line
-``FILE.csv:COLUMN``        a CSV column (``--column`` in the API)
-``FILE.jsonl[:FIELD]``     a JSONL field (default ``prompt``)
-=========================  =====================================================
+===========================  ===================================================
+``advbench``                 all 520 AdvBench goals
+``advbench:test``            one split (``align``, ``attack``, ``validation``, ``test``)
+``airt`` / ``airt:test``     the 39 airt prompts / one half (``val`` or ``test``)
+``benign``                   the project's original benign set (121, over-refusal)
+``benign:validation``        one half of the benign pool (``validation`` or ``test``)
+``requests``                 the project's 200 harmful requests (no splits)
+``FILE.txt``                 one prompt a line
+``FILE.csv:COLUMN``          a CSV column (``--column`` in the API)
+``FILE.jsonl[:FIELD]``       a JSONL field (default ``prompt``)
+===========================  ===================================================
+
+Benign prompts live in two files. ``data/benign.txt`` is the original set, ids
+``benign-000`` .. ``benign-120``; ``benign`` (no split) and :func:`load_benign` still mean
+exactly it, because the tiny world trains its tokenizer on it and leaves it out of its
+training prompts, and the SmolLM2 world leaves it out of its alignment pool: growing it
+would change both worlds. ``data/benign_more.txt`` holds the prompts added for the
+validation/test halves; their ids continue the numbering (``benign-121`` ..), so an id
+names one prompt across both files. Neither file may hold a prompt of the SmolLM2 or
+tiny world's benign training pools (tests/eval/test_prompts.py checks it); append only,
+since ids are line positions. The *pool* (:func:`load_benign_pool`, both files) is cut
+into ``benign:validation`` / ``benign:test`` by :mod:`csulora.eval.splits`.
+
+``requests`` (``data/harmful_requests.jsonl``) is a project-written set of harmful
+*requests* (no answers) across 15 categories and four phrasing styles, disjoint from
+AdvBench and airt; with AdvBench ``align`` it is the default calibration set
+(:mod:`csulora.eval.calibration_sets`).
 """
 
 from __future__ import annotations
@@ -22,6 +41,7 @@ from __future__ import annotations
 import csv
 import functools
 import importlib.metadata
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +63,9 @@ AIRT_COUNT = 39
 
 DATA_DIR = Path(__file__).parent / "data"
 BENIGN_FILE = DATA_DIR / "benign.txt"
+BENIGN_MORE_FILE = DATA_DIR / "benign_more.txt"
+REQUESTS_FILE = DATA_DIR / "harmful_requests.jsonl"
+REQUEST_STYLES = ("command", "question", "indirect", "short")
 
 
 @dataclass(frozen=True)
@@ -51,9 +74,14 @@ class Prompt:
 
     id: str
     text: str
-    source: str  # "advbench", "airt", "benign" or the file name
-    category: str | None = None  # airt file stem
+    source: str  # "advbench", "airt", "benign", "requests" or the file name
+    category: str | None = None  # airt file stem; harm category of a request
     split: str | None = None
+
+
+def normalise_prompt(text: str) -> str:
+    """Text for overlap checks: lowercase, punctuation dropped, whitespace collapsed."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 # --------------------------------------------------------------------------- pyrit files
@@ -133,6 +161,36 @@ def load_benign() -> list[Prompt]:
     return [Prompt(f"benign-{i:03d}", p.text, "benign") for i, p in enumerate(load_prompt_file(BENIGN_FILE))]
 
 
+def load_benign_more() -> list[Prompt]:
+    """The benign prompts added for the validation/test halves; ids continue ``load_benign``'s."""
+    start = len(load_prompt_file(BENIGN_FILE))
+    more = load_prompt_file(BENIGN_MORE_FILE)
+    return [Prompt(f"benign-{start + i:03d}", p.text, "benign") for i, p in enumerate(more)]
+
+
+def load_benign_pool() -> list[Prompt]:
+    """Both benign files: the set cut into ``benign:validation`` and ``benign:test``."""
+    return load_benign() + load_benign_more()
+
+
+def load_requests(path: str | Path = REQUESTS_FILE) -> list[Prompt]:
+    """The project's harmful requests: ``{"id", "category", "style", "prompt"}`` a line."""
+    out, seen = [], set()
+    for n, record in read_jsonl(path, what="harmful requests file"):
+        for field in ("id", "category", "style", "prompt"):
+            if not isinstance(record.get(field), str) or not record[field].strip():
+                raise InputError(f"{path}:{n}: no string field {field!r}")
+        if record["style"] not in REQUEST_STYLES:
+            raise InputError(f"{path}:{n}: style {record['style']!r} is not one of {', '.join(REQUEST_STYLES)}")
+        if record["id"] in seen:
+            raise InputError(f"{path}:{n}: duplicate id {record['id']!r}")
+        seen.add(record["id"])
+        out.append(Prompt(record["id"], record["prompt"].strip(), "requests", category=record["category"]))
+    if not out:
+        raise InputError(f"{path}: no prompts found (empty file)")
+    return out
+
+
 # --------------------------------------------------------------------------- user files
 
 
@@ -189,7 +247,7 @@ def _read_jsonl_field(file: Path, field: str) -> list[tuple[int, str]]:
 
 # --------------------------------------------------------------------------- specs
 
-NAMED_SETS = ("advbench", "airt", "benign")
+NAMED_SETS = ("advbench", "airt", "benign", "requests")
 
 
 def load_prompts(spec: str) -> list[Prompt]:
@@ -214,9 +272,11 @@ def _load_named(name: str, split: str | None) -> list[Prompt]:
     from csulora.eval import splits  # splits needs the loaders above
 
     if name == "benign":
+        return load_benign() if split is None else splits.benign_split(split)
+    if name == "requests":
         if split:
-            raise InputError(f"benign:{split}: the benign set has no splits")
-        return load_benign()
+            raise InputError(f"requests:{split}: the requests set has no splits")
+        return load_requests()
     if name == "advbench":
         return load_advbench() if split is None else splits.advbench_split(split)
     if split is None:

@@ -1,14 +1,18 @@
-"""Deterministic, disjoint splits of the harmful prompt sets, pinned by a manifest.
+"""Deterministic, disjoint splits of the prompt sets, pinned by a manifest.
 
 Order is decided by hashing ``seed|id|text`` with sha256, not by a PRNG, so the same
 seed gives the same splits on every Python and platform. AdvBench is cut into
 ``align`` / ``attack`` / ``validation`` / ``test``; airt into ``airt-val`` / ``airt-test``
-halves, stratified by file so every harm category appears on both sides.
+halves, stratified by file so every harm category appears on both sides; the benign pool
+(both benign files, see :mod:`csulora.eval.prompts`) into ``validation`` (over-refusal
+while tuning) and ``test`` (reported numbers) halves, the larger half going to test.
 
 The manifest (counts, seed, sha256 of each split's ids and texts) was written once and
 ships as ``eval/data/splits.json``; every load recomputes the split and checks it
 against the manifest, so a changed pyrit file or split rule fails loudly instead of
-silently mixing test prompts into training.
+silently mixing test prompts into training. The ``benign`` source was added to the
+manifest later; a manifest written before that (a pipeline cache's copy) is still
+checked on the sources it pins.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from csulora.errors import InputError
-from csulora.eval.prompts import DATA_DIR, Prompt, load_advbench, load_airt
+from csulora.eval.prompts import DATA_DIR, Prompt, load_advbench, load_airt, load_benign_pool
 from csulora.io.atomic import atomic_output_file
 
 SPLIT_SEED = 0
@@ -28,6 +32,7 @@ SPLIT_SEED = 0
 # validation: choosing knobs (tune); test: reported numbers only.
 ADVBENCH_SPLITS: dict[str, int] = {"align": 200, "attack": 120, "validation": 100, "test": 100}
 AIRT_SPLITS = ("airt-val", "airt-test")
+BENIGN_SPLITS = ("validation", "test")
 MANIFEST_FILE = DATA_DIR / "splits.json"
 
 
@@ -81,6 +86,13 @@ def airt_splits(seed: int = SPLIT_SEED) -> dict[str, list[Prompt]]:
     return stratified_halves(load_airt(), AIRT_SPLITS, seed)
 
 
+def benign_splits(seed: int = SPLIT_SEED) -> dict[str, list[Prompt]]:
+    """The benign pool in two halves of a seeded order (test gets the odd prompt)."""
+    pool = load_benign_pool()
+    first, second = BENIGN_SPLITS
+    return split_prompts(pool, {first: len(pool) // 2, second: len(pool) - len(pool) // 2}, seed)
+
+
 def split_hash(prompts: Sequence[Prompt]) -> str:
     """sha256 over the ids and texts, in split order."""
     digest = hashlib.sha256()
@@ -90,7 +102,7 @@ def split_hash(prompts: Sequence[Prompt]) -> str:
 
 
 def build_manifest(seed: int = SPLIT_SEED) -> dict:
-    parts = {"advbench": advbench_splits(seed), "airt": airt_splits(seed)}
+    parts = {"advbench": advbench_splits(seed), "airt": airt_splits(seed), "benign": benign_splits(seed)}
     return {
         "seed": seed,
         "rule": "sha256(seed|id|text) order; airt stratified by file",
@@ -114,7 +126,11 @@ def ensure_manifest(path: str | Path, seed: int = SPLIT_SEED) -> dict:
     if not file.exists():
         write_manifest(file, seed)
     manifest = read_manifest(file)
-    if manifest != build_manifest(int(manifest.get("seed", seed))):
+    expected = build_manifest(int(manifest.get("seed", seed)))
+    pinned = manifest.get("sources") if isinstance(manifest.get("sources"), dict) else {}
+    # A manifest written before a source was added pins only the sources it names.
+    expected["sources"] = {k: v for k, v in expected["sources"].items() if k in pinned}
+    if not pinned or manifest != expected:
         raise InputError(f"{file}: splits no longer match their manifest (pyrit data or split rule changed)")
     return manifest
 
@@ -131,10 +147,11 @@ def _checked(source: str, name: str, prompts: list[Prompt], seed: int) -> list[P
         return prompts
     entry = read_manifest(MANIFEST_FILE)["sources"].get(source, {}).get(name)
     if entry is not None and (entry["count"] != len(prompts) or entry["sha256"] != split_hash(prompts)):
-        raise InputError(
-            f"{MANIFEST_FILE}: {source} split {name!r} does not match its manifest "
-            "(pyrit data changed?); reinstall with `pip install --no-deps pyrit==1.1.0`"
+        why = (
+            "(eval/data/benign*.txt changed?)" if source == "benign"
+            else "(pyrit data changed?); reinstall with `pip install --no-deps pyrit==1.1.0`"
         )
+        raise InputError(f"{MANIFEST_FILE}: {source} split {name!r} does not match its manifest {why}")
     return prompts
 
 
@@ -150,3 +167,10 @@ def airt_split(name: str, seed: int = SPLIT_SEED) -> list[Prompt]:
     if name not in AIRT_SPLITS:
         raise InputError(f"{name}: unknown airt split (choose from airt:val, airt:test)")
     return _checked("airt", name, airt_splits(seed)[name], seed)
+
+
+def benign_split(name: str, seed: int = SPLIT_SEED) -> list[Prompt]:
+    """``validation`` or ``test`` half of the benign pool, checked against the shipped manifest."""
+    if name not in BENIGN_SPLITS:
+        raise InputError(f"benign:{name}: unknown split (choose from benign:validation, benign:test)")
+    return _checked("benign", name, benign_splits(seed)[name], seed)
