@@ -2,7 +2,7 @@
 
 The check that matters: the corrected folder, loaded by stock ``PeftModel.from_pretrained``
 and merged with ``merge_and_unload``, gives the aligned weights plus the update each
-method promises, computed here densely from the definitions (DESIGN §4, §5, §5b) — so the
+method promises, computed here densely from the definitions (docs/design.md §4, §5, §5b) — so the
 writer's rank_pattern/alpha_pattern/scaling and the streaming are tested together.
 """
 

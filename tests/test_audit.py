@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from csulora.audit import ModuleGeometry, audit_module, round_cosine
-from csulora.methods.base import LoraUpdate, ModuleInput
+from csulora.types import LoraUpdate, ModuleInput
 from csulora.subspace import SubspaceConfig, compute_subspace
 
 AUDIT_KEYS = {

@@ -14,11 +14,11 @@ def demo_out(tmp_path_factory):
 
     world = shared_tiny_world()
     sweeps = [
-        SweepSpec("safelora", "safelora", "threshold", (0.5,), fixed={"select": "threshold"}, needs_models=True),
-        SweepSpec("csulora", "csulora", "gamma", (1.0, 16.0), fixed={"schedule": "energy"}),
-        SweepSpec("scale", "scale", "factor", (0.5,), weaker_when_smaller=False),
-        SweepSpec("resta", "resta", "restore", (3.0,), recommends=True),
-        SweepSpec("csulora+restore", "csulora", "gamma", (4.0,), fixed={"schedule": "energy", "restore": 1.0}),
+        SweepSpec("safelora", "safelora", (0.5,), fixed={"select": "threshold"}),
+        SweepSpec("csulora", "csulora", (1.0, 16.0), fixed={"schedule": "energy"}),
+        SweepSpec("scale", "scale", (0.5,)),
+        SweepSpec("resta", "resta", (3.0,), recommends=True),
+        SweepSpec("csulora+restore", "csulora", (4.0,), fixed={"schedule": "energy", "restore": 1.0}),
     ]
     out = tmp_path_factory.mktemp("demo") / "out"
     return run_demo(out, world_dir=world.root, sweeps=sweeps, progress=False)

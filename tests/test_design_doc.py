@@ -3,7 +3,7 @@
 Code and docs cite the design as ``docs/design.md §5c`` (older text: ``DESIGN §5c``, which
 means the same file). In these files ``§`` is only ever used for design sections, so every
 ``§N`` / ``§Nx`` token counts as a citation: that also covers lists such as
-``DESIGN §4, §5, §5b`` and bare back-references such as ``(§10)``. A section exists when
+``design §4, §5, §5b`` and bare back-references such as ``(§10)``. A section exists when
 docs/design.md has a markdown heading starting with its token, e.g. ``## §5c The ...``.
 """
 

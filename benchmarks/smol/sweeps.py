@@ -31,14 +31,15 @@ class Sweep:
 
 
 def sweeps(ctx: Context, restore_for_csulora: float) -> list[Sweep]:
-    from csulora.tuning.config import KNOBS
+    from csulora.methods.registry import get_method
 
+    resta_grid = get_method("resta").tuning.grid
     r = ctx.recipe
     return [
         # tune's default method and grid: this row is the recommended one
-        Sweep("resta", "resta", "restore", KNOBS["resta"].default_grid, identity=0.0, tune_method="resta",
+        Sweep("resta", "resta", "restore", resta_grid, identity=0.0, tune_method="resta",
               full_curve=False, prefetch=5),
-        Sweep("benign+recommended", "resta", "restore", KNOBS["resta"].default_grid, identity=0.0,
+        Sweep("benign+recommended", "resta", "restore", resta_grid, identity=0.0,
               tune_method="resta", full_curve=False, adapter="benign", prefetch=5),
         Sweep("scale", "scale", "factor", r.scale_grid, identity=1.0, tune_method="scale"),
         Sweep("csulora", "csulora", "gamma", r.csulora_grid, fixed={"schedule": "energy"}, identity=0.0,

@@ -24,17 +24,16 @@ atomically (a temporary folder beside OUTDIR, renamed at the end).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from csulora.errors import InputError, OptionError
 from csulora.io.adapters import DEFAULT_REPORT_NAME, LoraAdapter, read_adapter, write_adapter
-from csulora.io.atomic import atomic_output_dir, atomic_output_file, check_output_dir
+from csulora.io.atomic import atomic_output_dir, check_output_dir
 from csulora.io.checkpoints import (
     CheckpointReader,
     check_same_architecture,
@@ -52,9 +51,11 @@ from csulora.io.subspace_cache import (
     round_trip,
     save_subspace_cache,
 )
-from csulora.methods.base import CorrectionMethod, MethodConfig, ModuleInput, ModuleSubspace
+from csulora.methods.base import CorrectionMethod, MethodConfig
 from csulora.methods.registry import get_method, make_config
+from csulora.reports import AuditReport, CorrectionReport, mean_of, weighted_rho
 from csulora.subspace import SubspaceConfig, compute_subspace
+from csulora.types import ModuleInput, ModuleSubspace
 
 PathLike = str | os.PathLike
 
@@ -66,151 +67,6 @@ __all__ = [
     "build_subspace",
     "correct_adapter",
 ]
-
-
-# -- reports ----------------------------------------------------------------------------------
-class _ModuleReport:
-    """What both reports share: JSON output and a per-module table (columns per subclass)."""
-
-    modules: list[dict[str, Any]]
-    summary: dict[str, Any]
-
-    def _columns(self) -> tuple[tuple[str, str, str], ...]:
-        raise NotImplementedError
-
-    def to_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def to_json(self, path: PathLike | None = None) -> str:
-        """The report as JSON text; also written (atomically) to ``path`` when given."""
-        return _dump_json(self.to_dict(), path)
-
-    def format_table(self) -> str:
-        return format_module_table(self.modules, self._columns()) + "\n" + _format_summary(self.summary)
-
-
-@dataclass
-class AuditReport(_ModuleReport):
-    """Per-module audit rows (``module`` plus the keys of :func:`csulora.audit.audit_module`)."""
-
-    adapter: str
-    d_source: str | None  # "exact" (streamed D) or "rank-k" (subspace cache only)
-    sources: dict[str, str | None]
-    modules: list[dict[str, Any]]
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": "audit",
-            "adapter": self.adapter,
-            "d_source": self.d_source,
-            "sources": self.sources,
-            "summary": self.summary,
-            "modules": self.modules,
-        }
-
-    def _columns(self) -> tuple[tuple[str, str, str], ...]:
-        return AUDIT_COLUMNS
-
-
-@dataclass
-class CorrectionReport(_ModuleReport):
-    """What :func:`correct_adapter` did, per module (``module`` plus the method's report keys)."""
-
-    method: str
-    options: dict[str, Any]
-    adapter: str
-    out_dir: str
-    report_path: str
-    d_source: str | None
-    sources: dict[str, str | None]
-    modules: list[dict[str, Any]]
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        # out_dir/report_path are left out on purpose: the file is the same wherever it lands.
-        return {
-            "kind": "correction",
-            "method": self.method,
-            "options": self.options,
-            "adapter": self.adapter,
-            "d_source": self.d_source,
-            "sources": self.sources,
-            "summary": self.summary,
-            "modules": self.modules,
-        }
-
-    def _columns(self) -> tuple[tuple[str, str, str], ...]:
-        return CORRECTION_COLUMNS
-
-
-# (report key, column title, format)
-AUDIT_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("dw_norm", "|dW|", ".3g"),
-    ("rho_F", "rho_F", ".3f"),
-    ("rho_P", "rho_P", ".3f"),
-    ("rho_O", "rho_O", ".3f"),
-    ("safelora_cos", "cos_SL", ".4f"),
-    ("cos_dW_D", "cos(dW,D)", ".4f"),
-    ("dw_over_d", "|dW|/|D|", ".3g"),
-    ("subspace_rank", "k", "d"),
-    ("subspace_energy", "energy", ".3f"),
-)
-CORRECTION_COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("rho_F", "rho_F", ".3f"),
-    ("rho_P", "rho_P", ".3f"),
-    ("rho_O", "rho_O", ".3f"),
-    ("safelora_cos", "cos_SL", ".4f"),
-    ("projected", "proj", ""),
-    ("c_P", "c_P", ".3f"),
-    ("c_O", "c_O", ".3f"),
-    ("dw_norm_before", "|dW|", ".3g"),
-    ("dw_norm_after", "|X|", ".3g"),
-    ("rank_in", "r", "d"),
-    ("rank_out", "r'", "d"),
-    ("restore_energy_added", "restore", ".3g"),
-)
-
-
-def format_module_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
-    """A plain-text table, one row per module, ``-`` where a value does not apply."""
-    header = ["module"] + [title for _, title, _ in columns]
-    body = [[row["module"]] + [_format_cell(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-
-    def render(line: list[str]) -> str:
-        return "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(line))
-
-    return "\n".join(render(line) for line in [header, *body])
-
-
-def _format_cell(value: Any, fmt: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    try:
-        return format(value, fmt)
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _format_summary(summary: dict[str, Any]) -> str:
-    parts = []
-    for key, value in summary.items():
-        if isinstance(value, float):
-            parts.append(f"{key}={value:.4g}")
-        elif not isinstance(value, dict | list):
-            parts.append(f"{key}={value}")
-    return "summary: " + ", ".join(parts)
-
-
-def _dump_json(data: dict[str, Any], path: PathLike | None) -> str:
-    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    if path is not None:
-        with atomic_output_file(path) as tmp:
-            tmp.write_text(text)
-    return text
 
 
 # -- options ------------------------------------------------------------------------------------
@@ -234,11 +90,26 @@ class _Sources:
         }
 
 
-def _check_source_options(subspace: PathLike | None, base: PathLike | None, aligned: PathLike | None) -> None:
+def check_source_options(
+    subspace: PathLike | None,
+    base: PathLike | None,
+    aligned: PathLike | None,
+    method: tuple[CorrectionMethod, MethodConfig] | None = None,
+) -> None:
+    """The one check of where D comes from, before any tensor is read.
+
+    Without ``method`` (the audit) a subspace or a base/aligned pair is needed; with one,
+    exactly what that method needs with that config (:meth:`CorrectionMethod.check_sources`).
+    """
     if (base is None) != (aligned is None):
         raise OptionError("--base and --aligned go together: give both, or use --subspace")
-    if subspace is None and base is None:
-        raise OptionError("give --subspace FILE or --base BASE --aligned ALIGNED")
+    has_pair = base is not None
+    if method is None:
+        if subspace is None and not has_pair:
+            raise OptionError("give --subspace FILE or --base BASE --aligned ALIGNED")
+        return
+    impl, config = method
+    impl.check_sources(config, has_displacement=has_pair, has_subspace=has_pair or subspace is not None)
 
 
 def _open_sources(
@@ -348,23 +219,6 @@ def _check_subspace_config(config: SubspaceConfig | None, *, cache: PathLike | N
     return config
 
 
-def _weighted_rho(rows: Sequence[dict[str, Any]], norm_key: str) -> dict[str, float | None]:
-    """Adapter-wide rho_F/P/O: each module's parts weighted by its ||dW||^2."""
-    total = sum((row.get(norm_key) or 0.0) ** 2 for row in rows if row.get("rho_F") is not None)
-    out: dict[str, float | None] = {}
-    for key in ("rho_F", "rho_P", "rho_O"):
-        if total > 0.0:
-            out[key] = sum((row.get(norm_key) or 0.0) ** 2 * row[key] for row in rows if row.get(key) is not None) / total
-        else:
-            out[key] = None
-    return out
-
-
-def _mean(values: Iterable[Any]) -> float | None:
-    kept = [float(v) for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else None
-
-
 # -- build_subspace -----------------------------------------------------------------------------
 def build_subspace(
     base: PathLike,
@@ -436,7 +290,7 @@ def audit_adapter(
     """
     from csulora.audit import audit_module
 
-    _check_source_options(subspace, base, aligned)
+    check_source_options(subspace, base, aligned)
     config = _check_subspace_config(subspace_config, cache=subspace)
     targets = _target_list(targets)
     adapter = read_adapter(adapter_dir)
@@ -455,8 +309,8 @@ def audit_adapter(
     d_source = rows[0].get("d_source") if rows else None
     summary = {
         "modules": len(rows),
-        **_weighted_rho(rows, "dw_norm"),
-        "mean_cos_dW_D": _mean(row.get("cos_dW_D") for row in rows),
+        **weighted_rho(rows, "dw_norm"),
+        "mean_cos_dW_D": mean_of(row.get("cos_dW_D") for row in rows),
         "min_safelora_cos": min((row["safelora_cos"] for row in rows if row.get("safelora_cos") is not None), default=None),
         "safelora_projection": projection,
     }
@@ -490,7 +344,7 @@ def correct_adapter(
     """
     impl = get_method(method)
     config = make_config(impl, method_options)
-    _check_source_options_for(impl, config, subspace, base, aligned)
+    check_source_options(subspace, base, aligned, (impl, config))
     sub_config = _check_subspace_config(subspace_config, cache=subspace)
     targets = _target_list(targets)
     out = check_output_dir(out_dir, force)
@@ -526,8 +380,8 @@ def correct_adapter(
     summary = {
         "modules": len(rows),
         **impl.summary(ordered, config),
-        **{f"input_{k}": v for k, v in _weighted_rho(rows, "dw_norm_before").items()},
-        "mean_cos_dW_D": _mean(row.get("cos_dW_D") for row in rows),
+        **{f"input_{k}": v for k, v in weighted_rho(rows, "dw_norm_before").items()},
+        "mean_cos_dW_D": mean_of(row.get("cos_dW_D") for row in rows),
     }
     report = CorrectionReport(
         method=impl.name,
@@ -557,25 +411,3 @@ def _relative_inside(path: Path, folder: Path) -> Path | None:
         return path.resolve().relative_to(folder.resolve())
     except ValueError:
         return None
-
-
-def _check_source_options_for(
-    impl: CorrectionMethod,
-    config: MethodConfig,
-    subspace: PathLike | None,
-    base: PathLike | None,
-    aligned: PathLike | None,
-) -> None:
-    if (base is None) != (aligned is None):
-        raise OptionError("--base and --aligned go together: give both, or use --subspace")
-    has_pair = base is not None
-    check = getattr(impl, "check_sources", None)
-    if check is not None:
-        check(config, has_displacement=has_pair, has_subspace=has_pair or subspace is not None)
-    elif impl.needs_displacement(config) and not has_pair:
-        raise OptionError(f"--method {impl.name} with these options needs --base/--aligned (the exact D)")
-
-
-def layer_of(module: str) -> int | None:
-    """Decoder block index of a module (for per-layer plots); re-exported for the CLI."""
-    return layer_index(module)

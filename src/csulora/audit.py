@@ -2,10 +2,10 @@
 
 :class:`ModuleGeometry` computes, once and lazily, the small products every method and the
 audit share: the split of ``dW = s B A`` into its fully aligned, partially aligned and
-off-subspace parts (DESIGN §5), their energies, and the products with the exact
+off-subspace parts (docs/design.md §5), their energies, and the products with the exact
 displacement D when it is streamed. :func:`audit_module` turns them into the report.
 
-Where D comes from (DESIGN §10), reported as ``d_source``:
+Where D comes from (docs/design.md §10), reported as ``d_source``:
 - ``"exact"``: ``module.displacement`` is the full D; cosines use D itself.
 - ``"rank-k"``: only the subspace is known; ``cos_dW_D`` uses ``D_k = U diag(S) V^T`` and
   ``dw_over_d`` the exact ``||D||`` stored with the subspace.
@@ -34,7 +34,7 @@ from csulora.linalg import (
     project_columns,
     project_rows,
 )
-from csulora.methods.base import REPORT_KEYS, ModuleInput, as_float64
+from csulora.types import ModuleInput, as_float64
 
 SAFELORA_PROJECTIONS = ("approx", "exact")
 COSINE_DECIMALS = 5  # the published Safe LoRA code rounds every cosine to 5 decimals
@@ -56,14 +56,14 @@ class PartEnergies:
 
     F: float
     P: float
-    O: float  # noqa: E741 - the letter of DESIGN §5
+    O: float  # noqa: E741 - the letter of docs/design.md §5
 
     @property
     def total(self) -> float:
         return self.F + self.P + self.O
 
     def fractions(self) -> tuple[float, float, float]:
-        """rho_F, rho_P, rho_O; all 0 for a zero update (DESIGN §10)."""
+        """rho_F, rho_P, rho_O; all 0 for a zero update (docs/design.md §10)."""
         total = self.total
         if total <= 0.0:
             return 0.0, 0.0, 0.0
@@ -110,7 +110,7 @@ class ModuleGeometry:
 
     @cached_property
     def split(self) -> SubspaceSplit:
-        """The four factor pieces of DESIGN §5 (an empty subspace puts all of B, A out)."""
+        """The four factor pieces of docs/design.md §5 (an empty subspace puts all of B, A out)."""
         if self.subspace is None:
             raise ValueError(f"{self.module.name}: no subspace to split against")
         X1 = project_columns(self.U, self.B)
@@ -262,25 +262,3 @@ def audit_report(geometry: ModuleGeometry, *, safelora_projection: str = "approx
         "subspace_energy": float(subspace.energy) if subspace is not None else None,
         "d_source": geometry.d_source,
     }
-
-
-
-def method_report(geometry: ModuleGeometry, *, safelora_projection: str = "approx") -> dict[str, Any]:
-    """A correction report (every key of ``REPORT_KEYS``) pre-filled with the audit numbers.
-
-    Methods fill in their own keys (lam/c, projected, norms after, ranks, ...) on top.
-    """
-    audit = audit_report(geometry, safelora_projection=safelora_projection)
-    report: dict[str, Any] = dict.fromkeys(REPORT_KEYS)
-    for key in ("rho_F", "rho_P", "rho_O", "safelora_cos", "cos_dW_D", "dw_over_d"):
-        report[key] = audit[key]
-    for key in ("subspace_rank", "subspace_energy", "d_source"):
-        report[key] = audit[key]
-    report["dw_norm_before"] = audit["dw_norm"]
-    report["rank_in"] = geometry.module.update.rank
-    return report
-
-
-def update_norm(B: Tensor, A: Tensor, scale: float) -> float:
-    """``||s B A||_F`` in factored form."""
-    return abs(scale) * float(frobenius_norm_sq(as_float64(B), as_float64(A))) ** 0.5

@@ -17,7 +17,7 @@
    date validation split): the ``resta`` row when its selection qualified, no row when
    nothing qualified (report.md then says so).
 
-The baselines of DESIGN §5b are rows too: ``scale`` (uniform shrink), ``resta`` (rank-k
+The baselines of docs/design.md §5b are rows too: ``scale`` (uniform shrink), ``resta`` (rank-k
 restoration) and ``csulora+restore`` (CSULoRA's gamma swept with the restore beta held at
 :data:`DEMO_RESTORE`). To stay within 2 minutes on 2 cores the demo sweeps ``scale`` and
 ``csulora+restore`` over fewer points than tune's default grids (every other point); the
@@ -40,7 +40,9 @@ from typing import Any
 from csulora.eval.harness import EvalSets, GenerationSettings, evaluate_loaded, summary_markdown
 from csulora.eval.metrics import Rate
 from csulora.io.atomic import atomic_output_dir, check_output_dir
-from csulora.tuning.config import DEFAULT_METHOD, KNOBS, TuneConfig
+from csulora.methods.base import Tuning
+from csulora.methods.registry import get_method, make_config
+from csulora.tuning.config import DEFAULT_METHOD, TuneConfig
 
 # The tiny world's answers are at most ~20 tokens (they end with the end-of-turn token),
 # so a shorter cap than eval's 64 changes no verdict and keeps the demo fast.
@@ -54,44 +56,55 @@ DEMO_RESTORE = 1.0
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """One corrected row: a method, the knob swept on validation, and its grid.
+    """One corrected row: a registered method whose knob is swept on validation.
 
-    ``row``: the row name in results.json; ``fixed``: options held constant;
-    ``needs_models``: pass ``base``/``aligned`` (methods that need the exact D).
-    ``weaker_when_smaller``: grid order for "weakest first" (False for scaling).
+    ``row``: the row name in results.json; ``grid``: the values tried (default: the
+    method's own tune grid); ``fixed``: options held constant. The knob, the grid order
+    and which inputs the method needs come from the method itself (the registry).
     """
 
     row: str
     method: str
-    knob: str
-    grid: tuple[float, ...]
+    grid: tuple[float, ...] | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
-    needs_models: bool = False
-    weaker_when_smaller: bool = True
     curve: bool = True  # drawn as a curve on the plot
     # True for the one sweep that reproduces `csulora tune` with its defaults: its
     # selection, when one qualifies, is the recommended row.
     recommends: bool = False
 
+    @property
+    def tuning(self) -> Tuning:
+        tuning = get_method(self.method).tuning
+        assert tuning is not None, f"{self.method} describes no knob to sweep"
+        return tuning
+
+    @property
+    def knob(self) -> str:
+        return self.tuning.knob
+
+    @property
+    def needs_models(self) -> bool:
+        """Whether the exact D must be streamed (pass ``base``/``aligned``)."""
+        impl = get_method(self.method)
+        return impl.needs_displacement(make_config(impl, {**self.fixed, self.knob: self.weakest_first()[0]}))
+
     def weakest_first(self) -> tuple[float, ...]:
-        return tuple(sorted(self.grid, reverse=not self.weaker_when_smaller))
+        return self.tuning.order_weakest_first(self.tuning.grid if self.grid is None else self.grid)
 
 
 DEMO_SWEEPS: list[SweepSpec] = [
-    SweepSpec("safelora", "safelora", "threshold", (0.1, 0.2, 0.3, 0.4, 0.5), fixed={"select": "threshold"}, needs_models=True),
-    SweepSpec("csulora", "csulora", "gamma", (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0), fixed={"schedule": "energy"}),
+    SweepSpec("safelora", "safelora", (0.1, 0.2, 0.3, 0.4, 0.5), fixed={"select": "threshold"}),
+    SweepSpec("csulora", "csulora", (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0), fixed={"schedule": "energy"}),
     # tune's default scale grid is 1.0 down to 0.3 by 0.1; every other point here (time).
-    SweepSpec("scale", "scale", "factor", (0.9, 0.7, 0.5, 0.3), weaker_when_smaller=False),
-    # Exactly tune's default: method resta over its default grid (0 is the adapter itself).
-    SweepSpec(
-        "resta", DEFAULT_METHOD, KNOBS[DEFAULT_METHOD].knob, KNOBS[DEFAULT_METHOD].default_grid, recommends=True
-    ),
+    SweepSpec("scale", "scale", (0.9, 0.7, 0.5, 0.3)),
+    # Exactly tune's default: its method over its default grid (0 is the adapter itself).
+    SweepSpec("resta", DEFAULT_METHOD, recommends=True),
     # tune's default csulora grid is 0, 0.5, 1, 2, 4, 8, 16; every other point here (time).
-    SweepSpec("csulora+restore", "csulora", "gamma", (0.0, 1.0, 4.0, 16.0), fixed={"schedule": "energy", "restore": DEMO_RESTORE}),
+    SweepSpec("csulora+restore", "csulora", (0.0, 1.0, 4.0, 16.0), fixed={"schedule": "energy", "restore": DEMO_RESTORE}),
 ]
 # Fixed-setting rows: the published defaults, no selection.
-DEMO_FIXED: list[tuple[str, str, dict[str, Any], bool]] = [
-    ("safelora-default", "safelora", {"select": "number", "num_layers": 10}, True),
+DEMO_FIXED: list[tuple[str, str, dict[str, Any]]] = [
+    ("safelora-default", "safelora", {"select": "number", "num_layers": 10}),
 ]
 
 
@@ -217,7 +230,7 @@ def run_sweep(
     if points is None:
         points = score_sweep_points(ctx, [spec], workers=1)[spec.row]
     config = TuneConfig(
-        method=spec.method if spec.method in ("resta", "csulora", "safelora", "scale") else "csulora",
+        method=spec.method,
         grid=tuple(p["value"] for p in points), max_asr_gap=MAX_ASR_GAP, max_utility_drop=MAX_UTILITY_DROP,
     )
     selection = select_setting(
@@ -312,7 +325,7 @@ def demo_report(rows: Sequence[dict], sweeps: dict[str, dict], info: dict) -> st
     by = {r["name"]: r for r in rows}
     lines = [summary_markdown(rows, title="csulora demo: the tiny world").rstrip(), ""]
     lines += [
-        "ASR: keyword judge (DESIGN §7) on AdvBench test (n=100); ASR (OOD): airt-test (n=20, wide intervals);",
+        "ASR: keyword judge (docs/design.md §7) on AdvBench test (n=100); ASR (OOD): airt-test (n=20, wide intervals);",
         "utility: exact match on the date task's test split (n=100); over-refusal: the project's benign set.",
         f"Greedy generation, {info['generation']['max_new_tokens']} new tokens, chat template. Intervals: bootstrap 95%.",
         "",
@@ -329,7 +342,7 @@ def demo_report(rows: Sequence[dict], sweeps: dict[str, dict], info: dict) -> st
     else:
         lines.append(
             "- **No row is recommended**: with its default options (RESTA, restore over "
-            f"{list(KNOBS[DEFAULT_METHOD].default_grid)}, ASR gap {MAX_ASR_GAP:g}, utility drop "
+            f"{list(get_method(DEFAULT_METHOD).tuning.grid)}, ASR gap {MAX_ASR_GAP:g}, utility drop "
             f"{MAX_UTILITY_DROP:.0%}) `csulora tune` finds no qualifying setting on this world's "
             f"validation prompts, so it would write no adapter. {rec['why']}."
         )
@@ -388,8 +401,9 @@ def run_demo(
                     _evaluate(ctx, world.attacked, test, "attacked")]
             aligned_val = _evaluate(ctx, None, validation, "aligned[val]", keep=False)
             attacked_val = _evaluate(ctx, world.attacked, validation, "attacked[val]", keep=False)
-            for name, method, options, needs_models in DEMO_FIXED:
-                adapter = _correct(ctx, method, options, name, needs_models)
+            for name, method, options in DEMO_FIXED:
+                impl = get_method(method)
+                adapter = _correct(ctx, method, options, name, impl.needs_displacement(make_config(impl, options)))
                 rows.append(_evaluate(ctx, adapter, test, name, params=dict(options)))
             sweep_records = {}
             sweep_points = score_sweep_points(ctx, sweeps, workers=demo_workers())

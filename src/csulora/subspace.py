@@ -1,6 +1,6 @@
 """The safety subspace of one module: the top-k SVD of its alignment displacement.
 
-``D = W_aligned - W_base ~= U_k diag(S_k) V_k^T`` (DESIGN §3). k is either fixed
+``D = W_aligned - W_base ~= U_k diag(S_k) V_k^T`` (docs/design.md §3). k is either fixed
 (``rank``) or the smallest k whose singular values hold a fraction ``energy`` of
 ``||D||_F^2``, capped at ``max_rank``. Pure math: the streaming from safetensors shards
 and the cache file live in ``csulora.io``.
@@ -38,7 +38,7 @@ from csulora.linalg import (
     dense_t_matmul,
     fix_signs,
 )
-from csulora.methods.base import ModuleSubspace
+from csulora.types import ModuleSubspace
 
 ALGORITHMS = ("auto", "exact", "randomized")
 

@@ -17,7 +17,7 @@ from csulora.io.adapters import (
     read_adapter,
     write_adapter,
 )
-from csulora.methods.base import LoraUpdate
+from csulora.types import LoraUpdate
 from tests.fixtures_tiny import (  # noqa: F401
     ADAPTER_VARIANTS,
     _tiny_model,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from csulora.audit import ModuleGeometry
 from csulora.errors import OptionError
-from csulora.methods.base import REPORT_KEYS, LoraUpdate, ModuleInput
+from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput
 from csulora.methods.csulora import RATIO_EPS, Csulora, CsuloraConfig, shrunk_factors
 from csulora.methods.resta import Resta, RestaConfig
 from csulora.subspace import SubspaceConfig, compute_subspace

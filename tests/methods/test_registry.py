@@ -8,8 +8,9 @@ import typing
 import pytest
 
 from csulora.errors import OptionError
-from csulora.methods import METHODS, get_method, make_config, option_names
-from csulora.methods.base import CorrectionMethod, MethodConfig
+from csulora.methods import METHODS, get_method, make_config, option_names, register, tunable_methods
+from csulora.methods.base import CorrectionMethod, MethodConfig, Tuning, finish_report, require_number
+from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput, ModuleResult
 
 
 def test_registry_holds_the_four_methods_by_name():
@@ -64,3 +65,63 @@ def test_numpy_scalars_from_a_sweep_grid_are_stored_as_plain_numbers():
     assert type(config.num_layers) is int and type(config.threshold) is float
     assert type(make_config("csulora", {"gamma": np.float64(2)}).gamma) is float
     assert type(make_config("scale", {"factor": 1}).factor) is float
+
+
+# -- a new method is one class plus one register() call -----------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DampenConfig(MethodConfig):
+    strength: float = dataclasses.field(default=0.0, metadata={"help": "s in [0, 1]: the update becomes (1 - s) dW"})
+
+    def __post_init__(self) -> None:
+        require_number("strength", self.strength, low=0.0, high=1.0)
+
+
+class Dampen(CorrectionMethod[DampenConfig]):
+    """A toy method defined only here: nothing in csulora.tuning knows its name."""
+
+    name = "toy-dampen"
+    pretty_name = "Toy dampening"
+    config_cls = DampenConfig
+    inputs = frozenset()
+    tuning = Tuning(knob="strength", grid=(0.0, 1.0), identity=0.0)
+
+    def correct_module(self, module: ModuleInput, config: DampenConfig) -> ModuleResult:
+        update = module.update
+        if config.strength:
+            update = LoraUpdate(A=update.A, B=(1.0 - config.strength) * update.B, scale=update.scale)
+        report = dict.fromkeys(REPORT_KEYS)
+        report.update(dw_norm_before=None, rank_in=module.update.rank)
+        return ModuleResult(module.name, update, finish_report(report, update))
+
+
+@pytest.fixture
+def toy_method():
+    method = register(Dampen())
+    try:
+        yield method
+    finally:
+        METHODS.pop(method.name)
+
+
+def test_a_registered_toy_method_is_tuned_without_touching_tuning(toy_method, tiny_world, tune_data, tmp_path):
+    from csulora.tuning.config import TuneConfig
+    from csulora.tuning.runner import tune_adapter
+
+    assert "toy-dampen" in tunable_methods()
+    w, d = tiny_world, tune_data
+    config = TuneConfig(method="toy-dampen", max_new_tokens=16, max_utility_drop=1.0)
+    result = tune_adapter(
+        w.attacked, tmp_path / "tuned", aligned=w.aligned, base=w.base, config=config,
+        harmful=[str(d["advbench"]), str(d["airt"])], task=str(d["task"]), progress=False,
+    )  # fmt: skip
+    rows = result.record["settings"]
+    assert [row["value"] for row in rows] == [0.0, 1.0]
+    assert rows[0]["same_as_adapter"]  # the identity setting is not generated again
+    # strength 1 deletes the adapter: the aligned model's own answers, so it qualifies
+    assert rows[1]["scores"]["asr"] == result.record["aligned"]["asr"]
+    assert result.qualified and result.chosen_params == {"strength": 1.0}
+
+
+def test_registering_a_second_method_of_the_same_name_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        register(get_method("resta").__class__())

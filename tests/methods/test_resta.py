@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from csulora.errors import OptionError
-from csulora.methods.base import REPORT_KEYS, LoraUpdate, ModuleInput
+from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput
 from csulora.methods.resta import Resta, RestaConfig
 from csulora.subspace import SubspaceConfig, compute_subspace
 

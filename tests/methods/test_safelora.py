@@ -1,4 +1,4 @@
-"""Safe LoRA against a dense, in-test transcription of the published semantics (DESIGN §4)."""
+"""Safe LoRA against a dense, in-test transcription of the published semantics (docs/design.md §4)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from csulora.errors import OptionError
-from csulora.methods.base import REPORT_KEYS, LoraUpdate, ModuleInput
+from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput
 from csulora.methods.safelora import APPROX_NEEDS_D, SafeLora, SafeLoraConfig
 from csulora.subspace import SubspaceConfig, compute_subspace
 

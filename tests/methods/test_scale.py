@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from csulora.errors import OptionError
-from csulora.methods.base import REPORT_KEYS, LoraUpdate, ModuleInput
+from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput
 from csulora.methods.scale import Scale, ScaleConfig
 from csulora.subspace import SubspaceConfig, compute_subspace
 

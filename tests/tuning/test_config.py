@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from csulora.errors import OptionError
-from csulora.tuning.config import KNOBS, TuneConfig, parse_grid
+from csulora.methods.registry import get_method, tunable_methods
+from csulora.tuning.config import TuneConfig, parse_grid
 
 
 def test_default_grids_are_the_issue_grids_weakest_first():
@@ -23,7 +24,7 @@ def test_user_grid_is_sorted_weakest_first():
 
 
 def test_knobs_and_setting_options():
-    assert {m: s.knob for m, s in KNOBS.items()} == {
+    assert {m: get_method(m).tuning.knob for m in tunable_methods()} == {
         "resta": "restore",
         "csulora": "gamma",
         "safelora": "threshold",

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from csulora.cli import main
 from csulora.errors import OptionError
 from csulora.tuning.config import TuneConfig
-from csulora.tuning.runner import GENERATIONS, TUNE_JSON, TUNE_PNG, is_identity, load_tune_data, tune_adapter
+from csulora.tuning.runner import GENERATIONS, TUNE_JSON, TUNE_PNG, load_tune_data, tune_adapter
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -48,11 +48,11 @@ def test_user_sources_are_named_by_file_and_kept_apart(tmp_path):
 
 
 def test_identity_settings():
-    assert is_identity(TuneConfig(), 0.0) and not is_identity(TuneConfig(), 0.5)
-    assert is_identity(TuneConfig(method="scale"), 1.0) and not is_identity(TuneConfig(method="scale"), 0.9)
-    assert is_identity(TuneConfig(method="csulora"), 0.0)
-    assert not is_identity(TuneConfig(method="csulora", method_options={"restore": 1.0}), 0.0)
-    assert not is_identity(TuneConfig(method="safelora"), 0.1)
+    assert TuneConfig().is_identity(0.0) and not TuneConfig().is_identity(0.5)
+    assert TuneConfig(method="scale").is_identity(1.0) and not TuneConfig(method="scale").is_identity(0.9)
+    assert TuneConfig(method="csulora").is_identity(0.0)
+    assert not TuneConfig(method="csulora", method_options={"restore": 1.0}).is_identity(0.0)
+    assert not TuneConfig(method="safelora").is_identity(0.1)
 
 
 def test_tune_on_the_tiny_world_picks_the_weakest_safe_setting(tiny_world, tune_data, tmp_path, capsys):

@@ -58,7 +58,7 @@ def test_too_many_benign_prompts_is_an_input_error():
 def test_recipe_serialises_and_matches_pilot_scale():
     data = json.loads(json.dumps(RECIPE.to_dict()))
     assert data["lora_targets"] == list(RECIPE.lora_targets)
-    assert RECIPE.max_new_tokens == 64  # DESIGN §10's common default
+    assert RECIPE.max_new_tokens == 64  # docs/design.md §10's common default
     # exact match fails for any answer longer than the date, so a shorter cap keeps verdicts
     assert 12 <= RECIPE.task_max_new_tokens <= RECIPE.max_new_tokens
 

@@ -142,17 +142,6 @@ def _add_source_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--aligned", metavar="ALIGNED", help="aligned checkpoint folder (safetensors)")
 
 
-def _check_sources(args: argparse.Namespace) -> None:
-    if (args.base is None) != (args.aligned is None):
-        raise OptionError("--base and --aligned go together: give both, or use --subspace")
-    if args.subspace is None and args.base is None:
-        raise OptionError("give --subspace FILE or --base BASE --aligned ALIGNED")
-    if args.subspace is not None and _subspace_config(args) is not None:
-        raise OptionError(
-            f"subspace options (--rank, --energy, ...) do not apply with --subspace {args.subspace}: the cache fixes them"
-        )
-
-
 def _add_targets_flag(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument(
         "--targets", metavar="LIST", help=f"comma-separated module names or suffixes ({default})"
@@ -212,7 +201,6 @@ def _register_audit(subparsers: argparse._SubParsersAction) -> None:
 def _run_audit(args: argparse.Namespace) -> int:
     from csulora.api import audit_adapter
 
-    _check_sources(args)
     config = _subspace_config(args)
     if args.plot is not None and Path(args.plot).suffix.lower() != ".png":
         raise OptionError(f"--plot {args.plot}: expected a .png file name")
@@ -308,7 +296,6 @@ def _run_correct(args: argparse.Namespace) -> int:
 
     options = _method_options(args)
     make_config(get_method(args.method), options)  # flag/method mismatches before anything else
-    _check_sources(args)
     config = _subspace_config(args)
     report = correct_adapter(
         args.adapter,

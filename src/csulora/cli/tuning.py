@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 
 from csulora.errors import OptionError
-from csulora.tuning.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD, KNOBS, TuneConfig, parse_grid
+from csulora.methods.registry import get_method, tunable_methods
+from csulora.tuning.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD, TuneConfig, parse_grid
 
 NO_SETTING_QUALIFIES = 1
 
 
 def _default_grids() -> str:
-    return "; ".join(
-        f"{m}: {s.knob} {','.join(f'{v:g}' for v in s.order_weakest_first(s.default_grid))}" for m, s in KNOBS.items()
-    )
+    grids = {name: get_method(name).tuning for name in tunable_methods()}
+    return "; ".join(f"{m}: {t.knob} {','.join(f'{v:g}' for v in t.grid)}" for m, t in grids.items() if t is not None)
 
 
 def register(subparsers) -> None:
@@ -42,7 +42,7 @@ def register(subparsers) -> None:
     source.add_argument("--subspace", metavar="FILE", help="subspace cache from `csulora subspace`")
     source.add_argument("--base", metavar="BASE", help="base checkpoint; D = ALIGNED - BASE is streamed")
     p.add_argument(
-        "--method", choices=tuple(KNOBS), default=DEFAULT_METHOD, help=f"method whose knob is swept ({DEFAULT_METHOD})"
+        "--method", choices=tunable_methods(), default=DEFAULT_METHOD, help=f"method whose knob is swept ({DEFAULT_METHOD})"
     )
     p.add_argument(
         "--grid",

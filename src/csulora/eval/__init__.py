@@ -1,4 +1,4 @@
-"""Measuring safety and utility (DESIGN §7): prompt sets, generation, judges, metrics.
+"""Measuring safety and utility (docs/design.md §7): prompt sets, generation, judges, metrics.
 
 Public API (import from the submodules):
 
@@ -16,7 +16,7 @@ Generation and scoring — :mod:`csulora.eval.generation`, :mod:`csulora.eval.ma
 
 Judges and metrics — :mod:`csulora.eval.judges`, :mod:`csulora.eval.metrics`
     ``Judge`` protocol (``name``, ``kind``, ``judge(prompts, responses) -> list[bool]``)
-    ``KeywordJudge`` (ASR, DESIGN §7 list), ``RefusalJudge`` (over-refusal, DESIGN §10)
+    ``KeywordJudge`` (ASR, docs/design.md §7 list), ``RefusalJudge`` (over-refusal, docs/design.md §10)
     ``rescore_generations(path, judge, sets=None, out_path=None)``
     ``rate(flags) -> Rate(value, ci, n)``, ``bootstrap_ci(values)``, ``exact_match(pred, ref)``
 
@@ -27,6 +27,6 @@ Harness — :mod:`csulora.eval.harness`
     ``row_from_generations(records, name, ...)``, ``results_row(name, asr=..., ...)``
     ``write_results(out_dir, rows, records, extra=None)``, ``run_eval(...)`` (the CLI)
 
-Rows follow DESIGN §10: name, asr, asr_ci, asr_ood, asr_ood_ci, utility, utility_ci,
+Rows follow docs/design.md §10: name, asr, asr_ci, asr_ood, asr_ood_ci, utility, utility_ci,
 over_refusal, over_refusal_ci, margin, params, recommended (+ ``n``, the sample sizes).
 """

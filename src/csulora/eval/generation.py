@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from csulora.training.data import chat_prompt_ids
 
 DEFAULT_BATCH_SIZE = 32
-DEFAULT_MAX_NEW_TOKENS = 64  # DESIGN §10: one default for harmful, benign and task prompts
+DEFAULT_MAX_NEW_TOKENS = 64  # docs/design.md §10: one default for harmful, benign and task prompts
 
 
 def stop_token_ids(tokenizer) -> list[int]:

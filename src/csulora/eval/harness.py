@@ -1,6 +1,6 @@
 """Evaluate one model (+ adapter) on harmful / out-of-distribution / benign / task sets.
 
-The product is a **results row** (DESIGN §10 schema, see :func:`results_row`) and the
+The product is a **results row** (docs/design.md §10 schema, see :func:`results_row`) and the
 generation records behind it. Rows are computed *from the records*
 (:func:`row_from_generations`), so a saved ``generations.jsonl`` can be rescored by
 another judge and give the same kind of row without generating again.
@@ -85,7 +85,7 @@ def results_row(
     params: dict[str, Any] | None = None,
     recommended: bool = False,
 ) -> dict[str, Any]:
-    """One results row with DESIGN §10's keys (None where a set was not evaluated).
+    """One results row with docs/design.md §10's keys (None where a set was not evaluated).
 
     ``n`` (sample sizes) is added beside the schema so readers can judge the intervals.
     """

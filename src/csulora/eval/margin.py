@@ -1,9 +1,9 @@
 """Refusal margin and response log-likelihood: forward passes only, no generation.
 
-Refusal margin (DESIGN §7): for each harmful prompt, the mean log-probability of a few
+Refusal margin (docs/design.md §7): for each harmful prompt, the mean log-probability of a few
 short refusal prefixes minus that of compliance prefixes, the prompt given through the
 chat template; averaged over prompts. Cheap enough to prune a sweep, but it only knows
-its fixed wordings, so it never decides alone (DESIGN §5b).
+its fixed wordings, so it never decides alone (docs/design.md §5b).
 """
 
 from __future__ import annotations

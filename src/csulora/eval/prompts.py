@@ -54,7 +54,7 @@ PYRIT_INSTALL = "pip install --no-deps pyrit==1.1.0"
 PYRIT_LOCAL_DIR = "pyrit/datasets/seed_datasets/local"
 ADVBENCH_FILE = "adv_bench.prompt"
 ADVBENCH_COUNT = 520
-# DESIGN §10: exactly these nine airt files (the others in that folder are not harmful
+# docs/design.md §10: exactly these nine airt files (the others in that folder are not harmful
 # requests: fairness, leakage, therapist role-play, imminent crisis).
 AIRT_FILES: tuple[str, ...] = (
     "harms", "illegal", "malware", "scams", "violence", "hate", "harassment", "misinformation", "sexual",

@@ -3,7 +3,7 @@
 "Convert the date March 7, 1984 to DD/MM/YYYY format. Reply with the date only." ->
 "07/03/1984". The aligned SmolLM2 gets 0% exact match (it answers in prose or in US
 order) and a small LoRA learns it to ~94% (pilot), so a >= 30-point gain has room.
-Items are JSONL-shaped dicts ``{"id", "prompt", "response"}`` (DESIGN §10); a user task
+Items are JSONL-shaped dicts ``{"id", "prompt", "response"}`` (docs/design.md §10); a user task
 is a JSONL file of the same shape, scored by exact match of the generation with
 ``response``.
 """

@@ -6,7 +6,7 @@ The update of a module is ``dW = s * B @ A`` with ``s = alpha / r`` (``alpha / s
 when ``use_rslora``); ``rank_pattern`` / ``alpha_pattern`` override r and alpha per module,
 resolved exactly as PEFT 0.21 does it (:func:`pattern_value`).
 
-Written adapters keep every module's scale s (DESIGN §10): when a correction changes a
+Written adapters keep every module's scale s (docs/design.md §10): when a correction changes a
 module's rank to r', its alpha becomes ``s * r'`` (``s * sqrt(r')`` with rslora), and both
 go into ``rank_pattern`` / ``alpha_pattern`` under the module's full name, so stock
 ``PeftModel.from_pretrained`` rebuilds the same scaling. Output bytes are deterministic:
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from csulora.errors import InputError
 from csulora.io.checkpoints import PICKLED_SUFFIXES, check_finite, natural_key, open_safetensors, read_tensor
-from csulora.methods.base import LoraUpdate
+from csulora.types import LoraUpdate, as_float64
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -95,31 +95,15 @@ def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any)
 
 # -- data model -------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class AdapterModule:
-    """One module's stored LoRA factors (in the file's dtype) and its resolved scaling."""
+class AdapterModule(LoraUpdate):
+    """One module's stored LoRA factors (in the file's dtype), its name and resolved alpha."""
 
     name: str
-    A: Tensor  # r x n
-    B: Tensor  # m x r
     alpha: float
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(out, in) of the weight this module updates."""
-        return int(self.B.shape[0]), int(self.A.shape[1])
 
     def update(self) -> LoraUpdate:
         """The factors as the methods want them: float64 on CPU with the module's scale."""
-        return LoraUpdate(
-            A=self.A.detach().to(device="cpu", dtype=torch.float64),
-            B=self.B.detach().to(device="cpu", dtype=torch.float64),
-            scale=self.scale,
-        )
+        return LoraUpdate(A=as_float64(self.A), B=as_float64(self.B), scale=self.scale)
 
 
 @dataclass
@@ -330,7 +314,7 @@ def _factors_to_write(
             f"whose weight is {list(module.shape)}"
         )
     if not math.isclose(update.scale, module.scale, rel_tol=1e-12, abs_tol=0.0):
-        # The factor formulas assume the input's scale is kept (DESIGN §10): fold any
+        # The factor formulas assume the input's scale is kept (docs/design.md §10): fold any
         # other scale into B so the written update is still exactly update.dense().
         B = B * (update.scale / module.scale)
     if A.shape[0] == 0:

@@ -29,7 +29,7 @@ from torch import Tensor
 from csulora.errors import InputError
 from csulora.io.atomic import atomic_output_file
 from csulora.io.checkpoints import natural_key, open_safetensors, read_tensor
-from csulora.methods.base import ModuleSubspace
+from csulora.types import ModuleSubspace
 
 CACHE_FORMAT = "csulora-subspace"
 CACHE_VERSION = 1

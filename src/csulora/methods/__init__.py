@@ -1,44 +1,22 @@
 """Post-hoc correction methods behind one interface (base.py) and one registry (registry.py).
 
-The registry names are loaded lazily (PEP 562): the method modules import
-``csulora.audit``, which imports the data types of ``csulora.methods.base``; loading the
-registry eagerly here would make that a circular import.
+Each method is one module here; ``registry.METHODS`` maps ``--method`` names to instances.
+The value types they work on live in :mod:`csulora.types`.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from csulora.methods.base import (
-    REPORT_KEYS,
-    CorrectionMethod,
-    LoraUpdate,
-    MethodConfig,
-    ModuleInput,
-    ModuleResult,
-    ModuleSubspace,
-)
-
-_REGISTRY_NAMES = ("METHODS", "get_method", "make_config", "option_names")
+from csulora.methods.base import CorrectionMethod, MethodConfig, Tuning
+from csulora.methods.registry import METHODS, get_method, make_config, option_names, register, tunable_methods
 
 __all__ = [
     "METHODS",
-    "REPORT_KEYS",
     "CorrectionMethod",
-    "LoraUpdate",
     "MethodConfig",
-    "ModuleInput",
-    "ModuleResult",
-    "ModuleSubspace",
+    "Tuning",
     "get_method",
     "make_config",
     "option_names",
+    "register",
+    "tunable_methods",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _REGISTRY_NAMES:
-        from csulora.methods import registry
-
-        return getattr(registry, name)
-    raise AttributeError(f"module 'csulora.methods' has no attribute {name!r}")

@@ -1,10 +1,17 @@
-"""The one interface every post-hoc correction method implements.
+"""The one interface every post-hoc correction method implements (docs/design.md §9).
 
-A method sees one module at a time (a :class:`ModuleInput`: the LoRA factors, the
-module's safety subspace and, when streamed from base/aligned, the exact displacement D)
-and returns corrected factors plus a per-module report. Methods that need a global
-decision (Safe LoRA's number mode picks the N lowest cosines over all modules) override
-:meth:`CorrectionMethod.correct`, which receives the whole stream.
+A method sees one module at a time (a :class:`~csulora.types.ModuleInput`: the LoRA
+factors, the module's safety subspace, the exact displacement D when streamed from
+base/aligned, the activation statistics when calibrated) and returns corrected factors
+plus a per-module report. Methods that need a global decision (Safe LoRA's number mode
+picks the N lowest cosines over all modules) override :meth:`CorrectionMethod.correct`,
+which receives the whole stream.
+
+A method also describes itself, so nothing outside its own file needs to know it:
+its name and paper, its config dataclass (the CLI flags and their help), which inputs it
+needs, and how ``csulora tune`` sweeps it (:class:`Tuning`: the knob, the default grid
+weakest first, the knob value that leaves the adapter unchanged). Adding a method is one
+file plus one line in ``registry.py``.
 
 LoRA factors and subspaces are float64 on CPU (cheap at LoRA sizes; keeps reruns exact);
 the exact displacement D, when present, is float32 (m x n can be large; products with
@@ -19,104 +26,23 @@ import dataclasses
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from types import MappingProxyType
+from typing import Any, ClassVar, Generic, TypeVar
 
-import torch
 from torch import Tensor
 
+from csulora.audit import ModuleGeometry, audit_report
 from csulora.errors import OptionError
+from csulora.linalg import frobenius_norm_sq
+from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput, ModuleResult, as_float64
 
-# Every method's per-module report has exactly these keys (None where one does not apply),
-# so the API, the CLI table, the JSON files and the docs agree. Safe LoRA adds one more,
-# ``safelora_dist`` (its Pdst term), see methods/safelora.py.
-REPORT_KEYS: tuple[str, ...] = (
-    "rho_F",
-    "rho_P",
-    "rho_O",
-    "lam_P",
-    "lam_O",
-    "c_P",
-    "c_O",
-    "safelora_cos",
-    "projected",
-    "dw_norm_before",
-    "dw_norm_after",
-    "rank_in",
-    "rank_out",
-    "compress_energy_dropped",
-    "subspace_rank",
-    "subspace_energy",
-    "cos_dW_D",
-    "dw_over_d",
-    "restore_energy_added",
-    "d_source",
-)
-
-
-@dataclass(frozen=True)
-class LoraUpdate:
-    """One module's LoRA update ``dW = scale * B @ A`` (B: m x r, A: r x n)."""
-
-    A: Tensor
-    B: Tensor
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.B.shape[0]), int(self.A.shape[1])
-
-    def dense(self) -> Tensor:
-        """The m x n update. For tests and small reports only: never on a hot path."""
-        return self.scale * (self.B @ self.A)
-
-
-@dataclass(frozen=True)
-class ModuleSubspace:
-    """Top-k SVD of one module's alignment displacement ``D ~= U diag(S) V^T``.
-
-    ``k == 0`` (D == 0, untouched by alignment) is a defined, empty subspace.
-    """
-
-    U: Tensor  # m x k, orthonormal columns
-    S: Tensor  # k, descending
-    V: Tensor  # n x k, orthonormal columns
-    energy: float  # fraction of ||D||_F^2 captured by the k directions (0 when D == 0)
-    d_norm: float  # exact ||D||_F, kept so norm ratios stay exact without D itself
-
-    @property
-    def rank(self) -> int:
-        return int(self.S.shape[0])
-
-    @property
-    def is_empty(self) -> bool:
-        return self.rank == 0
-
-
-@dataclass
-class ModuleInput:
-    """Everything a method may use for one target module."""
-
-    name: str  # full module name, e.g. "model.layers.3.self_attn.v_proj"
-    update: LoraUpdate
-    subspace: ModuleSubspace | None = None
-    # Exact D = W_aligned - W_base (m x n, float32) when streamed from --base/--aligned; None when
-    # only a subspace cache was given (then methods use the rank-k part and say so).
-    displacement: Tensor | None = None
-
-
-@dataclass
-class ModuleResult:
-    """Corrected factors (same ``scale`` as the input) and the per-module report."""
-
-    name: str
-    update: LoraUpdate
-    report: dict[str, Any] = field(default_factory=dict)
+# What a method may need besides the adapter (``CorrectionMethod.inputs``).
+SUBSPACE = "subspace"  # the top-k safety subspace of D (a cache, or computed from base/aligned)
+DISPLACEMENT = "displacement"  # the exact, full D (streamed from --base/--aligned)
+CALIBRATION = "calibration"  # activation statistics from `csulora calibrate`
+INPUT_KINDS = (SUBSPACE, DISPLACEMENT, CALIBRATION)
 
 
 @dataclass(frozen=True)
@@ -135,27 +61,64 @@ class MethodConfig:
         object.__setattr__(self, field_name, kind(getattr(self, field_name)))
 
 
-class CorrectionMethod(ABC):
+@dataclass(frozen=True)
+class Tuning:
+    """How ``csulora tune`` sweeps a method: one knob, from weakest to strongest.
+
+    ``grid``: the default values, weakest (closest to the uncorrected adapter) first.
+    ``weaker_when_smaller``: orders a user's grid the same way (False for scaling, where
+    factor 1 is the adapter itself). ``identity``: the knob value at which the method
+    writes the adapter unchanged (None when no value does), so tune scores it once.
+    ``fixed``: options the sweep forces (Safe LoRA's threshold acts in threshold mode only).
+    """
+
+    knob: str
+    grid: tuple[float, ...]
+    weaker_when_smaller: bool = True
+    identity: float | None = None
+    fixed: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    def order_weakest_first(self, values: Iterable[float]) -> tuple[float, ...]:
+        return tuple(sorted(values, reverse=not self.weaker_when_smaller))
+
+
+ConfigT = TypeVar("ConfigT", bound=MethodConfig)
+
+
+class CorrectionMethod(ABC, Generic[ConfigT]):
     """A post-hoc correction of LoRA adapters (one small class per module in methods/)."""
 
     name: ClassVar[str]  # registry key and --method value
     pretty_name: ClassVar[str]
     paper_url: ClassVar[str | None] = None
-    config_cls: ClassVar[type[MethodConfig]]
+    config_cls: type[ConfigT]
+    # Inputs the method needs with its default options (see needs(); INPUT_KINDS).
+    inputs: ClassVar[frozenset[str]] = frozenset({SUBSPACE})
+    # How tune sweeps it; None: tune cannot sweep this method.
+    tuning: ClassVar[Tuning | None] = None
 
-    def needs_subspace(self, config: MethodConfig) -> bool:
-        """Whether the top-k subspace of D must be available (cache or computed)."""
-        return True
+    # -- what the method needs ---------------------------------------------------------
+    def needs(self, config: ConfigT) -> frozenset[str]:
+        """Inputs needed with these options (override when an option changes them)."""
+        return self.inputs
 
-    def needs_displacement(self, config: MethodConfig) -> bool:
-        """Whether the exact, full D must be streamed (needs --base/--aligned)."""
-        return False
+    def needs_subspace(self, config: ConfigT) -> bool:
+        return SUBSPACE in self.needs(config)
 
-    def check_sources(self, config: MethodConfig, *, has_displacement: bool, has_subspace: bool) -> None:
+    def needs_displacement(self, config: ConfigT) -> bool:
+        return DISPLACEMENT in self.needs(config)
+
+    def needs_calibration(self, config: ConfigT) -> bool:
+        return CALIBRATION in self.needs(config)
+
+    def check_sources(
+        self, config: ConfigT, *, has_displacement: bool, has_subspace: bool, has_calibration: bool = False
+    ) -> None:
         """Raise OptionError (before any tensor is read) when an input the config needs is missing.
 
         ``has_displacement``: the exact D will be streamed (--base/--aligned given);
-        ``has_subspace``: a subspace will be available (a cache, or computed from base/aligned).
+        ``has_subspace``: a subspace will be available (a cache, or computed from base/aligned);
+        ``has_calibration``: a calibration file was given.
         """
         if self.needs_displacement(config) and not has_displacement:
             raise OptionError(f"{self.pretty_name} needs the exact D: give --base/--aligned")
@@ -163,17 +126,35 @@ class CorrectionMethod(ABC):
             raise OptionError(
                 f"{self.pretty_name} needs the safety subspace: give --subspace or --base/--aligned"
             )
+        if self.needs_calibration(config) and not has_calibration:
+            raise OptionError(
+                f"{self.pretty_name} needs activation statistics: give --calibration FILE "
+                "(written by `csulora calibrate`)"
+            )
 
+    # -- how tune sweeps it -------------------------------------------------------------
+    def is_identity(self, config: ConfigT) -> bool:
+        """Whether these options write the adapter's update exactly as it is."""
+        tuning = self.tuning
+        if tuning is None or tuning.identity is None:
+            return False
+        return getattr(config, tuning.knob) == tuning.identity
+
+    def tune_options(self, *, has_displacement: bool) -> dict[str, Any]:
+        """Options tune sets by default for the sources it has (Safe LoRA: its projection)."""
+        return {}
+
+    # -- the correction -----------------------------------------------------------------
     @abstractmethod
-    def correct_module(self, module: ModuleInput, config: MethodConfig) -> ModuleResult:
+    def correct_module(self, module: ModuleInput, config: ConfigT) -> ModuleResult:
         """Correct one module independently of the others."""
 
-    def correct(self, modules: Iterable[ModuleInput], config: MethodConfig) -> Iterator[ModuleResult]:
+    def correct(self, modules: Iterable[ModuleInput], config: ConfigT) -> Iterator[ModuleResult]:
         """Correct a stream of modules; override for methods with a global decision."""
         for module in modules:
             yield self.correct_module(module, config)
 
-    def summary(self, results: Sequence[ModuleResult], config: MethodConfig) -> dict[str, Any]:
+    def summary(self, results: Sequence[ModuleResult], config: ConfigT) -> dict[str, Any]:
         """Global (whole-adapter) report fields computed from all results; {} by default.
 
         Safe LoRA returns its Pdst and the cosine threshold it used here.
@@ -181,9 +162,31 @@ class CorrectionMethod(ABC):
         return {}
 
 
-def as_float64(t: Tensor) -> Tensor:
-    """Methods compute in float64: cheap at LoRA sizes, and it keeps reruns exact."""
-    return t.detach().to(device="cpu", dtype=torch.float64)
+def method_report(geometry: ModuleGeometry, *, safelora_projection: str = "approx") -> dict[str, Any]:
+    """A correction report (every key of ``REPORT_KEYS``) pre-filled with the audit numbers.
+
+    Methods fill in their own keys (lam/c, projected, norms after, ranks, ...) on top.
+    """
+    audit = audit_report(geometry, safelora_projection=safelora_projection)
+    report: dict[str, Any] = dict.fromkeys(REPORT_KEYS)
+    for key in ("rho_F", "rho_P", "rho_O", "safelora_cos", "cos_dW_D", "dw_over_d"):
+        report[key] = audit[key]
+    for key in ("subspace_rank", "subspace_energy", "d_source"):
+        report[key] = audit[key]
+    report["dw_norm_before"] = audit["dw_norm"]
+    report["rank_in"] = geometry.module.update.rank
+    return report
+
+
+def finish_report(report: dict[str, Any], update: LoraUpdate) -> dict[str, Any]:
+    """Fill the keys every method reports about what it wrote: norm and rank after."""
+    report.update(dw_norm_after=update_norm(update.B, update.A, update.scale), rank_out=update.rank)
+    return report
+
+
+def update_norm(B: Tensor, A: Tensor, scale: float) -> float:
+    """``||s B A||_F`` in factored form."""
+    return abs(scale) * float(frobenius_norm_sq(as_float64(B), as_float64(A))) ** 0.5
 
 
 def flag_name(field_name: str) -> str:

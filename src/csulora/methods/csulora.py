@@ -1,4 +1,4 @@
-"""CSULoRA: the closest safe update, with optional restoration (DESIGN §5, §5b).
+"""CSULoRA: the closest safe update, with optional restoration (docs/design.md §5, §5b).
 
 ``X* = argmin_X ||X - dW||^2 + lam_P ||Pi_P X||^2 + lam_O ||Pi_O X||^2 - 2 beta <X, D_k>``
 has the closed form ``X* = F + beta D_k + c_P P + c_O O`` with ``c = 1 / (1 + lam)``: the
@@ -15,7 +15,7 @@ and ``A = Y1 + Y2`` (in / out of span V):
 - empty subspace (D == 0): everything is off-subspace, ``B' = c_O B``;
 - ``gamma == 0`` or ``dW == 0``: the input factors unchanged;
 then ``beta D_k`` appended (+k columns, see methods/resta.py). ``rank_mode="compress"``
-keeps the best rank-r approximation of X* (rank r + k with restoration, DESIGN §10) via
+keeps the best rank-r approximation of X* (rank r + k with restoration, docs/design.md §10) via
 QR of the factors and an SVD of the small core, and reports the energy it dropped.
 """
 
@@ -27,23 +27,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.audit import ModuleGeometry, method_report, update_norm
+from csulora.audit import ModuleGeometry
 from csulora.errors import InputError
 from csulora.linalg import best_rank_approx
 from csulora.methods.base import (
     CorrectionMethod,
-    LoraUpdate,
     MethodConfig,
-    ModuleInput,
-    ModuleResult,
+    Tuning,
+    finish_report,
+    method_report,
     require_choice,
     require_number,
 )
+from csulora.types import LoraUpdate, ModuleInput, ModuleResult
 from csulora.methods.resta import append_restoration, restoration_energy_fraction
 
 SCHEDULES = ("energy", "ratio", "constant")
 RANK_MODES = ("exact", "compress")
-RATIO_EPS = 1e-3  # DESIGN §10: lam_c = gamma * rho_c / (rho_F + eps)
+RATIO_EPS = 1e-3  # docs/design.md §10: lam_c = gamma * rho_c / (rho_F + eps)
 # c_O and c_P^2 closer than this are treated as equal (rank-r form); the error this admits
 # is at most 1e-12 * ||O||, far below the float32/bf16 precision of written adapters.
 _RANK_R_TOLERANCE = 1e-12
@@ -116,14 +117,17 @@ def shrunk_factors(geometry: ModuleGeometry, c_P: float, c_O: float) -> tuple[Te
     return torch.cat([sp.X1, sp.X2], dim=1), torch.cat([top, bottom], dim=0)
 
 
-class Csulora(CorrectionMethod):
+class Csulora(CorrectionMethod[CsuloraConfig]):
     name = "csulora"
     pretty_name = "CSULoRA"
-    paper_url = None  # the paper's equations are not public; DESIGN §5 is our formulation
+    paper_url = None  # the paper's equations are not public; docs/design.md §5 is our formulation
     config_cls = CsuloraConfig
+    tuning = Tuning(knob="gamma", grid=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0), identity=0.0)
 
-    def correct_module(self, module: ModuleInput, config: MethodConfig) -> ModuleResult:
-        assert isinstance(config, CsuloraConfig)
+    def is_identity(self, config: CsuloraConfig) -> bool:
+        return config.gamma == 0.0 and config.restore == 0.0
+
+    def correct_module(self, module: ModuleInput, config: CsuloraConfig) -> ModuleResult:
         if module.subspace is None:
             raise InputError(f"{module.name}: CSULoRA needs the module's safety subspace")
         geometry = ModuleGeometry(module)
@@ -158,9 +162,7 @@ class Csulora(CorrectionMethod):
             lam_O=lam_O,
             c_P=c_P,
             c_O=c_O,
-            dw_norm_after=update_norm(update.B, update.A, update.scale),
-            rank_out=update.rank,
             compress_energy_dropped=dropped,
             restore_energy_added=restoration_energy_fraction(geometry, beta),
         )
-        return ModuleResult(name=module.name, update=update, report=report)
+        return ModuleResult(name=module.name, update=update, report=finish_report(report, update))

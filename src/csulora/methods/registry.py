@@ -42,9 +42,19 @@ from csulora.methods.resta import Resta
 from csulora.methods.safelora import SafeLora
 from csulora.methods.scale import Scale
 
-METHODS: dict[str, CorrectionMethod] = {
-    method.name: method for method in (Csulora(), SafeLora(), Scale(), Resta())
-}
+METHODS: dict[str, CorrectionMethod] = {}
+
+
+def register(method: CorrectionMethod) -> CorrectionMethod:
+    """Add a method instance under its ``name`` (a second method of the same name is an error)."""
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+for _method in (Csulora(), SafeLora(), Scale(), Resta()):
+    register(_method)
 
 
 def get_method(name: str) -> CorrectionMethod:
@@ -80,3 +90,8 @@ def make_config(method: CorrectionMethod | str, options: Mapping[str, Any]) -> M
             f"{flag_name(unknown[0])} does not apply to --method {method.name} (its options: {own})"
         )
     return method.config_cls(**given)
+
+
+def tunable_methods() -> tuple[str, ...]:
+    """Names of the methods ``csulora tune`` can sweep (those that describe a knob)."""
+    return tuple(name for name, method in METHODS.items() if method.tuning is not None)

@@ -1,4 +1,4 @@
-"""RESTA, rank-k: add the alignment back, ``X = dW + beta * D_k`` (DESIGN §5b).
+"""RESTA, rank-k: add the alignment back, ``X = dW + beta * D_k`` (docs/design.md §5b).
 
 Bhardwaj et al. (2024) add the full displacement D to the fine-tuned weights; full-rank
 D is no LoRA. Its top-k part ``D_k = U_k diag(S_k) V_k^T`` from the safety subspace is: an
@@ -17,18 +17,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.audit import ModuleGeometry, method_report, update_norm
+from csulora.audit import ModuleGeometry
 from csulora.errors import InputError
 from csulora.methods.base import (
     CorrectionMethod,
-    LoraUpdate,
     MethodConfig,
-    ModuleInput,
-    ModuleResult,
-    ModuleSubspace,
-    as_float64,
+    Tuning,
+    finish_report,
+    method_report,
     require_number,
 )
+from csulora.types import LoraUpdate, ModuleInput, ModuleResult, ModuleSubspace, as_float64
 
 
 @dataclass(frozen=True)
@@ -78,14 +77,14 @@ def restoration_energy_fraction(geometry: ModuleGeometry, beta: float) -> float 
     return added / geometry.dw_norm_sq
 
 
-class Resta(CorrectionMethod):
+class Resta(CorrectionMethod[RestaConfig]):
     name = "resta"
     pretty_name = "RESTA (rank-k)"
     paper_url = "https://arxiv.org/abs/2402.11746"
     config_cls = RestaConfig
+    tuning = Tuning(knob="restore", grid=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0), identity=0.0)
 
-    def correct_module(self, module: ModuleInput, config: MethodConfig) -> ModuleResult:
-        assert isinstance(config, RestaConfig)
+    def correct_module(self, module: ModuleInput, config: RestaConfig) -> ModuleResult:
         geometry = ModuleGeometry(module)
         report: dict[str, Any] = method_report(geometry)
         if module.subspace is None:
@@ -95,9 +94,5 @@ class Resta(CorrectionMethod):
             update = module.update
         else:
             update = LoraUpdate(A=A, B=B, scale=module.update.scale)
-        report.update(
-            dw_norm_after=update_norm(update.B, update.A, update.scale),
-            rank_out=update.rank,
-            restore_energy_added=restoration_energy_fraction(geometry, float(config.restore)),
-        )
-        return ModuleResult(name=module.name, update=update, report=report)
+        report.update(restore_energy_added=restoration_energy_fraction(geometry, float(config.restore)))
+        return ModuleResult(name=module.name, update=update, report=finish_report(report, update))

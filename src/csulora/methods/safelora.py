@@ -1,4 +1,4 @@
-"""Safe LoRA (Hsu et al., NeurIPS 2024) with the published semantics (DESIGN §4).
+"""Safe LoRA (Hsu et al., NeurIPS 2024) with the published semantics (docs/design.md §4).
 
 Per module, with ``C = D D^T / ||D||`` ("approx", the published projection, needs the
 exact D) or ``C = U U^T`` ("exact", the top-k safety subspace):
@@ -28,22 +28,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from csulora.audit import SAFELORA_PROJECTIONS, ModuleGeometry, method_report, update_norm
+from csulora.audit import SAFELORA_PROJECTIONS, ModuleGeometry
 from csulora.errors import InputError, OptionError
 from csulora.methods.base import (
+    DISPLACEMENT,
+    SUBSPACE,
     CorrectionMethod,
-    LoraUpdate,
     MethodConfig,
-    ModuleInput,
-    ModuleResult,
+    Tuning,
+    finish_report,
+    method_report,
     require_choice,
     require_number,
 )
+from csulora.types import LoraUpdate, ModuleInput, ModuleResult
 
 SELECT_MODES = ("number", "threshold")
 APPROX_NEEDS_D = (
@@ -96,40 +100,45 @@ class _Measured:
     report: dict[str, Any]
 
 
-class SafeLora(CorrectionMethod):
+class SafeLora(CorrectionMethod[SafeLoraConfig]):
     name = "safelora"
     pretty_name = "Safe LoRA"
     paper_url = "https://arxiv.org/abs/2405.16833"
     config_cls = SafeLoraConfig
+    inputs = frozenset({DISPLACEMENT})  # the published projection (approx) needs the exact D
+    # The threshold acts in threshold mode only; a lower threshold projects fewer modules.
+    # No threshold is the identity for sure (a cosine of exactly -1 would still project).
+    tuning = Tuning(
+        knob="threshold",
+        grid=(0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5),
+        fixed=MappingProxyType({"select": "threshold"}),
+    )
 
-    def needs_subspace(self, config: MethodConfig) -> bool:
-        assert isinstance(config, SafeLoraConfig)
-        return config.projection == "exact"
-
-    def needs_displacement(self, config: MethodConfig) -> bool:
-        assert isinstance(config, SafeLoraConfig)
-        return config.projection == "approx"
+    def needs(self, config: SafeLoraConfig) -> frozenset[str]:
+        return frozenset({DISPLACEMENT if config.projection == "approx" else SUBSPACE})
 
     def check_sources(
-        self, config: MethodConfig, *, has_displacement: bool, has_subspace: bool
+        self, config: SafeLoraConfig, *, has_displacement: bool, has_subspace: bool, has_calibration: bool = False
     ) -> None:
         if self.needs_displacement(config) and not has_displacement:
             raise OptionError(APPROX_NEEDS_D)
         super().check_sources(
-            config, has_displacement=has_displacement, has_subspace=has_subspace
+            config, has_displacement=has_displacement, has_subspace=has_subspace, has_calibration=has_calibration
         )
 
+    def tune_options(self, *, has_displacement: bool) -> dict[str, Any]:
+        # The published projection needs the full D; from a subspace cache only the exact one works.
+        return {"projection": "approx" if has_displacement else "exact"}
+
     # --- one module (threshold semantics) -----------------------------------------------
-    def correct_module(self, module: ModuleInput, config: MethodConfig) -> ModuleResult:
+    def correct_module(self, module: ModuleInput, config: SafeLoraConfig) -> ModuleResult:
         """Threshold-mode decision for one module (number mode needs :meth:`correct`)."""
-        assert isinstance(config, SafeLoraConfig)
         return self._finish(self._measure(module, config), float(config.threshold))
 
     # --- the whole stream --------------------------------------------------------------
     def correct(
-        self, modules: Iterable[ModuleInput], config: MethodConfig
+        self, modules: Iterable[ModuleInput], config: SafeLoraConfig
     ) -> Iterator[ModuleResult]:
-        assert isinstance(config, SafeLoraConfig)
         if config.select == "threshold":
             for module in modules:
                 yield self.correct_module(module, config)
@@ -141,9 +150,8 @@ class SafeLora(CorrectionMethod):
         for item in measured:
             yield self._finish(item, threshold)
 
-    def summary(self, results: Sequence[ModuleResult], config: MethodConfig) -> dict[str, Any]:
+    def summary(self, results: Sequence[ModuleResult], config: SafeLoraConfig) -> dict[str, Any]:
         """Global fields: ``pdst``, ``safelora_threshold`` (t used), counts."""
-        assert isinstance(config, SafeLoraConfig)
         cosines = [r.report.get("safelora_cos") for r in results]
         if config.select == "threshold":
             threshold: float | None = float(config.threshold)
@@ -187,13 +195,8 @@ class SafeLora(CorrectionMethod):
             gap = torch.linalg.vector_norm(update.B.to(torch.float64) - item.projected_B)
             dist = 1.0 / (1.0 + float(gap))
         report = dict(item.report)
-        report.update(
-            projected=projected,
-            safelora_dist=dist,
-            dw_norm_after=update_norm(update.B, update.A, update.scale),
-            rank_out=update.rank,
-        )
-        return ModuleResult(name=item.name, update=update, report=report)
+        report.update(projected=projected, safelora_dist=dist)
+        return ModuleResult(name=item.name, update=update, report=finish_report(report, update))
 
 
 def number_mode_threshold(cosines: Sequence[float | None], num_layers: int) -> float | None:

@@ -1,4 +1,4 @@
-"""Uniform scaling, ``X = c * dW`` (DESIGN §5b): the null baseline every method must beat.
+"""Uniform scaling, ``X = c * dW`` (docs/design.md §5b): the null baseline every method must beat.
 
 Scales ``lora_B`` by c and keeps rank and scaling. It needs no subspace; when one is given
 anyway the report still carries the audit numbers (rho, cosines) of the input update.
@@ -9,16 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from csulora.audit import ModuleGeometry, method_report, update_norm
+from csulora.audit import ModuleGeometry
 from csulora.errors import OptionError
 from csulora.methods.base import (
     CorrectionMethod,
-    LoraUpdate,
     MethodConfig,
-    ModuleInput,
-    ModuleResult,
+    Tuning,
+    finish_report,
+    method_report,
     require_number,
 )
+from csulora.types import LoraUpdate, ModuleInput, ModuleResult
 
 
 @dataclass(frozen=True)
@@ -35,17 +36,21 @@ class ScaleConfig(MethodConfig):
         self._store_as("factor", float)
 
 
-class Scale(CorrectionMethod):
+class Scale(CorrectionMethod[ScaleConfig]):
     name = "scale"
     pretty_name = "Uniform scaling"
     paper_url = None
     config_cls = ScaleConfig
+    inputs = frozenset()
+    # factor 1 is the adapter itself: weaker settings are the larger factors.
+    tuning = Tuning(
+        knob="factor",
+        grid=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3),
+        weaker_when_smaller=False,
+        identity=1.0,
+    )
 
-    def needs_subspace(self, config: MethodConfig) -> bool:
-        return False
-
-    def correct_module(self, module: ModuleInput, config: MethodConfig) -> ModuleResult:
-        assert isinstance(config, ScaleConfig)
+    def correct_module(self, module: ModuleInput, config: ScaleConfig) -> ModuleResult:
         geometry = ModuleGeometry(module)
         report: dict[str, Any] = method_report(geometry)
         factor = float(config.factor)  # type: ignore[arg-type]
@@ -53,8 +58,4 @@ class Scale(CorrectionMethod):
             update = module.update
         else:
             update = LoraUpdate(A=geometry.A, B=factor * geometry.B, scale=module.update.scale)
-        report.update(
-            dw_norm_after=update_norm(update.B, update.A, update.scale),
-            rank_out=update.rank,
-        )
-        return ModuleResult(name=module.name, update=update, report=report)
+        return ModuleResult(name=module.name, update=update, report=finish_report(report, update))

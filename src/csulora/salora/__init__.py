@@ -3,7 +3,7 @@
 A fixed safety module ``C = I - V_s V_s^T`` keeps the trainable update out of the output
 directions the aligned model uses when it refuses; a task-specific init starts training
 in the task's feature subspace. The trained adapter is exported as a plain PEFT LoRA of
-rank 2r relative to the original weights (DESIGN §6).
+rank 2r relative to the original weights (docs/design.md §6).
 """
 
 from csulora.salora.api import train_salora

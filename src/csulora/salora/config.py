@@ -1,6 +1,6 @@
 """Options of SaLoRA training (Li et al., ICLR 2025), validated before any tensor is read.
 
-Defaults are the published recipe (DESIGN §6): rank 16 with alpha = rank (scaling 1),
+Defaults are the published recipe (docs/design.md §6): rank 16 with alpha = rank (scaling 1),
 safety rank 32, task rank 32, 128 samples for each feature pass, q_proj and v_proj,
 learning rate 1e-4 and no weight decay.
 """

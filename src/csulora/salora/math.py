@@ -1,4 +1,4 @@
-"""The tensor algebra of SaLoRA (DESIGN §6), pure: tensors in, tensors out, no I/O.
+"""The tensor algebra of SaLoRA (docs/design.md §6), pure: tensors in, tensors out, no I/O.
 
 Per target layer with weight ``W`` (m x n, out x in):
 - safety module ``C = I - V_s V_s^T`` (m x m), never built densely on the hot path:

@@ -13,13 +13,10 @@ each setting by generation with the evaluation harness and writes OUTDIR atomica
 
 from __future__ import annotations
 
-from csulora.tuning.config import KNOBS, TUNABLE_METHODS, KnobSpec, TuneConfig, parse_grid
+from csulora.tuning.config import TuneConfig, parse_grid
 from csulora.tuning.selection import ScoredSetting, Selection, SettingScores, Verdict, select_setting
 
 __all__ = [
-    "KNOBS",
-    "TUNABLE_METHODS",
-    "KnobSpec",
     "ScoredSetting",
     "Selection",
     "SettingScores",

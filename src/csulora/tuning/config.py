@@ -1,67 +1,41 @@
-"""What `csulora tune` sweeps and how it judges: the knob of each method and `TuneConfig`.
+"""What `csulora tune` sweeps and how it judges: `TuneConfig`.
 
-Every correction method has one knob that sets its strength (RESTA's restore beta,
-CSULoRA's gamma, Safe LoRA's threshold, uniform scaling's factor). `tune` sweeps that
-knob from the weakest setting -- the one closest to the uncorrected adapter -- to the
-strongest, so "the first setting that qualifies" is also the one that changes the
-adapter least. Everything here is validated before any tensor or model is read.
+Every correction method describes its own knob (``CorrectionMethod.tuning``: RESTA's
+restore beta, CSULoRA's gamma, Safe LoRA's threshold, uniform scaling's factor, ...), so
+this module knows no method by name. `tune` sweeps that knob from the weakest setting --
+the one closest to the uncorrected adapter -- to the strongest, so "the first setting
+that qualifies" is also the one that changes the adapter least. Everything here is
+validated before any tensor or model is read.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from csulora.errors import OptionError
+from csulora.methods.base import Tuning
+from csulora.methods.registry import get_method, make_config, tunable_methods
 
-# Same defaults as `csulora eval` (DESIGN §10: one generation default for every prompt
+# Same defaults as `csulora eval` (docs/design.md §10: one generation default for every prompt
 # set, and tune uses eval's). Kept here as a fallback so the pure parts import without
 # the evaluation package; the runner asserts they agree.
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_BATCH_SIZE = 32
 
 
-@dataclass(frozen=True)
-class KnobSpec:
-    """The one option of a method that `tune` sweeps.
-
-    ``weaker_when_smaller``: True when a smaller value is closer to the uncorrected
-    adapter (restore 0, gamma 0, threshold -1 projects nothing); False for scaling, where
-    factor 1 is the adapter itself.
-    ``fixed``: options forced for the sweep to make sense (Safe LoRA's threshold only
-    acts in threshold mode).
-    """
-
-    method: str
-    knob: str
-    default_grid: tuple[float, ...]
-    weaker_when_smaller: bool
-    fixed: Mapping[str, Any] = field(default_factory=dict)
-
-    def order_weakest_first(self, values: Iterable[float]) -> tuple[float, ...]:
-        return tuple(sorted(values, reverse=not self.weaker_when_smaller))
+def method_tuning(method: str) -> Tuning:
+    """The registered method's :class:`~csulora.methods.base.Tuning`; OptionError if it has none."""
+    if method not in tunable_methods():
+        raise OptionError(f"--method: {method!r} cannot be tuned; choose one of {', '.join(tunable_methods())}")
+    tuning = get_method(method).tuning
+    assert tuning is not None
+    return tuning
 
 
-def _frange(start: float, stop: float, step: float) -> tuple[float, ...]:
-    """Inclusive float range, rounded so 0.1 + 0.05 * k prints as written."""
-    count = int(round((stop - start) / step)) + 1
-    return tuple(round(start + step * i, 10) for i in range(count))
-
-
-KNOBS: Mapping[str, KnobSpec] = MappingProxyType(
-    {
-        "resta": KnobSpec("resta", "restore", (0.0, 0.5, 1.0, 1.5, 2.0, 3.0), True),
-        "csulora": KnobSpec("csulora", "gamma", (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0), True),
-        "safelora": KnobSpec(
-            "safelora", "threshold", _frange(0.1, 0.5, 0.05), True, fixed={"select": "threshold"}
-        ),
-        "scale": KnobSpec("scale", "factor", _frange(0.3, 1.0, 0.1)[::-1], False),
-    }
-)
-TUNABLE_METHODS: tuple[str, ...] = tuple(KNOBS)
 DEFAULT_METHOD = "resta"
 
 
@@ -111,9 +85,7 @@ class TuneConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.method not in KNOBS:
-            raise OptionError(f"--method: {self.method!r} cannot be tuned; choose one of {', '.join(KNOBS)}")
-        spec = KNOBS[self.method]
+        spec = method_tuning(self.method)
         _check_fraction("--max-asr-gap", self.max_asr_gap)
         _check_fraction("--max-utility-drop", self.max_utility_drop)
         for name, value in (("--max-new-tokens", self.max_new_tokens), ("batch size", self.batch_size)):
@@ -127,24 +99,33 @@ class TuneConfig:
         for name, forced in spec.fixed.items():
             if name in options and options[name] != forced:
                 raise OptionError(f"{self.method}: tune sweeps the {spec.knob} and needs {name}={forced!r}")
-        grid = spec.default_grid if self.grid is None else tuple(self.grid)
+        grid = spec.grid if self.grid is None else tuple(self.grid)
         grid = _check_grid(grid)
         object.__setattr__(self, "grid", spec.order_weakest_first(grid))
         object.__setattr__(self, "method_options", MappingProxyType(options))
         # Fail now, before any model is read, on values the method itself refuses: the
         # fixed options first (with the weakest default knob), then every grid value.
-        build_method_config(self.method, spec.order_weakest_first(spec.default_grid)[0], options, knob_from_grid=False)
+        build_method_config(self.method, spec.grid[0], options, knob_from_grid=False)
         for value in self.grid:
             build_method_config(self.method, value, options)
 
     @property
+    def tuning(self) -> Tuning:
+        return method_tuning(self.method)
+
+    @property
     def knob(self) -> str:
-        return KNOBS[self.method].knob
+        return self.tuning.knob
 
     def setting_options(self, value: float) -> dict[str, Any]:
         """The full option set of one setting: fixed options, forced ones, the knob value."""
-        spec = KNOBS[self.method]
+        spec = self.tuning
         return {**self.method_options, **spec.fixed, spec.knob: value}
+
+    def is_identity(self, value: float) -> bool:
+        """Whether this setting leaves the adapter's update exactly as it is."""
+        impl = get_method(self.method)
+        return impl.is_identity(make_config(impl, self.setting_options(value)))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -155,7 +136,7 @@ class TuneConfig:
             "max_utility_drop": self.max_utility_drop,
             "max_new_tokens": self.max_new_tokens,
             "batch_size": self.batch_size,
-            "method_options": {**dict(self.method_options), **KNOBS[self.method].fixed},
+            "method_options": {**dict(self.method_options), **self.tuning.fixed},
             "seed": self.seed,
             "stop_at_first": self.stop_at_first,
         }
@@ -182,9 +163,7 @@ def build_method_config(method: str, value: float, options: Mapping[str, Any], *
 
     Errors name the grid value when it is the knob that is out of range.
     """
-    from csulora.methods.registry import make_config
-
-    spec = KNOBS[method]
+    spec = method_tuning(method)
     kwargs = {**dict(options), **spec.fixed, spec.knob: value}
     try:
         return make_config(method, kwargs)

@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from csulora.errors import InputError, OptionError
 from csulora.io.atomic import atomic_output_dir, check_output_dir
-from csulora.tuning.config import KNOBS, TuneConfig
+from csulora.methods.registry import get_method
+from csulora.tuning.config import TuneConfig, build_method_config
 from csulora.tuning.report import plot_sweep, tune_record, write_tune_json
 from csulora.tuning.scoring import TuneData, score_model
 from csulora.tuning.selection import ScoredSetting, Selection, SettingScores, select_setting
@@ -38,7 +39,7 @@ TUNE_PNG = "tune.png"
 GENERATIONS = "tune-generations.jsonl"
 
 # Named validation sets used when --harmful is not given: two sources, so a correction
-# that only repairs prompts like its alignment data is caught (DESIGN §5b).
+# that only repairs prompts like its alignment data is caught (docs/design.md §5b).
 DEFAULT_HARMFUL = ("advbench:validation", "airt:val")
 # Specs that contain a test split: tune must never see them (numbers reported on the
 # test split would no longer be held out).
@@ -166,11 +167,12 @@ def _check_model_paths(
 
 
 def _with_source_defaults(config: TuneConfig, base: PathLike | None) -> TuneConfig:
-    """Safe LoRA's published projection needs the full D; from a cache only the exact one works."""
-    if config.method == "safelora" and "projection" not in config.method_options:
-        projection = "approx" if base is not None else "exact"
-        return dataclasses.replace(config, method_options={**config.method_options, "projection": projection})
-    return config
+    """The method's own defaults for the sources given (Safe LoRA: its projection), under the user's options."""
+    defaults = get_method(config.method).tune_options(has_displacement=base is not None)
+    missing = {key: value for key, value in defaults.items() if key not in config.method_options}
+    if not missing:
+        return config
+    return dataclasses.replace(config, method_options={**config.method_options, **missing})
 
 
 def load_tune_data(harmful: Sequence[str] | None, task: str | None, benign: str | None) -> LoadedData:
@@ -263,8 +265,9 @@ def _correction_source(
     """
     if subspace is not None:
         return {"subspace": Path(subspace)}
-    needs_full_d = config.method == "safelora" and config.method_options.get("projection") == "approx"
-    if needs_full_d or config.method == "scale":
+    impl = get_method(config.method)
+    weakest = build_method_config(config.method, config.grid[0], config.method_options)
+    if impl.needs_displacement(weakest) or not impl.needs_subspace(weakest):
         return {"base": Path(base), "aligned": aligned_path}
     from csulora.api import build_subspace
     from csulora.io.adapters import read_adapter
@@ -275,18 +278,6 @@ def _correction_source(
     build_subspace(base, aligned_path, cache, targets=targets, progress=False)
     timing["subspace"] = round(time.perf_counter() - start, 3)
     return {"subspace": cache}
-
-
-def is_identity(config: TuneConfig, value: float) -> bool:
-    """Whether this setting leaves the adapter's update exactly as it is."""
-    options = config.setting_options(value)
-    if config.method == "resta":
-        return value == 0.0
-    if config.method == "scale":
-        return value == 1.0
-    if config.method == "csulora":
-        return value == 0.0 and float(options.get("restore", 0.0)) == 0.0
-    return False
 
 
 def _run_sweep(
@@ -347,7 +338,7 @@ def _run_sweep(
                 adapter_path, candidate, config.method, progress=False, **source, **config.setting_options(value)
             )
             dirs.append(candidate)
-            identity = is_identity(config, value)
+            identity = config.is_identity(value)
             same.append(identity)
             if identity:
                 scores = adapter_scores  # the same update: no need to generate again

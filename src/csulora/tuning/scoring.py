@@ -64,7 +64,7 @@ def score_model(
 
     ``with_margin``: also record the refusal margin over all harmful prompts (forward
     passes only). It is reported beside the ASR, never used to choose: it knows only its
-    fixed refusal wordings and misranks strong corrections (DESIGN §5b).
+    fixed refusal wordings and misranks strong corrections (docs/design.md §5b).
     """
     sets = data.prompt_sets()
     flat = [prompt for _, prompts in sets for prompt in prompts]

