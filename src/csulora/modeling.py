@@ -13,15 +13,44 @@ from pathlib import Path
 
 import torch
 
-from csulora.errors import InputError
+from csulora.errors import InputError, OptionError
 from csulora.io.checkpoints import CONVERT_HINT, PICKLED_SUFFIXES, find_safetensors_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
+DEVICE_CHOICES = ("cpu", "cuda")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` means CUDA when present, else CPU; asking for CUDA without one is an error."""
+    if device is None:
+        return default_device()
+    resolved = torch.device(device)
+    if resolved.type not in DEVICE_CHOICES:
+        raise OptionError(f"--device must be one of {', '.join(DEVICE_CHOICES)}, got {device!r}")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError("--device cuda: no CUDA device is available on this machine (use --device cpu)")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``None`` means float32 (exact reruns; the evidence is computed so); names as in DTYPES."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise OptionError(f"--dtype {dtype} is not supported (choose {', '.join(DTYPES)})")
+        return dtype
+    if dtype not in DTYPES:
+        raise OptionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
 def check_adapter_dir(adapter: str | os.PathLike) -> Path:
@@ -61,16 +90,18 @@ def load_model(
     adapter: str | os.PathLike | None = None,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype | None = None,
     merge: bool = True,
 ):
-    """(model, tokenizer) ready for inference: eval mode, on ``device`` (CUDA if present).
+    """(model, tokenizer) ready for inference: eval mode, on ``device`` (default: CUDA if present)
+    in ``dtype`` (default float32; see :func:`resolve_device`, :func:`resolve_dtype`).
 
     ``adapter``: a PEFT adapter folder, loaded with ``PeftModel`` and merged (unless
     ``merge=False``, which keeps a ``PeftModel`` e.g. to keep training it).
     """
     from transformers import AutoModelForCausalLM
 
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     find_safetensors_files(model_dir)  # refuses .bin/.pt with the conversion hint
     if adapter is not None:
         check_adapter_dir(adapter)
@@ -88,7 +119,7 @@ def load_model(
             raise InputError(f"{adapter}: adapter does not fit {model_dir} ({str(exc).splitlines()[0]})") from None
         if merge:
             model = model.merge_and_unload()
-    model.to(device or default_device())
+    model.to(device)
     model.eval()
     return model, tokenizer
 

@@ -1,0 +1,77 @@
+"""A fingerprint of a checkpoint folder: what statistics or caches computed from it belong to.
+
+Statistics measured on one model (the calibration Grams, docs/design.md §5c) are wrong for
+any other, silently: same shapes, different numbers. The fingerprint hashes every weight
+file in full (sha256), the tokenizer files and the chat template, so a file computed from
+one folder can name exactly what it was computed from, and a later run can refuse another.
+Hashing reads the weights once (about a second per GB); it is done once per calibration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from csulora.errors import InputError
+from csulora.io.checkpoints import find_safetensors_files
+
+# Files that decide how text becomes token ids and how a chat is rendered.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_CHUNK = 1 << 22
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    return digest.hexdigest()
+
+
+def chat_template_of(folder: Path) -> str | None:
+    """The chat template as transformers would use it (tokenizer_config.json or its own file)."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except json.JSONDecodeError:
+            raise InputError(f"{config}: not valid JSON") from None
+        return template if isinstance(template, str) else json.dumps(template, sort_keys=True) if template else None
+    return None
+
+
+def model_fingerprint(model_dir: str | Path) -> dict[str, Any]:
+    """``{"weights": {file: sha256}, "tokenizer": {file: sha256}, "chat_template": sha256|None, "digest": ...}``.
+
+    ``digest`` is one sha256 over everything else: two folders with the same digest hold the
+    same weights, tokenizer and chat template, whatever their paths.
+    """
+    folder = Path(model_dir)
+    shards = sorted({path for path in find_safetensors_files(folder).values()})
+    weights = {path.name: file_sha256(path) for path in shards}
+    tokenizer = {name: file_sha256(folder / name) for name in TOKENIZER_FILES if (folder / name).is_file()}
+    template = chat_template_of(folder)
+    record: dict[str, Any] = {
+        "weights": weights,
+        "tokenizer": tokenizer,
+        "chat_template": hashlib.sha256(template.encode()).hexdigest() if template is not None else None,
+    }
+    record["digest"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return record
