@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from csulora.errors import InputError
-from csulora.io.atomic import atomic_output_dir, atomic_output_file
+from csulora.io.atomic import atomic_output_dir, atomic_output_file, check_output_file
+from tests.output_modes import assert_usual_modes, umask  # noqa: F401
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -84,3 +85,66 @@ def test_atomic_file_gets_the_usual_mode_not_a_private_one(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+def _private_safetensors(path: Path) -> None:
+    """safetensors writes its files 0600 whatever the umask: the case the modes fix is for."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(path))
+
+
+def test_output_dir_gets_usual_modes_for_every_file_and_folder(tmp_path, umask):
+    out = tmp_path / "out"
+    with atomic_output_dir(out) as tmp:
+        _private_safetensors(tmp / "adapter_model.safetensors")
+        (tmp / "nested").mkdir(mode=0o700)
+        (tmp / "nested" / "r.json").write_text("{}")
+        (tmp / "nested" / "r.json").chmod(0o600)
+    assert_usual_modes(out, umask)
+
+
+def test_forced_output_dir_gets_usual_modes(tmp_path, umask):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("old")
+    with atomic_output_dir(out, force=True) as tmp:
+        _private_safetensors(tmp / "w.safetensors")
+    assert sorted(p.name for p in out.iterdir()) == ["w.safetensors"]
+    assert_usual_modes(out, umask)
+
+
+def test_output_file_written_by_a_private_writer_gets_usual_mode(tmp_path, umask):
+    target = tmp_path / "subspace.safetensors"
+    with atomic_output_file(target) as tmp:
+        _private_safetensors(tmp)
+    assert_usual_modes(target, umask)
+
+
+def test_overwriting_a_0644_file_keeps_the_usual_mode(tmp_path):
+    import os
+
+    target = tmp_path / "subspace.safetensors"
+    target.write_text("old")
+    target.chmod(0o644)
+    previous = os.umask(0o022)
+    try:
+        check_output_file(target, force=True)
+        with atomic_output_file(target) as tmp:
+            _private_safetensors(tmp)
+    finally:
+        os.umask(previous)
+    assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_existing_output_file_needs_force(tmp_path):
+    target = tmp_path / "audit.json"
+    assert check_output_file(target) == target  # absent: fine
+    target.write_text("old")
+    with pytest.raises(InputError, match=r"--json .*audit.json: file exists \(use --force to replace it\)"):
+        check_output_file(target, flag="--json")
+    assert check_output_file(target, force=True) == target
+    with pytest.raises(InputError, match="is a folder"):
+        check_output_file(tmp_path, force=True)
+    assert target.read_text() == "old"

@@ -1,4 +1,16 @@
-"""Write an output directory so that an interrupted run leaves nothing half-written."""
+"""Write outputs so that an interrupted run leaves nothing half-written.
+
+Every output -- a folder (an adapter, an eval run) or a single file (a subspace cache, a
+JSON report, a plot) -- follows one rule: it is written to a temporary path beside its
+final name and renamed into place at the end, and an existing output is replaced only
+with ``force`` (checked by :func:`check_output_dir` / :func:`check_output_file` before
+any heavy work).
+
+Modes: ``mkdtemp``/``mkstemp`` make private temporaries (0700/0600), and some writers
+(safetensors) create private files of their own. A finished output gets the mode any
+ordinary tool would give it -- files ``0666 & ~umask``, folders ``0777 & ~umask`` -- set
+on every file and folder under it just before the rename, so what appears is already final.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +24,41 @@ from pathlib import Path
 from csulora.errors import InputError
 
 
+# -- modes ------------------------------------------------------------------------------------
+def current_umask() -> int:
+    """The process umask (read from /proc where possible: setting it, even briefly, races threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def apply_usual_modes(path: Path) -> None:
+    """Give ``path`` and everything under it the modes of a plain ``open``/``mkdir``."""
+    umask = current_umask()
+    file_mode, dir_mode = 0o666 & ~umask, 0o777 & ~umask
+    if not path.is_dir():
+        path.chmod(file_mode)
+        return
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            file = Path(root) / name
+            if not file.is_symlink():
+                file.chmod(file_mode)
+        for name in dirs:
+            folder = Path(root) / name
+            if not folder.is_symlink():
+                folder.chmod(dir_mode)
+    path.chmod(dir_mode)
+
+
+# -- refusing to overwrite --------------------------------------------------------------------
 def check_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Path:
     """Refuse an existing, non-empty OUTDIR unless ``force``; call before any heavy work."""
     out = Path(out_dir)
@@ -22,6 +69,21 @@ def check_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Path:
     return out
 
 
+def check_output_file(path: str | os.PathLike, force: bool = False, *, flag: str | None = None) -> Path:
+    """Refuse an existing output FILE unless ``force``, and a folder always; call before any heavy work.
+
+    ``flag`` names the option the path came from (``--json``), so the message says which.
+    """
+    out = Path(path)
+    where = f"{flag} {out}" if flag else str(out)
+    if out.is_dir():
+        raise InputError(f"{where}: is a folder; give a file name")
+    if out.exists() and not force:
+        raise InputError(f"{where}: file exists (use --force to replace it)")
+    return out
+
+
+# -- writing ----------------------------------------------------------------------------------
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``out_dir``; rename it into place on success.
@@ -34,6 +96,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Iterat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        apply_usual_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -50,18 +113,20 @@ def atomic_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Iterat
 
 @contextlib.contextmanager
 def atomic_output_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place on success."""
+    """Yield a temporary path beside ``path``; rename it into place on success.
+
+    Overwrites ``path``: the caller decides whether that is allowed (:func:`check_output_file`
+    at the edge, before any heavy work).
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    # mkstemp makes the file private (0600); a result file gets the usual mode (0666 less umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)
     try:
         yield tmp
+        # After the writer: it may have replaced the temporary with a private file of its own.
+        apply_usual_modes(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
