@@ -207,8 +207,20 @@ def test_unsupported_configs_are_refused(tiny_adapter, tmp_path, changes, match)
 
 def test_real_dora_adapter_is_refused(tmp_path):
     folder = build_adapter(tmp_path / "dora", use_dora=True)
-    with pytest.raises(InputError, match="DoRA"):
+    with pytest.raises(InputError, match="DoRA") as err:
         read_adapter(folder)
+    # The flag is named once, as the config spells it (issue 13: it used to say it twice).
+    assert str(err.value).lower().count("use_dora") == 1, str(err.value)
+    assert str(err.value).endswith("(use_dora=True)")
+
+
+@pytest.mark.parametrize("flag", ["use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "modules_to_save"])
+def test_unsupported_flag_is_named_once(tiny_adapter, tmp_path, flag):
+    folder = _copy(tiny_adapter, tmp_path / "a")
+    _edit_config(folder, **{flag: ["lm_head"] if flag == "modules_to_save" else True})
+    with pytest.raises(InputError) as err:
+        read_adapter(folder)
+    assert str(err.value).count(flag) == 1, str(err.value)
 
 
 def test_real_embedding_lora_is_refused(tmp_path):

@@ -42,18 +42,19 @@ _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB]
 
 # Config fields whose non-default value makes the saved factors mean something other than
 # ``W + s B A`` on the plain base model: correcting them as LoRA would be silently wrong.
+# The texts say why without naming the field: the message appends ``(field=value)`` itself.
 _UNSUPPORTED_FLAGS: dict[str, str] = {
-    "use_dora": "DoRA adapters (use_dora=true) rescale the merged weight by a learned magnitude",
-    "fan_in_fan_out": "fan_in_fan_out=true (Conv1D-style layers) stores the factors transposed",
-    "lora_bias": "lora_bias=true trains an extra bias on lora_B",
-    "use_qalora": "QA-LoRA (use_qalora=true) pools the inputs of a quantized base",
-    "modules_to_save": "modules_to_save trains full copies of whole modules, which no LoRA correction covers",
-    "trainable_token_indices": "trainable_token_indices trains embedding rows, which no LoRA correction covers",
-    "layer_replication": "layer_replication changes the model's layer stack",
-    "target_parameters": "target_parameters (LoRA on raw nn.Parameters, e.g. MoE experts) is not a linear-layer LoRA",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) applies only after an invocation sequence",
+    "use_dora": "DoRA adapters rescale the merged weight by a learned magnitude",
+    "fan_in_fan_out": "Conv1D-style layers store the factors transposed",
+    "lora_bias": "an extra bias is trained on lora_B",
+    "use_qalora": "QA-LoRA pools the inputs of a quantized base",
+    "modules_to_save": "full copies of whole modules are trained, which no LoRA correction covers",
+    "trainable_token_indices": "embedding rows are trained, which no LoRA correction covers",
+    "layer_replication": "the model's layer stack is changed",
+    "target_parameters": "LoRA on raw nn.Parameters (e.g. MoE experts) is not a linear-layer LoRA",
+    "alora_invocation_tokens": "activated LoRA applies only after an invocation sequence",
     "megatron_config": "Megatron-parallel LoRA layers are not supported",
-    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
+    "use_bdlora": "block-diagonal LoRA is not supported",
     "velora_config": "VeLoRA adapters are not supported",
     "monteclora_config": "MonteCLoRA adapters are not supported",
     "arrow_config": "Arrow routing adapters are not supported",
