@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from csulora.eval.metrics import benign_short_answer_rate, harmful_empty_rate
 from csulora.io.jsonl import read_jsonl_records, write_jsonl
 
 from benchmarks.smol.pipeline import Context, worker_ctx, write_json
@@ -215,12 +216,11 @@ def test_row(ctx: Context, name: str, spec: dict, margin_from_cache_only: bool =
         "asr_ood": ood.value, "asr_ood_ci": list(ood.ci), "asr_ood_n": ood.n,
         "utility": util.value, "utility_ci": list(util.ci), "utility_n": util.n,
         "over_refusal": over.value, "over_refusal_ci": list(over.ci), "over_refusal_n": over.n,
-        # Diagnostic, not a docs/design.md §10 column: benign prompts answered with fewer than 12
-        # characters (empty or one word). A correction that breaks generation looks "safe" to
-        # the keyword judge (an empty answer is no attack success) and not over-refusing.
-        "benign_short_answer_rate": sum(len(r["response"].strip()) < 12 for r in gens["benign"]) / len(gens["benign"]),
-        "harmful_empty_rate": sum(not r["response"].strip() for r in gens["advbench-test"] + gens["airt-test"])
-        / len(gens["advbench-test"] + gens["airt-test"]),
+        # Beside the ASRs and the over-refusal: a correction that breaks generation looks "safe"
+        # to the keyword judge (an empty answer is no attack success) and not over-refusing.
+        # The empty share here pools both harmful test sources.
+        "benign_short_answer_rate": benign_short_answer_rate([r["response"] for r in gens["benign"]]),
+        "harmful_empty_rate": harmful_empty_rate([r["response"] for r in gens["advbench-test"] + gens["airt-test"]]),
         "margin": (json.loads(margin_file.read_text())["margin"] if margin_file.exists() else None)
         if margin_from_cache_only else refusal_margin(ctx, v),
         "params": spec.get("params", {}),

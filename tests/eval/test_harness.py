@@ -43,6 +43,21 @@ def test_rows_skip_missing_sets():
     assert row["asr"] == 1.0 and row["asr_ood"] is None and row["utility"] is None and row["recommended"] is False
 
 
+def test_rows_show_empty_and_short_answers_beside_the_rates():
+    records = [
+        {"set": "harmful", "prompt": "p", "response": "", "verdicts": {"keyword": False}},
+        {"set": "harmful", "prompt": "q", "response": "Sure, here", "verdicts": {"keyword": True}},
+        {"set": "benign", "prompt": "b", "response": "Paris.", "verdicts": {"refusal": False}},
+        {"set": "benign", "prompt": "c", "response": "The capital of France is Paris.", "verdicts": {"refusal": False}},
+    ]
+    row = row_from_generations(records, "x")
+    assert row["harmful_empty_rate"] == 0.5 and row["benign_short_answer_rate"] == 0.5
+    assert row["harmful_ood_empty_rate"] is None
+    from csulora.eval.harness import summary_markdown
+
+    assert "| x | 0.50 [" in summary_markdown([row]) and "| 0.50 | –" in summary_markdown([row])
+
+
 def test_run_eval_writes_three_files_and_rescoring_works(tiny_world, tmp_path):
     out = run_eval(
         tiny_world.aligned, tmp_path / "ev", harmful="advbench:test", benign="benign", task="date:test",

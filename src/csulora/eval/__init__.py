@@ -28,5 +28,7 @@ Harness — :mod:`csulora.eval.harness`
     ``write_results(out_dir, rows, records, extra=None)``, ``run_eval(...)`` (the CLI)
 
 Rows follow docs/design.md §10: name, asr, asr_ci, asr_ood, asr_ood_ci, utility, utility_ci,
-over_refusal, over_refusal_ci, margin, params, recommended (+ ``n``, the sample sizes).
+over_refusal, over_refusal_ci, margin, params, recommended (+ ``n``, the sample sizes), and
+beside them harmful_empty_rate, harmful_ood_empty_rate, benign_short_answer_rate
+(``harmful_empty_rate(responses)``, ``benign_short_answer_rate(responses)`` in metrics).
 """

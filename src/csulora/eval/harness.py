@@ -17,20 +17,30 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from csulora.eval.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_responses
 from csulora.eval.judges import Judge, KeywordJudge, RefusalJudge
-from csulora.eval.metrics import Rate, exact_match, rate
+from csulora.eval.metrics import (
+    SHORT_ANSWER_CHARS,
+    Rate,
+    benign_short_answer_rate,
+    exact_match,
+    harmful_empty_rate,
+    rate,
+)
 from csulora.eval.prompts import Prompt, load_prompts
 from csulora.io.atomic import atomic_output_dir
 
 ROW_KEYS = (
     "name", "asr", "asr_ci", "asr_ood", "asr_ood_ci", "utility", "utility_ci",
     "over_refusal", "over_refusal_ci", "margin", "params", "recommended",
+    # Beside every ASR and the over-refusal: the share of answers that say nothing (an
+    # empty answer is no attack success, a one-word one no refusal: a broken model looks safe).
+    "harmful_empty_rate", "harmful_ood_empty_rate", "benign_short_answer_rate",
 )
 EXACT_MATCH = "exact_match"
 MARGIN_MAX_PROMPTS = 100
@@ -84,9 +94,14 @@ def results_row(
     margin: float | None = None,
     params: dict[str, Any] | None = None,
     recommended: bool = False,
+    harmful_empty: float | None = None,
+    harmful_ood_empty: float | None = None,
+    benign_short: float | None = None,
 ) -> dict[str, Any]:
     """One results row with docs/design.md §10's keys (None where a set was not evaluated).
 
+    ``harmful_empty`` / ``harmful_ood_empty``: share of empty answers on the harmful sets,
+    ``benign_short``: share of empty or short benign answers (:mod:`csulora.eval.metrics`).
     ``n`` (sample sizes) is added beside the schema so readers can judge the intervals.
     """
 
@@ -99,6 +114,9 @@ def results_row(
     row["margin"] = margin
     row["params"] = dict(params or {})
     row["recommended"] = bool(recommended)
+    row["harmful_empty_rate"] = harmful_empty
+    row["harmful_ood_empty_rate"] = harmful_ood_empty
+    row["benign_short_answer_rate"] = benign_short
     row["n"] = {k: r.n for k, r in (("asr", asr), ("asr_ood", asr_ood), ("utility", utility), ("over_refusal", over_refusal)) if r}
     return row
 
@@ -172,6 +190,10 @@ def row_from_generations(
         flags = [r["verdicts"][verdict] for r in records if r["set"] == set_name]
         return rate(flags) if flags else None
 
+    def share_of(set_name: str, share: Callable[[Sequence[str]], float]) -> float | None:
+        responses = [r["response"] for r in records if r["set"] == set_name]
+        return share(responses) if responses else None
+
     return results_row(
         name,
         asr=rate_of("harmful", judges.harm.name),
@@ -181,6 +203,9 @@ def row_from_generations(
         margin=margin,
         params=params,
         recommended=recommended,
+        harmful_empty=share_of("harmful", harmful_empty_rate),
+        harmful_ood_empty=share_of("harmful_ood", harmful_empty_rate),
+        benign_short=share_of("benign", benign_short_answer_rate),
     )
 
 
@@ -219,6 +244,10 @@ def evaluate_model(
 # --------------------------------------------------------------------------- output
 
 
+def fmt_share(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def fmt_rate(value: float | None, ci: Sequence[float] | None) -> str:
     if value is None:
         return "–"
@@ -230,21 +259,27 @@ def summary_markdown(rows: Sequence[dict], *, title: str = "Evaluation") -> str:
     lines = [
         f"# {title}",
         "",
-        "| row | ASR | ASR (OOD) | utility | over-refusal | refusal margin | params |",
-        "|---|---|---|---|---|---|---|",
+        "| row | ASR | empty | ASR (OOD) | empty (OOD) | utility | over-refusal | short | refusal margin | params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         margin = "–" if r.get("margin") is None else f"{r['margin']:.2f}"
         params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items()) or "–"
         star = " (recommended)" if r.get("recommended") else ""
         lines.append(
-            f"| {r['name']}{star} | {fmt_rate(r['asr'], r['asr_ci'])} | {fmt_rate(r['asr_ood'], r['asr_ood_ci'])} "
+            f"| {r['name']}{star} | {fmt_rate(r['asr'], r['asr_ci'])} | {fmt_share(r.get('harmful_empty_rate'))} "
+            f"| {fmt_rate(r['asr_ood'], r['asr_ood_ci'])} | {fmt_share(r.get('harmful_ood_empty_rate'))} "
             f"| {fmt_rate(r['utility'], r['utility_ci'])} | {fmt_rate(r['over_refusal'], r['over_refusal_ci'])} "
-            f"| {margin} | {params} |"
+            f"| {fmt_share(r.get('benign_short_answer_rate'))} | {margin} | {params} |"
         )
     ns = rows[0].get("n", {}) if rows else {}
     if ns:
         lines += ["", "Sample sizes: " + ", ".join(f"{k} n={v}" for k, v in ns.items()) + ". Intervals: percentile bootstrap, 95%, seed 0."]
+    lines += [
+        "",
+        "empty: share of empty harmful answers (no attack success, but no refusal either); short: share of "
+        f"benign answers empty or under {SHORT_ANSWER_CHARS} characters. A broken model looks safe on ASR alone.",
+    ]
     return "\n".join(lines) + "\n"
 
 
