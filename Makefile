@@ -35,4 +35,4 @@ smol: venv
 
 # The 7B-shaped correction speed/memory benchmark (several GB of synthetic shards in /tmp).
 bench: venv
-	$(BIN)/python -m benchmarks.bench_correction --layers 12 --ref-layers 4
+	$(BIN)/python -m benchmarks.correction --layers 12 --ref-layers 4

@@ -18,9 +18,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not installed
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import bench_correction  # noqa: E402
-from benchmarks.bench_correction_memory import MemorySampler, read_status_kib, run_case_subprocess  # noqa: E402
-from benchmarks.bench_correction_synth import (  # noqa: E402
+from benchmarks.correction import cli as bench_correction  # noqa: E402
+from benchmarks.correction.memory import MemorySampler, read_status_kib  # noqa: E402
+from benchmarks.correction.process import run_case_subprocess  # noqa: E402
+from benchmarks.correction.synth import (  # noqa: E402
     AdapterSpec,
     DisplacementSpec,
     ModelShape,

@@ -8,7 +8,7 @@ Compares, on the same files and the same thread count:
 (a) runs at the depth that fits in RAM (``--ref-layers``); ours run there and at
 ``--layers`` to show their memory does not grow with depth.
 
-    python -m benchmarks.bench_correction --layers 12 --ref-layers 4 \\
+    python -m benchmarks.correction --layers 12 --ref-layers 4 \\
         --workdir /tmp/csulora-bench --out benchmarks/results/correction.json
 
 The synthetic checkpoints (about 0.8 GB per layer for the pair) are deleted at the end
@@ -28,14 +28,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT / "src") not in sys.path:  # run from a checkout without `pip install -e`
     sys.path.insert(0, str(REPO_ROOT / "src"))
 
-from benchmarks.bench_correction_memory import CaseRun, run_case_in_process, run_case_subprocess  # noqa: E402
-from benchmarks.bench_correction_synth import (  # noqa: E402
+from benchmarks.correction.process import CaseRun, run_case_in_process, run_case_subprocess  # noqa: E402
+from benchmarks.correction.summary import GIB, compare_reference_outputs, summarize, summary_markdown  # noqa: E402
+from benchmarks.correction.synth import (  # noqa: E402
     AdapterSpec,
     DisplacementSpec,
     ModelShape,
@@ -43,13 +42,6 @@ from benchmarks.bench_correction_synth import (  # noqa: E402
     build_workdir,
     drop_from_page_cache,
 )
-
-TARGETS = {
-    "safelora_speedup_vs_dense": 10.0,  # (b) at least 10x faster than (a)
-    "safelora_memory_reduction_vs_dense": 20.0,  # (b) at least 20x less peak RAM than (a)
-    "csulora_time_over_read": 2.0,  # (c) within 2x of (d)
-}
-GIB = 1024**3
 
 
 # --------------------------------------------------------------------------- machine
@@ -193,207 +185,11 @@ def merge_runs(previous: list[dict[str, Any]], new: list[dict[str, Any]]) -> lis
     return merged + list(fresh.values())
 
 
-# --------------------------------------------------------------------------- analysis
-
-
-def _find(runs: list[dict[str, Any]], case: str, layers: int) -> dict[str, Any] | None:
-    for run in runs:
-        if run["case"] == case and run["layers"] == layers:
-            return run
-    return None
-
-
-def _linear_slope(xs: list[float], ys: list[float]) -> float | None:
-    if len(xs) < 2:
-        return None
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else None
-
-
-def reference_slope(ref: dict[str, Any], full_layers: int) -> dict[str, Any]:
-    """Per-layer time and memory of the dense reference, and what that means at full depth.
-
-    Memory: the reference only grows (it keeps weights and C for every layer), so the
-    per-layer slope is the fitted growth of RssAnon over the load checkpoints plus over
-    the C checkpoints. Time: its whole wall time divided by its depth (all phases are
-    linear in the layer count).
-    """
-    cps = ref["checkpoints"]
-    slopes = []
-    for phase in ("load", "projection_matrices"):
-        points = [(cp["layer"], cp["rss_anon_bytes"]) for cp in cps if cp["phase"] == phase]
-        slope = _linear_slope([p[0] for p in points], [p[1] for p in points])
-        if slope is not None:
-            slopes.append(slope)
-    depth = ref["layers"]
-    mem_slope = sum(slopes) if len(slopes) == 2 else (ref["peak_rss_anon_bytes"] - ref["rss_anon_after_imports_bytes"]) / depth
-    time_slope = ref["wall_s"] / depth
-    floor = ref["rss_anon_after_imports_bytes"]
-    return {
-        "layers": depth,
-        "seconds_per_layer": round(time_slope, 3),
-        "rss_anon_bytes_per_layer": int(mem_slope),
-        "extrapolated": {
-            str(n): {"wall_s": round(time_slope * n, 1), "peak_rss_anon_bytes": int(floor + mem_slope * n)}
-            for n in sorted({full_layers, 32})
-        },
-    }
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if not numerator or not denominator:
-        return None
-    return round(numerator / denominator, 2)
-
-
-def summarize(runs: list[dict[str, Any]], ref_layers: int, layers: int) -> dict[str, Any]:
-    summary: dict[str, Any] = {"targets": TARGETS}
-    ref = _find(runs, "dense_reference", ref_layers)
-    if ref is not None:
-        summary["dense_reference_slope"] = reference_slope(ref, layers)
-    ratios: dict[str, Any] = {}
-    safelora = _find(runs, "safelora", ref_layers)
-    if ref and safelora:
-        ratios["safelora_speedup_vs_dense"] = _ratio(ref["wall_s"], safelora["wall_s"])
-        ratios["safelora_speedup_vs_dense_cpu_time"] = _ratio(ref.get("cpu_s"), safelora.get("cpu_s"))
-        ratios["safelora_memory_reduction_vs_dense"] = _ratio(
-            ref["peak_rss_anon_bytes"], safelora["peak_rss_anon_bytes"]
-        )
-        ratios["safelora_memory_reduction_vs_dense_above_imports"] = _ratio(
-            ref["peak_rss_anon_bytes"] - ref["rss_anon_after_imports_bytes"],
-            safelora["peak_rss_anon_bytes"] - safelora["rss_anon_after_imports_bytes"],
-        )
-    for depth in sorted({ref_layers, layers}):
-        read, cs, build = (_find(runs, c, depth) for c in ("read", "csulora", "build_subspace"))
-        if read and cs:
-            ratios[f"csulora_time_over_read_L{depth}"] = _ratio(cs["wall_s"], read["wall_s"])
-        if read and build:
-            ratios[f"build_subspace_time_over_read_L{depth}"] = _ratio(build["wall_s"], read["wall_s"])
-        sl = _find(runs, "safelora", depth)
-        if read and sl:
-            ratios[f"safelora_time_over_read_L{depth}"] = _ratio(sl["wall_s"], read["wall_s"])
-    for case in ("safelora", "csulora", "build_subspace", "read"):
-        shallow, deep = _find(runs, case, ref_layers), _find(runs, case, layers)
-        if shallow and deep and layers != ref_layers:
-            ratios[f"{case}_peak_rss_growth_L{layers}_over_L{ref_layers}"] = _ratio(
-                deep["peak_rss_anon_bytes"], shallow["peak_rss_anon_bytes"]
-            )
-    summary["ratios"] = ratios
-    verdicts = {}
-    if "safelora_speedup_vs_dense" in ratios and ratios["safelora_speedup_vs_dense"] is not None:
-        verdicts["safelora_speedup_vs_dense"] = ratios["safelora_speedup_vs_dense"] >= TARGETS["safelora_speedup_vs_dense"]
-    key = "safelora_memory_reduction_vs_dense"
-    if ratios.get(key) is not None:
-        verdicts[key] = ratios[key] >= TARGETS[key]
-    for depth in sorted({ref_layers, layers}):
-        key = f"csulora_time_over_read_L{depth}"
-        if ratios.get(key) is not None:
-            verdicts[key] = ratios[key] <= TARGETS["csulora_time_over_read"]
-    summary["meets_target"] = verdicts
-    return summary
-
-
-def compare_reference_outputs(work: SyntheticWorkdir, depth: int) -> dict[str, Any] | None:
-    """Do (a) and (b) write the same corrected adapter, and how close is each to exact?
-
-    Same modules and keys; then, for every lora_B that either changed, the error of each
-    against ``D (D^T B) / ||D||`` computed in float64 (relative to that tensor's max).
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    dense = work.root / "outputs" / f"dense-L{depth}" / "adapter_model.safetensors"
-    ours = work.root / "outputs" / f"safelora-L{depth}" / "adapter_model.safetensors"
-    if not dense.exists() or not ours.exists():
-        return None
-    a, b = load_file(str(dense)), load_file(str(ours))
-    original = load_file(str(work.adapter(depth) / "adapter_model.safetensors"))
-    keys = sorted(set(a) & set(b))
-    worst = 0.0
-    changed = []
-    for key in keys:
-        if a[key].shape != b[key].shape:
-            worst = float("inf")
-            break
-        diff = (a[key].double() - b[key].double()).abs().max().item()
-        worst = max(worst, diff / max(a[key].double().abs().max().item(), 1e-30))
-        if not (torch.equal(a[key], original[key]) and torch.equal(b[key], original[key])):
-            changed.append(key)
-    models = {which: work.model(which, depth) for which in ("base", "aligned")}
-    index = json.loads((models["base"] / "model.safetensors.index.json").read_text())["weight_map"]
-    error = {"dense_reference": 0.0, "ours": 0.0}
-    for key in changed:
-        weight = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight") + ".weight"
-        pair = {}
-        for which, folder in models.items():
-            with safe_open(str(folder / index[weight]), "pt") as handle:
-                pair[which] = handle.get_tensor(weight).double()
-        d = pair["aligned"] - pair["base"]
-        del pair
-        exact = d @ (d.T @ original[key].double()) / d.norm()
-        scale = exact.abs().max().item()
-        for label, written in (("dense_reference", a), ("ours", b)):
-            err = (written[key].double() - exact).abs().max().item() / scale
-            error[label] = max(error[label], err)
-        del d, exact
-    return {
-        "common_keys": len(keys),
-        "keys_only_in_one": len(set(a) ^ set(b)),
-        "max_rel_diff": worst,
-        "projected_lora_B": len(changed),
-        "max_rel_error_vs_float64": error,
-    }
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _fmt_gib(nbytes: float | None) -> str:
-    return "-" if nbytes is None else f"{nbytes / GIB:.2f}"
-
-
-def summary_markdown(results: dict[str, Any]) -> str:
-    """The tables for docs/benchmarks.md, from a results JSON."""
-    lines = [
-        "| case | layers | wall time (s) | CPU time (s) | peak RssAnon (GiB) | RssAnon after imports (GiB) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for run in results["runs"]:
-        lines.append(
-            f"| {run['label']} | {run['layers']} | {run['wall_s']:.2f} | {run.get('cpu_s', float('nan')):.2f} "
-            f"| {_fmt_gib(run['peak_rss_anon_bytes'])} "
-            f"| {_fmt_gib(run['rss_anon_after_imports_bytes'])} |"
-        )
-    summary = results["summary"]
-    lines += ["", "| ratio | measured | target | met |", "|---|---:|---:|:---:|"]
-    goal = {
-        "safelora_speedup_vs_dense": ">= 10",
-        "safelora_memory_reduction_vs_dense": ">= 20",
-    }
-    for key, value in summary["ratios"].items():
-        target = goal.get(key, "<= 2" if key.startswith("csulora_time_over_read") else "")
-        met = summary["meets_target"].get(key)
-        lines.append(f"| {key} | {value} | {target} | {'' if met is None else ('yes' if met else 'no')} |")
-    slope = summary.get("dense_reference_slope")
-    if slope:
-        lines += [
-            "",
-            f"Dense reference slope: {slope['seconds_per_layer']} s and "
-            f"{_fmt_gib(slope['rss_anon_bytes_per_layer'])} GiB private memory per layer; extrapolated: "
-            + ", ".join(
-                f"{n} layers ~ {v['wall_s']} s / {_fmt_gib(v['peak_rss_anon_bytes'])} GiB"
-                for n, v in slope["extrapolated"].items()
-            ),
-        ]
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------- CLI
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_correction", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.correction", description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=12, help="depth of the synthetic pair (ours run here)")
     p.add_argument("--ref-layers", type=int, default=4, help="depth for the dense reference (must fit in RAM)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/csulora-bench"))
@@ -438,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print("[bench] csulora.api not available: measuring (a) and (d) only", flush=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     load_before = load_average()
-    command = "python -m benchmarks.bench_correction " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.correction " + " ".join(argv if argv is not None else sys.argv[1:])
 
     t0 = time.perf_counter()
     generate_s: float | None = None  # stays None with --reuse: nothing was generated

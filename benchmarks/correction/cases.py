@@ -1,7 +1,7 @@
 """The cases the correction benchmark times, each run in its own interpreter.
 
-Run as ``python -m benchmarks.bench_correction_cases '<json spec>'``; the last line of
-stdout is ``BENCH_CORRECTION_RESULT {json}``. The parent (:mod:`bench_correction_memory`)
+Run as ``python -m benchmarks.correction.cases '<json spec>'``; the last line of
+stdout is ``BENCH_CORRECTION_RESULT {json}``. The parent (:mod:`benchmarks.correction.process`)
 samples this process's private memory from outside.
 
 Cases:
@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_correction_memory import RESULT_MARKER, rss_anon_bytes
+from benchmarks.correction.memory import rss_anon_bytes
+from benchmarks.correction.synth import target_weight_names
 
+RESULT_MARKER = "BENCH_CORRECTION_RESULT "  # the child's one line of JSON for the parent
 ROUND_DECIMALS = 5  # the published code rounds every cosine to 5 decimals before comparing
 
 
@@ -55,8 +57,6 @@ def _weight_map(model_dir: Path) -> dict[str, Path]:
 
 
 def _target_names(model_dir: Path) -> list[str]:
-    from benchmarks.bench_correction_synth import target_weight_names
-
     layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     return target_weight_names(layers)
 

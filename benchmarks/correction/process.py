@@ -1,10 +1,9 @@
-"""Peak private memory of a child process, sampled from ``/proc/<pid>/status``.
+"""Run one benchmark case in its own interpreter while sampling its private memory.
 
-Each benchmark case runs in its own Python process so one case's allocator state cannot
-leak into the next, and the parent samples the child's ``RssAnon`` (anonymous, i.e.
-private, resident memory: tensors, Python objects) on a thread. File-backed pages of
-mmap'ed safetensors shards show up in ``RssFile`` instead; they are page cache the
-kernel can drop at will, so they are recorded but not counted as the case's memory.
+The child is ``python -m benchmarks.correction.cases '<json spec>'``; it prints one
+``RESULT_MARKER`` line with its JSON result, and everything else it prints is passed
+through so progress stays visible. The parent samples the child's ``RssAnon`` from
+outside (:mod:`benchmarks.correction.memory`).
 """
 
 from __future__ import annotations
@@ -13,68 +12,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RESULT_MARKER = "BENCH_CORRECTION_RESULT "
-STATUS_FIELDS = ("RssAnon", "RssFile", "VmRSS", "VmHWM")
-
-
-def read_status_kib(pid: int | str = "self") -> dict[str, int]:
-    """The memory lines of ``/proc/<pid>/status`` in KiB (empty once the process is gone)."""
-    values: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                key, _, rest = line.partition(":")
-                if key in STATUS_FIELDS:
-                    values[key] = int(rest.split()[0])
-    except (FileNotFoundError, ProcessLookupError):
-        return {}
-    return values
-
-
-def rss_anon_bytes(pid: int | str = "self") -> int:
-    return read_status_kib(pid).get("RssAnon", 0) * 1024
-
-
-@dataclass
-class MemorySampler:
-    """Track the maximum of each status field of ``pid`` on a background thread."""
-
-    pid: int
-    interval_s: float = 0.01
-    peaks_kib: dict[str, int] = field(default_factory=dict)
-    samples: int = 0
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample_once()
-            self._stop.wait(self.interval_s)
-
-    def sample_once(self) -> None:
-        values = read_status_kib(self.pid)
-        if not values:
-            return
-        self.samples += 1
-        for key, value in values.items():
-            self.peaks_kib[key] = max(self.peaks_kib.get(key, 0), value)
-
+from benchmarks.correction.cases import RESULT_MARKER, run
+from benchmarks.correction.memory import MemorySampler
 
 @dataclass
 class CaseRun:
@@ -102,8 +46,6 @@ def run_case_in_process(spec: dict[str, Any], *, interval_s: float = 0.01) -> Ca
     """Run a case in this interpreter (tests only: the memory then includes the caller's)."""
     import torch
 
-    from benchmarks.bench_correction_cases import run
-
     threads = torch.get_num_threads()  # the case sets its own; give the caller its back
     start = time.perf_counter()
     sampler = MemorySampler(os.getpid(), interval_s).start()
@@ -125,17 +67,13 @@ def run_case_in_process(spec: dict[str, Any], *, interval_s: float = 0.01) -> Ca
 def run_case_subprocess(
     spec: dict[str, Any], *, cwd: Path, interval_s: float = 0.01, timeout_s: float | None = None
 ) -> CaseRun:
-    """Run ``benchmarks.bench_correction_cases`` on ``spec`` in a fresh interpreter.
-
-    The child prints one ``RESULT_MARKER`` line with its JSON result; everything else it
-    prints is passed through so progress stays visible.
-    """
+    """Run ``benchmarks.correction.cases`` on ``spec`` in a fresh interpreter."""
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(cwd), str(cwd / "src"), env.get("PYTHONPATH", "")) if p)
     start = time.perf_counter()
     child = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.bench_correction_cases", json.dumps(spec)],
+        [sys.executable, "-m", "benchmarks.correction.cases", json.dumps(spec)],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
