@@ -33,7 +33,7 @@ from typing import Any
 
 from csulora.errors import InputError, OptionError
 from csulora.io.adapters import DEFAULT_REPORT_NAME, LoraAdapter, read_adapter, write_adapter
-from csulora.io.atomic import atomic_output_dir, check_output_dir
+from csulora.io.atomic import atomic_output_dir, check_output_dir, check_output_file
 from csulora.io.checkpoints import (
     CheckpointReader,
     check_same_architecture,
@@ -227,13 +227,15 @@ def build_subspace(
     *,
     config: SubspaceConfig | None = None,
     targets: Sequence[str] | str | None = None,
+    force: bool = False,
     progress: bool = True,
 ) -> Path:
     """Compute every target module's safety subspace from a base/aligned pair and cache it.
 
     ``targets`` (module names or their suffixes, e.g. ``["q_proj", "v_proj"]``) defaults to
     every linear layer inside the decoder blocks. Streams one weight pair at a time.
-    Returns the path of the written ``.safetensors`` cache.
+    An existing ``out_file`` is replaced only with ``force``. Returns the path of the
+    written ``.safetensors`` cache.
     """
     from tqdm import tqdm
 
@@ -241,6 +243,7 @@ def build_subspace(
     out = Path(out_file)
     if out.is_dir():
         raise InputError(f"{out}: is a folder; give the cache file name, e.g. {out / 'subspace.safetensors'}")
+    check_output_file(out, force)
     targets = _target_list(targets)
     with ExitStack() as stack:
         base_reader = stack.enter_context(CheckpointReader(base))
@@ -351,6 +354,8 @@ def correct_adapter(
     report_file = Path(report_path) if report_path is not None else None
     if report_file is not None and report_file.is_dir():
         raise InputError(f"{report_file}: is a folder; give the report's file name")
+    if report_file is not None and _relative_inside(report_file, out) is None:
+        check_output_file(report_file, force, flag="--report")  # a file of its own: same rule as OUTDIR
 
     adapter = read_adapter(adapter_dir)
     names = _select_modules(adapter, targets)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from csulora.cli import main
 from csulora.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tests.fixtures_tiny import leftovers, tiny_adapter, tiny_pair, tiny_subspace  # noqa: F401
+from tests.output_modes import assert_usual_modes, umask  # noqa: F401
 
 Q = "model.layers.0.self_attn.q_proj"
 LORA_A = f"base_model.model.{Q}.lora_A.weight"
@@ -139,6 +140,76 @@ def test_existing_outdir_needs_force(tiny_adapter, tiny_subspace, outs, capsys):
     assert main([str(a) for a in [*argv, "--force"]]) == 0
     assert not (out / "keep.txt").exists() and (out / ADAPTER_WEIGHTS).exists()
     assert leftovers(outs) == []
+
+
+def test_existing_subspace_file_needs_force(tiny_pair, outs, capsys):
+    """issue 13: `subspace -o FILE` replaced an existing file silently."""
+    out = outs / "s.safetensors"
+    out.write_text("mine")
+    argv = ["subspace", tiny_pair[0], tiny_pair[1], "-o", out, "--rank", "1"]
+    fails(argv, capsys, r"s.safetensors: file exists \(use --force to replace it\)")
+    assert out.read_text() == "mine" and leftovers(outs) == []
+    assert main([str(a) for a in [*argv, "--force"]]) == 0
+    assert out.read_bytes()[8:9] == b"{" and leftovers(outs) == []  # a safetensors header now
+
+
+@pytest.mark.parametrize("flag, name", [("--json", "a.json"), ("--plot", "a.png")])
+def test_existing_audit_files_need_force(tiny_adapter, tiny_subspace, outs, capsys, flag, name):
+    """issue 13: `audit --json/--plot FILE` replaced an existing file silently."""
+    out = outs / name
+    out.write_text("mine")
+    argv = ["audit", tiny_adapter, "--subspace", tiny_subspace, flag, out]
+    fails(argv, capsys, rf"{flag} .*{name}: file exists \(use --force to replace it\)")
+    assert out.read_text() == "mine" and leftovers(outs) == []
+    assert main([str(a) for a in [*argv, "--force"]]) == 0
+    assert out.read_text(errors="replace") != "mine" and leftovers(outs) == []
+
+
+def test_existing_report_file_outside_outdir_needs_force(tiny_adapter, tiny_subspace, outs, capsys):
+    report = outs / "r.json"
+    report.write_text("mine")
+    argv = ["correct", tiny_adapter, "-o", outs / "o", "--subspace", tiny_subspace, "--method", "scale",
+            "--factor", "0.5", "--report", report]
+    fails(argv, capsys, r"--report .*r.json: file exists \(use --force")
+    assert report.read_text() == "mine" and not (outs / "o").exists() and leftovers(outs) == []
+    assert main([str(a) for a in [*argv, "--force"]]) == 0
+    assert json.loads(report.read_text())["method"] == "scale"
+
+
+# -- output modes follow the umask (issue 13: folders were 0700, safetensors files 0600) ---------------
+def test_corrected_adapter_folder_has_usual_modes(tiny_adapter, tiny_subspace, outs, umask):
+    out = outs / "o"
+    assert main(["correct", str(tiny_adapter), "-o", str(out), "--subspace", str(tiny_subspace),
+                 "--method", "scale", "--factor", "0.5"]) == 0
+    assert_usual_modes(out, umask)
+
+
+def test_subspace_file_has_usual_mode(tiny_pair, outs, umask):
+    out = outs / "s.safetensors"
+    assert main(["subspace", str(tiny_pair[0]), str(tiny_pair[1]), "-o", str(out), "--rank", "1"]) == 0
+    assert_usual_modes(out, umask)
+
+
+def test_audit_json_and_plot_have_usual_modes(tiny_adapter, tiny_subspace, outs, umask):
+    js, png = outs / "a.json", outs / "a.png"
+    assert main(["audit", str(tiny_adapter), "--subspace", str(tiny_subspace), "--json", str(js),
+                 "--plot", str(png)]) == 0
+    assert_usual_modes(js, umask)
+    assert_usual_modes(png, umask)
+
+
+def test_forced_overwrite_of_a_0644_subspace_file_stays_0644(tiny_pair, outs):
+    import os
+
+    out = outs / "s.safetensors"
+    out.write_text("old")
+    out.chmod(0o644)
+    previous = os.umask(0o022)
+    try:
+        assert main(["subspace", str(tiny_pair[0]), str(tiny_pair[1]), "-o", str(out), "--rank", "1", "--force"]) == 0
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o644
 
 
 # -- bad options (validated before any tensor is read) ------------------------------------------------

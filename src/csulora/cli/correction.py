@@ -159,6 +159,7 @@ def _register_subspace(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("base", metavar="BASE", help="base checkpoint folder (safetensors)")
     parser.add_argument("aligned", metavar="ALIGNED", help="aligned checkpoint folder (safetensors)")
     parser.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="cache file to write")
+    parser.add_argument("--force", action="store_true", help="replace FILE if it exists")
     _add_targets_flag(parser, "default: every linear layer in the decoder blocks")
     _add_subspace_flags(parser, title="subspace options")
     parser.set_defaults(handler=_run_subspace)
@@ -169,7 +170,7 @@ def _run_subspace(args: argparse.Namespace) -> int:
     from csulora.io.subspace_cache import load_subspace_cache
 
     config = _subspace_config(args)
-    path = build_subspace(args.base, args.aligned, args.output, config=config, targets=args.targets)
+    path = build_subspace(args.base, args.aligned, args.output, config=config, targets=args.targets, force=args.force)
     cache = load_subspace_cache(path)
     entries = list(cache.entries.values())
     ranks = [e.rank for e in entries]
@@ -193,6 +194,7 @@ def _register_audit(subparsers: argparse._SubParsersAction) -> None:
     _add_source_flags(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="plot per-layer rho_F/rho_P/rho_O")
+    parser.add_argument("--force", action="store_true", help="replace the --json / --plot files if they exist")
     _add_targets_flag(parser, "default: every module of the adapter")
     _add_subspace_flags(parser, title="subspace options (computed from --base/--aligned; not with --subspace)")
     parser.set_defaults(handler=_run_audit)
@@ -200,13 +202,14 @@ def _register_audit(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_audit(args: argparse.Namespace) -> int:
     from csulora.api import audit_adapter
+    from csulora.io.atomic import check_output_file
 
     config = _subspace_config(args)
     if args.plot is not None and Path(args.plot).suffix.lower() != ".png":
         raise OptionError(f"--plot {args.plot}: expected a .png file name")
     for flag, value in (("--json", args.json), ("--plot", args.plot)):
-        if value is not None and Path(value).is_dir():
-            raise OptionError(f"{flag} {value}: is a folder; give a file name")
+        if value is not None:
+            check_output_file(value, args.force, flag=flag)  # before any tensor is read
     report = audit_adapter(
         args.adapter, subspace=args.subspace, base=args.base, aligned=args.aligned, subspace_config=config,
         targets=args.targets,
