@@ -162,6 +162,73 @@ def tiny_subspace(tmp_path_factory, tiny_pair) -> Path:
     return _cached(("subspace",), tmp_path_factory, build)
 
 
+# -- calibration statistics (docs/design.md §5c) --------------------------------------------------
+def calibration_group(module: str) -> str:
+    """The Gram group of a tiny Llama module: q/k/v share the attention input, gate/up the MLP input."""
+    prefix, leaf = module.rsplit(".", 1)
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        return f"{prefix}.input"  # model.layers.N.self_attn.input
+    if leaf in ("gate_proj", "up_proj"):
+        return f"{prefix}.input"  # model.layers.N.mlp.input
+    return module
+
+
+def tiny_module_inputs() -> dict[str, int]:
+    """Every decoder linear module of the tiny Llama -> its input size n."""
+    sizes = {"q_proj": HIDDEN, "k_proj": HIDDEN, "v_proj": HIDDEN, "o_proj": HIDDEN,
+             "gate_proj": HIDDEN, "up_proj": HIDDEN, "down_proj": INTERMEDIATE}
+    blocks = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    return {f"model.layers.{i}.{blocks[leaf]}.{leaf}": n for i in range(LAYERS) for leaf, n in sizes.items()}
+
+
+def random_gram_sum(n: int, tokens: int, generator: torch.Generator, *, spikes: int = 4) -> torch.Tensor:
+    """``sum x x^T`` of random activations with a few strong directions (float64)."""
+    directions = torch.randn(spikes, n, generator=generator, dtype=torch.float64)
+    codes = torch.randn(tokens, spikes, generator=generator, dtype=torch.float64) * 3.0
+    X = codes @ directions + torch.randn(tokens, n, generator=generator, dtype=torch.float64)
+    return X.T @ X
+
+
+def build_calibration(
+    path: Path,
+    aligned_dir: Path | None,
+    *,
+    modules: dict[str, int] | None = None,
+    seed: int = 0,
+    dense_max_n: int = 4096,
+    force: bool = False,
+) -> Path:
+    """A synthetic calibration file for the tiny pair via the real writer: random Grams of the
+    right sizes, one group per shared input, the aligned model's fingerprint in ``info``."""
+    from csulora.gram import calibration_moments
+    from csulora.io.calibration_file import MODEL_FINGERPRINT_KEY, save_calibration
+    from csulora.io.fingerprint import model_fingerprint
+
+    modules = tiny_module_inputs() if modules is None else modules
+    generator = torch.Generator().manual_seed(seed)
+    groups, sizes = {}, {}
+    for name, n in modules.items():
+        sizes.setdefault(calibration_group(name), n)
+    for group, n in sizes.items():
+        harmful = random_gram_sum(n, 3 * n, generator)
+        task = random_gram_sum(n, 4 * n, generator)
+        groups[group] = calibration_moments(group, harmful, 3 * n, task, 4 * n, dense_max_n=dense_max_n)
+    info = {"synthetic": True, "seed": seed}
+    if aligned_dir is not None:
+        info[MODEL_FINGERPRINT_KEY] = model_fingerprint(aligned_dir)
+    mapping = {name: calibration_group(name) for name in modules}
+    return save_calibration(path, groups, mapping, info, force=force)
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration(tmp_path_factory, tiny_pair) -> Path:
+    """A calibration file (synthetic statistics) for every decoder linear module of the tiny pair."""
+    return _cached(
+        ("calibration",), tmp_path_factory, lambda d: build_calibration(d / "calibration.safetensors", tiny_pair[1])
+    )
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -1,0 +1,340 @@
+"""The calibrated closed form and its statistics (docs/design.md §5c), checked against
+definitions computed here densely: the argmin solved as a linear system over vec(A'),
+explicit inverses, and the spiked storage against the dense solve on activations."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from csulora import gram
+from csulora.gram import (
+    PROBE_STRENGTHS,
+    CalibratedSolve,
+    Eigen,
+    action_kept,
+    action_norm_sq,
+    calibrated_dense_update,
+    calibrated_factor,
+    calibration_moments,
+    choose_spiked_rank,
+    dense_moment,
+    moment_matrix,
+    normalised_gram,
+    relative_error,
+    row_gram,
+)
+from csulora.types import ModuleCalibration, SecondMoment
+
+F64 = torch.float64
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_calibration(n: int, seed: int = 0, tokens: int | None = None) -> ModuleCalibration:
+    """Two dense, normalised Grams from random activations with different strong directions."""
+    g = gen(seed)
+    tokens = tokens or 3 * n
+
+    def gram_sum() -> torch.Tensor:
+        X = torch.randn(tokens, 3, generator=g, dtype=F64) @ torch.randn(3, n, generator=g, dtype=F64) * 2.0
+        X = X + torch.randn(tokens, n, generator=g, dtype=F64)
+        return X.T @ X
+
+    return calibration_moments("g", gram_sum(), tokens, gram_sum(), tokens)
+
+
+def spiked_structure_sum(n: int, spikes: int, g: torch.Generator) -> torch.Tensor:
+    """A Gram that is exactly spiked: a few strong directions over a flat floor."""
+    Q, _ = torch.linalg.qr(torch.randn(n, spikes, generator=g, dtype=F64))
+    L = 40.0 * 0.6 ** torch.arange(spikes, dtype=F64)
+    return (Q * L) @ Q.T + 0.5 * torch.eye(n, dtype=F64)
+
+
+def geometric_sum(n: int, g: torch.Generator, decay: float = 0.9) -> torch.Tensor:
+    """A Gram whose eigenvalues decay geometrically: no flat tail for sigma^2 to stand for."""
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    return (Q * decay ** torch.arange(n, dtype=F64)) @ Q.T
+
+
+def objective(A_new, A, B, cal: ModuleCalibration, lam: float, mu: float) -> float:
+    """``||B (A' - A)||^2_{S_t + mu I} + lam ||B A'||^2_{S_h}`` computed densely."""
+    n = A.shape[1]
+    T = moment_matrix(cal.task) + mu * torch.eye(n, dtype=F64)
+    S_h = moment_matrix(cal.harmful)
+    E = B @ (A_new - A)
+    X = B @ A_new
+    return float(torch.trace(E @ T @ E.T) + lam * torch.trace(X @ S_h @ X.T))
+
+
+def argmin_by_vectorisation(A, B, cal: ModuleCalibration, lam: float, mu: float) -> torch.Tensor:
+    """Minimise the quadratic over x = vec(A') (row-major): tr(B X S X^T B^T) = x^T (B^T B kron S) x."""
+    r, n = A.shape
+    G = B.T @ B
+    T = moment_matrix(cal.task) + mu * torch.eye(n, dtype=F64)
+    S_h = moment_matrix(cal.harmful)
+    H = torch.kron(G, T) + lam * torch.kron(G, S_h)  # Hessian / 2
+    rhs = torch.kron(G, T) @ A.reshape(-1)
+    x = torch.linalg.lstsq(H, rhs.unsqueeze(1)).solution.squeeze(1)  # B may be rank-deficient
+    return x.reshape(r, n)
+
+
+# -- the closed form ------------------------------------------------------------------------------
+@pytest.mark.parametrize("lam", [0.5, 30.0, 300.0])
+def test_closed_form_is_the_argmin_of_the_objective(lam):
+    n, r, m = 12, 3, 9
+    cal = random_calibration(n, seed=1)
+    g = gen(2)
+    A, B = torch.randn(r, n, generator=g, dtype=F64), torch.randn(m, r, generator=g, dtype=F64)
+    closed = calibrated_factor(A, cal, lam, mu=0.01)
+    direct = argmin_by_vectorisation(A, B, cal, lam, 0.01)
+    assert torch.allclose(closed, direct, rtol=0, atol=1e-9 * float(A.abs().max()))
+    # and it is a minimum: no random step lowers the objective
+    best = objective(closed, A, B, cal, lam, 0.01)
+    for _ in range(5):
+        step = 1e-3 * torch.randn(r, n, generator=g, dtype=F64)
+        assert objective(closed + step, A, B, cal, lam, 0.01) > best
+
+
+def test_closed_form_is_a_minimiser_when_B_is_rank_deficient():
+    n, r, m = 10, 3, 6
+    cal = random_calibration(n, seed=3)
+    g = gen(4)
+    A = torch.randn(r, n, generator=g, dtype=F64)
+    B = torch.randn(m, 1, generator=g, dtype=F64) @ torch.randn(1, r, generator=g, dtype=F64)  # rank 1
+    closed = calibrated_factor(A, cal, 10.0)
+    direct = argmin_by_vectorisation(A, B, cal, 10.0, 0.01)
+    assert objective(closed, A, B, cal, 10.0, 0.01) == pytest.approx(objective(direct, A, B, cal, 10.0, 0.01), rel=1e-9)
+    # minimisers differ only in null(B): the products agree
+    assert torch.allclose(B @ closed, B @ direct, atol=1e-9)
+
+
+def test_closed_form_matches_the_explicit_inverse_and_keeps_shapes():
+    n, r = 16, 4
+    cal = random_calibration(n, seed=5)
+    A = torch.randn(r, n, generator=gen(6), dtype=F64)
+    T = moment_matrix(cal.task) + 0.05 * torch.eye(n, dtype=F64)
+    expected = A @ T @ torch.linalg.inv(T + 7.0 * moment_matrix(cal.harmful))
+    got = CalibratedSolve(cal, 7.0, 0.05).apply(A)
+    assert got.shape == A.shape and got.dtype == F64
+    assert torch.allclose(got, expected, atol=1e-10)
+
+
+def test_zero_strength_returns_the_input_factor_itself():
+    cal = random_calibration(8)
+    A = torch.randn(2, 8, generator=gen(), dtype=torch.float32)
+    assert calibrated_factor(A, cal, 0.0) is A
+    dW = torch.randn(5, 8, generator=gen(), dtype=F64)
+    assert calibrated_dense_update(dW, cal, 0.0) is dW
+    # the limit agrees: a tiny strength changes almost nothing
+    assert torch.allclose(calibrated_factor(A.double(), cal, 1e-9), A.double(), atol=1e-7)
+
+
+def test_large_strength_deletes_the_update_on_full_rank_harmful_inputs():
+    cal = random_calibration(10, seed=7, tokens=200)
+    A = torch.randn(3, 10, generator=gen(8), dtype=F64)
+    assert float(calibrated_factor(A, cal, 1e9).norm()) < 1e-5 * float(A.norm())
+
+
+def test_bad_strength_or_mu_is_refused_by_the_solve():
+    cal = random_calibration(6)
+    for lam, mu in ((-1.0, 0.01), (1.0, 0.0), (1.0, -0.5), (float("nan"), 0.01)):
+        with pytest.raises(ValueError):
+            CalibratedSolve(cal, lam, mu)
+
+
+def test_factor_of_the_wrong_width_is_refused():
+    with pytest.raises(ValueError, match="n = 6"):
+        CalibratedSolve(random_calibration(6), 1.0, 0.01).apply(torch.zeros(2, 7, dtype=F64))
+
+
+# -- dense full fine-tune form --------------------------------------------------------------------
+def test_dense_update_form_matches_the_formula_in_row_blocks():
+    n, m = 14, 11
+    cal = random_calibration(n, seed=9)
+    dW = torch.randn(m, n, generator=gen(10), dtype=F64)
+    T = moment_matrix(cal.task) + 0.01 * torch.eye(n, dtype=F64)
+    expected = dW @ T @ torch.linalg.inv(T + 30.0 * moment_matrix(cal.harmful))
+    whole = calibrated_dense_update(dW, cal, 30.0)
+    blocked = calibrated_dense_update(dW, cal, 30.0, block_rows=4)
+    assert torch.allclose(whole, expected, atol=1e-10)
+    assert torch.allclose(blocked, whole, atol=1e-13)
+    shared = CalibratedSolve(cal, 30.0, 0.01)
+    assert torch.equal(calibrated_dense_update(dW, cal, 30.0, solve=shared), whole)
+
+
+# -- shares of the action kept --------------------------------------------------------------------
+@pytest.mark.parametrize("spiked", [False, True])
+def test_action_kept_is_the_ratio_of_weighted_norms(spiked):
+    n, r, m = 12, 3, 7
+    cal = random_calibration(n, seed=11)
+    if spiked:
+        eh, et = Eigen.of(moment_matrix(cal.harmful)), Eigen.of(moment_matrix(cal.task))
+        cal = ModuleCalibration("g", eh.spiked(5, 1), et.spiked(4, 1))
+    g = gen(12)
+    A, B = torch.randn(r, n, generator=g, dtype=F64), torch.randn(m, r, generator=g, dtype=F64)
+    A_new = CalibratedSolve(cal, 30.0, 0.01).apply(A)
+    for moment in (cal.harmful, cal.task):
+        S = moment_matrix(moment)
+        assert torch.allclose(row_gram(A, moment), A @ S @ A.T, atol=1e-10)
+
+        def weighted(X):
+            return float(torch.trace(B @ X @ S @ X.T @ B.T))
+
+        assert action_norm_sq(B, A, moment) == pytest.approx(weighted(A), rel=1e-10)
+        assert action_kept(B, A, A_new, moment) == pytest.approx(weighted(A_new) / weighted(A), rel=1e-9)
+    kept_h, kept_t = action_kept(B, A, A_new, cal.harmful), action_kept(B, A, A_new, cal.task)
+    assert 0.0 <= kept_h < kept_t <= 1.0  # harmful action goes first
+    assert action_kept(torch.zeros(m, r, dtype=F64), A, A_new, cal.task) is None  # dW == 0
+
+
+# -- building the statistics ----------------------------------------------------------------------
+def test_normalised_gram_has_mean_eigenvalue_one_and_is_symmetric():
+    X = torch.randn(40, 9, generator=gen(13), dtype=F64) * 7.0
+    S = normalised_gram(X.T @ X, 40)
+    assert float(torch.trace(S)) / 9 == pytest.approx(1.0, rel=1e-12)
+    assert torch.equal(S, S.T)
+    moment = dense_moment(X.T @ X, 40)
+    assert moment.is_dense and moment.n == 9 and moment.tokens == 40
+
+
+@pytest.mark.parametrize("gram_sum, tokens, match", [
+    (torch.eye(4, dtype=F64), 0, "tokens"),
+    (torch.zeros(4, 4, dtype=F64), 10, "no signal"),
+    (torch.full((4, 4), float("nan"), dtype=F64), 10, "NaN"),
+    (torch.ones(4, 3, dtype=F64), 10, "square"),
+])
+def test_unusable_gram_sums_are_refused(gram_sum, tokens, match):
+    with pytest.raises(ValueError, match=match):
+        normalised_gram(gram_sum, tokens)
+
+
+def test_spiked_form_keeps_the_trace_through_sigma2():
+    X = torch.randn(30, 20, generator=gen(14), dtype=F64)
+    moment = gram.spiked_moment(X.T @ X, 30, 6)
+    assert moment.rank == 6 and not moment.is_dense
+    assert torch.allclose(moment.U.T @ moment.U, torch.eye(6, dtype=F64), atol=1e-12)
+    assert float(moment.L.sum()) + moment.sigma2 * (20 - 6) == pytest.approx(20.0, rel=1e-12)
+    assert float(moment.L.min()) >= moment.sigma2 > 0.0
+
+
+def test_spiked_at_full_rank_is_the_dense_solve():
+    n = 18
+    cal = random_calibration(n, seed=15)
+    full = ModuleCalibration(
+        "g", Eigen.of(moment_matrix(cal.harmful)).spiked(n - 1, 1), Eigen.of(moment_matrix(cal.task)).spiked(n - 1, 1)
+    )
+    A = torch.randn(4, n, generator=gen(16), dtype=F64)
+    for lam in (1.0, 300.0):
+        dense = CalibratedSolve(cal, lam, 0.01)
+        spiked = CalibratedSolve(full, lam, 0.01)
+        assert spiked.is_spiked and not dense.is_spiked
+        assert torch.allclose(spiked.apply(A), dense.apply(A), atol=1e-9)
+
+
+def test_dense_when_it_fits():
+    g = gen(17)
+    sums = [spiked_structure_sum(24, 3, g) for _ in range(2)]
+    cal = calibration_moments("g", sums[0], 5, sums[1], 7, dense_max_n=24)
+    assert cal.harmful.is_dense and cal.task.is_dense
+    assert (cal.harmful.tokens, cal.task.tokens) == (5, 7)
+
+
+@pytest.mark.parametrize("n", [64, 150])
+def test_spiked_rank_rule_matches_the_dense_solve_within_tolerance_on_activations(n):
+    """Grams that are truly spiked (5 and 7 strong directions over a flat floor): the rule
+    picks a small rank and the spiked solve then matches the dense one within 1e-3 on
+    activations for every strength of tune's grid, checked here on a fresh random adapter
+    (B included) that the rule never saw."""
+    g = gen(18)
+    h_sum, t_sum = spiked_structure_sum(n, 5, g) * 3.0, spiked_structure_sum(n, 7, g)
+    cal = calibration_moments("g", h_sum, 11, t_sum, 13, dense_max_n=n // 4)
+    assert not cal.harmful.is_dense and not cal.task.is_dense
+    assert 7 <= cal.harmful.rank <= 8 and cal.task.rank == cal.harmful.rank
+    dense = calibration_moments("g", h_sum, 11, t_sum, 13, dense_max_n=n)
+    pooled = moment_matrix(dense.harmful) + moment_matrix(dense.task)
+    A = torch.randn(6, n, generator=gen(19), dtype=F64)
+    B = torch.randn(20, 6, generator=gen(20), dtype=F64)
+    for lam in PROBE_STRENGTHS:
+        exact = B @ CalibratedSolve(dense, lam, 0.01).apply(A)
+        approx = B @ CalibratedSolve(cal, lam, 0.01).apply(A)
+        assert relative_error(approx, exact, pooled) <= 1e-3, lam
+
+
+def test_a_tail_the_spiked_form_cannot_stand_for_stays_dense():
+    """Geometrically decaying spectra: no rank up to n/2 meets the tolerance, so the rule keeps
+    the exact dense form rather than a poor approximation."""
+    g = gen(21)
+    n = 48
+    h_sum, t_sum = geometric_sum(n, g), geometric_sum(n, g, 0.93)
+    cal = calibration_moments("g", h_sum, 3, t_sum, 3, dense_max_n=8)
+    assert cal.harmful.is_dense and cal.task.is_dense
+    dense = calibration_moments("g", h_sum, 3, t_sum, 3)
+    assert choose_spiked_rank(dense) is None
+    # a loose tolerance admits a spiked form: the rule is the tolerance, not a fixed rank
+    loose = choose_spiked_rank(dense, tolerance=0.7)
+    assert loose is not None and loose <= n // 2
+
+
+def test_woodbury_never_builds_an_n_by_n_matrix():
+    """n = 200,000: one n x n float64 matrix would take 320 GB, so any dense step would fail.
+    The result is checked against the defining equation A' (S_t + mu I + lam S_h) = A (S_t + mu I),
+    with both sides applied in factored form."""
+    n, q, r = 200_000, 6, 3
+    g = gen(22)
+
+    def spiked(scale: float) -> SecondMoment:
+        U, _ = torch.linalg.qr(torch.randn(n, q, generator=g, dtype=F64))
+        L = scale * torch.linspace(50.0, 5.0, q, dtype=F64)
+        return SecondMoment(n=n, U=U, L=L, sigma2=0.7, tokens=100)
+
+    cal = ModuleCalibration("big", harmful=spiked(2.0), task=spiked(1.0))
+    A = torch.randn(r, n, generator=g, dtype=F64)
+    lam, mu = 30.0, 0.01
+    A_new = CalibratedSolve(cal, lam, mu).apply(A)
+
+    def times(X: torch.Tensor, m: SecondMoment) -> torch.Tensor:  # X S, factored
+        return ((X @ m.U) * (m.L - m.sigma2)) @ m.U.T + m.sigma2 * X
+
+    left = times(A_new, cal.task) + mu * A_new + lam * times(A_new, cal.harmful)
+    right = times(A, cal.task) + mu * A
+    assert float((left - right).norm()) <= 1e-9 * float(right.norm())
+    kept = action_kept(torch.eye(r, dtype=F64), A, A_new, cal.harmful)
+    assert kept is not None and 0.0 < kept < 1.0
+
+
+def test_solves_at_several_strengths_share_one_w_gram_and_agree():
+    n = 30
+    dense = random_calibration(n, seed=23)
+    cal = ModuleCalibration(
+        "g", Eigen.of(moment_matrix(dense.harmful)).spiked(8, 1), Eigen.of(moment_matrix(dense.task)).spiked(8, 1)
+    )
+    A = torch.randn(2, n, generator=gen(24), dtype=F64)
+    many = CalibratedSolve.at_strengths(cal, (1.0, 30.0), 0.01)
+    for lam, solve in many.items():
+        assert torch.allclose(solve.apply(A), CalibratedSolve(cal, lam, 0.01).apply(A), atol=1e-12)
+
+
+def test_gram_imports_only_torch_and_types():
+    source = Path(gram.__file__).read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert {m for m in imported if m.startswith("csulora")} == {"csulora.types"}
+    assert imported - {"csulora.types"} <= {"__future__", "collections.abc", "dataclasses", "torch"}
+
+
+def test_relative_error_edge_cases():
+    S = torch.eye(3, dtype=F64)
+    zero = torch.zeros(1, 3, dtype=F64)
+    assert relative_error(zero, zero, S) == 0.0
+    assert math.isinf(relative_error(torch.ones(1, 3, dtype=F64), zero, S))
