@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from csulora.activations import MaskedInputHooks, run_batches
 from csulora.salora.math import top_right_singular_vectors
 from csulora.salora.model import find_target_linears
 from csulora.training.data import IGNORE_INDEX
@@ -46,67 +47,30 @@ class FeatureDirections:
     info: dict = field(default_factory=dict)  # JSON-ready extras (e.g. the generated refusals)
 
 
-class OutputGramCollector:
-    """Forward pre-hooks that accumulate ``Z^T Z`` of each target layer on masked tokens.
+class OutputGramCollector(MaskedInputHooks):
+    """Forward pre-hooks that accumulate ``Z^T Z`` of each target layer on the counted tokens.
 
     Set :attr:`token_mask` (batch x seq, bool) before each forward; tokens outside it
-    (prompt, padding) are ignored.
+    (prompt, padding) are ignored (:class:`csulora.activations.MaskedInputHooks`).
     """
 
     def __init__(self, linears: Mapping[str, nn.Linear]) -> None:
-        self.linears = dict(linears)
+        super().__init__(linears)
         self.grams: dict[str, Tensor] = {
             name: torch.zeros(lin.out_features, lin.out_features, dtype=torch.float64)
-            for name, lin in self.linears.items()
+            for name, lin in self.modules.items()
         }
-        self.token_mask: Tensor | None = None
-        self._handles: list = []
 
-    def __enter__(self) -> OutputGramCollector:
-        for name, linear in self.linears.items():
-            self._handles.append(linear.register_forward_pre_hook(self._hook_for(name)))
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook_for(self, name: str):
-        def accumulate(module: nn.Linear, inputs: tuple) -> None:
-            if self.token_mask is None:
-                raise RuntimeError("OutputGramCollector.token_mask must be set before the forward pass")
-            x = inputs[0][self.token_mask.to(inputs[0].device)]  # (tokens, n)
-            # Z = X W^T without the bias: the features the weight itself produces.
-            z = F.linear(x.float(), module.weight.float())
-            self.grams[name] += (z.T @ z).double().cpu()
-
-        return accumulate
-
-
-def _padded_batch(examples: Sequence[Mapping], pad_id: int, device: torch.device) -> tuple[dict, Tensor]:
-    """Right-padded input tensors and the response-token mask (labels != -100).
-
-    Right padding keeps the real tokens' positions unchanged (left padding would shift them
-    for models that number positions from the first slot).
-    """
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    response = torch.zeros((len(examples), width), dtype=torch.bool)
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        ids[row, :n] = torch.as_tensor(example["input_ids"], dtype=torch.long)
-        attention[row, :n] = 1
-        response[row, :n] = torch.as_tensor(example["labels"], dtype=torch.long) != IGNORE_INDEX
-    return {"input_ids": ids.to(device), "attention_mask": attention.to(device)}, response
+    def observe(self, name: str, module: nn.Module, x: Tensor) -> None:
+        # Z = X W^T without the bias: the features the weight itself produces.
+        z = F.linear(x.float(), module.weight.float())
+        self.grams[name] += (z.T @ z).double().cpu()
 
 
 def count_response_tokens(examples: Iterable[Mapping]) -> int:
     return sum(sum(1 for label in e["labels"] if label != IGNORE_INDEX) for e in examples)
 
 
-@torch.no_grad()
 def collect_output_grams(
     model: nn.Module,
     examples: Sequence[Mapping],
@@ -118,26 +82,9 @@ def collect_output_grams(
     desc: str = "features",
 ) -> dict[str, Tensor]:
     """One forward pass over ``examples``; the response-token output Gram of each target layer."""
-    from tqdm.auto import tqdm
-
     linears = find_target_linears(model, targets)
-    device = next(model.parameters()).device
-    # The hooks only need the layers' inputs: run the decoder without the LM head, whose
-    # vocabulary-sized logits would be a quarter of a small model's compute for nothing.
-    decoder = getattr(model, "base_model", None) or model
-    # Similar lengths in a batch waste less compute on padding; order does not change a sum.
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    was_training = model.training
-    model.eval()
-    try:
-        with OutputGramCollector(linears) as collector:
-            starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True):
-                batch = [examples[i] for i in order[start : start + batch_size]]
-                inputs, collector.token_mask = _padded_batch(batch, pad_id, device)
-                decoder(**inputs, use_cache=False)
-    finally:
-        model.train(was_training)
+    with OutputGramCollector(linears) as collector:
+        run_batches(model, examples, collector, pad_id=pad_id, batch_size=batch_size, progress=progress, desc=desc)
     return collector.grams
 
 
