@@ -17,6 +17,7 @@ from csulora.errors import CsuloraError
 # Modules that add subcommands, in the order their commands appear in --help.
 COMMAND_MODULES = (
     "csulora.cli.correction",  # subspace, audit, correct
+    "csulora.cli.calibration",  # calibrate
     "csulora.cli.tuning",      # tune
     "csulora.cli.evaluation",  # eval, train, demo
 )

@@ -1,0 +1,557 @@
+"""``csulora calibrate``: the activation statistics of the calibrated correction (docs/design.md §5c).
+
+Once per aligned model and task, run the **aligned** model on two data sets and record, per
+target module, the Gram of its inputs on every non-padding token:
+
+- **harmful** (``S_h``): each harmful prompt followed by the aligned model's own greedy
+  answer, through the chat template. The answers are generated once, batched, and kept in
+  memory (the positions where the refusal is generated are what the induction argument
+  of §5c needs covered);
+- **task** (``S_t``): the adapter's training data, prompt + response.
+
+Modules that read the same input tensor share one Gram. That is detected from the forward
+itself, not from names: one probe forward records the tensor each target module receives,
+and modules handed the very same tensor (q/k/v read the attention input, gate/up the MLP
+input) form one group, hooked once.
+
+Cost. Per token and group the Gram costs ``n^2`` multiply-adds against the layer's own
+``m n`` (per block ``3 d^2 + f^2`` against ``4 d^2 + 3 d f`` for a Llama block with hidden
+``d`` and MLP width ``f``), so the statistics pass costs about one more forward; the LM
+head is skipped (the hooks need the layers' inputs only). Products are float32 on the CPU
+and in the model's dtype on CUDA, accumulated in float64 once per batch of tokens.
+
+Memory. A group needs two ``n x n`` float64 sums (harmful and task); at 7B all groups at
+once exceed a 24 GB machine. The groups are therefore processed in as many passes over the
+cached tokens as the memory budget requires, each pass ending its forwards after its last
+layer. The sums become :class:`~csulora.types.ModuleCalibration` (normalised, dense or
+spiked: :func:`csulora.gram.calibration_moments`) and are written with
+:func:`csulora.io.calibration_file.save_calibration`.
+
+Data rules (§5c): the task data is the adapter's *training* data, never a split ``tune``
+selects on or a test split; the harmful prompts must be disjoint from every prompt set
+``tune`` or ``eval`` scores (:func:`csulora.eval.calibration_sets.check_disjoint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from csulora import __version__
+from csulora.activations import MaskedInputHooks, StopForward, decoder_body, run_batches
+from csulora.api import _target_list
+from csulora.errors import InputError, OptionError
+from csulora.eval.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_responses
+from csulora.eval.prompts import PYRIT_INSTALL, Prompt, load_prompts, normalise_prompt
+from csulora.eval.tasks import DATE_SPLITS, date_task, load_task
+from csulora.gram import calibration_moments
+from csulora.io.atomic import check_output_file
+from csulora.io.calibration_file import MODEL_FINGERPRINT_KEY, save_calibration
+from csulora.io.checkpoints import CheckpointReader, decoder_linear_modules
+from csulora.io.fingerprint import model_fingerprint
+from csulora.modeling import load_model, resolve_device, resolve_dtype
+from csulora.training.data import chat_prompt_ids, response_ids
+from csulora.types import ModuleCalibration, SecondMoment
+
+# The Grams of one pass may take this share of the memory free after the model is loaded.
+MEMORY_FRACTION = 0.5
+_FALLBACK_BUDGET = 8 << 30  # when the free memory cannot be read
+PROBE_TOKENS = 16  # length of the probe forward that finds the shared inputs
+TASK_TRAIN_SPLIT = "train"
+
+
+# -- results --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GramGroup:
+    """Target modules that read one input tensor; ``modules[0]`` is the one hooked."""
+
+    name: str
+    modules: tuple[str, ...]  # in the order the forward reaches them
+    n: int  # input size
+    calls: int = 1  # times the modules run per forward (1 for every decoder linear we know)
+
+    @property
+    def sum_bytes(self) -> int:
+        """The harmful and the task sum, float64, held together while the pass runs."""
+        return 2 * self.n * self.n * 8
+
+
+@dataclass
+class CalibrationResult:
+    """What ``calibrate`` wrote and measured."""
+
+    path: Path
+    modules: dict[str, str]  # module -> Gram group
+    groups: list[GramGroup]
+    harmful_tokens: int
+    task_tokens: int
+    passes: int
+    seconds: dict[str, float]
+    answers: list[str] = field(repr=False)  # the aligned model's answer to each harmful prompt, in order
+    info: dict[str, Any] = field(repr=False, default_factory=dict)  # the metadata written to the file
+
+
+# -- inputs: everything that can be refused is refused before a model is loaded -----------------
+def pyrit_installed() -> bool:
+    try:
+        importlib.metadata.distribution("pyrit")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def harmful_prompts(specs: Sequence[str] | None) -> list[Prompt]:
+    """The harmful calibration prompts, checked disjoint from every scored set (docs/design.md §5c).
+
+    ``None``: AdvBench ``align`` + ``requests``; otherwise the prompts of every SPEC in order
+    (they replace the default). Both need pyrit: for AdvBench itself, or to check the user's
+    prompts against the AdvBench and airt validation and test splits.
+    """
+    from csulora.eval.calibration_sets import calibration_harmful_prompts, check_disjoint, held_out_sets
+
+    if specs is not None and not list(specs):
+        raise OptionError("--harmful needs at least one SPEC")
+    if not pyrit_installed():
+        if specs is None:
+            raise InputError(
+                f"the default harmful prompts (AdvBench align + requests) need pyrit: run `{PYRIT_INSTALL}`, "
+                "or give --harmful SPEC"
+            )
+        raise InputError(
+            f"checking --harmful against the AdvBench/airt validation and test splits needs pyrit: run `{PYRIT_INSTALL}`"
+        )
+    prompts = calibration_harmful_prompts() if specs is None else [p for s in specs for p in load_prompts(s)]
+    check_disjoint(prompts, held_out_sets())
+    return prompts
+
+
+def task_pairs(spec: str | os.PathLike) -> list[dict]:
+    """The adapter's task data, prompt + response: a JSONL file or ``date:train``.
+
+    Refused: the splits ``tune`` selects on and the test splits (``date:validation``,
+    ``date``/``date:test``), a JSONL file holding one of their prompts, and prompt sets
+    (no responses).
+    """
+    text = str(spec)
+    path = Path(text)
+    if not path.is_file() and not path.suffix:
+        name, _, split = text.partition(":")
+        if name == "date":
+            if split != TASK_TRAIN_SPLIT:
+                which = split or "test"
+                role = "the split tune selects on" if which == "validation" else "a test split"
+                if which not in DATE_SPLITS:
+                    role = "not a split"
+                raise InputError(
+                    f"--task {text}: {role}; calibrate on the adapter's training data (date:train or its JSONL)"
+                )
+            return date_task(TASK_TRAIN_SPLIT)
+        raise InputError(
+            f"--task {text}: not task data; give the adapter's training data "
+            '(JSONL of {"prompt", "response"}) or date:train'
+        )
+    pairs = load_task(text)  # InputError naming file:line for a record without prompt/response
+    _check_task_not_held_out(pairs, path)
+    return pairs
+
+
+def _check_task_not_held_out(pairs: Sequence[dict], file: Path) -> None:
+    held_out = {
+        normalise_prompt(item["prompt"]): f"date:{split}"
+        for split in DATE_SPLITS
+        if split != TASK_TRAIN_SPLIT
+        for item in date_task(split)
+    }
+    for number, pair in enumerate(pairs, start=1):
+        where = held_out.get(normalise_prompt(pair["prompt"]))
+        if where is not None:
+            raise InputError(
+                f"{file}: record {number} is a prompt of {where}; calibrate on the adapter's training data, "
+                "never on a split tune selects on or a test split"
+            )
+
+
+def target_modules(aligned: str | os.PathLike, targets: Iterable[str] | str | None) -> list[str]:
+    """The decoder linear layers to calibrate (names as in the checkpoint), from its header only."""
+    target_list = _target_list(targets)
+    with CheckpointReader(aligned) as reader:
+        modules = decoder_linear_modules(reader, target_list)
+    if not modules:
+        if target_list is None:
+            raise InputError(f"{aligned}: no linear layers in decoder blocks")
+        raise OptionError(f"--targets {','.join(target_list)} matches no linear layer of {aligned}'s decoder blocks")
+    return modules
+
+
+def _check_options(max_new_tokens: int, batch_size: int, memory_budget_gb: float | None) -> None:
+    if max_new_tokens < 1:
+        raise OptionError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise OptionError(f"--batch-size must be >= 1, got {batch_size}")
+    if memory_budget_gb is not None and not memory_budget_gb > 0:
+        raise OptionError(f"--memory-budget must be > 0 GB, got {memory_budget_gb}")
+
+
+def set_digest(records: Iterable[Any]) -> str:
+    """sha256 of a data set's content in order (JSON of each record, one a line)."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+# -- which modules share an input ---------------------------------------------------------------
+def linear_modules(model: nn.Module, names: Sequence[str], where: str | os.PathLike) -> dict[str, nn.Linear]:
+    found = dict(model.named_modules())
+    linears = {}
+    for name in names:
+        module = found.get(name)
+        if not isinstance(module, nn.Linear):
+            raise InputError(f"{where}: module {name} is not a linear layer of the loaded model")
+        linears[name] = module
+    return linears
+
+
+def _input_key(x: Tensor) -> tuple:
+    # Same memory, shape and layout: the same tensor (or a view identical to it). The probe
+    # keeps every recorded tensor alive, so an address cannot be reused within the forward.
+    return (x.data_ptr(), x.dtype, tuple(x.shape), tuple(x.stride()))
+
+
+@torch.no_grad()
+def shared_input_groups(model: nn.Module, linears: Mapping[str, nn.Linear], probe_ids: Sequence[int]) -> list[GramGroup]:
+    """Group the modules by the input tensor they receive in one probe forward, in forward order.
+
+    A module that runs more than once per forward gets a group of its own (its Gram sums all
+    its calls); a module that never runs is an error (its statistics would be empty).
+    """
+    seen: dict[str, list[Tensor]] = {name: [] for name in linears}
+    first_calls: list[str] = []
+
+    def recorder(name: str):
+        def record(_module: nn.Module, inputs: tuple) -> None:
+            if not seen[name]:
+                first_calls.append(name)
+            seen[name].append(inputs[0])
+
+        return record
+
+    handles = [module.register_forward_pre_hook(recorder(name)) for name, module in linears.items()]
+    device = next(model.parameters()).device
+    try:
+        decoder_body(model)(input_ids=torch.tensor([list(probe_ids)], device=device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    idle = [name for name, calls in seen.items() if not calls]
+    if idle:
+        raise InputError(f"module {idle[0]} never runs in the model's forward pass; it cannot be calibrated")
+    members: list[list[str]] = []
+    by_input: dict[tuple, list[str]] = {}
+    for name in first_calls:
+        calls = seen[name]
+        key = _input_key(calls[0])
+        if len(calls) == 1 and key in by_input:
+            by_input[key].append(name)
+            continue
+        members.append([name])
+        if len(calls) == 1:
+            by_input[key] = members[-1]
+    return [
+        GramGroup(group_name(names), tuple(names), linears[names[0]].in_features, calls=len(seen[names[0]]))
+        for names in members
+    ]
+
+
+def group_name(modules: Sequence[str]) -> str:
+    """``model.layers.3.self_attn.q_proj+k_proj+v_proj``; a lone module keeps its own name."""
+    if len(modules) == 1:
+        return modules[0]
+    parents = {m.rpartition(".")[0] for m in modules}
+    if len(parents) == 1:
+        parent = parents.pop()
+        leaves = "+".join(m.rpartition(".")[2] for m in modules)
+        return f"{parent}.{leaves}" if parent else leaves
+    return "+".join(modules)
+
+
+# -- the statistics pass --------------------------------------------------------------------------
+class GroupGramSums(MaskedInputHooks):
+    """Adds ``x^T x`` of the counted rows into one float64 sum per group (hooked on its first module).
+
+    ``stop_after``: the module after which nothing of this pass is left to see; its hook
+    ends the forward (:class:`~csulora.activations.StopForward`).
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[GramGroup],
+        linears: Mapping[str, nn.Linear],
+        *,
+        device: torch.device,
+        product_dtype: torch.dtype,
+        stop_after: str | None,
+    ) -> None:
+        super().__init__({g.modules[0]: linears[g.modules[0]] for g in groups})
+        self.group_of = {g.modules[0]: g.name for g in groups}
+        self.sums = {g.name: torch.zeros(g.n, g.n, dtype=torch.float64, device=device) for g in groups}
+        self.rows = {g.name: 0 for g in groups}
+        self.product_dtype = product_dtype
+        self.stop_after = stop_after
+
+    def observe(self, name: str, module: nn.Module, x: Tensor) -> None:
+        group = self.group_of[name]
+        x = x.to(self.product_dtype)
+        self.sums[group].add_(x.T @ x)  # float32 (or model dtype) product, float64 sum
+        self.rows[group] += int(x.shape[0])
+        if name == self.stop_after:
+            raise StopForward
+
+
+def accumulate_sums(
+    model: nn.Module,
+    examples: Sequence[Mapping],
+    groups: Sequence[GramGroup],
+    linears: Mapping[str, nn.Linear],
+    *,
+    pad_id: int,
+    batch_size: int,
+    product_dtype: torch.dtype,
+    progress: bool = True,
+    desc: str = "statistics",
+) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """Gram sums (float64, on the model's device) and token counts of ``groups`` over ``examples``.
+
+    Every token of an example counts unless it has ``labels`` (then those not ``-100``);
+    padding never counts.
+    """
+    device = next(model.parameters()).device
+    last = groups[-1]
+    stop_after = last.modules[0] if all(g.calls == 1 for g in groups) else None
+    with GroupGramSums(groups, linears, device=device, product_dtype=product_dtype, stop_after=stop_after) as sums:
+        run_batches(
+            model, examples, sums, pad_id=pad_id, batch_size=batch_size, progress=progress, desc=desc,
+            longest_first=True,
+        )  # fmt: skip
+    return sums.sums, sums.rows
+
+
+def plan_passes(groups: Sequence[GramGroup], budget_bytes: int) -> list[list[GramGroup]]:
+    """Consecutive groups (forward order) whose sums fit the budget together; a group larger
+    than the budget gets a pass of its own."""
+    passes: list[list[GramGroup]] = []
+    current: list[GramGroup] = []
+    used = 0
+    for group in groups:
+        if current and used + group.sum_bytes > budget_bytes:
+            passes.append(current)
+            current, used = [], 0
+        current.append(group)
+        used += group.sum_bytes
+    if current:
+        passes.append(current)
+    return passes
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on ``device`` now (None when it cannot be read)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Half of the memory free after the model is loaded (8 GiB when that cannot be read)."""
+    free = free_memory_bytes(device)
+    return int(free * MEMORY_FRACTION) if free else _FALLBACK_BUDGET
+
+
+def product_dtype_for(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """float32 products on the CPU; on CUDA the model's dtype (docs/design.md §5c)."""
+    return model_dtype if device.type == "cuda" else torch.float32
+
+
+def _stored_form(moment: SecondMoment) -> SecondMoment:
+    """On the CPU in float32, as the file stores it: finished groups wait there for the writer,
+    and float32 halves what they hold (docs/design.md §5c: products are float32 anyway)."""
+    moved = {
+        key: getattr(moment, key).to(device="cpu", dtype=torch.float32)
+        for key in ("matrix", "U", "L")
+        if getattr(moment, key) is not None
+    }
+    return replace(moment, **moved)
+
+
+def build_calibration(group: GramGroup, harmful: tuple[Tensor, int], task: tuple[Tensor, int]) -> ModuleCalibration:
+    """One group's statistics from its sums: normalised, dense or spiked (:func:`csulora.gram.calibration_moments`)."""
+    try:
+        built = calibration_moments(group.name, harmful[0], harmful[1], task[0], task[1])
+    except ValueError as exc:
+        raise InputError(f"calibration of {group.name}: {exc}") from None
+    return replace(built, harmful=_stored_form(built.harmful), task=_stored_form(built.task))
+
+
+# -- the API -------------------------------------------------------------------------------------
+def _logger(progress: bool):
+    def log(message: str) -> None:
+        if progress:
+            print(f"calibrate: {message}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / (1 << 30):.2f} GiB"
+
+
+def _pass_span(groups: Sequence[GramGroup]) -> str:
+    first, last = groups[0].modules[0], groups[-1].modules[-1]
+    return first if first == last else f"{first} .. {last}"
+
+
+def calibrate(
+    aligned: str | os.PathLike,
+    out_file: str | os.PathLike,
+    *,
+    task: str | os.PathLike,
+    harmful: Sequence[str] | None = None,
+    targets: Iterable[str] | str | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    memory_budget_gb: float | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Write the calibration statistics of ``aligned`` for one task to ``out_file`` (docs/design.md §5c).
+
+    ``task``: the adapter's training data (JSONL of prompt/response, or ``date:train``);
+    ``harmful``: prompt SPECs replacing the default AdvBench ``align`` + ``requests``;
+    ``targets``: module names or suffixes (default every linear layer of the decoder blocks);
+    ``memory_budget_gb``: how much the Gram sums of one pass may take (default half the
+    memory free once the model is loaded); more groups than fit are done in several passes
+    over the tokens. The output is written atomically; an existing one needs ``force``.
+    """
+    log = _logger(progress)
+    out = check_output_file(out_file, force)
+    _check_options(max_new_tokens, batch_size, memory_budget_gb)
+    run_device, model_dtype = resolve_device(device), resolve_dtype(dtype)
+    modules = target_modules(aligned, targets)
+    prompts = harmful_prompts(harmful)
+    pairs = task_pairs(task)
+
+    started = time.perf_counter()
+    fingerprint = model_fingerprint(aligned)
+    model, tokenizer = load_model(aligned, device=run_device, dtype=model_dtype)
+    linears = linear_modules(model, modules, aligned)
+    seconds = {"fingerprint_and_load": time.perf_counter() - started}
+
+    started = time.perf_counter()
+    answers = generate_responses(
+        model, tokenizer, [p.text for p in prompts], batch_size=batch_size, max_new_tokens=max_new_tokens,
+        progress=progress, desc="aligned answers",
+    )  # fmt: skip
+    seconds["generation"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    harmful_examples = [
+        {"input_ids": chat_prompt_ids(tokenizer, p.text) + response_ids(tokenizer, a)} for p, a in zip(prompts, answers)
+    ]
+    task_examples = [
+        {"input_ids": chat_prompt_ids(tokenizer, p["prompt"]) + response_ids(tokenizer, p["response"])} for p in pairs
+    ]
+    groups = shared_input_groups(model, linears, task_examples[0]["input_ids"][:PROBE_TOKENS])
+    budget = int(memory_budget_gb * (1 << 30)) if memory_budget_gb is not None else default_memory_budget(run_device)
+    passes = plan_passes(groups, budget)
+    needed = sum(g.sum_bytes for g in groups)
+    log(
+        f"{len(modules)} modules in {len(groups)} Gram groups; the sums need {_gib(needed)}, "
+        f"budget {_gib(budget)}: " + ("one pass over the tokens" if len(passes) == 1 else f"{len(passes)} passes over the tokens")
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    product_dtype = product_dtype_for(run_device, model_dtype)
+    calibrations: dict[str, ModuleCalibration] = {}
+    harmful_tokens = sum(len(e["input_ids"]) for e in harmful_examples)
+    task_tokens = sum(len(e["input_ids"]) for e in task_examples)
+    for number, part in enumerate(passes, start=1):
+        label = f"pass {number}/{len(passes)}" if len(passes) > 1 else "statistics"
+        if len(passes) > 1:
+            log(f"{label}: {len(part)} groups, {_pass_span(part)}")
+        common = {"pad_id": pad_id, "batch_size": batch_size, "product_dtype": product_dtype, "progress": progress}
+        h_sums, h_rows = accumulate_sums(model, harmful_examples, part, linears, desc=f"{label}: harmful", **common)
+        t_sums, t_rows = accumulate_sums(model, task_examples, part, linears, desc=f"{label}: task", **common)
+        for group in part:
+            calibrations[group.name] = build_calibration(
+                group, (h_sums.pop(group.name), h_rows[group.name]), (t_sums.pop(group.name), t_rows[group.name])
+            )
+    seconds["statistics"] = time.perf_counter() - started
+
+    module_groups = {m: g.name for g in groups for m in g.modules}
+    info = {
+        "csulora_version": __version__,
+        MODEL_FINGERPRINT_KEY: fingerprint,
+        "aligned": str(Path(aligned).resolve()),
+        "targets": _target_list(targets),
+        "modules": len(module_groups),
+        "groups": len(groups),
+        "generation": {
+            "max_new_tokens": max_new_tokens, "greedy": True, "chat_template": True, "batch_size": batch_size,
+        },
+        "device": run_device.type,
+        "dtype": str(model_dtype).removeprefix("torch."),
+        "products": str(product_dtype).removeprefix("torch."),
+        "accumulation": "float64",
+        "harmful": {
+            "specs": list(harmful) if harmful is not None else ["advbench:align", "requests"],
+            "prompts": len(prompts),
+            "sha256": set_digest(p.text for p in prompts),
+            "answers_sha256": set_digest(answers),
+            "tokens": harmful_tokens,
+        },
+        "task": {
+            "spec": str(task),
+            "examples": len(pairs),
+            "sha256": set_digest({"prompt": p["prompt"], "response": p["response"]} for p in pairs),
+            "tokens": task_tokens,
+        },
+        "passes": len(passes),
+        "memory_budget_bytes": budget,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+    path = save_calibration(out, calibrations, module_groups, info, force=force)
+    log(f"wrote {out}")
+    return CalibrationResult(
+        path=path,
+        modules=module_groups,
+        groups=groups,
+        harmful_tokens=harmful_tokens,
+        task_tokens=task_tokens,
+        passes=len(passes),
+        seconds=seconds,
+        answers=answers,
+        info=info,
+    )

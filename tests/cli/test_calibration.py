@@ -1,0 +1,107 @@
+"""``csulora calibrate`` through ``csulora.cli.main`` (in-process): the happy path prints one
+summary line; every bad input is one line on stderr, exit code 2, and nothing written."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from csulora.cli import build_parser, main
+from csulora.eval.splits import advbench_split
+from csulora.eval.tasks import date_task
+from csulora.io.calibration_file import load_calibration
+from tests.fixtures_tiny import leftovers
+
+
+@pytest.fixture
+def outs(tmp_path) -> Path:
+    folder = tmp_path / "outs"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def inputs(tmp_path) -> dict[str, Path]:
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("\n".join(p.text for p in advbench_split("align")[:8]) + "\n")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"prompt": i["prompt"], "response": i["response"]}) + "\n"
+                            for i in date_task("train")[:8]))  # fmt: skip
+    return {"harmful": harmful, "task": task}
+
+
+def argv(world, out: Path, inputs, *extra) -> list[str]:
+    return ["calibrate", str(world.aligned), "-o", str(out), "--task", str(inputs["task"]),
+            "--harmful", str(inputs["harmful"]), "--max-new-tokens", "8", "--batch-size", "4",
+            "--device", "cpu", *map(str, extra)]  # fmt: skip
+
+
+def fails(args, capsys, pattern: str) -> str:
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert re.search(pattern, err), err
+    return err
+
+
+def assert_nothing_written(outs: Path) -> None:
+    assert sorted(p.name for p in outs.iterdir()) == []
+    assert leftovers(outs) == []
+
+
+def test_calibrate_writes_the_statistics_and_says_what_it_did(tiny_world, inputs, outs, capsys):
+    out = outs / "calibration.safetensors"
+    assert main(argv(tiny_world, out, inputs, "--targets", "v_proj,gate_proj,up_proj")) == 0
+    captured = capsys.readouterr()
+    assert re.fullmatch(
+        rf"wrote {re.escape(str(out))}: 6 modules in 4 Gram groups \(one pass\); harmful 8 prompts, \d+ tokens; "
+        r"task 8 examples, \d+ tokens; generation \d+\.\d s, statistics \d+\.\d s\n",
+        captured.out,
+    ), captured.out
+    assert "one pass over the tokens" in captured.err
+    file = load_calibration(out)
+    assert file.group_of("model.layers.1.mlp.up_proj") == "model.layers.1.mlp.gate_proj+up_proj"
+    assert file.info["generation"]["max_new_tokens"] == 8
+    assert leftovers(outs) == []
+    # An existing output is refused without --force (before the model is loaded) ...
+    fails(argv(tiny_world, out, inputs), capsys, r"^csulora calibrate: error: .*calibration\.safetensors: file exists \(use --force")
+    # ... and replaced with it.
+    assert main(argv(tiny_world, out, inputs, "--targets", "o_proj", "--force")) == 0
+    assert len(load_calibration(out).modules) == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "pattern"),
+    [
+        ({"--task": "date:validation"}, r"--task date:validation: the split tune selects on"),
+        ({"--task": "date:test"}, r"--task date:test: a test split"),
+        ({"--harmful": "advbench:validation"}, r"is also in advbench:validation as advbench-\d+"),
+        ({"--harmful": "airt:val"}, r"is also in airt:val as airt-"),
+        ({"--targets": "nothing_here"}, r"--targets nothing_here matches no linear layer"),
+        ({"--max-new-tokens": "0"}, r"--max-new-tokens must be >= 1"),
+    ],
+)
+def test_bad_inputs_are_one_line_and_write_nothing(tiny_world, inputs, outs, capsys, change, pattern):
+    args = argv(tiny_world, outs / "calibration.safetensors", inputs)
+    for flag, value in change.items():
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    fails(args, capsys, pattern)
+    assert_nothing_written(outs)
+
+
+def test_a_task_line_without_a_response_names_the_file_and_line(tiny_world, inputs, outs, capsys):
+    inputs["task"].write_text('{"prompt": "p", "response": "r"}\n{"prompt": "q", "answer": "r"}\n')
+    fails(argv(tiny_world, outs / "c.safetensors", inputs), capsys, r"task\.jsonl:2: missing or non-string field 'response'")
+    assert_nothing_written(outs)
+
+
+def test_task_is_required():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["calibrate", "aligned", "-o", "c.safetensors"])
