@@ -33,6 +33,7 @@ from typing import Any
 
 from csulora.errors import InputError, OptionError
 from csulora.io.adapters import DEFAULT_REPORT_NAME, LoraAdapter, read_adapter, write_adapter
+from csulora.io.hub import resolve_model_dir
 from csulora.io.atomic import atomic_output_dir, check_output_dir, check_output_file
 from csulora.io.checkpoints import (
     CheckpointReader,
@@ -53,6 +54,7 @@ from csulora.io.subspace_cache import (
 )
 from csulora.methods.base import CorrectionMethod, MethodConfig
 from csulora.methods.registry import get_method, make_config
+from csulora.model_card import base_model_for, correction_card
 from csulora.reports import AuditReport, CorrectionReport, mean_of, weighted_rho
 from csulora.subspace import SubspaceConfig, compute_subspace
 from csulora.types import ModuleInput, ModuleSubspace
@@ -219,6 +221,17 @@ def _check_subspace_config(config: SubspaceConfig | None, *, cache: PathLike | N
     return config
 
 
+def _resolve_inputs(
+    adapter: PathLike | None, base: PathLike | None, aligned: PathLike | None
+) -> tuple[PathLike | None, PathLike | None, PathLike | None]:
+    """Folders for ADAPTER/BASE/ALIGNED: a hub id is fetched (or found in the hub cache), io/hub.py."""
+    return (
+        None if adapter is None else resolve_model_dir(adapter, "ADAPTER"),
+        None if base is None else resolve_model_dir(base, "BASE"),
+        None if aligned is None else resolve_model_dir(aligned, "ALIGNED"),
+    )
+
+
 # -- build_subspace -----------------------------------------------------------------------------
 def build_subspace(
     base: PathLike,
@@ -245,6 +258,7 @@ def build_subspace(
         raise InputError(f"{out}: is a folder; give the cache file name, e.g. {out / 'subspace.safetensors'}")
     check_output_file(out, force)
     targets = _target_list(targets)
+    _, base, aligned = _resolve_inputs(None, base, aligned)
     with ExitStack() as stack:
         base_reader = stack.enter_context(CheckpointReader(base))
         aligned_reader = stack.enter_context(CheckpointReader(aligned))
@@ -296,6 +310,7 @@ def audit_adapter(
     check_source_options(subspace, base, aligned)
     config = _check_subspace_config(subspace_config, cache=subspace)
     targets = _target_list(targets)
+    adapter_dir, base, aligned = _resolve_inputs(adapter_dir, base, aligned)
     adapter = read_adapter(adapter_dir)
     names = _select_modules(adapter, targets)
     rows: list[dict[str, Any]] = []
@@ -357,6 +372,8 @@ def correct_adapter(
     if report_file is not None and _relative_inside(report_file, out) is None:
         check_output_file(report_file, force, flag="--report")  # a file of its own: same rule as OUTDIR
 
+    input_spec, aligned_spec = adapter_dir, aligned  # as given: hub ids stay ids in the card and config
+    adapter_dir, base, aligned = _resolve_inputs(adapter_dir, base, aligned)
     adapter = read_adapter(adapter_dir)
     names = _select_modules(adapter, targets)
     results = {}
@@ -400,8 +417,17 @@ def correct_adapter(
         summary=summary,
     )
     inside = _relative_inside(report_file, out) if report_file is not None else Path(DEFAULT_REPORT_NAME)
+    base_model = base_model_for(aligned_spec)  # None keeps the input's base_model_name_or_path
+    card = correction_card(
+        method=impl, options=config.to_dict(), adapter=adapter, input_spec=input_spec, corrected=names,
+        base_model=base_model, sources=sources, report_file=None if inside is None else inside.as_posix(),
+        summary=summary,
+    )
     with atomic_output_dir(out, force) as tmp:
-        write_adapter(adapter, tmp, {name: results[name].update for name in names})
+        write_adapter(
+            adapter, tmp, {name: results[name].update for name in names}, base_model_name_or_path=base_model,
+            model_card=card,
+        )
         if inside is not None:  # the report travels with the adapter folder (one atomic rename)
             (tmp / inside).parent.mkdir(parents=True, exist_ok=True)
             report.to_json(tmp / inside)

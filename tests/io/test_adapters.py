@@ -12,6 +12,7 @@ from csulora.io.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     alpha_for_scale,
+    files_not_copied,
     lora_scale,
     pattern_value,
     read_adapter,
@@ -153,10 +154,38 @@ def test_writing_is_deterministic(tmp_path_factory, tmp_path):
     for i in range(2):
         out = tmp_path / f"out{i}"
         out.mkdir()
-        write_adapter(adapter, out, updates)
+        write_adapter(adapter, out, updates, model_card="# card\n")
         outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
     assert outputs[0] == outputs[1]
-    assert "README.md" in outputs[0]  # the PEFT model card travels with the adapter
+    assert outputs[0]["README.md"] == b"# card\n"  # the caller's card, not the input's PEFT card
+
+
+def test_input_card_and_training_record_are_not_copied_but_tokenizer_files_are(tiny_adapter, tmp_path):
+    """issue 13: the input's README and train_config.json described the attack, not the correction."""
+    source = _copy(tiny_adapter, tmp_path / "in")
+    (source / "README.md").write_text("---\nlicense: apache-2.0\n---\ntrained on harmful data\n")
+    (source / "train_config.json").write_text('{"data": "attack.jsonl"}')
+    (source / "tokenizer_config.json").write_text("{}")
+    (source / "chat_template.jinja").write_text("{{ messages }}")
+    adapter = read_adapter(source)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_adapter(adapter, out, {})
+    assert sorted(p.name for p in out.iterdir()) == [
+        ADAPTER_CONFIG, ADAPTER_WEIGHTS, "chat_template.jinja", "tokenizer_config.json",
+    ]
+    assert files_not_copied(source) == ["README.md", "train_config.json"]
+
+
+def test_base_model_path_is_kept_unless_given(tiny_adapter, tmp_path):
+    adapter = read_adapter(tiny_adapter)
+    kept, replaced = tmp_path / "kept", tmp_path / "replaced"
+    kept.mkdir(), replaced.mkdir()
+    write_adapter(adapter, kept, {})
+    write_adapter(adapter, replaced, {}, base_model_name_or_path="org/aligned")
+    original = adapter.config.get("base_model_name_or_path")
+    assert json.loads((kept / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") == original
+    assert json.loads((replaced / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == "org/aligned"
 
 
 def test_empty_update_is_written_as_one_zero_direction(tmp_path, tiny_adapter):

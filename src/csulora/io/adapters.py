@@ -15,6 +15,7 @@ sorted JSON keys, fixed safetensors metadata, no timestamps.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
@@ -35,6 +36,17 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 DEFAULT_REPORT_NAME = "csulora_report.json"
+MODEL_CARD = "README.md"
+# Files copied from the input folder into a corrected one: tokenizer and chat template only.
+SIDECAR_PATTERNS = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template.*",
+    "generation_config.json",
+)
 # Fixed safetensors metadata: what PEFT writes itself, and nothing that changes per run.
 SAFETENSORS_METADATA = {"format": "pt"}
 
@@ -263,12 +275,22 @@ def _build_module(name: str, pair: dict[str, Tensor], config: Mapping[str, Any],
 
 
 # -- writing ----------------------------------------------------------------------------------
-def write_adapter(adapter: LoraAdapter, out_dir: str | Path, updates: Mapping[str, LoraUpdate]) -> None:
+def write_adapter(
+    adapter: LoraAdapter,
+    out_dir: str | Path,
+    updates: Mapping[str, LoraUpdate],
+    *,
+    base_model_name_or_path: str | None = None,
+    model_card: str | None = None,
+) -> None:
     """Write ``adapter`` with ``updates`` replacing its modules' factors into ``out_dir``.
 
     Modules not in ``updates`` are copied unchanged. Each written module keeps its dtype
     and scale; ranks that differ from the config's global ``r`` (or alphas from the global
     ``lora_alpha``) are written to ``rank_pattern``/``alpha_pattern`` under full module names.
+    ``base_model_name_or_path`` replaces the input's in the config (None keeps it);
+    ``model_card`` is written as ``README.md``. The input's own card and training record
+    are never copied (:func:`copy_sidecar_files`): they describe the input, not this output.
     ``out_dir`` should be the temporary folder of :func:`csulora.io.atomic.atomic_output_dir`.
     """
     out = Path(out_dir)
@@ -295,11 +317,15 @@ def write_adapter(adapter: LoraAdapter, out_dir: str | Path, updates: Mapping[st
     # "v_proj" could shadow a full name. Full names match only their own module.
     config["rank_pattern"] = dict(sorted(rank_pattern.items(), key=lambda kv: natural_key(kv[0])))
     config["alpha_pattern"] = dict(sorted(alpha_pattern.items(), key=lambda kv: natural_key(kv[0])))
+    if base_model_name_or_path is not None:
+        config["base_model_name_or_path"] = base_model_name_or_path
     from safetensors.torch import save_file
 
     save_file(dict(sorted(tensors.items())), str(out / ADAPTER_WEIGHTS), metadata=dict(SAFETENSORS_METADATA))
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     copy_sidecar_files(adapter.path, out)
+    if model_card is not None:
+        (out / MODEL_CARD).write_text(model_card, encoding="utf-8")
 
 
 def _factors_to_write(
@@ -331,12 +357,27 @@ def _factors_to_write(
     )
 
 
+def is_sidecar_file(name: str) -> bool:
+    """Files that stay true of a corrected adapter: how text becomes tokens and chats are rendered."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SIDECAR_PATTERNS)
+
+
 def copy_sidecar_files(src: Path, dst: Path) -> None:
-    """Copy README/tokenizer files beside the adapter; never stale weights or reports."""
-    skip = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_REPORT_NAME}
+    """Copy the tokenizer/chat-template files beside the adapter, nothing else.
+
+    Not the model card or a training record (they describe the input: the caller writes
+    its own card), never other weights (uncorrected copies) or csulora reports.
+    """
     for path in sorted(src.iterdir()):
-        if not path.is_file() or path.name in skip or path.name.startswith("."):
-            continue
-        if path.suffix in PICKLED_SUFFIXES or path.suffix == ".safetensors":
-            continue  # other weights in the folder would be uncorrected copies
-        shutil.copyfile(path, dst / path.name)
+        if path.is_file() and is_sidecar_file(path.name):
+            shutil.copyfile(path, dst / path.name)
+
+
+def files_not_copied(src: Path) -> list[str]:
+    """The input's other files (its model card, training record, ...), to name in the new card."""
+    skip = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_REPORT_NAME}
+    return [
+        path.name
+        for path in sorted(src.iterdir())
+        if path.is_file() and not path.name.startswith(".") and path.name not in skip and not is_sidecar_file(path.name)
+    ]
