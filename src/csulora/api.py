@@ -35,6 +35,7 @@ from csulora.errors import InputError, OptionError
 from csulora.io.adapters import DEFAULT_REPORT_NAME, LoraAdapter, read_adapter, write_adapter
 from csulora.io.hub import resolve_model_dir
 from csulora.io.atomic import atomic_output_dir, check_output_dir, check_output_file
+from csulora.io.calibration_file import CalibrationFile, load_calibration
 from csulora.io.checkpoints import (
     CheckpointReader,
     check_same_architecture,
@@ -79,17 +80,21 @@ class _Sources:
     cache: SubspaceCache | None = None
     base: CheckpointReader | None = None
     aligned: CheckpointReader | None = None
+    calibration: CalibrationFile | None = None  # activation statistics (docs/design.md §5c)
 
     @property
     def has_pair(self) -> bool:
         return self.base is not None
 
     def describe(self) -> dict[str, str | None]:
-        return {
+        described = {
             "subspace": str(self.cache.path) if self.cache else None,
             "base": str(self.base.folder) if self.base else None,
             "aligned": str(self.aligned.folder) if self.aligned else None,
         }
+        if self.calibration is not None:  # only then: other methods' reports keep their bytes
+            described["calibration"] = str(self.calibration.path)
+        return described
 
 
 def check_source_options(
@@ -97,11 +102,15 @@ def check_source_options(
     base: PathLike | None,
     aligned: PathLike | None,
     method: tuple[CorrectionMethod, MethodConfig] | None = None,
+    calibration: PathLike | None = None,
 ) -> None:
     """The one check of where D comes from, before any tensor is read.
 
     Without ``method`` (the audit) a subspace or a base/aligned pair is needed; with one,
-    exactly what that method needs with that config (:meth:`CorrectionMethod.check_sources`).
+    exactly what that method needs with that config (:meth:`CorrectionMethod.check_sources`):
+    a method that needs neither (``scale``, ``calibrated``) needs no --subspace/--base.
+    ``calibration`` (a statistics file) is for the methods that use one, and refused for
+    the others rather than silently ignored.
     """
     if (base is None) != (aligned is None):
         raise OptionError("--base and --aligned go together: give both, or use --subspace")
@@ -111,13 +120,27 @@ def check_source_options(
             raise OptionError("give --subspace FILE or --base BASE --aligned ALIGNED")
         return
     impl, config = method
-    impl.check_sources(config, has_displacement=has_pair, has_subspace=has_pair or subspace is not None)
+    if calibration is not None and not impl.needs_calibration(config):
+        raise OptionError(f"--calibration does not apply to --method {impl.name} (it reads no activation statistics)")
+    impl.check_sources(
+        config,
+        has_displacement=has_pair,
+        has_subspace=has_pair or subspace is not None,
+        has_calibration=calibration is not None,
+    )
 
 
 def _open_sources(
-    stack: ExitStack, subspace: PathLike | None, base: PathLike | None, aligned: PathLike | None
+    stack: ExitStack,
+    subspace: PathLike | None,
+    base: PathLike | None,
+    aligned: PathLike | None,
+    calibration: PathLike | None = None,
 ) -> _Sources:
     sources = _Sources()
+    if calibration is not None:
+        sources.calibration = load_calibration(calibration)
+        stack.callback(sources.calibration.close)
     if subspace is not None:
         sources.cache = load_subspace_cache(subspace)
         stack.callback(sources.cache.close)
@@ -157,6 +180,30 @@ def _check_modules_against_sources(adapter: LoraAdapter, names: Sequence[str], s
         for name in names:
             entry = sources.cache.entry(name)
             _check_shape(adapter, name, entry.shape, f"{sources.cache.path}: module {name}")
+    if sources.calibration is not None:
+        _check_calibration(adapter, names, sources)
+
+
+def _check_calibration(adapter: LoraAdapter, names: Sequence[str], sources: _Sources) -> None:
+    """Statistics for every module, of the right size, and (given the aligned model) from it."""
+    assert sources.calibration is not None
+    sources.calibration.check_modules({name: adapter.modules[name].shape for name in names}, adapter.weights_file)
+    if sources.aligned is not None:
+        from csulora.io.fingerprint import model_fingerprint
+
+        digest = model_fingerprint(sources.aligned.folder)["digest"]
+        sources.calibration.check_model(digest, sources.aligned.folder)
+
+
+def _check_corrects_every_module(impl: CorrectionMethod, adapter: LoraAdapter, names: Sequence[str]) -> None:
+    """A method whose guarantee needs every changed module corrected refuses a --targets subset."""
+    left_out = [name for name in adapter.modules if name not in set(names)]
+    if impl.corrects_every_module and left_out:
+        more = f" and {len(left_out) - 1} more" if len(left_out) > 1 else ""
+        raise OptionError(
+            f"--method {impl.name} must correct every adapted module (docs/design.md §5c): --targets leaves "
+            f"{left_out[0]}{more} of {adapter.path} uncorrected; drop --targets"
+        )
 
 
 def _check_shape(adapter: LoraAdapter, name: str, shape: Sequence[int], where: str) -> None:
@@ -188,12 +235,19 @@ def _module_inputs(
         subspace = None
         if need_subspace or sources.cache is not None:
             subspace = _subspace_for(name, sources, displacement, subspace_config)
-        module = ModuleInput(name=name, update=adapter.modules[name].update(), subspace=subspace, displacement=displacement)
+        calibration = sources.calibration.module(name) if sources.calibration is not None else None
+        module = ModuleInput(
+            name=name,
+            update=adapter.modules[name].update(),
+            subspace=subspace,
+            displacement=displacement,
+            calibration=calibration,
+        )
         yield module
         # Drop D before the next pair is read: the consumer's loop variable (e.g. a list
         # comprehension in Safe LoRA's number mode) still references this ModuleInput.
         module.displacement = None
-        del displacement, subspace, module
+        del displacement, subspace, calibration, module
 
 
 def _subspace_for(
@@ -349,6 +403,7 @@ def correct_adapter(
     progress: bool = True,
     subspace_config: SubspaceConfig | None = None,
     targets: Sequence[str] | str | None = None,
+    calibration: PathLike | None = None,
     **method_options: Any,
 ) -> CorrectionReport:
     """Write a corrected copy of a PEFT LoRA adapter to ``out_dir`` with ``method``.
@@ -358,11 +413,15 @@ def correct_adapter(
     is a PEFT folder stock ``PeftModel.from_pretrained`` loads; every module keeps its
     scaling, ranks that change go to ``rank_pattern``/``alpha_pattern``. The per-module
     report is written to ``report_path`` (default ``out_dir/csulora_report.json``).
-    ``targets`` restricts the correction to some modules; the others are copied unchanged.
+    ``targets`` restricts the correction to some modules; the others are copied unchanged
+    (refused for a method that must correct every module, such as ``calibrated``).
+    ``calibration`` is the activation statistics file of ``csulora calibrate`` for the
+    methods that need one (``calibrated``, docs/design.md §5c); with ``aligned`` too it is
+    checked to come from that model.
     """
     impl = get_method(method)
     config = make_config(impl, method_options)
-    check_source_options(subspace, base, aligned, (impl, config))
+    check_source_options(subspace, base, aligned, (impl, config), calibration=calibration)
     sub_config = _check_subspace_config(subspace_config, cache=subspace)
     targets = _target_list(targets)
     out = check_output_dir(out_dir, force)
@@ -376,9 +435,10 @@ def correct_adapter(
     adapter_dir, base, aligned = _resolve_inputs(adapter_dir, base, aligned)
     adapter = read_adapter(adapter_dir)
     names = _select_modules(adapter, targets)
+    _check_corrects_every_module(impl, adapter, names)
     results = {}
     with ExitStack() as stack:
-        sources = _open_sources(stack, subspace, base, aligned)
+        sources = _open_sources(stack, subspace, base, aligned, calibration)
         _check_modules_against_sources(adapter, names, sources)
         stream = _module_inputs(
             adapter,

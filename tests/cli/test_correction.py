@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from csulora.cli import main
 from csulora.io.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from tests.fixtures_tiny import leftovers, tiny_adapter, tiny_pair, tiny_subspace  # noqa: F401
+from tests.fixtures_tiny import leftovers, tiny_adapter, tiny_calibration, tiny_pair, tiny_subspace  # noqa: F401
 from tests.output_modes import assert_usual_modes, umask  # noqa: F401
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -380,6 +380,36 @@ def test_pickled_checkpoint_is_refused(tiny_adapter, tiny_pair, tmp_path, outs, 
     (pickled / "pytorch_model.bin").write_bytes(b"never unpickled")
     fails(["correct", tiny_adapter, "-o", outs / "o", "--base", tiny_pair[0], "--aligned", pickled,
            "--method", "csulora"], capsys, r"only pickled weights found.*safe_serialization=True")
+    assert_nothing_written(outs)
+
+
+# -- the calibrated method (docs/design.md §5c) ----------------------------------------------------------
+def test_correct_calibrated_needs_only_the_statistics(tiny_adapter, tiny_calibration, outs, capsys):
+    assert main(["correct", str(tiny_adapter), "-o", str(outs / "o"), "--method", "calibrated",
+                 "--calibration", str(tiny_calibration), "--strength", "10", "--mu", "0.05"]) == 0
+    report = json.loads((outs / "o" / "csulora_report.json").read_text())
+    assert report["method"] == "calibrated" and report["options"] == {"strength": 10.0, "mu": 0.05, "restore": 0.0}
+    assert report["sources"]["calibration"] == str(tiny_calibration) and len(report["modules"]) == 4
+    assert all(0.0 <= row["harmful_action_kept"] < row["task_action_kept"] for row in report["modules"])
+    assert "wrote" in capsys.readouterr().out and leftovers(outs) == []
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--method", "calibrated"], r"needs activation statistics: give --calibration FILE"),
+    (["--method", "calibrated", "--calibration", "{cal}", "--strength", "-1"], r"--strength must be >= 0"),
+    (["--method", "calibrated", "--calibration", "{cal}", "--mu", "0"], r"--mu must be > 0"),
+    (["--method", "calibrated", "--calibration", "{cal}", "--restore", "1"], r"needs the safety subspace"),
+    (["--method", "calibrated", "--calibration", "{cal}", "--targets", "q_proj"], r"must correct every adapted module"),
+    (["--method", "resta", "--subspace", "{sub}", "--calibration", "{cal}"], r"--calibration does not apply"),
+    (["--method", "calibrated", "--calibration", "{pickle}"], r"pickled files are never loaded"),
+    (["--method", "calibrated", "--calibration", "{sub}"], r"not a csulora calibration file"),
+])
+def test_bad_calibrated_options_and_files(tiny_adapter, tiny_calibration, tiny_subspace, tmp_path, outs, capsys,
+                                          flags, pattern):
+    pickled = tmp_path / "calibration.pt"
+    pickled.write_bytes(b"not a pickle")
+    paths = {"{cal}": tiny_calibration, "{sub}": tiny_subspace, "{pickle}": pickled}
+    fails(["correct", tiny_adapter, "-o", outs / "o", *(paths.get(flag, flag) for flag in flags)], capsys, pattern)
     assert_nothing_written(outs)
 
 

@@ -24,7 +24,7 @@ from csulora.methods.base import CALIBRATION, DISPLACEMENT, INPUT_KINDS, SUBSPAC
 from csulora.methods.registry import METHODS, get_method, make_config
 from csulora.subspace import SubspaceConfig, compute_subspace
 from csulora.types import REPORT_KEYS, LoraUpdate, ModuleCalibration, ModuleInput, SecondMoment
-from tests.fixtures_tiny import tiny_adapter, tiny_pair, tiny_subspace  # noqa: F401
+from tests.fixtures_tiny import tiny_adapter, tiny_calibration, tiny_pair, tiny_subspace  # noqa: F401
 
 NAMES = list(METHODS)
 
@@ -104,16 +104,18 @@ def test_identity_setting_returns_the_input_factors(name):
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if get_method(n).tuning and get_method(n).tuning.identity is not None])
-def test_identity_setting_writes_the_input_bytes(name, tiny_pair, tiny_adapter, tiny_subspace, tmp_path):
+def test_identity_setting_writes_the_input_bytes(
+    name, tiny_pair, tiny_adapter, tiny_subspace, tiny_calibration, tmp_path
+):
     method = get_method(name)
     config = tuned_config(name, method.tuning.identity)
-    sources = sources_for(method.needs(config), tiny_pair, tiny_subspace)
+    sources = sources_for(method.needs(config), tiny_pair, tiny_subspace, tiny_calibration)
     out = tmp_path / "out"
     correct_adapter(tiny_adapter, out, name, progress=False, **sources, **config.to_dict())
     assert (out / ADAPTER_WEIGHTS).read_bytes() == (Path(tiny_adapter) / ADAPTER_WEIGHTS).read_bytes()
 
 
-def sources_for(needs: frozenset[str], pair, subspace) -> dict:
+def sources_for(needs: frozenset[str], pair, subspace, calibration) -> dict:
     """The API keyword arguments that supply what a method needs (extend with new input kinds)."""
     unknown = set(needs) - {SUBSPACE, DISPLACEMENT, CALIBRATION}
     assert not unknown, f"the contract test does not know how to supply {unknown}"
@@ -121,7 +123,7 @@ def sources_for(needs: frozenset[str], pair, subspace) -> dict:
     if DISPLACEMENT in needs:
         sources.update(base=pair[0], aligned=pair[1])
     if CALIBRATION in needs:
-        pytest.fail("add a calibration fixture here when a method needs calibration statistics")
+        sources["calibration"] = calibration
     return sources
 
 

@@ -13,8 +13,8 @@ from csulora.methods.base import CorrectionMethod, MethodConfig, Tuning, finish_
 from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput, ModuleResult
 
 
-def test_registry_holds_the_four_methods_by_name():
-    assert list(METHODS) == ["csulora", "safelora", "scale", "resta"]
+def test_registry_holds_the_five_methods_by_name():
+    assert list(METHODS) == ["csulora", "safelora", "scale", "resta", "calibrated"]
     for name, method in METHODS.items():
         assert isinstance(method, CorrectionMethod)
         assert method.name == name and method.pretty_name

@@ -135,11 +135,18 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _add_source_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("where D comes from (give --subspace, or --base and --aligned)")
+def _add_source_flags(parser: argparse.ArgumentParser, *, calibration: bool = False) -> None:
+    where_d = "where D comes from: --subspace, or --base and --aligned"
+    description = f"{where_d} (as the method needs); --calibration for --method calibrated" if calibration else where_d
+    group = parser.add_argument_group("inputs", description)
     group.add_argument("--subspace", metavar="FILE", help="subspace cache written by `csulora subspace`")
     group.add_argument("--base", metavar="BASE", help="base checkpoint folder (safetensors)")
     group.add_argument("--aligned", metavar="ALIGNED", help="aligned checkpoint folder (safetensors)")
+    if calibration:
+        group.add_argument(
+            "--calibration", metavar="FILE",
+            help="activation statistics written by `csulora calibrate` (docs/design.md §5c)",
+        )
 
 
 def _add_targets_flag(parser: argparse.ArgumentParser, default: str) -> None:
@@ -283,7 +290,7 @@ def _register_correct(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("adapter", metavar="ADAPTER", help="PEFT LoRA adapter folder")
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the corrected adapter")
-    _add_source_flags(parser)
+    _add_source_flags(parser, calibration=True)
     parser.add_argument("--method", required=True, choices=list(METHODS), help="correction method")
     parser.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     parser.add_argument("--report", metavar="FILE", help="per-module report JSON (default OUTDIR/csulora_report.json)")
@@ -311,6 +318,7 @@ def _run_correct(args: argparse.Namespace) -> int:
         report_path=args.report,
         subspace_config=config,
         targets=args.targets,
+        calibration=args.calibration,
         **options,
     )
     print(report.format_table())

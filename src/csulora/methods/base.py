@@ -96,6 +96,9 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
     inputs: ClassVar[frozenset[str]] = frozenset({SUBSPACE})
     # How tune sweeps it; None: tune cannot sweep this method.
     tuning: ClassVar[Tuning | None] = None
+    # True when the method's guarantee holds only if every adapted module is corrected (the
+    # calibrated method, docs/design.md §5c): the API then refuses --targets that leave one out.
+    corrects_every_module: ClassVar[bool] = False
 
     # -- what the method needs ---------------------------------------------------------
     def needs(self, config: ConfigT) -> frozenset[str]:

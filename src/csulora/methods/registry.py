@@ -37,6 +37,7 @@ from typing import Any
 
 from csulora.errors import OptionError
 from csulora.methods.base import CorrectionMethod, MethodConfig, flag_name
+from csulora.methods.calibrated import Calibrated
 from csulora.methods.csulora import Csulora
 from csulora.methods.resta import Resta
 from csulora.methods.safelora import SafeLora
@@ -53,7 +54,7 @@ def register(method: CorrectionMethod) -> CorrectionMethod:
     return method
 
 
-for _method in (Csulora(), SafeLora(), Scale(), Resta()):
+for _method in (Csulora(), SafeLora(), Scale(), Resta(), Calibrated()):
     register(_method)
 
 
