@@ -338,3 +338,18 @@ def test_relative_error_edge_cases():
     zero = torch.zeros(1, 3, dtype=F64)
     assert relative_error(zero, zero, S) == 0.0
     assert math.isinf(relative_error(torch.ones(1, 3, dtype=F64), zero, S))
+
+
+def test_a_sampled_gram_keeps_the_dense_form():
+    """docs/design.md §5c's figure: four spikes over isotropic noise, n = 200, 40,000 tokens
+    (200 per dimension). Sampling alone spreads the floor's eigenvalues by about +-14%, more
+    than sigma^2 can stand for at 1e-3, so no rank up to n/2 passes and the group stays dense."""
+    g = gen(25)
+    n, tokens = 200, 40_000
+    sums = []
+    for _ in range(2):
+        X = torch.randn(tokens, 4, generator=g, dtype=F64) @ torch.randn(4, n, generator=g, dtype=F64) * 3.0
+        X = X + torch.randn(tokens, n, generator=g, dtype=F64)
+        sums.append(X.T @ X)
+    cal = calibration_moments("g", sums[0], tokens, sums[1], tokens, dense_max_n=n // 4)
+    assert cal.harmful.is_dense and cal.task.is_dense
