@@ -39,3 +39,36 @@ def test_bad_adapter_folders(tiny_world, tmp_path):
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     with pytest.raises(InputError, match="pickled"):
         load_model(tiny_world.aligned, pickled)
+
+
+def test_loading_is_quiet_and_restores_the_libraries_settings(tiny_world, capfd):
+    """issue 13: the demo printed a "Loading weights" bar per load and PEFT's FutureWarnings."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(tiny_world.aligned, tiny_world.attacked, device="cpu")
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in err + out and err == "", err
+    assert not [w for w in caught if issubclass(w.category, FutureWarning | DeprecationWarning)], caught
+    assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == verbosity
+
+
+def test_hub_id_model_is_resolved_through_the_hub_cache(tiny_world, tmp_path, monkeypatch):
+    from tests.io.test_hub import add_to_fake_hub
+
+    add_to_fake_hub(tmp_path / "hub", "tiny-org/aligned", tiny_world.aligned)
+    add_to_fake_hub(tmp_path / "hub", "tiny-org/attacked", tiny_world.attacked)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, _ = load_model("tiny-org/aligned", "tiny-org/attacked", device="cpu")
+    reference, _ = load_model(tiny_world.aligned, tiny_world.attacked, device="cpu")
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(InputError, match=r"MODEL tiny-org/missing is not a folder and the hub is unreachable"):
+        load_model("tiny-org/missing", device="cpu")

@@ -2,13 +2,21 @@
 
 Pickled weights are refused before transformers sees the folder
 (:func:`csulora.io.checkpoints.find_safetensors_files`). An adapter is loaded with stock
-PEFT and merged into the weights: a merged model generates as fast as the base.
+PEFT and merged into the weights: a merged model generates as fast as the base. A hub id
+where a folder is expected is fetched first (:func:`csulora.io.hub.resolve_model_dir`).
+
+Loading is quiet (:func:`quiet_loading`): transformers' per-load "Loading weights" bar and
+the libraries' deprecation warnings about their own internals say nothing a csulora user
+can act on, and a sweep loads a model dozens of times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -53,6 +61,26 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Within: no transformers/hub progress bars, log messages below errors, or FutureWarnings
+    and DeprecationWarnings. Everything is restored on exit (scoped to our own calls)."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def check_adapter_dir(adapter: str | os.PathLike) -> Path:
     """A PEFT adapter folder with safetensors weights, or a one-line error."""
     folder = Path(adapter)
@@ -76,7 +104,8 @@ def load_tokenizer(model_dir: str | os.PathLike):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
         raise InputError(f"{model_dir}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
     if tokenizer.pad_token is None:
@@ -101,20 +130,26 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    from csulora.io.hub import resolve_model_dir
+
     device, dtype = resolve_device(device), resolve_dtype(dtype)
+    model_dir = resolve_model_dir(model_dir, "MODEL")
     find_safetensors_files(model_dir)  # refuses .bin/.pt with the conversion hint
     if adapter is not None:
+        adapter = resolve_model_dir(adapter, "ADAPTER")
         check_adapter_dir(adapter)
     tokenizer = load_tokenizer(model_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{model_dir}: cannot load the model ({str(exc).splitlines()[0]})") from None
     if adapter is not None:
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, str(adapter))
+            with quiet_loading():
+                model = PeftModel.from_pretrained(model, str(adapter))
         except (ValueError, KeyError, RuntimeError) as exc:
             raise InputError(f"{adapter}: adapter does not fit {model_dir} ({str(exc).splitlines()[0]})") from None
         if merge:

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from csulora.cli.common import add_device_flags, device_options
 from csulora.errors import OptionError
 
 TRAIN_METHODS = ("full", "lora", "salora")
@@ -34,8 +35,8 @@ def _register_eval(subparsers) -> None:
             "Writes OUTDIR/results.json, generations.jsonl and summary.md."
         ),
     )
-    p.add_argument("model", metavar="MODEL", help="checkpoint folder (safetensors)")
-    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter folder, merged into MODEL")
+    p.add_argument("model", metavar="MODEL", help="checkpoint folder (safetensors) or hub id (fetched first)")
+    p.add_argument("--adapter", metavar="DIR", help="PEFT adapter folder (or hub id), merged into MODEL")
     p.add_argument("--harmful", metavar="SPEC", required=True, help="harmful prompts (ASR)")
     p.add_argument("--ood", metavar="SPEC", help="a second harmful source (asr_ood), e.g. airt:test")
     p.add_argument("--benign", metavar="SPEC", required=True, help="benign prompts (over-refusal), e.g. benign")
@@ -45,6 +46,7 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts per batch (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="greedy tokens per answer (default %(default)s)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
+    add_device_flags(p)
     p.set_defaults(handler=_run_eval)
 
 
@@ -55,6 +57,7 @@ def _run_eval(args) -> int:
         args.model, args.out, harmful=args.harmful, harmful_ood=args.ood, benign=args.benign, task=args.task,
         adapter=args.adapter, name=args.name, force=args.force,
         generation=GenerationSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens),
+        **device_options(args),
     )
     rows = json.loads((Path(out) / "results.json").read_text())["rows"]
     print(summary_markdown(rows).rstrip())
@@ -74,11 +77,12 @@ def _register_train(subparsers) -> None:
             "full: writes a safetensors checkpoint + tokenizer; lora/salora: a PEFT adapter folder."
         ),
     )
-    p.add_argument("model", metavar="MODEL", help="checkpoint folder (safetensors)")
+    p.add_argument("model", metavar="MODEL", help="checkpoint folder (safetensors) or hub id (fetched first)")
     p.add_argument("--data", metavar="FILE.jsonl", required=True, help="training pairs {prompt, response}")
     p.add_argument("--method", choices=TRAIN_METHODS, required=True)
     p.add_argument("-o", "--out", metavar="OUTDIR", required=True)
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
+    add_device_flags(p)
     g = p.add_argument_group("optimisation (defaults: full/lora from TrainConfig, salora from SaLoRAConfig)")
     g.add_argument("--steps", type=int)
     g.add_argument("--batch-size", type=int)
@@ -135,18 +139,21 @@ def _run_train(args) -> int:
         stray = [k for k, v in lora_only.items() if v is not None] + (["--rslora"] if args.rslora else [])
         if stray:
             raise OptionError(f"{', '.join(stray)} do not apply to --method full")
+    from csulora.io.hub import resolve_model_dir
+
+    args.model = resolve_model_dir(args.model, "MODEL")  # a hub id: fetched once, here
     if args.method == "salora":
         return _run_train_salora(args)
     common = ("steps", "batch_size", "lr", "seed", "max_length", "weight_decay", "warmup", "grad_clip", "scheduler")
     config = TrainConfig(**_given(args, common), freeze_embeddings=args.freeze_embeddings)
     if args.method == "full":
-        out = train_full(args.model, args.data, args.out, config, force=args.force)
+        out = train_full(args.model, args.data, args.out, config, force=args.force, **device_options(args))
     else:
         if args.freeze_embeddings:
             raise OptionError("--freeze-embeddings applies to --method full only")
         lora_kwargs = {"r": args.rank, "alpha": args.alpha, "targets": _targets(args.targets), "dropout": args.dropout}
         lora = LoraSettings(**{k: v for k, v in lora_kwargs.items() if v is not None}, use_rslora=args.rslora)
-        out = train_lora(args.model, args.data, args.out, config, lora, force=args.force)
+        out = train_lora(args.model, args.data, args.out, config, lora, force=args.force, **device_options(args))
     print(f"wrote {out}")
     return 0
 
@@ -158,6 +165,8 @@ def _run_train_salora(args) -> int:
                             ("--grad-clip", args.grad_clip), ("--scheduler", args.scheduler)) if v is not None]
     if args.rslora or args.freeze_embeddings:
         stray.append("--rslora" if args.rslora else "--freeze-embeddings")
+    if args.dtype not in (None, "float32"):
+        stray.append("--dtype")  # its feature passes are computed and cached in float32
     if stray:
         raise OptionError(f"{', '.join(stray)} do not apply to --method salora")
     from csulora.salora import SaLoRAConfig, train_salora  # the SaLoRA package is loaded only when used
@@ -169,7 +178,7 @@ def _run_train_salora(args) -> int:
     # progress=True: the bars (tqdm disable=None) still switch off by themselves off a TTY.
     out = train_salora(
         args.model, args.data, args.safety_data, args.out, config=SaLoRAConfig(**options), force=args.force,
-        cache_dir=args.cache_dir, progress=True,
+        cache_dir=args.cache_dir, progress=True, device=args.device,
     )
     print(f"wrote {out}")
     return 0

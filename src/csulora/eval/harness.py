@@ -230,11 +230,13 @@ def evaluate_model(
     model_dir: str | os.PathLike, adapter: str | os.PathLike | None, sets: EvalSets, *, name: str,
     params: dict[str, Any] | None = None, generation: GenerationSettings = GenerationSettings(),
     judges: Judges = Judges(), with_margin: bool = True, progress: bool = True,
+    device: str | None = None, dtype: str | None = None,
 ) -> tuple[dict[str, Any], list[dict]]:
-    """Load ``model_dir`` (+ ``adapter``, merged) and evaluate it: (row, records)."""
+    """Load ``model_dir`` (+ ``adapter``, merged) on ``device`` in ``dtype`` (defaults:
+    :func:`csulora.modeling.load_model`'s) and evaluate it: (row, records)."""
     from csulora.modeling import load_model, model_identity
 
-    model, tokenizer = load_model(model_dir, adapter)
+    model, tokenizer = load_model(model_dir, adapter, device=device, dtype=dtype)
     return evaluate_loaded(
         model, tokenizer, sets, name=name, params=params, identity=model_identity(model_dir, adapter),
         generation=generation, judges=judges, with_margin=with_margin, progress=progress,
@@ -306,24 +308,37 @@ def run_eval(
     model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, harmful: str, benign: str | None = None,
     task: str | None = None, harmful_ood: str | None = None, adapter: str | os.PathLike | None = None,
     name: str | None = None, generation: GenerationSettings = GenerationSettings(), force: bool = False,
-    progress: bool = True,
+    progress: bool = True, device: str | None = None, dtype: str | None = None,
 ) -> Path:
-    """The ``csulora eval`` command: resolve specs, evaluate, write OUTDIR atomically."""
+    """The ``csulora eval`` command: resolve specs, evaluate, write OUTDIR atomically.
+
+    ``model_dir``/``adapter`` may be hub ids (fetched first, io/hub.py); ``device``/``dtype``
+    default to CUDA when present, else CPU, in float32 (:mod:`csulora.modeling`).
+    """
     from csulora.io.atomic import check_output_dir
     from csulora.io.checkpoints import find_safetensors_files
-    from csulora.modeling import check_adapter_dir
+    from csulora.io.hub import resolve_model_dir
+    from csulora.modeling import check_adapter_dir, resolve_device, resolve_dtype
 
     if generation.batch_size < 1 or generation.max_new_tokens < 1:
         from csulora.errors import OptionError
 
         raise OptionError("--batch-size and --max-new-tokens must be >= 1")
+    runs_on = {"device": str(resolve_device(device)), "dtype": str(resolve_dtype(dtype)).removeprefix("torch.")}
     check_output_dir(out_dir, force)
     sets = EvalSets.from_specs(harmful, harmful_ood=harmful_ood, benign=benign, task=task)
+    row_name = name or (Path(adapter).name if adapter else Path(model_dir).name)  # as given, also for hub ids
+    model_dir = resolve_model_dir(model_dir, "MODEL")
     find_safetensors_files(model_dir)
     if adapter is not None:
+        adapter = resolve_model_dir(adapter, "ADAPTER")
         check_adapter_dir(adapter)
-    row_name = name or (Path(adapter).name if adapter else Path(model_dir).name)
-    row, records = evaluate_model(model_dir, adapter, sets, name=row_name, generation=generation, progress=progress)
+    row, records = evaluate_model(
+        model_dir, adapter, sets, name=row_name, generation=generation, progress=progress, **runs_on,
+    )
     specs = {"harmful": harmful, "harmful_ood": harmful_ood, "benign": benign, "task": task}
-    extra = {"specs": specs, "generation": {"batch_size": generation.batch_size, "max_new_tokens": generation.max_new_tokens}}
+    extra = {
+        "specs": specs,
+        "generation": {"batch_size": generation.batch_size, "max_new_tokens": generation.max_new_tokens, **runs_on},
+    }
     return write_results(out_dir, [row], records, extra=extra, force=force)

@@ -208,6 +208,7 @@ def train_salora(
     force: bool = False,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> Path:
     """Train a SaLoRA adapter on ``data_path`` and write it as a plain PEFT LoRA to ``out_dir``.
 
@@ -215,7 +216,8 @@ def train_salora(
     ``{"prompt", "response"}``. ``safety_data_path``: harmful prompts (JSONL ``prompt`` field,
     TXT one a line, or prompt/response pairs whose responses are ignored: the refusals are
     the aligned model's own greedy answers). ``cache_dir``: where feature passes are cached
-    (default :func:`default_cache_dir`).
+    (default :func:`default_cache_dir`). ``device``: where the model runs (default: CUDA when
+    present, else CPU); always in float32, the precision the cached feature passes assume.
     Returns ``out_dir``, holding ``adapter_config.json``, ``adapter_model.safetensors`` (rank
     2r relative to the original weights, loadable by stock ``PeftModel``) and ``salora.json``.
     """
@@ -240,7 +242,7 @@ def train_salora(
     check_ranks(shapes, config, str(model_dir))
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=device)
     linears = find_target_linears(model, config.targets)
     if not linears:
         raise InputError(f"{model_dir}: the model has no linear layer named {', '.join(config.targets)}")

@@ -116,7 +116,7 @@ def fit(model, tokenizer, examples: list[dict], config: TrainConfig) -> None:
             report_to="none",
             logging_strategy="no",
             disable_tqdm=not config.progress,
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=next(model.parameters()).device.type == "cpu",  # train where load_model put it
             dataloader_num_workers=0,
             remove_unused_columns=False,
         )
@@ -150,13 +150,21 @@ def train_full(
     config: TrainConfig,
     *,
     force: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> Path:
-    """Full fine-tune; writes a safetensors checkpoint and the tokenizer to ``out_dir``."""
-    from csulora.modeling import load_model
+    """Full fine-tune; writes a safetensors checkpoint and the tokenizer to ``out_dir``.
 
+    ``device``/``dtype``: where and in what precision (defaults: CUDA when present, else
+    CPU; float32), as :func:`csulora.modeling.load_model`.
+    """
+    from csulora.modeling import load_model, resolve_device, resolve_dtype
+
+    resolve_device(device)  # a bad --device or --dtype fails before any work
+    resolve_dtype(dtype)
     check_output_dir(out_dir, force)
     pairs = load_pairs(data_path)
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
     if config.freeze_embeddings:
         _freeze_embeddings(model)
     model.train()
@@ -176,16 +184,23 @@ def train_lora(
     lora: LoraSettings,
     *,
     force: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> Path:
-    """LoRA fine-tune of ``model_dir``; writes a stock PEFT adapter folder to ``out_dir``."""
+    """LoRA fine-tune of ``model_dir``; writes a stock PEFT adapter folder to ``out_dir``.
+
+    ``device``/``dtype`` as in :func:`train_full`.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from csulora.modeling import load_model
+    from csulora.modeling import load_model, resolve_device, resolve_dtype
 
+    resolve_device(device)  # a bad --device or --dtype fails before any work
+    resolve_dtype(dtype)
     check_output_dir(out_dir, force)
     pairs = load_pairs(data_path)
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
     set_seed(config.seed)  # LoRA A is randomly initialised
     peft_config = LoraConfig(
         r=lora.r,
