@@ -22,6 +22,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "csulora.audit": ("csulora.methods", "csulora.api", "csulora.tuning", "csulora.cli", "csulora.io"),
     "csulora.methods": ("csulora.api", "csulora.tuning", "csulora.cli", "csulora.io"),
     "csulora.api": ("csulora.tuning", "csulora.cli"),
+    "csulora.checkpoint_api": ("csulora.tuning", "csulora.cli"),
 }
 
 

@@ -99,3 +99,44 @@ def test_best_rank_approx_of_zero_product_drops_nothing():
     result = best_rank_approx(torch.zeros(4, 3, dtype=torch.float64), randn(3, 5, seed=1), 2)
     assert result.fraction_dropped == 0.0
     assert torch.count_nonzero(result.B @ result.A) == 0
+
+
+# -- dense updates (docs/design.md §5d) ----------------------------------------------------------
+@settings(max_examples=25)
+@given(m=dims, n=dims, q=st.integers(0, 4), seed=st.integers(0, 10_000))
+def test_dense_block_helpers_match_dense_algebra(m, n, q, seed):
+    X, Y = randn(m, n, seed=seed), randn(m, n, seed=seed + 1)
+    L, R = randn(m, q, seed=seed + 2), randn(q, n, seed=seed + 3)
+    assert abs(linalg.dense_inner(X, Y) - float((X * Y).sum())) <= 1e-10 * (1 + float(X.norm() * Y.norm()))
+    assert abs(linalg.low_rank_residual_norm_sq(X, L, R) - float((X - L @ R).square().sum())) <= 1e-9 * (1 + float(X.norm() ** 2))
+    Z = X.clone()
+    assert linalg.add_low_rank_(Z, L, R) is Z
+    torch.testing.assert_close(Z, X + L @ R)
+
+
+def test_dense_helpers_work_block_by_block(monkeypatch):
+    # one-element blocks: every row (and column) is its own block
+    monkeypatch.setattr(linalg, "_BLOCK_ELEMENTS", 1)
+    for m, n in ((5, 3), (3, 5)):
+        X, D = randn(m, n, seed=m), randn(m, n, seed=n + 10)
+        blocks = torch.zeros(m, n, dtype=torch.float64)
+        count = 0
+        for index, block in linalg.outer_gram_blocks(D, X):
+            blocks[index] = block
+            count += 1
+        torch.testing.assert_close(blocks, D @ D.T @ X)
+        assert count == (m if m > n else n)  # rows of D D^T X, or its columns
+        assert abs(linalg.dense_inner(X, D) - float((X * D).sum())) < 1e-12
+        Z = X.clone()
+        linalg.add_low_rank_(Z, randn(m, 2, seed=1), randn(2, n, seed=2))
+        torch.testing.assert_close(Z, X + randn(m, 2, seed=1) @ randn(2, n, seed=2))
+
+
+def test_outer_gram_blocks_may_be_written_back_in_place():
+    # the contract Safe LoRA's dense form relies on: each block depends only on what it covers
+    for m, n in ((6, 4), (4, 6)):
+        X, D = randn(m, n, seed=3), randn(m, n, seed=4)
+        want = D @ D.T @ X
+        for index, block in linalg.outer_gram_blocks(D, X):
+            X[index] = block
+        torch.testing.assert_close(X, want)

@@ -36,6 +36,7 @@ from csulora.io.adapters import DEFAULT_REPORT_NAME, LoraAdapter, read_adapter, 
 from csulora.io.hub import resolve_model_dir
 from csulora.io.atomic import atomic_output_dir, check_output_dir, check_output_file
 from csulora.io.calibration_file import CalibrationFile, load_calibration
+from csulora.io.input_kind import is_checkpoint
 from csulora.io.checkpoints import (
     CheckpointReader,
     check_same_architecture,
@@ -359,6 +360,13 @@ def audit_adapter(
     ||dW||/||D||, subspace rank and captured energy. ``subspace_config`` applies when the
     subspace is computed on the fly from ``base``/``aligned``.
     """
+    if is_checkpoint(adapter_dir):  # a full fine-tune: the dense path (docs/design.md §5d)
+        from csulora.checkpoint_api import audit_checkpoint
+
+        return audit_checkpoint(
+            adapter_dir, aligned=aligned, subspace=subspace, base=base, progress=progress,
+            subspace_config=subspace_config, targets=targets,
+        )  # fmt: skip
     from csulora.audit import audit_module
 
     check_source_options(subspace, base, aligned)
@@ -404,9 +412,14 @@ def correct_adapter(
     subspace_config: SubspaceConfig | None = None,
     targets: Sequence[str] | str | None = None,
     calibration: PathLike | None = None,
+    reset_others: bool = False,
     **method_options: Any,
 ) -> CorrectionReport:
     """Write a corrected copy of a PEFT LoRA adapter to ``out_dir`` with ``method``.
+
+    A full checkpoint folder instead of an adapter goes to
+    :func:`csulora.checkpoint_api.correct_checkpoint` (``aligned`` required; ``reset_others``
+    copies the untargeted tensors from ``aligned``).
 
     ``method`` is a registry name (``csulora``, ``safelora``, ``scale``, ``resta``) and
     ``method_options`` its config fields (e.g. ``gamma=1.0, restore=0.5``). The output
@@ -419,6 +432,16 @@ def correct_adapter(
     methods that need one (``calibrated``, docs/design.md §5c); with ``aligned`` too it is
     checked to come from that model.
     """
+    if is_checkpoint(adapter_dir):  # a full fine-tune: the dense path (docs/design.md §5d)
+        from csulora.checkpoint_api import correct_checkpoint
+
+        return correct_checkpoint(
+            adapter_dir, out_dir, method, aligned=aligned, subspace=subspace, base=base, force=force,
+            report_path=report_path, progress=progress, subspace_config=subspace_config, targets=targets,
+            calibration=calibration, reset_others=reset_others, **method_options,
+        )  # fmt: skip
+    if reset_others:
+        raise OptionError("--reset-others applies to full checkpoints only (an adapter changes nothing else)")
     impl = get_method(method)
     config = make_config(impl, method_options)
     check_source_options(subspace, base, aligned, (impl, config), calibration=calibration)

@@ -23,18 +23,23 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from csulora.linalg import (
+    add_low_rank_,
     dense_frobenius_norm,
+    dense_inner,
     dense_matmul,
     dense_t_matmul,
     frobenius_inner,
     frobenius_norm_sq,
+    low_rank_residual_norm_sq,
+    outer_gram_blocks,
     project_columns,
     project_rows,
 )
-from csulora.types import ModuleInput, as_float64
+from csulora.types import DenseModuleInput, ModuleInput, as_float64
 
 SAFELORA_PROJECTIONS = ("approx", "exact")
 COSINE_DECIMALS = 5  # the published Safe LoRA code rounds every cosine to 5 decimals
@@ -258,6 +263,241 @@ def audit_report(geometry: ModuleGeometry, *, safelora_projection: str = "approx
         "safelora_cos": safelora_cos,
         "cos_dW_D": geometry.cos_dw_d(),
         "dw_over_d": geometry.dw_over_d(),
+        "subspace_rank": subspace.rank if subspace is not None else None,
+        "subspace_energy": float(subspace.energy) if subspace is not None else None,
+        "d_source": geometry.d_source,
+    }
+
+
+# -- dense updates: full fine-tunes (docs/design.md §5d) ------------------------------------------
+@dataclass(frozen=True)
+class DenseThinProducts:
+    """The thin products of a dense dW with the subspace: all CSULoRA needs (docs/design.md §5d)."""
+
+    G: Tensor  # U^T dW, k x n (float64)
+    H: Tensor  # dW V, m x k
+    K: Tensor  # U^T dW V, k x k
+
+
+@dataclass(frozen=True)
+class DenseSafeLora:
+    """Safe LoRA's measurement of one dense update: cosine (rounded), Pdst term, ``C dW``."""
+
+    cos: float | None
+    dist: float | None
+    projected: Tensor | None  # C dW, written into dW's own buffer; None unless reuse_update
+
+
+class DenseGeometry:
+    """The dense counterpart of :class:`ModuleGeometry`: the same report quantities for a
+    dense update ``dW = W_ft - W_aligned`` (a module of a full fine-tune).
+
+    Where ModuleGeometry works on r x r Grams of the factors, this one uses thin products
+    (``U^T dW``, ``dW V``: m x k, k x n) and row or column blocks of dW that are reduced as
+    they are made, so no second m x n matrix ever exists beside dW and D.
+
+    ``reuse_update=True`` (Safe LoRA's correction) lets the projection ``C dW`` be written
+    into the update's own buffer: every statistic that reads dW is computed first, and asking
+    for one afterwards is an error rather than a silently wrong number.
+    """
+
+    def __init__(self, module: DenseModuleInput, *, reuse_update: bool = False) -> None:
+        self.module = module
+        self.dW = module.update
+        self.subspace = module.subspace
+        self.D = module.displacement
+        self.reuse_update = reuse_update
+        self._overwritten = False
+        self._safelora: dict[str, DenseSafeLora] = {}
+        if self.subspace is not None:
+            self.U = as_float64(self.subspace.U)
+            self.S = as_float64(self.subspace.S)
+            self.V = as_float64(self.subspace.V)
+
+    def _intact(self) -> Tensor:
+        if self._overwritten:
+            raise RuntimeError(f"{self.module.name}: dW was overwritten by Safe LoRA's projection")
+        return self.dW
+
+    # --- the update itself -------------------------------------------------------------
+    @cached_property
+    def dw_norm_sq(self) -> float:
+        return dense_frobenius_norm(self._intact()) ** 2
+
+    @property
+    def dw_norm(self) -> float:
+        return self.dw_norm_sq**0.5
+
+    @property
+    def dw_is_zero(self) -> bool:
+        return self.dw_norm_sq == 0.0
+
+    # --- split against the subspace ----------------------------------------------------
+    @property
+    def has_subspace(self) -> bool:
+        return self.subspace is not None
+
+    @property
+    def subspace_is_empty(self) -> bool:
+        return self.subspace is None or self.subspace.rank == 0
+
+    @cached_property
+    def thin(self) -> DenseThinProducts:
+        """``G = U^T dW``, ``H = dW V``, ``K = U^T dW V``: one pass of dW against 2k vectors."""
+        if self.subspace is None:
+            raise ValueError(f"{self.module.name}: no subspace to split against")
+        dW = self._intact()
+        H = dense_matmul(dW, self.V)
+        G = dense_t_matmul(dW, self.U).T.contiguous()
+        return DenseThinProducts(G=G, H=H, K=self.U.T @ H)
+
+    @cached_property
+    def part_energies(self) -> PartEnergies:
+        """``||F||^2 = ||K||^2``; ``||P||^2 = ||G - K V^T||^2 + ||H - U K||^2`` (the two halves of
+        P, each formed from thin matrices); ``||O||^2`` formed explicitly by row blocks as
+        ``||dW - [U | H - U K] [G ; V^T]||^2`` rather than as ``||dW||^2 - ||F||^2 - ||P||^2``,
+        which cancels when dW lies almost inside the subspace (docs/design.md §5d)."""
+        if self.subspace_is_empty:
+            return PartEnergies(F=0.0, P=0.0, O=self.dw_norm_sq)
+        t = self.thin
+        U, V = self.U, self.V
+        partial_out = t.H - U @ t.K  # Q_U dW V, m x k
+        F = float(t.K.square().sum())
+        P = float((t.G - t.K @ V.T).square().sum()) + float(partial_out.square().sum())
+        O = low_rank_residual_norm_sq(  # noqa: E741 - the letter of docs/design.md §5
+            self._intact(), torch.cat([U, partial_out], dim=1), torch.cat([t.G, V.T], dim=0)
+        )
+        return PartEnergies(F=F, P=P, O=O)
+
+    # --- the displacement --------------------------------------------------------------
+    @property
+    def d_source(self) -> str | None:
+        if self.D is not None:
+            return "exact"
+        if self.subspace is not None:
+            return "rank-k"
+        return None
+
+    @cached_property
+    def d_norm(self) -> float | None:
+        if self.D is not None:
+            return dense_frobenius_norm(self.D)
+        if self.subspace is not None:
+            return float(self.subspace.d_norm)
+        return None
+
+    @cached_property
+    def dw_d_inner(self) -> float | None:
+        """``<dW, D>`` with the exact D, else ``<dW, D_k> = sum_i S_i (U^T dW V)_ii``."""
+        if self.D is not None:
+            return dense_inner(self._intact(), self.D)
+        if self.subspace is not None:
+            return float((self.S * self.thin.K.diagonal()).sum()) if self.subspace.rank else 0.0
+        return None
+
+    def cos_dw_d(self) -> float | None:
+        """Cosine of vec(dW) and vec(D) (of D_k when only the subspace is known)."""
+        if self.dw_is_zero or self.dw_d_inner is None:
+            return None
+        d_norm = self.d_norm if self.D is not None else float(self.S.square().sum()) ** 0.5
+        if not d_norm:
+            return None
+        return self.dw_d_inner / (self.dw_norm * d_norm)
+
+    def dw_over_d(self) -> float | None:
+        d_norm = self.d_norm
+        return self.dw_norm / d_norm if d_norm else None
+
+    # --- Safe LoRA's projection ---------------------------------------------------------
+    def safelora_available(self, projection: str) -> bool:
+        return self.D is not None if projection == "approx" else self.subspace is not None
+
+    def safelora(self, projection: str) -> DenseSafeLora:
+        """Safe LoRA on the dense update, computed once per projection (docs/design.md §5d).
+
+        approx: ``C dW = D (D^T dW) / ||D||`` by blocks (:func:`outer_gram_blocks`), whose
+        inner product with dW and norm give ``cos = <DD^T dW, dW> / (||DD^T dW|| ||dW||)``
+        (``||D||`` cancels); exact: ``C dW = U G`` with ``cos = ||G|| / ||dW||``.
+        ``dist`` is the Pdst term ``1 / (1 + ||dW - C dW||)``. None where C is undefined
+        (D == 0, an empty subspace) or dW == 0, as for LoRA updates (docs/design.md §10).
+        """
+        if projection not in SAFELORA_PROJECTIONS:
+            raise ValueError(f"unknown Safe LoRA projection {projection!r}")
+        if projection not in self._safelora:
+            self._safelora[projection] = self._measure_safelora(projection)
+        return self._safelora[projection]
+
+    def _measure_safelora(self, projection: str) -> DenseSafeLora:
+        undefined = DenseSafeLora(cos=None, dist=None, projected=None)
+        if not self.safelora_available(projection) or self.dw_is_zero:
+            return undefined
+        if projection == "approx" and not self.d_norm:
+            return undefined
+        if projection == "exact" and self.subspace_is_empty:
+            return undefined
+        if self.reuse_update:
+            self._compute_before_overwrite()
+        if projection == "approx":
+            return self._safelora_approx()
+        return self._safelora_exact()
+
+    def _compute_before_overwrite(self) -> None:
+        """Every statistic that reads dW, so the projection may then take over its buffer."""
+        _ = self.dw_norm_sq, self.dw_d_inner
+        if self.subspace is not None:
+            _ = self.part_energies
+
+    def _safelora_approx(self) -> DenseSafeLora:
+        dW, d_norm = self._intact(), float(self.d_norm)  # type: ignore[arg-type]
+        inner = norm_sq = gap_sq = 0.0
+        for index, block in outer_gram_blocks(self.D, dW):  # blocks of D D^T dW
+            part = dW[index].to(block.dtype)
+            inner += float((block * part).sum(dtype=torch.float64))
+            norm_sq += float(block.square().sum(dtype=torch.float64))
+            gap_sq += float((part - block / d_norm).square().sum(dtype=torch.float64))
+            if self.reuse_update:
+                dW[index] = block / d_norm
+        self._overwritten = self.reuse_update
+        cos = 0.0 if norm_sq == 0.0 else round_cosine(inner / (norm_sq**0.5 * self.dw_norm))
+        return DenseSafeLora(cos=cos, dist=1.0 / (1.0 + gap_sq**0.5), projected=dW if self.reuse_update else None)
+
+    def _safelora_exact(self) -> DenseSafeLora:
+        G = self.thin.G
+        g_norm = float(G.square().sum()) ** 0.5
+        gap_sq = low_rank_residual_norm_sq(self._intact(), self.U, G)
+        cos = 0.0 if g_norm == 0.0 else round_cosine(g_norm / self.dw_norm)
+        projected = None
+        if self.reuse_update:
+            dW = self.dW
+            dW.zero_()
+            projected = add_low_rank_(dW, self.U, G)  # U (U^T dW), written over dW
+            self._overwritten = True
+        return DenseSafeLora(cos=cos, dist=1.0 / (1.0 + gap_sq**0.5), projected=projected)
+
+
+def audit_dense_module(module: DenseModuleInput, *, safelora_projection: str = "approx") -> dict[str, Any]:
+    """:func:`audit_module` for a dense update (a full fine-tune's module); changes nothing."""
+    return audit_dense_report(DenseGeometry(module), safelora_projection=safelora_projection)
+
+
+def audit_dense_report(geometry: DenseGeometry, *, safelora_projection: str = "approx") -> dict[str, Any]:
+    """The audit keys of :func:`audit_report` from a :class:`DenseGeometry`."""
+    if safelora_projection not in SAFELORA_PROJECTIONS:
+        raise ValueError(f"unknown Safe LoRA projection {safelora_projection!r}")
+    rho: tuple[float | None, ...] = (None, None, None)
+    if geometry.has_subspace:
+        rho = geometry.part_energies.fractions()
+    cos_dw_d, dw_over_d = geometry.cos_dw_d(), geometry.dw_over_d()
+    safelora_cos = geometry.safelora(safelora_projection).cos  # last: it may take over dW's buffer
+    subspace = geometry.subspace
+    return {
+        "rho_F": rho[0],
+        "rho_P": rho[1],
+        "rho_O": rho[2],
+        "dw_norm": geometry.dw_norm,
+        "safelora_cos": safelora_cos,
+        "cos_dW_D": cos_dw_d,
+        "dw_over_d": dw_over_d,
         "subspace_rank": subspace.rank if subspace is not None else None,
         "subspace_energy": float(subspace.energy) if subspace is not None else None,
         "d_source": geometry.d_source,

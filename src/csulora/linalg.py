@@ -16,6 +16,7 @@ float32, one block of rows at a time, for a bf16/fp16 D. Results are float64.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -153,3 +154,86 @@ def best_rank_approx(B: Tensor, A: Tensor, q: int) -> LowRankApprox:
         energy_total=energy_total,
         energy_dropped=float((sig[keep:] * sig[keep:]).sum()),
     )
+
+
+# -- dense updates (full fine-tunes, docs/design.md §5d) ------------------------------------------
+# A dense update dW is m x n like D, so nothing here builds a second m x n matrix beside it:
+# products are taken a block at a time and either reduced (norms, inner products) or written
+# back into the caller's buffer. Blocks hold about this many elements (16 MB in float32).
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def rows_per_block(n: int) -> int:
+    """Rows of an ``? x n`` matrix per block so that a block holds ~``_BLOCK_ELEMENTS`` entries."""
+    return max(1, _BLOCK_ELEMENTS // max(1, n))
+
+
+def dense_inner(X: Tensor, Y: Tensor) -> float:
+    """``<X, Y>`` of two m x n matrices: per row block in their compute precision, summed in float64."""
+    if X.shape != Y.shape:
+        raise ValueError(f"shapes differ: {tuple(X.shape)} vs {tuple(Y.shape)}")
+    dtype = compute_dtype(X)
+    step = rows_per_block(X.shape[1])
+    total = 0.0
+    for start in range(0, X.shape[0], step):
+        x = X[start : start + step].to(dtype)
+        y = Y[start : start + step].to(dtype)
+        # row sums in the compute precision, the sum of rows in float64 (as dense_frobenius_norm)
+        total += float((x * y).sum(dim=1).to(torch.float64).sum())
+    return total
+
+
+def add_low_rank_(X: Tensor, L: Tensor, R: Tensor) -> Tensor:
+    """``X += L @ R`` in place (L: m x q, R: q x n), one block of rows at a time; returns X."""
+    if L.shape[1] == 0:
+        return X
+    R = R.to(X.dtype)
+    step = rows_per_block(X.shape[1])
+    for start in range(0, X.shape[0], step):
+        X[start : start + step] += L[start : start + step].to(X.dtype) @ R
+    return X
+
+
+def low_rank_residual_norm_sq(X: Tensor, L: Tensor, R: Tensor) -> float:
+    """``||X - L @ R||^2`` without forming the m x n difference (one row block at a time).
+
+    Used for energies that would otherwise be a difference of large, nearly equal numbers.
+    """
+    dtype = compute_dtype(X)
+    R = R.to(dtype)
+    step = rows_per_block(X.shape[1])
+    total = 0.0
+    for start in range(0, X.shape[0], step):
+        block = X[start : start + step].to(dtype)
+        if L.shape[1]:
+            block = block - L[start : start + step].to(dtype) @ R
+        total += float(torch.linalg.vector_norm(block, dim=1).to(torch.float64).square().sum())
+    return total
+
+
+def outer_gram_blocks(D: Tensor, X: Tensor) -> Iterator[tuple[tuple[slice, slice], Tensor]]:
+    """Blocks of ``D D^T X`` (m x n), each with the index of X it covers.
+
+    The cheaper way round, so that the one extra matrix is ``min(m, n)^2`` (never more than
+    an m x n one): for m <= n, ``N = D D^T`` (m x m) and column blocks ``N X[:, c]``; for
+    m > n, ``M = D^T X`` (n x n) and row blocks ``D[r] M``. Each block depends only on the
+    part of X it covers (or on M, computed up front), so a caller may write a block back
+    into X as soon as it has it. Cost ``2 m n min(m, n)`` flops, in D's compute precision.
+    """
+    if D.shape != X.shape:
+        raise ValueError(f"shapes differ: {tuple(D.shape)} vs {tuple(X.shape)}")
+    m, n = D.shape
+    dtype = compute_dtype(D)
+    Dc = D.to(dtype)
+    if m <= n:
+        N = Dc @ Dc.T
+        step = rows_per_block(m)  # columns per block: the block is m x step
+        for start in range(0, n, step):
+            cols = slice(start, start + step)
+            yield (slice(None), cols), N @ X[:, cols].to(dtype)
+        return
+    M = Dc.T @ X.to(dtype)
+    step = rows_per_block(n)
+    for start in range(0, m, step):
+        rows = slice(start, start + step)
+        yield (rows, slice(None)), Dc[rows] @ M

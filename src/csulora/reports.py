@@ -37,7 +37,11 @@ class _ModuleReport:
         return dump_json(self.to_dict(), path)
 
     def format_table(self) -> str:
-        return format_module_table(self.modules, self._columns()) + "\n" + _format_summary(self.summary)
+        table = format_module_table(self.modules, self._columns())
+        untargeted = getattr(self, "untargeted", None)
+        if untargeted:  # a full checkpoint's other tensors (docs/design.md §5d)
+            table += "\n\n" + format_untargeted_table(untargeted)
+        return table + "\n" + _format_summary(self.summary)
 
 
 @dataclass
@@ -49,16 +53,21 @@ class AuditReport(_ModuleReport):
     sources: dict[str, str | None]
     modules: list[dict[str, Any]]
     summary: dict[str, Any] = field(default_factory=dict)
+    # A full checkpoint's tensors outside the targets (docs/design.md §5d); None for an adapter.
+    untargeted: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": "audit",
-            "adapter": self.adapter,
-            "d_source": self.d_source,
-            "sources": self.sources,
-            "summary": self.summary,
-            "modules": self.modules,
-        }
+        return with_untargeted(
+            {
+                "kind": "audit",
+                "adapter": self.adapter,
+                "d_source": self.d_source,
+                "sources": self.sources,
+                "summary": self.summary,
+                "modules": self.modules,
+            },
+            self.untargeted,
+        )
 
     def _columns(self) -> tuple[tuple[str, str, str], ...]:
         return AUDIT_COLUMNS
@@ -77,22 +86,40 @@ class CorrectionReport(_ModuleReport):
     sources: dict[str, str | None]
     modules: list[dict[str, Any]]
     summary: dict[str, Any] = field(default_factory=dict)
+    untargeted: list[dict[str, Any]] | None = None  # as in AuditReport
 
     def to_dict(self) -> dict[str, Any]:
         # out_dir/report_path are left out on purpose: the file is the same wherever it lands.
-        return {
-            "kind": "correction",
-            "method": self.method,
-            "options": self.options,
-            "adapter": self.adapter,
-            "d_source": self.d_source,
-            "sources": self.sources,
-            "summary": self.summary,
-            "modules": self.modules,
-        }
+        return with_untargeted(
+            {
+                "kind": "correction",
+                "method": self.method,
+                "options": self.options,
+                "adapter": self.adapter,
+                "d_source": self.d_source,
+                "sources": self.sources,
+                "summary": self.summary,
+                "modules": self.modules,
+            },
+            self.untargeted,
+        )
 
     def _columns(self) -> tuple[tuple[str, str, str], ...]:
         return CORRECTION_COLUMNS
+
+
+def with_untargeted(data: dict[str, Any], untargeted: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """A checkpoint's report says so (``input: checkpoint``) and lists its untargeted tensors;
+    an adapter's report keeps exactly its keys."""
+    if untargeted is None:
+        return data
+    return {**data, "input": "checkpoint", "untargeted": untargeted}
+
+
+def format_untargeted_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The untargeted tensors of a checkpoint: relative change from the aligned model."""
+    columns = (("rel_change", "|W_ft - W_al|/|W_al|", ".3g"), ("changed", "changed", ""), ("written_from", "written from", ""))
+    return format_module_table(rows, columns, key="tensor")
 
 
 # (report key, column title, format)
@@ -123,10 +150,12 @@ CORRECTION_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def format_module_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
-    """A plain-text table, one row per module, ``-`` where a value does not apply."""
-    header = ["module"] + [title for _, title, _ in columns]
-    body = [[row["module"]] + [_format_cell(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
+def format_module_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]], *, key: str = "module"
+) -> str:
+    """A plain-text table, one row per ``row[key]`` (a module), ``-`` where a value does not apply."""
+    header = [key] + [title for _, title, _ in columns]
+    body = [[row[key]] + [_format_cell(row.get(name), fmt) for name, _, fmt in columns] for row in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
 
     def render(line: list[str]) -> str:

@@ -170,3 +170,42 @@ class ModuleResult:
     name: str
     update: LoraUpdate
     report: dict[str, Any] = field(default_factory=dict)
+
+
+# -- full fine-tunes: dense updates (docs/design.md §5d) --------------------------------------
+@dataclass
+class DenseModuleInput:
+    """One target module of a full fine-tune: its dense update and what a method may use.
+
+    ``update`` is ``dW = W_ft - W_aligned`` (m x n), float32 as streamed by the API (float64 in
+    tests). It is handed over to the method: a method may overwrite it in place to build its
+    result (memory stays at one m x n buffer per role); the caller never reads it afterwards.
+    """
+
+    name: str
+    update: Tensor
+    subspace: ModuleSubspace | None = None
+    # Exact D = W_aligned - W_base (float32) when streamed from --base; None otherwise.
+    displacement: Tensor | None = None
+    calibration: ModuleCalibration | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.update.shape[0]), int(self.update.shape[1])
+
+
+@dataclass
+class DenseModuleResult:
+    """A corrected dense update ``X`` (the written weight is ``W_aligned + X``) and its report.
+
+    ``update is None`` means the method leaves the module as fine-tuned: the writer then
+    copies ``W_ft`` byte for byte instead of recomputing ``W_aligned + dW`` in float32.
+    """
+
+    name: str
+    update: Tensor | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unchanged(self) -> bool:
+        return self.update is None

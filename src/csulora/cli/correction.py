@@ -19,6 +19,11 @@ from typing import Any
 
 from csulora.errors import OptionError
 
+# ADAPTER of audit/correct: either input kind (csulora.io.input_kind; docs/design.md §5d).
+INPUT_HELP = (
+    "PEFT LoRA adapter folder, or a fully fine-tuned checkpoint folder (config.json + model*.safetensors; "
+    "its update is W_ft - W_aligned, so --aligned is required)"
+)
 # SubspaceConfig fields exposed on the command line (the randomized-SVD knobs included).
 SUBSPACE_FIELDS = ("rank", "energy", "max_rank", "seed", "oversample", "power_iterations", "algorithm")
 
@@ -194,10 +199,10 @@ def _run_subspace(args: argparse.Namespace) -> int:
 def _register_audit(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "audit",
-        help="report how an adapter's update sits against the safety subspace (changes nothing)",
+        help="report how an adapter's (or full fine-tune's) update sits against the safety subspace (changes nothing)",
         description="Per module: rho_F/rho_P/rho_O, the Safe LoRA cosine, cos(dW, D), ||dW||/||D||.",
     )
-    parser.add_argument("adapter", metavar="ADAPTER", help="PEFT LoRA adapter folder")
+    parser.add_argument("adapter", metavar="ADAPTER", help=INPUT_HELP)
     _add_source_flags(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="plot per-layer rho_F/rho_P/rho_O")
@@ -284,12 +289,20 @@ def _register_correct(subparsers: argparse._SubParsersAction) -> None:
     )
     parser = subparsers.add_parser(
         "correct",
-        help="write a corrected copy of a LoRA adapter",
+        help="write a corrected copy of a LoRA adapter or of a fully fine-tuned checkpoint",
         description=f"methods:\n{method_lines}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("adapter", metavar="ADAPTER", help="PEFT LoRA adapter folder")
-    parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the corrected adapter")
+    parser.add_argument("adapter", metavar="ADAPTER", help=INPUT_HELP)
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="OUTDIR",
+        help="folder for the corrected adapter (a checkpoint folder for a checkpoint input)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reset-others", action="store_true",
+        help="checkpoint input: copy the tensors outside the targets (embeddings, norms, LM head, ...) from "
+        "ALIGNED instead of the fine-tuned checkpoint",
+    )  # fmt: skip
     _add_source_flags(parser, calibration=True)
     parser.add_argument("--method", required=True, choices=list(METHODS), help="correction method")
     parser.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
@@ -319,6 +332,7 @@ def _run_correct(args: argparse.Namespace) -> int:
         subspace_config=config,
         targets=args.targets,
         calibration=args.calibration,
+        reset_others=args.reset_others,
         **options,
     )
     print(report.format_table())

@@ -33,10 +33,18 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from torch import Tensor
 
-from csulora.audit import ModuleGeometry, audit_report
+from csulora.audit import DenseGeometry, ModuleGeometry, audit_dense_report, audit_report
 from csulora.errors import OptionError
-from csulora.linalg import frobenius_norm_sq
-from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput, ModuleResult, as_float64
+from csulora.linalg import dense_frobenius_norm, frobenius_norm_sq
+from csulora.types import (
+    REPORT_KEYS,
+    DenseModuleInput,
+    DenseModuleResult,
+    LoraUpdate,
+    ModuleInput,
+    ModuleResult,
+    as_float64,
+)
 
 # What a method may need besides the adapter (``CorrectionMethod.inputs``).
 SUBSPACE = "subspace"  # the top-k safety subspace of D (a cache, or computed from base/aligned)
@@ -160,9 +168,52 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
     def summary(self, results: Sequence[ModuleResult], config: ConfigT) -> dict[str, Any]:
         """Global (whole-adapter) report fields computed from all results; {} by default.
 
-        Safe LoRA returns its Pdst and the cosine threshold it used here.
+        Safe LoRA returns its Pdst and the cosine threshold it used here. Reads only each
+        result's ``report``, so it serves dense results (:class:`DenseModuleResult`) too.
         """
         return {}
+
+    # -- the dense form: full fine-tunes (docs/design.md §5d) ----------------------------------
+    # A method corrects a full fine-tune's module through ``correct_dense`` (its own file, beside
+    # its LoRA form). The API streams one DenseModuleInput at a time and writes W_aligned + X.
+    @property
+    def has_dense_form(self) -> bool:
+        return type(self).correct_dense is not CorrectionMethod.correct_dense
+
+    def correct_dense(self, module: DenseModuleInput, config: Any) -> DenseModuleResult:
+        """Correct one module of a full fine-tune (``dW = W_ft - W_aligned``, dense).
+
+        May overwrite ``module.update`` in place (see :class:`DenseModuleInput`).
+        """
+        raise OptionError(self.no_dense_form_message())
+
+    def no_dense_form_message(self) -> str:
+        return f"--method {self.name} ({self.pretty_name}) has no dense form: it corrects LoRA adapters only, not full checkpoints"
+
+    def check_dense_options(self, config: ConfigT) -> None:
+        """OptionError (before any tensor is read) for a method or option with no dense meaning."""
+        if not self.has_dense_form:
+            raise OptionError(self.no_dense_form_message())
+
+    def dense_inputs(self, config: ConfigT, *, has_displacement: bool) -> frozenset[str]:
+        """What the dense form needs streamed, given whether the exact D is available."""
+        return self.needs(config)
+
+    def needs_dense_first_pass(self, config: ConfigT) -> bool:
+        """Whether the dense form needs a global decision first (Safe LoRA's number mode).
+
+        Dense updates are too large to keep while a whole-model decision is made, so the API
+        streams the modules twice: :meth:`dense_first_pass` measures each one, then
+        :meth:`dense_config_after_first_pass` turns the measures into the per-module config
+        that :meth:`correct_dense` sees on the second stream.
+        """
+        return False
+
+    def dense_first_pass(self, module: DenseModuleInput, config: ConfigT) -> Any:
+        raise NotImplementedError
+
+    def dense_config_after_first_pass(self, config: ConfigT, measures: Mapping[str, Any]) -> Any:
+        return config
 
 
 def method_report(geometry: ModuleGeometry, *, safelora_projection: str = "approx") -> dict[str, Any]:
@@ -178,6 +229,40 @@ def method_report(geometry: ModuleGeometry, *, safelora_projection: str = "appro
         report[key] = audit[key]
     report["dw_norm_before"] = audit["dw_norm"]
     report["rank_in"] = geometry.module.update.rank
+    return report
+
+
+def dense_method_report(geometry: DenseGeometry, *, safelora_projection: str | None = None) -> dict[str, Any]:
+    """:func:`method_report` for a dense update (ranks do not apply: None).
+
+    ``safelora_cos`` is left None unless a projection is named: on a dense update it costs
+    ``2 m n min(m, n)`` flops (audit and Safe LoRA compute it; the other methods do not).
+    """
+    report: dict[str, Any] = dict.fromkeys(REPORT_KEYS)
+    rho: tuple[float | None, ...] = (None, None, None)
+    if geometry.has_subspace:
+        rho = geometry.part_energies.fractions()
+    subspace = geometry.subspace
+    report.update(
+        rho_F=rho[0],
+        rho_P=rho[1],
+        rho_O=rho[2],
+        cos_dW_D=geometry.cos_dw_d(),
+        dw_over_d=geometry.dw_over_d(),
+        subspace_rank=subspace.rank if subspace is not None else None,
+        subspace_energy=float(subspace.energy) if subspace is not None else None,
+        d_source=geometry.d_source,
+        dw_norm_before=geometry.dw_norm,
+    )
+    if safelora_projection is not None:
+        report["safelora_cos"] = audit_dense_report(geometry, safelora_projection=safelora_projection)["safelora_cos"]
+    return report
+
+
+def finish_dense_report(report: dict[str, Any], update: Tensor | None) -> dict[str, Any]:
+    """The norm after of a dense result (``update is None``: unchanged, the norm before)."""
+    after = report["dw_norm_before"] if update is None else dense_frobenius_norm(update)
+    report.update(dw_norm_after=after)
     return report
 
 

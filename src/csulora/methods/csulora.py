@@ -17,6 +17,11 @@ and ``A = Y1 + Y2`` (in / out of span V):
 then ``beta D_k`` appended (+k columns, see methods/resta.py). ``rank_mode="compress"``
 keeps the best rank-r approximation of X* (rank r + k with restoration, docs/design.md §10) via
 QR of the factors and an SVD of the small core, and reports the energy it dropped.
+
+Dense form (a full fine-tune, docs/design.md §5d): the same ``X*``, no rank limit, from the
+thin products ``G = U^T dW``, ``H = dW V``, ``K = U^T dW V``:
+``X* = c_O dW + (c_P - c_O)(U G + H V^T) + (1 - 2 c_P + c_O) U K V^T (+ beta U S V^T)``,
+written as ``c_O dW + L R`` with ``L`` m x 2k and ``R`` 2k x n, in dW's own buffer.
 """
 
 from __future__ import annotations
@@ -27,19 +32,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.audit import ModuleGeometry
-from csulora.errors import InputError
-from csulora.linalg import best_rank_approx
+from csulora.audit import DenseGeometry, ModuleGeometry
+from csulora.errors import InputError, OptionError
+from csulora.linalg import add_low_rank_, best_rank_approx
 from csulora.methods.base import (
     CorrectionMethod,
     MethodConfig,
     Tuning,
+    dense_method_report,
+    finish_dense_report,
     finish_report,
     method_report,
     require_choice,
     require_number,
 )
-from csulora.types import LoraUpdate, ModuleInput, ModuleResult
+from csulora.types import DenseModuleInput, DenseModuleResult, LoraUpdate, ModuleInput, ModuleResult
 from csulora.methods.resta import append_restoration, restoration_energy_fraction
 
 SCHEDULES = ("energy", "ratio", "constant")
@@ -117,6 +124,22 @@ def shrunk_factors(geometry: ModuleGeometry, c_P: float, c_O: float) -> tuple[Te
     return torch.cat([sp.X1, sp.X2], dim=1), torch.cat([top, bottom], dim=0)
 
 
+def dense_closest_update_factors(
+    geometry: DenseGeometry, c_P: float, c_O: float, beta: float
+) -> tuple[Tensor, Tensor]:
+    """``L`` (m x 2k), ``R`` (2k x n) with ``X* = c_O dW + L R`` (docs/design.md §5d).
+
+    From ``F = U K V^T``, ``P = U G + H V^T - 2F``, ``O = dW - U G - H V^T + F``:
+    ``X* = F + c_P P + c_O O + beta D_k = c_O dW + a (U G + H V^T) + b U K V^T + beta U S V^T``
+    with ``a = c_P - c_O``, ``b = 1 - 2 c_P + c_O``, so ``L = [U | a H]`` and
+    ``R = [a G + (b K + beta S) V^T ; V^T]``. An empty subspace gives empty factors (X* = c_O dW).
+    """
+    U, S, V, t = geometry.U, geometry.S, geometry.V, geometry.thin
+    a, b = c_P - c_O, 1.0 - 2.0 * c_P + c_O
+    top = a * t.G + (b * t.K + beta * torch.diag(S)) @ V.T
+    return torch.cat([U, a * t.H], dim=1), torch.cat([top, V.T], dim=0)
+
+
 class Csulora(CorrectionMethod[CsuloraConfig]):
     name = "csulora"
     pretty_name = "CSULoRA"
@@ -166,3 +189,40 @@ class Csulora(CorrectionMethod[CsuloraConfig]):
             restore_energy_added=restoration_energy_fraction(geometry, beta),
         )
         return ModuleResult(name=module.name, update=update, report=finish_report(report, update))
+
+    # --- dense form: full fine-tunes (docs/design.md §5d) ---------------------------------
+    def check_dense_options(self, config: CsuloraConfig) -> None:
+        super().check_dense_options(config)
+        if config.rank_mode != "exact":
+            raise OptionError(
+                f"--rank-mode {config.rank_mode} does not apply to a full checkpoint: its dense update has no rank to keep"
+            )
+
+    def correct_dense(self, module: DenseModuleInput, config: CsuloraConfig) -> DenseModuleResult:
+        """``X* = F + c_P P + c_O O (+ beta D_k)`` on a dense dW, in dW's own buffer."""
+        if module.subspace is None:
+            raise InputError(f"{module.name}: CSULoRA needs the module's safety subspace")
+        geometry = DenseGeometry(module)
+        report: dict[str, Any] = dense_method_report(geometry)
+        rho = geometry.part_energies.fractions()
+        lam_P, lam_O = penalties(
+            rho, float(config.gamma), config.schedule, subspace_empty=geometry.subspace_is_empty
+        )
+        c_P, c_O = 1.0 / (1.0 + lam_P), 1.0 / (1.0 + lam_O)
+        beta = float(config.restore)
+        shrinks = not geometry.dw_is_zero and (lam_P != 0.0 or lam_O != 0.0)
+        restores = beta > 0.0 and not geometry.subspace_is_empty
+        update = None  # X* = dW exactly: the fine-tuned weight is written as is
+        if shrinks or restores:
+            cp, co = (c_P, c_O) if shrinks else (1.0, 1.0)
+            L, R = dense_closest_update_factors(geometry, cp, co, beta)
+            update = module.update if co == 1.0 else module.update.mul_(co)
+            add_low_rank_(update, L, R)
+        report.update(
+            lam_P=lam_P,
+            lam_O=lam_O,
+            c_P=c_P,
+            c_O=c_O,
+            restore_energy_added=restoration_energy_fraction(geometry, beta),
+        )
+        return DenseModuleResult(name=module.name, update=update, report=finish_dense_report(report, update))

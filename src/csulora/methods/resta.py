@@ -6,6 +6,11 @@ exact LoRA of rank r + k, by appending ``U_k diag(sqrt(S_k)) * sqrt(beta/|s|)`` 
 sign of s) to B and ``diag(sqrt(S_k)) V_k^T * sqrt(beta/|s|)`` to A, so that with the
 adapter's own scaling s the product is ``beta * D_k``. The CSULoRA method reuses
 :func:`append_restoration` for its ``restore`` knob, so both write the same bytes.
+
+Dense form (a full fine-tune, docs/design.md §5d): the output is a dense weight anyway, so
+RESTA is the published one, ``W_ft + beta D`` with the exact D when it is streamed
+(``--base``), and ``W_ft + beta D_k`` from a subspace cache alone; the report's
+``restore_source`` says which.
 """
 
 from __future__ import annotations
@@ -17,17 +22,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.audit import ModuleGeometry
+from csulora.audit import DenseGeometry, ModuleGeometry
 from csulora.errors import InputError
+from csulora.linalg import add_low_rank_
 from csulora.methods.base import (
+    DISPLACEMENT,
+    SUBSPACE,
     CorrectionMethod,
     MethodConfig,
     Tuning,
+    dense_method_report,
+    finish_dense_report,
     finish_report,
     method_report,
     require_number,
 )
-from csulora.types import LoraUpdate, ModuleInput, ModuleResult, ModuleSubspace, as_float64
+from csulora.types import (
+    DenseModuleInput,
+    DenseModuleResult,
+    LoraUpdate,
+    ModuleInput,
+    ModuleResult,
+    ModuleSubspace,
+    as_float64,
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +83,7 @@ def append_restoration(
     return torch.cat([B, Bk], dim=1), torch.cat([A, Ak], dim=0)
 
 
-def restoration_energy_fraction(geometry: ModuleGeometry, beta: float) -> float | None:
+def restoration_energy_fraction(geometry: ModuleGeometry | DenseGeometry, beta: float) -> float | None:
     """``||beta D_k||^2 / ||dW||^2``: energy added, relative to the input update's.
 
     None when dW == 0 (no reference energy); 0.0 when nothing is added.
@@ -96,3 +114,32 @@ class Resta(CorrectionMethod[RestaConfig]):
             update = LoraUpdate(A=A, B=B, scale=module.update.scale)
         report.update(restore_energy_added=restoration_energy_fraction(geometry, float(config.restore)))
         return ModuleResult(name=module.name, update=update, report=finish_report(report, update))
+
+    # --- dense form: full fine-tunes (docs/design.md §5d) ---------------------------------
+    def dense_inputs(self, config: RestaConfig, *, has_displacement: bool) -> frozenset[str]:
+        # The exact D when it is streamed; the rank-k D_k of a subspace cache otherwise.
+        return frozenset({DISPLACEMENT if has_displacement else SUBSPACE})
+
+    def correct_dense(self, module: DenseModuleInput, config: RestaConfig) -> DenseModuleResult:
+        """``X = dW + beta D`` (exact D) or ``dW + beta D_k``, added in dW's own buffer."""
+        geometry = DenseGeometry(module)
+        report: dict[str, Any] = dense_method_report(geometry)
+        beta = float(config.restore)
+        if module.displacement is not None:
+            source, added = "D", beta**2 * float(geometry.d_norm) ** 2  # type: ignore[arg-type]
+        elif module.subspace is not None:
+            source, added = "D_k", beta**2 * float(as_float64(module.subspace.S).square().sum())
+        else:
+            raise InputError(f"{module.name}: RESTA needs D (--base) or the module's safety subspace (--subspace)")
+        update = None
+        if added > 0.0:  # beta == 0, D == 0 or an empty subspace add nothing: W_ft as is
+            if source == "D":
+                update = module.update.add_(module.displacement.to(module.update.dtype), alpha=beta)
+            else:
+                update = add_low_rank_(module.update, geometry.U * (beta * geometry.S), geometry.V.T)
+        if geometry.dw_is_zero:
+            fraction = None if added > 0.0 else 0.0
+        else:
+            fraction = added / geometry.dw_norm_sq
+        report.update(restore_energy_added=fraction, restore_source=source)
+        return DenseModuleResult(name=module.name, update=update, report=finish_dense_report(report, update))

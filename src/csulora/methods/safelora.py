@@ -22,19 +22,27 @@ and no part in Pdst. A zero ``C B A`` against a non-zero ``B A`` has cosine 0.0 
 How the API says D is unavailable: ``ModuleInput.displacement is None``. The "approx"
 projection then raises OptionError; :meth:`check_sources` raises the same before any
 tensor is read.
+
+Dense form (a full fine-tune, docs/design.md §5d): ``dW <- C dW`` on the selected modules
+(``W_aligned + C dW``), ``W_ft`` on the others, with ``cos = cos(vec(C dW), vec(dW))`` and
+``C dW = D (D^T dW) / ||D||`` taken by blocks (still no m x m matrix beyond ``min(m, n)^2``).
+Number mode is a global decision and a dense update is too large to keep, so the API streams
+twice: :meth:`SafeLora.dense_first_pass` measures every module, then the second stream
+projects the selected ones (:class:`DensePlan`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from csulora.audit import SAFELORA_PROJECTIONS, ModuleGeometry
+from csulora.audit import SAFELORA_PROJECTIONS, DenseGeometry, DenseSafeLora, ModuleGeometry
 from csulora.errors import InputError, OptionError
 from csulora.methods.base import (
     DISPLACEMENT,
@@ -42,12 +50,14 @@ from csulora.methods.base import (
     CorrectionMethod,
     MethodConfig,
     Tuning,
+    dense_method_report,
+    finish_dense_report,
     finish_report,
     method_report,
     require_choice,
     require_number,
 )
-from csulora.types import LoraUpdate, ModuleInput, ModuleResult
+from csulora.types import DenseModuleInput, DenseModuleResult, LoraUpdate, ModuleInput, ModuleResult
 
 SELECT_MODES = ("number", "threshold")
 APPROX_NEEDS_D = (
@@ -166,6 +176,48 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
             "num_undefined": sum(1 for c in cosines if c is None),
         }
 
+    # --- dense form: full fine-tunes (docs/design.md §5d) ---------------------------------
+    def needs_dense_first_pass(self, config: SafeLoraConfig) -> bool:
+        return config.select == "number"
+
+    def dense_first_pass(self, module: DenseModuleInput, config: SafeLoraConfig) -> DenseSafeLora:
+        """Number mode, first stream: the module's cosine and Pdst term (changes nothing)."""
+        _check_dense_module(module, config)
+        measured = DenseGeometry(module).safelora(config.projection)
+        return DenseSafeLora(cos=measured.cos, dist=measured.dist, projected=None)
+
+    def dense_config_after_first_pass(
+        self, config: SafeLoraConfig, measures: Mapping[str, DenseSafeLora]
+    ) -> DensePlan:
+        threshold = number_mode_threshold([m.cos for m in measures.values()], config.num_layers)
+        return DensePlan(config=config, threshold=threshold, measured=dict(measures))
+
+    def correct_dense(
+        self, module: DenseModuleInput, config: SafeLoraConfig | DensePlan
+    ) -> DenseModuleResult:
+        """Project the module (``dW <- C dW``, in dW's own buffer) when its cosine is <= t."""
+        plan = config if isinstance(config, DensePlan) else None
+        options = plan.config if plan is not None else config
+        if plan is None and options.select != "threshold":
+            raise ValueError("Safe LoRA number mode on a full fine-tune needs the first stream (dense_first_pass)")
+        _check_dense_module(module, options)
+        threshold = plan.threshold if plan is not None else float(options.threshold)
+        geometry = DenseGeometry(module, reuse_update=True)
+        report: dict[str, Any] = dense_method_report(geometry)
+        known = plan.measured.get(module.name) if plan is not None else None
+        if known is not None and not _selected(known.cos, threshold):
+            measured = known  # not selected: the first stream's numbers stand, dW is not touched again
+        else:
+            measured = geometry.safelora(options.projection)
+        projected = _selected(measured.cos, threshold)
+        update = measured.projected if projected else None
+        report.update(
+            safelora_cos=measured.cos,
+            projected=projected,
+            safelora_dist=1.0 if projected else measured.dist,
+        )
+        return DenseModuleResult(name=module.name, update=update, report=finish_dense_report(report, update))
+
     # --- helpers -------------------------------------------------------------------------
     def _measure(self, module: ModuleInput, config: SafeLoraConfig) -> _Measured:
         if config.projection == "approx" and module.displacement is None:
@@ -185,7 +237,7 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
         )
 
     def _finish(self, item: _Measured, threshold: float | None) -> ModuleResult:
-        projected = item.cos is not None and threshold is not None and item.cos <= threshold
+        projected = _selected(item.cos, threshold)
         update = item.update
         if projected:
             assert item.projected_B is not None
@@ -199,9 +251,32 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
         return ModuleResult(name=item.name, update=update, report=finish_report(report, update))
 
 
+@dataclass(frozen=True)
+class DensePlan:
+    """Number mode on a full fine-tune, decided after the first stream: the threshold used and
+    each module's measured cosine and Pdst term (so unselected modules are not measured twice)."""
+
+    config: SafeLoraConfig
+    threshold: float | None
+    measured: Mapping[str, DenseSafeLora]
+
+
 def number_mode_threshold(cosines: Sequence[float | None], num_layers: int) -> float | None:
     """The ``num_layers``-th smallest defined cosine (the largest if there are fewer)."""
     defined = sorted(c for c in cosines if c is not None)
     if not defined:
         return None
     return defined[min(num_layers, len(defined)) - 1]
+
+
+
+def _selected(cos: float | None, threshold: float | None) -> bool:
+    """Whether a module is projected: its cosine is defined and at most the threshold."""
+    return cos is not None and threshold is not None and cos <= threshold
+
+
+def _check_dense_module(module: DenseModuleInput, config: SafeLoraConfig) -> None:
+    if config.projection == "approx" and module.displacement is None:
+        raise OptionError(APPROX_NEEDS_D)
+    if config.projection == "exact" and module.subspace is None:
+        raise InputError(f"{module.name}: Safe LoRA exact needs the module's safety subspace")

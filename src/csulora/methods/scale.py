@@ -2,6 +2,7 @@
 
 Scales ``lora_B`` by c and keeps rank and scaling. It needs no subspace; when one is given
 anyway the report still carries the audit numbers (rho, cosines) of the input update.
+Dense form (a full fine-tune, docs/design.md §5d): ``W_aligned + c dW``.
 """
 
 from __future__ import annotations
@@ -9,17 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from csulora.audit import ModuleGeometry
+from csulora.audit import DenseGeometry, ModuleGeometry
 from csulora.errors import OptionError
 from csulora.methods.base import (
     CorrectionMethod,
     MethodConfig,
     Tuning,
+    dense_method_report,
+    finish_dense_report,
     finish_report,
     method_report,
     require_number,
 )
-from csulora.types import LoraUpdate, ModuleInput, ModuleResult
+from csulora.types import DenseModuleInput, DenseModuleResult, LoraUpdate, ModuleInput, ModuleResult
 
 
 @dataclass(frozen=True)
@@ -59,3 +62,10 @@ class Scale(CorrectionMethod[ScaleConfig]):
         else:
             update = LoraUpdate(A=geometry.A, B=factor * geometry.B, scale=module.update.scale)
         return ModuleResult(name=module.name, update=update, report=finish_report(report, update))
+
+    def correct_dense(self, module: DenseModuleInput, config: ScaleConfig) -> DenseModuleResult:
+        """``X = c dW``, scaled in dW's own buffer; c = 1 leaves the fine-tuned weight as is."""
+        report = dense_method_report(DenseGeometry(module))
+        factor = float(config.factor)  # type: ignore[arg-type]
+        update = None if factor == 1.0 else module.update.mul_(factor)
+        return DenseModuleResult(name=module.name, update=update, report=finish_dense_report(report, update))
