@@ -14,7 +14,7 @@ import torch
 from csulora.eval.metrics import benign_short_answer_rate, harmful_empty_rate
 from csulora.io.jsonl import read_jsonl_records, write_jsonl
 
-from benchmarks.smol.pipeline import Context, worker_ctx, write_json
+from benchmarks.smol.pipeline import RUNS_ON, Context, worker_ctx, write_json
 from benchmarks.smol.world import generate, world_sets
 
 # Evaluation sets: name -> (world set, kind, how many items). "kind" picks the judge.
@@ -80,7 +80,7 @@ def load_variant(ctx: Context, v: Variant):
     from csulora.modeling import load_model
 
     adapter = ctx.path(v.adapter) if v.adapter else None
-    model, tok = load_model(ctx.path(v.model), adapter)
+    model, tok = load_model(ctx.path(v.model), adapter, **RUNS_ON)
     if v.dense_restore:
         add_dense_displacement(ctx, model, v.dense_restore)
     return model, tok

@@ -13,7 +13,7 @@ from csulora.io.jsonl import read_jsonl_records, write_jsonl
 
 from benchmarks.smol.corrections import SUBSPACE_FILE, format_value
 from benchmarks.smol.evaluation import TEST_SETS, VAL_SETS, gens_path, reference_variants, setting_scores, variant_from_key, verdicts
-from benchmarks.smol.pipeline import STAGES, Context, read_marker, stage, stage_done, write_json
+from benchmarks.smol.pipeline import RUNS_ON, STAGES, Context, read_marker, stage, stage_done, write_json
 from benchmarks.smol.reported import all_rows, check_targets
 
 
@@ -70,7 +70,7 @@ def machine_info() -> dict:
     return {
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": RUNS_ON["device"], "dtype": RUNS_ON["dtype"],  # pinned (pipeline.RUNS_ON), whatever the machine has
     }
 
 

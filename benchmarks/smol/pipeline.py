@@ -34,6 +34,11 @@ def recipe_from_env() -> SmolRecipe:
     return dataclasses.replace(RECIPE, **overrides)
 
 
+# Where and in what precision every model of the world is trained and run: pinned, so the
+# numbers do not depend on whether the machine has a GPU (csulora's own default is CUDA when
+# present). float32 on CPU is also what the committed evidence was computed with.
+RUNS_ON = {"device": "cpu", "dtype": "float32"}
+
 # Every row of the results table, in table order.
 ROW_ORDER = (
     "base", "aligned", "attacked", "safelora", "safelora-default", "csulora", "scale", "resta",

@@ -12,7 +12,7 @@ import traceback
 from csulora.io.jsonl import write_jsonl
 
 from benchmarks.smol.evaluation import TEST_SETS, job_variant, gens_path, test_row, variant_from_key
-from benchmarks.smol.pipeline import ROW_ORDER, Context, read_marker, run_jobs, stage, stage_done, write_json
+from benchmarks.smol.pipeline import ROW_ORDER, RUNS_ON, Context, read_marker, run_jobs, stage, stage_done, write_json
 from benchmarks.smol.world import world_sets
 
 
@@ -50,7 +50,7 @@ def stage_salora(ctx: Context) -> dict:
     start = time.perf_counter()
     try:
         train_salora(ctx.path("aligned"), ctx.path("data", "attack.jsonl"), safety, out, config=config, force=True,
-                     cache_dir=ctx.path("salora_cache"), progress=False)
+                     cache_dir=ctx.path("salora_cache"), progress=False, device=RUNS_ON["device"])
     except Exception as exc:  # record why, keep the other rows
         traceback.print_exc()
         return {"status": "not run", "reason": f"train_salora failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}

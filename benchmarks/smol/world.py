@@ -9,7 +9,7 @@ import dataclasses
 from csulora.io.jsonl import read_jsonl_records, write_jsonl
 from csulora.worlds.smol import RECIPE
 
-from benchmarks.smol.pipeline import Context, worker_ctx, run_jobs, sha256_texts, stage, write_json
+from benchmarks.smol.pipeline import RUNS_ON, Context, worker_ctx, run_jobs, sha256_texts, stage, write_json
 
 
 @stage("base", "dequantise the SmolLM2-135M-Instruct GGUF to float32 safetensors")
@@ -82,7 +82,7 @@ def job_base_answers(paths: tuple[str, str, str], part: str) -> str:
     if path.exists():
         return part
     items = read_jsonl_records(ctx.path("splits", "benign_align_prompts.jsonl")) if part == "benign-align" else world_sets(ctx)[part]
-    model, tok = load_model(ctx.path("base"))
+    model, tok = load_model(ctx.path("base"), **RUNS_ON)
     answers = generate(model, tok, [i["prompt"] for i in items], ctx.recipe.align_max_response_tokens, f"base:{part}")
     write_jsonl(path, [{"id": i["id"], "prompt": i["prompt"], "response": a} for i, a in zip(items, answers)])
     return part
@@ -129,7 +129,7 @@ def stage_aligned(ctx: Context) -> dict:
         steps=r.align_steps, batch_size=r.align_batch, lr=r.align_lr, seed=r.seed,
         max_length=r.train_max_length, freeze_embeddings=True, grad_clip=1.0,
     )
-    train_full(ctx.path("base"), ctx.path("data", "align.jsonl"), ctx.path("aligned"), config, force=True)
+    train_full(ctx.path("base"), ctx.path("data", "align.jsonl"), ctx.path("aligned"), config, force=True, **RUNS_ON)
     return {"config": dataclasses.asdict(config)}
 
 
@@ -140,7 +140,9 @@ def train_adapter(ctx: Context, data_file: str, name: str, steps: int) -> dict:
     r = ctx.recipe
     config = TrainConfig(steps=steps, batch_size=r.attack_batch, lr=r.attack_lr, seed=r.seed, max_length=r.train_max_length)
     lora = LoraSettings(r=r.lora_r, alpha=float(r.lora_alpha), targets=tuple(r.lora_targets))
-    train_lora(ctx.path("aligned"), ctx.path("data", data_file), ctx.path("adapters", name), config, lora, force=True)
+    train_lora(
+        ctx.path("aligned"), ctx.path("data", data_file), ctx.path("adapters", name), config, lora, force=True, **RUNS_ON
+    )
     return {"config": dataclasses.asdict(config), "lora": dataclasses.asdict(lora)}
 
 
