@@ -34,13 +34,14 @@ selects on or a test split; the harmful prompts must be disjoint from every prom
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ MEMORY_FRACTION = 0.5
 _FALLBACK_BUDGET = 8 << 30  # when the free memory cannot be read
 PROBE_TOKENS = 16  # length of the probe forward that finds the shared inputs
 TASK_TRAIN_SPLIT = "train"
+DEFAULT_HARMFUL_SPECS = ("advbench:align", "requests")  # calibration_harmful_prompts()
 
 
 # -- results --------------------------------------------------------------------------------------
@@ -111,7 +113,14 @@ def pyrit_installed() -> bool:
     return True
 
 
-def harmful_prompts(specs: Sequence[str] | None) -> list[Prompt]:
+def spec_list(specs: Sequence[str | os.PathLike] | str | os.PathLike | None) -> list[str] | None:
+    """SPECs as strings; one SPEC given alone is a list of one."""
+    if specs is None:
+        return None
+    return [str(specs)] if isinstance(specs, (str, os.PathLike)) else [str(s) for s in specs]
+
+
+def harmful_prompts(specs: Sequence[str | os.PathLike] | str | os.PathLike | None) -> list[Prompt]:
     """The harmful calibration prompts, checked disjoint from every scored set (docs/design.md §5c).
 
     ``None``: AdvBench ``align`` + ``requests``; otherwise the prompts of every SPEC in order
@@ -120,7 +129,8 @@ def harmful_prompts(specs: Sequence[str] | None) -> list[Prompt]:
     """
     from csulora.eval.calibration_sets import calibration_harmful_prompts, check_disjoint, held_out_sets
 
-    if specs is not None and not list(specs):
+    specs = spec_list(specs)
+    if specs == []:
         raise OptionError("--harmful needs at least one SPEC")
     if not pyrit_installed():
         if specs is None:
@@ -423,8 +433,8 @@ def _logger(progress: bool):
     return log
 
 
-def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / (1 << 30):.2f} GiB"
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / (1 << 30):.1f} GiB" if n_bytes >= 1 << 30 else f"{n_bytes / (1 << 20):.1f} MiB"
 
 
 def _pass_span(groups: Sequence[GramGroup]) -> str:
@@ -432,12 +442,78 @@ def _pass_span(groups: Sequence[GramGroup]) -> str:
     return first if first == last else f"{first} .. {last}"
 
 
+def harmful_sequences(tokenizer, prompts: Sequence[Prompt], answers: Sequence[str]) -> list[dict]:
+    """Each harmful prompt through the chat template, then the aligned model's own answer and
+    end of turn: the positions where the refusal is generated are covered (docs/design.md §5c)."""
+    return [{"input_ids": chat_prompt_ids(tokenizer, p.text) + response_ids(tokenizer, a)} for p, a in zip(prompts, answers)]
+
+
+def task_sequences(tokenizer, pairs: Sequence[Mapping]) -> list[dict]:
+    """Task prompt + response, tokenized as for training (docs/design.md §10)."""
+    return [{"input_ids": chat_prompt_ids(tokenizer, p["prompt"]) + response_ids(tokenizer, p["response"])} for p in pairs]
+
+
+def plan_statistics(
+    model: nn.Module, linears: Mapping[str, nn.Linear], examples: Sequence[Mapping], budget: int, log
+) -> tuple[list[GramGroup], list[list[GramGroup]]]:
+    """The Gram groups (from a probe forward on the first example) and the passes they need."""
+    groups = shared_input_groups(model, linears, examples[0]["input_ids"][:PROBE_TOKENS])
+    passes = plan_passes(groups, budget)
+    needed = sum(g.sum_bytes for g in groups)
+    plan = (
+        "one pass over the tokens" if len(passes) == 1
+        else f"{len(passes)} passes over the tokens, each running the model up to its last layer"
+    )  # fmt: skip
+    log(f"{len(linears)} modules in {len(groups)} Gram groups; their sums need {_size(needed)}, budget {_size(budget)}: {plan}")
+    return groups, passes
+
+
+def collect_statistics(
+    model: nn.Module,
+    linears: Mapping[str, nn.Linear],
+    passes: Sequence[Sequence[GramGroup]],
+    harmful: Sequence[Mapping],
+    task: Sequence[Mapping],
+    *,
+    pad_id: int,
+    batch_size: int,
+    product_dtype: torch.dtype,
+    progress: bool,
+    log,
+) -> dict[str, ModuleCalibration]:
+    """Every group's statistics, pass by pass: harmful sums, task sums, then the stored form."""
+    calibrations: dict[str, ModuleCalibration] = {}
+    common = {"pad_id": pad_id, "batch_size": batch_size, "product_dtype": product_dtype, "progress": progress}
+    for number, part in enumerate(passes, start=1):
+        label = f"pass {number}/{len(passes)}" if len(passes) > 1 else "statistics"
+        if len(passes) > 1:
+            log(f"{label}: {len(part)} groups, {_pass_span(part)}")
+        h_sums, h_rows = accumulate_sums(model, harmful, part, linears, desc=f"{label}: harmful", **common)
+        t_sums, t_rows = accumulate_sums(model, task, part, linears, desc=f"{label}: task", **common)
+        for group in part:  # pop: each group's float64 sums are freed as soon as it is built
+            calibrations[group.name] = build_calibration(
+                group, (h_sums.pop(group.name), h_rows[group.name]), (t_sums.pop(group.name), t_rows[group.name])
+            )
+    return calibrations
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], key: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    seconds[key] = time.perf_counter() - started
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def calibrate(
     aligned: str | os.PathLike,
     out_file: str | os.PathLike,
     *,
     task: str | os.PathLike,
-    harmful: Sequence[str] | None = None,
+    harmful: Sequence[str | os.PathLike] | str | None = None,
     targets: Iterable[str] | str | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -464,53 +540,30 @@ def calibrate(
     prompts = harmful_prompts(harmful)
     pairs = task_pairs(task)
 
-    started = time.perf_counter()
-    fingerprint = model_fingerprint(aligned)
-    model, tokenizer = load_model(aligned, device=run_device, dtype=model_dtype)
-    linears = linear_modules(model, modules, aligned)
-    seconds = {"fingerprint_and_load": time.perf_counter() - started}
-
-    started = time.perf_counter()
-    answers = generate_responses(
-        model, tokenizer, [p.text for p in prompts], batch_size=batch_size, max_new_tokens=max_new_tokens,
-        progress=progress, desc="aligned answers",
-    )  # fmt: skip
-    seconds["generation"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    harmful_examples = [
-        {"input_ids": chat_prompt_ids(tokenizer, p.text) + response_ids(tokenizer, a)} for p, a in zip(prompts, answers)
-    ]
-    task_examples = [
-        {"input_ids": chat_prompt_ids(tokenizer, p["prompt"]) + response_ids(tokenizer, p["response"])} for p in pairs
-    ]
-    groups = shared_input_groups(model, linears, task_examples[0]["input_ids"][:PROBE_TOKENS])
-    budget = int(memory_budget_gb * (1 << 30)) if memory_budget_gb is not None else default_memory_budget(run_device)
-    passes = plan_passes(groups, budget)
-    needed = sum(g.sum_bytes for g in groups)
-    log(
-        f"{len(modules)} modules in {len(groups)} Gram groups; the sums need {_gib(needed)}, "
-        f"budget {_gib(budget)}: " + ("one pass over the tokens" if len(passes) == 1 else f"{len(passes)} passes over the tokens")
-    )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    product_dtype = product_dtype_for(run_device, model_dtype)
-    calibrations: dict[str, ModuleCalibration] = {}
-    harmful_tokens = sum(len(e["input_ids"]) for e in harmful_examples)
-    task_tokens = sum(len(e["input_ids"]) for e in task_examples)
-    for number, part in enumerate(passes, start=1):
-        label = f"pass {number}/{len(passes)}" if len(passes) > 1 else "statistics"
-        if len(passes) > 1:
-            log(f"{label}: {len(part)} groups, {_pass_span(part)}")
-        common = {"pad_id": pad_id, "batch_size": batch_size, "product_dtype": product_dtype, "progress": progress}
-        h_sums, h_rows = accumulate_sums(model, harmful_examples, part, linears, desc=f"{label}: harmful", **common)
-        t_sums, t_rows = accumulate_sums(model, task_examples, part, linears, desc=f"{label}: task", **common)
-        for group in part:
-            calibrations[group.name] = build_calibration(
-                group, (h_sums.pop(group.name), h_rows[group.name]), (t_sums.pop(group.name), t_rows[group.name])
-            )
-    seconds["statistics"] = time.perf_counter() - started
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "fingerprint_and_load"):
+        fingerprint = model_fingerprint(aligned)
+        model, tokenizer = load_model(aligned, device=run_device, dtype=model_dtype)
+        linears = linear_modules(model, modules, aligned)
+    with _timed(seconds, "generation"):
+        answers = generate_responses(
+            model, tokenizer, [p.text for p in prompts], batch_size=batch_size, max_new_tokens=max_new_tokens,
+            progress=progress, desc="aligned answers",
+        )  # fmt: skip
+    with _timed(seconds, "statistics"):
+        harmful_examples = harmful_sequences(tokenizer, prompts, answers)
+        task_examples = task_sequences(tokenizer, pairs)
+        budget = int(memory_budget_gb * (1 << 30)) if memory_budget_gb is not None else default_memory_budget(run_device)
+        groups, passes = plan_statistics(model, linears, task_examples, budget, log)
+        calibrations = collect_statistics(
+            model, linears, passes, harmful_examples, task_examples,
+            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, batch_size=batch_size,
+            product_dtype=product_dtype_for(run_device, model_dtype), progress=progress, log=log,
+        )  # fmt: skip
 
     module_groups = {m: g.name for g in groups for m in g.modules}
+    harmful_tokens = sum(len(e["input_ids"]) for e in harmful_examples)
+    task_tokens = sum(len(e["input_ids"]) for e in task_examples)
     info = {
         "csulora_version": __version__,
         MODEL_FINGERPRINT_KEY: fingerprint,
@@ -522,11 +575,11 @@ def calibrate(
             "max_new_tokens": max_new_tokens, "greedy": True, "chat_template": True, "batch_size": batch_size,
         },
         "device": run_device.type,
-        "dtype": str(model_dtype).removeprefix("torch."),
-        "products": str(product_dtype).removeprefix("torch."),
+        "dtype": _dtype_name(model_dtype),
+        "products": _dtype_name(product_dtype_for(run_device, model_dtype)),
         "accumulation": "float64",
         "harmful": {
-            "specs": list(harmful) if harmful is not None else ["advbench:align", "requests"],
+            "specs": spec_list(harmful) or list(DEFAULT_HARMFUL_SPECS),
             "prompts": len(prompts),
             "sha256": set_digest(p.text for p in prompts),
             "answers_sha256": set_digest(answers),
