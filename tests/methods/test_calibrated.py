@@ -355,3 +355,26 @@ def test_solve_matches_gram_module():
     module = make_module(seed=10)
     result = METHOD.correct_module(module, CalibratedConfig(strength=30.0))
     assert torch.equal(result.update.A, CalibratedSolve(module.calibration, 30.0, 0.01).apply(module.update.A))
+
+
+# -- with the real collector -----------------------------------------------------------------------
+def test_statistics_from_csulora_calibrate_correct_the_attacked_adapter(tiny_world, tmp_path):
+    """`calibrate` on the tiny world's aligned model, then `correct --method calibrated` on its
+    attacked adapter with the pair given: the file's groups, sizes and fingerprint fit, and the
+    correction keeps more of the update's action on task inputs than on harmful ones."""
+    from csulora.calibration import calibrate
+    from csulora.eval.splits import advbench_split
+    from csulora.eval.tasks import date_task
+
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("\n".join(p.text for p in advbench_split("align")[:4]) + "\n")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps(pair) + "\n" for pair in date_task("train")[:4]))
+    stats = calibrate(tiny_world.aligned, tmp_path / "cal.safetensors", task=task, harmful=[str(harmful)],
+                      max_new_tokens=4, batch_size=4, device="cpu", progress=False)
+    report = correct_adapter(tiny_world.attacked, tmp_path / "o", "calibrated", calibration=stats.path,
+                             base=tiny_world.base, aligned=tiny_world.aligned, progress=False, strength=30.0)
+    rows = report.modules
+    assert rows and {row["calibration_group"] for row in rows} <= set(load_calibration(stats.path).groups)
+    mean = {key: sum(row[key] for row in rows) / len(rows) for key in ("harmful_action_kept", "task_action_kept")}
+    assert mean["harmful_action_kept"] < mean["task_action_kept"]
