@@ -28,7 +28,7 @@ from tests.fixtures_full import (  # noqa: F401 - fixtures
     shard_names,
     weight_map,
 )
-from tests.fixtures_tiny import UNTOUCHED_MODULE, leftovers, tiny_pair, tiny_subspace  # noqa: F401
+from tests.fixtures_tiny import UNTOUCHED_MODULE, leftovers, tiny_calibration, tiny_pair, tiny_subspace  # noqa: F401
 
 METHOD_OPTIONS = {
     "scale": {"factor": 0.4},
@@ -111,6 +111,38 @@ def test_every_method_writes_the_dense_formula_and_loads_in_transformers(full_wo
     assert set(rows) == set(modules_of(full_world.ft))
     assert report.to_dict()["input"] == "checkpoint"
     assert all(row["dw_norm_after"] is not None for row in rows.values())
+
+
+def calibrated_update(calibration_file, module, dW, strength, mu=0.01):
+    from csulora.gram import moment_matrix
+    from csulora.io.calibration_file import load_calibration
+
+    stats = load_calibration(calibration_file).module(module)
+    S_h, S_t = moment_matrix(stats.harmful), moment_matrix(stats.task)
+    T = S_t + mu * torch.eye(S_t.shape[0], dtype=torch.float64)
+    return dW @ T @ torch.linalg.inv(T + strength * S_h)
+
+
+def test_calibrated_writes_its_dense_formula(full_world, tmp_path, tiny_calibration):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "calibrated"
+    report = correct_checkpoint(
+        full_world.ft, out, "calibrated", aligned=full_world.aligned, calibration=tiny_calibration,
+        strength=10.0, progress=False,
+    )  # fmt: skip
+    params = dict(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).named_parameters())
+    al = read_tensors(full_world.aligned)
+    for module in modules_of(full_world.ft):
+        dW, _, _ = dense_inputs(full_world, module)
+        want = al[f"{module}.weight"].double() + calibrated_update(tiny_calibration, module, dW, 10.0)
+        torch.testing.assert_close(params[f"{module}.weight"].detach().double(), want, atol=2e-6, rtol=1e-5)
+    row = report.modules[0]
+    assert 0.0 <= row["harmful_action_kept"] < row["task_action_kept"] <= 1.0
+    assert report.sources["calibration"] == str(tiny_calibration)
+    with pytest.raises(OptionError, match="must correct every linear layer"):
+        correct_checkpoint(full_world.ft, tmp_path / "o", "calibrated", aligned=full_world.aligned,
+                           calibration=tiny_calibration, targets="q_proj", progress=False)  # fmt: skip
 
 
 def test_unchanged_modules_are_the_fine_tuned_bytes(full_world, tmp_path):

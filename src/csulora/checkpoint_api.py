@@ -53,6 +53,7 @@ from csulora.audit import DenseGeometry, audit_dense_report
 from csulora.errors import InputError, OptionError
 from csulora.io.adapters import DEFAULT_REPORT_NAME
 from csulora.io.atomic import atomic_output_dir, check_output_dir, check_output_file
+from csulora.io.calibration_file import CalibrationFile, load_calibration
 from csulora.io.checkpoint_writer import (
     TORCH_DTYPES,
     CheckpointLayout,
@@ -70,6 +71,7 @@ from csulora.io.checkpoints import (
     read_displacement,
     weight_name,
 )
+from csulora.io.fingerprint import model_fingerprint
 from csulora.io.subspace_cache import SubspaceCache, check_fingerprint, load_subspace_cache, round_trip
 from csulora.linalg import dense_is_finite, rows_per_block
 from csulora.methods.base import DISPLACEMENT, SUBSPACE, CorrectionMethod, MethodConfig
@@ -100,13 +102,17 @@ class CheckpointSources:
     aligned_layout: CheckpointLayout
     base: CheckpointReader | None = None
     cache: SubspaceCache | None = None
+    calibration: CalibrationFile | None = None  # activation statistics (docs/design.md §5c)
 
     def describe(self) -> dict[str, str | None]:
-        return {
+        described = {
             "subspace": str(self.cache.path) if self.cache else None,
             "base": str(self.base.folder) if self.base else None,
             "aligned": str(self.aligned.folder),
         }
+        if self.calibration is not None:
+            described["calibration"] = str(self.calibration.path)
+        return described
 
 
 def check_checkpoint_sources(
@@ -140,7 +146,12 @@ def check_checkpoint_sources(
 
 
 def _open_checkpoint_sources(
-    stack: ExitStack, checkpoint: PathLike, aligned: PathLike, subspace: PathLike | None, base: PathLike | None
+    stack: ExitStack,
+    checkpoint: PathLike,
+    aligned: PathLike,
+    subspace: PathLike | None,
+    base: PathLike | None,
+    calibration: PathLike | None = None,
 ) -> CheckpointSources:
     layout = read_checkpoint_layout(checkpoint)  # missing/truncated shards, pickles: refused here
     aligned_layout = read_checkpoint_layout(aligned)
@@ -156,6 +167,9 @@ def _open_checkpoint_sources(
     if subspace is not None:
         sources.cache = load_subspace_cache(subspace)
         stack.callback(sources.cache.close)
+    if calibration is not None:
+        sources.calibration = load_calibration(calibration)
+        stack.callback(sources.calibration.close)
     return sources
 
 
@@ -195,6 +209,10 @@ def _check_against_aligned(sources: CheckpointSources, modules: Sequence[str]) -
                 raise InputError(f"{reader.files[name]}: tensor {name} has dtype {reader.dtype_name(name)} (float only)")
     if sources.base is not None:
         check_same_architecture(sources.base, al, modules)
+    if sources.calibration is not None:
+        shapes = {module: tuple(ft.shape(weight_name(module))) for module in modules}
+        sources.calibration.check_modules(shapes, ft.folder)  # type: ignore[arg-type]
+        sources.calibration.check_model(model_fingerprint(al.folder)["digest"], al.folder)
     if sources.cache is not None:
         for module in modules:
             entry = sources.cache.entry(module)
@@ -204,6 +222,17 @@ def _check_against_aligned(sources: CheckpointSources, modules: Sequence[str]) -
                     f"{sources.cache.path}: module {module} has shape {list(entry.shape)} but "
                     f"{ft.files[weight_name(module)]} has {list(shape)}"
                 )
+
+
+def _check_corrects_every_module(impl: CorrectionMethod, sources: CheckpointSources, modules: Sequence[str]) -> None:
+    """A method whose guarantee needs every changed module corrected refuses a --targets subset."""
+    left_out = [m for m in decoder_linear_modules(sources.finetuned) if m not in set(modules)]
+    if left_out:
+        more = f" and {len(left_out) - 1} more" if len(left_out) > 1 else ""
+        raise OptionError(
+            f"--method {impl.name} must correct every linear layer (docs/design.md §5c): --targets leaves "
+            f"{left_out[0]}{more} of {sources.finetuned.folder} uncorrected; drop --targets"
+        )
 
 
 # -- one correction, opened ----------------------------------------------------------------------
@@ -238,7 +267,8 @@ class CheckpointCorrection:
         dW = read_displacement(src.aligned, src.finetuned, module)  # W_ft - W_aligned, by blocks
         D = read_displacement(src.base, src.aligned, module) if src.base is not None else None
         subspace = self._subspace(module, D) if (self.need_subspace or src.cache is not None) else None
-        return DenseModuleInput(name=module, update=dW, subspace=subspace, displacement=D)
+        calibration = src.calibration.module(module) if src.calibration is not None else None
+        return DenseModuleInput(name=module, update=dW, subspace=subspace, displacement=D, calibration=calibration)
 
     def _subspace(self, module: str, D: Tensor | None) -> ModuleSubspace | None:
         cache = self.sources.cache
@@ -258,12 +288,12 @@ class CheckpointCorrection:
 
         assert self.method is not None
         if not self.method.needs_dense_first_pass(config):
-            return config
+            return self.method.dense_run(config)
         measures = {}
         for module in tqdm(self.modules, desc=f"{self.method.name}: first pass", unit="module",
                            disable=None if progress else True):
             measures[module] = self.method.dense_first_pass(self.module_input(module), config)
-        return self.method.dense_config_after_first_pass(config, measures)
+        return self.method.dense_run(config, measures)
 
     def corrected_weight(self, module: str) -> Tensor | None:
         """Correct one module; the weight to write (output dtype), or None to keep W_ft as is."""
@@ -348,8 +378,10 @@ def open_checkpoint_correction(
         check_checkpoint_sources(aligned, subspace, base)
     sub_config = _check_subspace_config(subspace_config, cache=subspace)
     target_list = _target_list(targets)
-    sources = _open_checkpoint_sources(stack, checkpoint, aligned, subspace, base)  # type: ignore[arg-type]
+    sources = _open_checkpoint_sources(stack, checkpoint, aligned, subspace, base, calibration)  # type: ignore[arg-type]
     modules = _select_target_modules(sources, target_list)
+    if impl is not None and impl.corrects_every_module:
+        _check_corrects_every_module(impl, sources, modules)
     _check_against_aligned(sources, modules)
     need_subspace = True
     if impl is not None:

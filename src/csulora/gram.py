@@ -388,6 +388,20 @@ def action_norm_sq(B: Tensor, A: Tensor, moment: SecondMoment) -> float:
     return max(float(((B.T @ B) * row_gram(A, moment).to(B.device)).sum()), 0.0)
 
 
+def rows_action_norm_sq(X: Tensor, moment: SecondMoment) -> float:
+    """``||X||^2_S = tr(X S X^T)`` of a block of rows of a dense update (docs/design.md §5d).
+
+    ``sum((X S) * X)`` for the dense form, ``sum((X U)^2 (L - sigma2)) + sigma2 ||X||^2`` for
+    the spiked one: no rows x rows matrix, float64; >= 0.
+    """
+    X = X.to(torch.float64)
+    if moment.matrix is not None:
+        return max(float(((X @ moment_matrix(moment).to(X.device)) * X).sum()), 0.0)
+    U, L = _spikes(moment)
+    XU = X @ U.to(X.device)
+    return max(float((XU.square() * (L.to(X.device) - moment.sigma2)).sum()) + moment.sigma2 * float(X.square().sum()), 0.0)
+
+
 def action_kept(B: Tensor, A: Tensor, A_new: Tensor, moment: SecondMoment) -> float | None:
     """``||B A'||^2_S / ||B A||^2_S``: the share of the update's action on these inputs kept.
 

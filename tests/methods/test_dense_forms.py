@@ -123,7 +123,7 @@ def test_safelora_number_mode_measures_once_and_touches_only_the_selected():
     inputs = {f"m{i}": world(seed=10 + i) for i in range(3)}
     assert safelora.needs_dense_first_pass(config)
     measures = {name: safelora.dense_first_pass(module(dW, D, sub, name), config) for name, (dW, D, sub) in inputs.items()}
-    plan = safelora.dense_config_after_first_pass(config, measures)
+    plan = safelora.dense_run(config, measures)
     lowest = min(measures, key=lambda name: measures[name].cos)
     for name, (dW, D, sub) in inputs.items():
         given = module(dW, D, sub, name)
@@ -133,6 +133,32 @@ def test_safelora_number_mode_measures_once_and_touches_only_the_selected():
             assert torch.equal(given.update, dW)  # not selected: no second pass over it
     with pytest.raises(ValueError, match="first stream"):
         safelora.correct_dense(module(*inputs["m0"]), config)
+
+
+@pytest.mark.parametrize("spiked", [False, True])
+def test_calibrated_dense_solves_the_closed_form_by_blocks(monkeypatch, spiked):
+    import csulora.methods.calibrated as calibrated
+    from csulora.gram import dense_moment, moment_matrix, spiked_moment
+    from csulora.types import ModuleCalibration
+
+    monkeypatch.setattr(calibrated, "_DENSE_BLOCK_ELEMENTS", 20)  # a few rows per block
+    n = 12
+    g = torch.Generator().manual_seed(3)
+    grams = [(X.T @ X) for X in (torch.randn(40, n, generator=g, dtype=torch.float64) for _ in range(2))]
+    moment = (lambda gram: spiked_moment(gram, 40, 4)) if spiked else (lambda gram: dense_moment(gram, 40))
+    stats = ModuleCalibration(group="g", harmful=moment(grams[0]), task=moment(grams[1]))
+    dW = randn(9, n, seed=9)
+    given = DenseModuleInput("m", dW.clone(), calibration=stats)
+    result = get_method("calibrated").correct_dense(given, make_config("calibrated", {"strength": 5.0, "mu": 0.1}))
+    S_h, S_t = moment_matrix(stats.harmful), moment_matrix(stats.task)
+    T = S_t + 0.1 * torch.eye(n, dtype=torch.float64)
+    want = dW @ T @ torch.linalg.inv(T + 5.0 * S_h)
+    assert result.update is given.update
+    torch.testing.assert_close(result.update, want, atol=1e-10, rtol=1e-10)  # S_h, S_t: the stored (spiked) matrices
+    kept = float(((result.update @ S_h) * result.update).sum() / ((dW @ S_h) * dW).sum())
+    assert result.report["harmful_action_kept"] == pytest.approx(kept, rel=1e-6)
+    zero = get_method("calibrated").correct_dense(DenseModuleInput("m", dW.clone(), calibration=stats), make_config("calibrated", {"strength": 0.0}))
+    assert zero.update is None
 
 
 def test_empty_subspace_and_zero_update_are_defined():
@@ -190,4 +216,4 @@ def test_a_method_without_a_dense_form_is_refused_in_one_line():
     with pytest.raises(OptionError, match=r"^--method lora-only \(LoRA only\) has no dense form") as info:
         method.check_dense_options(_NoOptions())
     assert "\n" not in str(info.value)
-    assert {name for name, m in METHODS.items() if m.has_dense_form} >= {"scale", "resta", "safelora", "csulora"}
+    assert {name for name, m in METHODS.items() if m.has_dense_form} == set(METHODS)  # every method has one

@@ -203,16 +203,20 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
         """Whether the dense form needs a global decision first (Safe LoRA's number mode).
 
         Dense updates are too large to keep while a whole-model decision is made, so the API
-        streams the modules twice: :meth:`dense_first_pass` measures each one, then
-        :meth:`dense_config_after_first_pass` turns the measures into the per-module config
-        that :meth:`correct_dense` sees on the second stream.
+        streams the modules twice: :meth:`dense_first_pass` measures each one, and
+        :meth:`dense_run` turns the measures into what :meth:`correct_dense` sees on the second.
         """
         return False
 
     def dense_first_pass(self, module: DenseModuleInput, config: ConfigT) -> Any:
         raise NotImplementedError
 
-    def dense_config_after_first_pass(self, config: ConfigT, measures: Mapping[str, Any]) -> Any:
+    def dense_run(self, config: ConfigT, measures: Mapping[str, Any] | None = None) -> Any:
+        """What :meth:`correct_dense` receives for every module of one run (built once per run).
+
+        The config itself by default; a plan from the first pass's ``measures`` (Safe LoRA's
+        number mode), or state shared across modules (the calibrated method's factorisations).
+        """
         return config
 
 

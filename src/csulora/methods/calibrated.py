@@ -16,6 +16,11 @@ leaves every layer's activations unchanged) needs every changed module corrected
 
 Modules of one Gram group (q/k/v, gate/up) share one factorisation per run: ``correct``
 keeps the last few groups' solves.
+
+Dense form (a full fine-tune, docs/design.md §5d): ``dW' = dW (S_t + mu I)(S_t + mu I + lam S_h)^-1``
+(the same objective with X free), solved by blocks of rows written back into dW's buffer;
+the shares of the action kept are measured on the same blocks. :meth:`Calibrated.dense_run`
+holds the run's factorisations, so a group's modules share one here too.
 """
 
 from __future__ import annotations
@@ -25,26 +30,38 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from csulora.audit import ModuleGeometry
+from csulora.audit import DenseGeometry, ModuleGeometry
 from csulora.errors import InputError, OptionError
-from csulora.gram import CalibratedSolve, action_kept
+from csulora.gram import CalibratedSolve, action_kept, rows_action_norm_sq
+from csulora.linalg import add_low_rank_
 from csulora.methods.base import (
     CALIBRATION,
     SUBSPACE,
     CorrectionMethod,
     MethodConfig,
     Tuning,
+    dense_method_report,
+    finish_dense_report,
     finish_report,
     flag_name,
     method_report,
     require_number,
 )
 from csulora.methods.resta import append_restoration, restoration_energy_fraction
-from csulora.types import LoraUpdate, ModuleCalibration, ModuleInput, ModuleResult
+from csulora.types import (
+    DenseModuleInput,
+    DenseModuleResult,
+    LoraUpdate,
+    ModuleCalibration,
+    ModuleInput,
+    ModuleResult,
+)
 
 # Solves kept per run: a decoder layer has at most four groups (q/k/v, o, gate/up, down),
 # so any module order within a layer reuses its group's factorisation.
 _SOLVES_IN_MEMORY = 4
+# Elements of a dense update solved at a time (float64 temporaries of a few MB).
+_DENSE_BLOCK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,30 @@ class _Solves:
         while len(self.held) > _SOLVES_IN_MEMORY:
             self.held.popitem(last=False)
         return solve
+
+
+@dataclass(frozen=True)
+class DenseRun:
+    """One dense correction run: the options and the factorisations its modules share."""
+
+    config: CalibratedConfig
+    solves: _Solves
+
+
+def _solve_dense_in_place(dW: Any, solve: CalibratedSolve, calibration: ModuleCalibration) -> dict[str, float | None]:
+    """Replace dW by ``dW (S_t + mu I)(S_t + mu I + lam S_h)^-1`` block by block; the shares of
+    its action kept on harmful and on task inputs, ``||dW'||^2_S / ||dW||^2_S``."""
+    before = {"harmful": 0.0, "task": 0.0}
+    after = {"harmful": 0.0, "task": 0.0}
+    step = max(1, _DENSE_BLOCK_ELEMENTS // max(1, dW.shape[1]))
+    for start in range(0, dW.shape[0], step):
+        block = dW[start : start + step]
+        new = solve.apply(block)
+        for kind, moment in (("harmful", calibration.harmful), ("task", calibration.task)):
+            before[kind] += rows_action_norm_sq(block, moment)
+            after[kind] += rows_action_norm_sq(new, moment)
+        block.copy_(new)
+    return {f"{kind}_action_kept": (after[kind] / before[kind] if before[kind] > 0.0 else None) for kind in before}
 
 
 class Calibrated(CorrectionMethod[CalibratedConfig]):
@@ -148,6 +189,39 @@ class Calibrated(CorrectionMethod[CalibratedConfig]):
             mu=config.mu,
         )
         return ModuleResult(name=module.name, update=update, report=finish_report(report, update))
+
+    # --- dense form: full fine-tunes (docs/design.md §5d) ---------------------------------
+    def dense_run(self, config: CalibratedConfig, measures: Any = None) -> DenseRun:
+        return DenseRun(config=config, solves=_Solves())
+
+    def correct_dense(self, module: DenseModuleInput, config: CalibratedConfig | DenseRun) -> DenseModuleResult:
+        """``dW (S_t + mu I)(S_t + mu I + lam S_h)^-1`` (+ ``beta D_k``), in dW's own buffer."""
+        run = config if isinstance(config, DenseRun) else self.dense_run(config)
+        options = run.config
+        calibration = self._calibration_of(module)  # type: ignore[arg-type]
+        beta = float(options.restore)
+        if beta > 0.0 and module.subspace is None:
+            raise InputError(f"{module.name}: --restore needs the module's safety subspace")
+        geometry = DenseGeometry(module)
+        report: dict[str, Any] = dense_method_report(geometry)
+        dW = module.update
+        kept: dict[str, float | None] = {"harmful_action_kept": None, "task_action_kept": None}
+        solved = options.strength != 0.0 and not geometry.dw_is_zero
+        if solved:
+            solve = run.solves.get(calibration, options.strength, options.mu)
+            kept = _solve_dense_in_place(dW, solve, calibration)
+        restored = beta > 0.0 and not geometry.subspace_is_empty
+        if restored:
+            add_low_rank_(dW, geometry.U * (beta * geometry.S), geometry.V.T)
+        update = dW if (solved or restored) else None
+        report.update(
+            restore_energy_added=restoration_energy_fraction(geometry, beta),
+            calibration_group=calibration.group,
+            strength=options.strength,
+            mu=options.mu,
+            **kept,
+        )
+        return DenseModuleResult(name=module.name, update=update, report=finish_dense_report(report, update))
 
     @staticmethod
     def _calibration_of(module: ModuleInput) -> ModuleCalibration:

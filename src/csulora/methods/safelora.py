@@ -186,9 +186,11 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
         measured = DenseGeometry(module).safelora(config.projection)
         return DenseSafeLora(cos=measured.cos, dist=measured.dist, projected=None)
 
-    def dense_config_after_first_pass(
-        self, config: SafeLoraConfig, measures: Mapping[str, DenseSafeLora]
-    ) -> DensePlan:
+    def dense_run(
+        self, config: SafeLoraConfig, measures: Mapping[str, DenseSafeLora] | None = None
+    ) -> SafeLoraConfig | DensePlan:
+        if measures is None:  # threshold mode decides per module
+            return config
         threshold = number_mode_threshold([m.cos for m in measures.values()], config.num_layers)
         return DensePlan(config=config, threshold=threshold, measured=dict(measures))
 
