@@ -23,10 +23,12 @@ from csulora import __version__
 from csulora.calibration import (
     GramGroup,
     accumulate_sums,
+    add_upper_gram_,
     calibrate,
     group_name,
     harmful_prompts,
     linear_modules,
+    mirror_upper_,
     plan_passes,
     shared_input_groups,
     target_modules,
@@ -402,3 +404,18 @@ def test_a_failure_after_the_passes_writes_nothing(tiny_world, data, outs, monke
     with pytest.raises(InputError, match=r"calibration of model\.layers\.0\.self_attn\.q_proj\+k_proj\+v_proj: .*no signal"):
         run(tiny_world, outs / "calibration.safetensors", data)
     assert_nothing_written(outs)
+
+
+@pytest.mark.parametrize(("n", "strip"), [(5, 256), (300, 256), (300, 64), (7, 2)])
+def test_upper_strips_then_mirror_give_the_full_gram(n, strip):
+    generator = torch.Generator().manual_seed(n)
+    batches = [torch.randn(rows, n, generator=generator) for rows in (9, 1, 30)]
+    total = torch.zeros(n, n, dtype=torch.float64)
+    for x in batches:
+        add_upper_gram_(total, x, strip)
+    X = torch.cat(batches).double()
+    expected = X.T @ X
+    assert not torch.allclose(total, expected) or n <= strip  # the lower strips are left out...
+    full = mirror_upper_(total)
+    assert torch.equal(full, full.T)  # ... and mirrored exactly
+    assert torch.allclose(full, expected, rtol=1e-5, atol=1e-4)
