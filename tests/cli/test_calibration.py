@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -105,3 +106,14 @@ def test_a_task_line_without_a_response_names_the_file_and_line(tiny_world, inpu
 def test_task_is_required():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["calibrate", "aligned", "-o", "c.safetensors"])
+
+
+def test_a_missing_or_pickled_model_is_refused(tmp_path, inputs, outs, capsys):
+    missing = SimpleNamespace(aligned=tmp_path / "no-model")
+    fails(argv(missing, outs / "c.safetensors", inputs), capsys, r"no-model: no such checkpoint folder")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    fails(argv(SimpleNamespace(aligned=pickled), outs / "c.safetensors", inputs), capsys,
+          r"only pickled weights found \(pytorch_model\.bin\); csulora reads safetensors only")  # fmt: skip
+    assert_nothing_written(outs)
