@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from csulora.cli import build_parser, main
-from csulora.cli.tuning import config_from_args
+from csulora.cli.tuning import config_from_args, join_negative_grid
+from csulora.methods.registry import get_method
+from csulora.tuning.config import DEFAULT_METHOD
 
 
 @pytest.fixture
@@ -47,18 +49,20 @@ def folders(tmp_path: Path) -> dict[str, Path]:
 
 
 def argv(f: dict[str, Path], *extra: str) -> list[str]:
+    """A RESTA tune from a subspace cache (a later --method in ``extra`` wins)."""
     return [
-        "tune", str(f["adapter"]), "-o", str(f["out"]), "--aligned", str(f["aligned"]),
+        "tune", str(f["adapter"]), "-o", str(f["out"]), "--aligned", str(f["aligned"]), "--method", "resta",
         "--subspace", str(f["subspace"]), "--harmful", str(f["harmful"]), *extra,
     ]  # fmt: skip
 
 
 def test_parser_defaults_follow_the_contract():
     args = build_parser().parse_args(["tune", "A", "-o", "O", "--aligned", "M", "--base", "B"])
-    assert (args.method, args.grid, args.harmful, args.task, args.benign) == ("resta", None, None, None, None)
+    assert (args.method, args.grid, args.harmful, args.task, args.benign) == (DEFAULT_METHOD, None, None, None, None)
     assert (args.max_asr_gap, args.max_utility_drop, args.max_new_tokens, args.force) == (0.05, 0.05, 64, False)
+    assert (args.calibration, args.calibration_task, args.device, args.dtype) == (None, None, None, None)
     config = config_from_args(args)
-    assert config.grid == (0.0, 0.5, 1.0, 1.5, 2.0, 3.0) and config.method_options == {}
+    assert config.grid == get_method(DEFAULT_METHOD).tuning.grid and config.method_options == {}
     args = build_parser().parse_args(
         ["tune", "A", "-o", "O", "--aligned", "M", "--subspace", "S", "--method", "csulora", "--restore", "1.5",
          "--grid", "4,1", "--harmful", "a.txt", "b.csv:goal", "--max-asr-gap", "0.1"]
@@ -72,17 +76,32 @@ def test_help_lists_tune(capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--aligned", "--subspace", "--base", "--method", "--grid", "--harmful", "--task", "--benign",
-                 "--max-asr-gap", "--max-utility-drop", "--max-new-tokens", "--force"):  # fmt: skip
+    for flag in ("--aligned", "--subspace", "--base", "--calibration", "--calibration-task", "--method", "--grid",
+                 "--harmful", "--task", "--benign", "--max-asr-gap", "--max-utility-drop", "--max-new-tokens",
+                 "--device", "--dtype", "--force", "all"):  # fmt: skip
         assert flag in out
 
 
-def test_subspace_or_base_is_required(folders, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["tune", str(folders["adapter"]), "-o", str(folders["out"]), "--aligned", str(folders["aligned"])])
-    assert info.value.code == 2
-    with pytest.raises(SystemExit):
-        main(argv(folders, "--base", str(folders["aligned"])))  # both given
+def test_subspace_or_base_is_required_only_by_the_methods_that_need_them(folders, capsys):
+    bare = ["tune", str(folders["adapter"]), "-o", str(folders["out"]), "--aligned", str(folders["aligned"]),
+            "--harmful", str(folders["harmful"])]  # fmt: skip
+    assert main(bare + ["--method", "resta"]) == 2
+    err = capsys.readouterr().err
+    assert "RESTA (rank-k) needs the safety subspace: give --subspace or --base" in err and err.count("\n") == 1
+    assert list(folders["work"].iterdir()) == []
+    for extra in (["--base", str(folders["aligned"])], ["--calibration", "c.safetensors", "--calibration-task", "t.jsonl"]):
+        with pytest.raises(SystemExit) as info:  # one of each pair at most
+            main(argv(folders, *extra))
+        assert info.value.code == 2
+
+
+def test_a_grid_that_starts_with_a_minus_sign_is_accepted():
+    args = build_parser().parse_args(
+        ["tune", "A", "-o", "O", "--aligned", "M", "--subspace", "S", "--method", "safelora", "--grid", "-0.1,0.2"]
+    )
+    assert config_from_args(args).grid == (-0.1, 0.2)
+    assert join_negative_grid(["--grid", "-1,1", "--grid", "0.5", "-o", "-x"]) == ["--grid=-1,1", "--grid", "0.5", "-o", "-x"]
+    assert join_negative_grid(["--grid", "--force"]) == ["--grid", "--force"]  # a flag is not a value
 
 
 BAD_INPUT = [
@@ -92,7 +111,15 @@ BAD_INPUT = [
     (("--grid", "1,x"), "'x' is not a number"),
     (("--method", "csulora", "--grid", "-1"), "--gamma must be >= 0"),
     (("--method", "safelora", "--grid", "2"), "--threshold must be in [-1.0, 1.0]"),
-    (("--restore", "1"), "--restore applies to --method csulora only"),
+    (("--grid", "-1,1"), "--grid -1: --restore must be >= 0"),  # reaches the method, not argparse's usage
+    (("--restore", "1"), "--restore does not apply to --method resta: the restore is its swept knob, use --grid"),
+    (("--method", "scale", "--restore", "1"), "--restore does not apply to --method scale (it does to: csulora"),
+    (("--method", "all", "--grid", "1"), "--grid is refused with --method all"),
+    (("--method", "all", "--restore", "1"), "--restore does not apply to --method all"),
+    (("--method", "all",), "--method all ranks the methods by utility: give --task"),
+    (("--benign", "benign:test"), "benign:test: overlaps benign:test, the benign prompts eval reports on"),
+    (("--benign", "benign"), "benign: overlaps benign:test"),
+    (("--calibration", "no_such.safetensors"), "no_such.safetensors: no such calibration file"),
     (("--max-asr-gap", "2"), "--max-asr-gap must be a fraction"),
     (("--max-new-tokens", "0"), "--max-new-tokens must be a positive integer"),
 ]
@@ -151,3 +178,19 @@ def test_existing_outdir_needs_force(folders, capsys):
     assert main(argv(folders)) == 2
     assert "--force" in capsys.readouterr().err
     assert (folders["out"] / "keep.txt").read_text() == "mine"
+
+
+def test_statistics_no_swept_method_reads_are_refused(folders, capsys):
+    stats = folders["work"].parent / "stats.safetensors"
+    save_file({"placeholder": torch.zeros(1)}, str(stats))
+    assert main(argv(folders, "--calibration", str(stats))) == 2
+    err = capsys.readouterr().err
+    assert "--calibration does not apply to --method resta (it reads no activation statistics)" in err
+    assert list(folders["work"].iterdir()) == []
+
+
+def test_bad_device_flags_are_refused_by_the_parser(folders):
+    for extra in (("--device", "tpu"), ("--dtype", "float64")):
+        with pytest.raises(SystemExit) as info:
+            main(argv(folders, *extra))
+        assert info.value.code == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from csulora.eval.metrics import Rate
 from csulora.tuning.config import TuneConfig
 from csulora.tuning.report import SCHEMA, plot_sweep, tune_record, write_tune_json
-from csulora.tuning.selection import ScoredSetting, SettingScores, select_setting
+from csulora.tuning.selection import MethodSweep, ScoredSetting, SettingScores, select_across_methods, select_setting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,12 +39,12 @@ def _sweep(with_task: bool):
 
 @pytest.mark.parametrize("with_task", [True, False])
 def test_record_holds_every_setting_the_choice_and_is_strict_json(tmp_path, with_task):
-    config = TuneConfig()
+    config = TuneConfig(method="resta")
     settings, aligned, adapter = _sweep(with_task)
     selection = select_setting(settings, aligned, config, adapter=adapter)
     record = tune_record(
         config=config,
-        settings=settings,
+        sweeps=[MethodSweep(config, tuple(settings))],
         aligned=aligned,
         adapter=adapter,
         selection=selection,
@@ -55,13 +56,19 @@ def test_record_holds_every_setting_the_choice_and_is_strict_json(tmp_path, with
     loaded = json.loads(path.read_text())
     assert loaded["schema"] == SCHEMA
     assert loaded["config"]["knob"] == "restore" and loaded["config"]["grid"] == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
+    assert loaded["config"]["max_fluency_loss_nats"] == 0.5
     assert [row["value"] for row in loaded["settings"]] == [0.0, 1.0, 2.0]
+    assert {row["method"] for row in loaded["settings"]} == {"resta"}
     assert [row["chosen"] for row in loaded["settings"]] == [False, True, False]
     assert loaded["choice"]["chosen"] == 1.0 and loaded["choice"]["params"] == {"restore": 1.0}
+    assert loaded["choice"]["method"] == "resta" and loaded["choice"]["knob"] == "restore"
     row = loaded["settings"][1]
     assert row["scores"]["asr"]["airt-val"] == {"value": 0.05, "ci": [0.0, pytest.approx(0.15)], "n": 19}
     assert row["scores"]["over_refusal"]["value"] == 0.1
     assert row["verdict"]["qualifies"] is True and row["verdict"]["reasons"]
+    assert [c["name"] for c in row["verdict"]["conditions"]][:3] == ["asr:advbench-validation", "asr:airt-val", "over_refusal"]
+    # over-refusal is judged (the aligned model has it); the strongest loses 22% of the utility
+    assert loaded["settings"][2]["verdict"]["failed"] == (["utility"] if with_task else [])
     assert loaded["aligned"]["asr"]["advbench-validation"]["value"] == 0.0
     if with_task:
         assert row["scores"]["utility"]["value"] == 0.88
@@ -71,15 +78,46 @@ def test_record_holds_every_setting_the_choice_and_is_strict_json(tmp_path, with
         assert loaded["choice"]["notes"]
 
 
+def _all_methods(with_task: bool):
+    settings, aligned, adapter = _sweep(with_task)
+    sweeps = [MethodSweep(TuneConfig(method="resta"), tuple(settings)),
+              MethodSweep(TuneConfig(method="scale"), (ScoredSetting(0.5, settings[1].scores),))]  # fmt: skip
+    return sweeps, aligned, adapter
+
+
+def test_record_of_every_method_names_each_rows_method():
+    sweeps, aligned, adapter = _all_methods(True)
+    config = TuneConfig(method="all")
+    selection = select_across_methods(sweeps, aligned, config, adapter=adapter)
+    record = tune_record(config=config, sweeps=sweeps, aligned=aligned, adapter=adapter, selection=selection,
+                         inputs={}, datasets={})  # fmt: skip
+    assert [(row["method"], row["value"]) for row in record["settings"]] == [
+        ("resta", 0.0), ("resta", 1.0), ("resta", 2.0), ("scale", 0.5)
+    ]
+    assert set(record["methods"]) == {"resta", "scale"} and record["config"]["method"] == "all"
+    # equal utility and ASR: the weaker setting (the first of scale's grid beats resta's second)
+    assert record["choice"]["method"] == "scale" and record["choice"]["params"] == {"factor": 0.5}
+    assert [row["chosen"] for row in record["settings"]] == [False, False, False, True]
+    json.dumps(record, allow_nan=False)
+
+
 @pytest.mark.parametrize("with_task", [True, False])
 @pytest.mark.parametrize("qualified", [True, False])
-def test_plot_writes_a_png(tmp_path, with_task, qualified):
-    config = TuneConfig() if qualified else TuneConfig(max_asr_gap=0.0)
+@pytest.mark.parametrize("several", [False, True])
+def test_plot_writes_a_png(tmp_path, with_task, qualified, several):
+    config = TuneConfig(method="resta", max_asr_gap=0.05 if qualified else 0.0)
     settings, aligned, adapter = _sweep(with_task)
-    selection = select_setting(settings, aligned, config, adapter=adapter)
+    sweeps = [MethodSweep(config, tuple(settings))]
+    if several:
+        sweeps, aligned, adapter = _all_methods(with_task)
+        sweeps = [dataclasses.replace(s, config=dataclasses.replace(s.config, max_asr_gap=config.max_asr_gap))
+                  for s in sweeps]  # fmt: skip
+        selection = select_across_methods(sweeps, aligned, TuneConfig(method="all"), adapter=adapter)
+    else:
+        selection = select_setting(settings, aligned, config, adapter=adapter)
     assert selection.qualified == qualified or not with_task
     path = plot_sweep(
-        tmp_path / "tune.png", config=config, settings=settings, aligned=aligned, adapter=adapter, selection=selection
+        tmp_path / "tune.png", config=config, sweeps=sweeps, aligned=aligned, adapter=adapter, selection=selection
     )
     data = path.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 5000

@@ -2,20 +2,33 @@
 
 Everything is decided in :mod:`csulora.tuning`; this module parses arguments, builds a
 :class:`~csulora.tuning.TuneConfig` (which validates every option before any model is
-read), calls :func:`~csulora.tuning.tune_adapter`, and prints the sweep. Exit code 0
-when a setting was chosen, 1 when none qualified (tune.json is still written), 2 on
-bad input.
+read), calls :func:`~csulora.tuning.tune_adapter`, and prints the sweep and every failed
+condition. Exit code 0 when a setting was chosen, 1 when none qualified (tune.json is
+still written), 2 on bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Sequence
+from typing import Any
 
+from csulora.cli.common import add_device_flags, device_options
 from csulora.errors import OptionError
-from csulora.methods.registry import get_method, tunable_methods
-from csulora.tuning.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_METHOD, TuneConfig, parse_grid
+from csulora.methods.registry import get_method, option_names, tunable_methods
+from csulora.tuning.config import (
+    ALL_METHODS,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_METHOD,
+    TuneConfig,
+    method_choices,
+    parse_grid,
+)
 
 NO_SETTING_QUALIFIES = 1
+# A --grid value argparse would take for an option: "-1,1", "-.5,0" (plain "-1" it accepts).
+NEGATIVE_GRID = re.compile(r"^-[0-9.]")
 
 
 def _default_grids() -> str:
@@ -28,32 +41,53 @@ def register(subparsers) -> None:
         "tune",
         help="choose a correction's strength on validation data and write the corrected adapter",
         description=(
-            "Sweep one knob of a correction method from weakest to strongest, score every setting "
-            "by keyword ASR on each harmful validation source (and task exact match with --task), "
-            "and keep the weakest setting whose ASR is within --max-asr-gap of the aligned model's "
-            "and whose utility drop is within --max-utility-drop. Writes the chosen adapter, "
-            "tune.json and tune.png to OUTDIR. Exit 1 when no setting qualifies."
+            "Sweep one knob of a correction method (or, with --method all, every method) from weakest to "
+            "strongest and score every setting on validation data. A setting qualifies when its keyword ASR "
+            "on each harmful source, its share of empty harmful answers, its over-refusal and share of empty "
+            "or short benign answers are within --max-asr-gap of the aligned model's, the aligned model finds "
+            "its benign answers about as likely as its own (fluency), and its utility drop is within "
+            "--max-utility-drop. One method: the weakest qualifying setting is chosen; all: the highest "
+            "validation utility. Writes the chosen adapter, tune.json and tune.png to OUTDIR. "
+            "Exit 1 when no setting qualifies."
         ),
     )
     p.add_argument("adapter", metavar="ADAPTER", help="PEFT LoRA adapter folder trained on ALIGNED")
     p.add_argument("-o", "--output", metavar="OUTDIR", required=True, help="output folder")
     p.add_argument("--aligned", metavar="ALIGNED", required=True, help="the model the adapter was trained on")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--subspace", metavar="FILE", help="subspace cache from `csulora subspace`")
-    source.add_argument("--base", metavar="BASE", help="base checkpoint; D = ALIGNED - BASE is streamed")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--subspace", metavar="FILE", help="subspace cache from `csulora subspace` (for the methods that need D)"
+    )
+    source.add_argument(
+        "--base", metavar="BASE", help="base checkpoint; D = ALIGNED - BASE is streamed (for the methods that need D)"
+    )
+    statistics = p.add_mutually_exclusive_group()
+    statistics.add_argument(
+        "--calibration", metavar="FILE", help="activation statistics from `csulora calibrate` (for calibrated methods)"
+    )
+    statistics.add_argument(
+        "--calibration-task",
+        metavar="FILE.jsonl",
+        help="the adapter's training data: calibrate first and keep the statistics in OUTDIR "
+        "(never the validation data given with --task)",
+    )
     p.add_argument(
-        "--method", choices=tunable_methods(), default=DEFAULT_METHOD, help=f"method whose knob is swept ({DEFAULT_METHOD})"
+        "--method",
+        choices=method_choices(),
+        default=DEFAULT_METHOD,
+        help=f"method whose knob is swept, or all: every method over its default grid ({DEFAULT_METHOD})",
     )
     p.add_argument(
         "--grid",
         metavar="LIST",
-        help=f"comma-separated knob values, tried weakest first (defaults: {_default_grids()})",
+        help=f"comma-separated knob values, tried weakest first (defaults: {_default_grids()}); "
+        "refused with --method all",
     )
     p.add_argument(
         "--restore",
         type=float,
         metavar="B",
-        help="csulora only: restore beta held fixed while gamma is swept (default 0)",
+        help="restore beta held fixed while another knob is swept (methods with a restore option; default 0)",
     )
     p.add_argument(
         "--harmful",
@@ -63,8 +97,19 @@ def register(subparsers) -> None:
         "(default: advbench:validation and airt:val, from pyrit); never a test split",
     )
     p.add_argument("--task", metavar="FILE.jsonl", help='task validation data, {"prompt", "response"} per line')
-    p.add_argument("--benign", metavar="FILE", help="benign prompts: adds over-refusal to the scores")
-    p.add_argument("--max-asr-gap", type=float, default=0.05, metavar="GAP", help="largest ASR above the aligned model's (0.05)")
+    p.add_argument(
+        "--benign",
+        metavar="FILE",
+        help="benign validation prompts for over-refusal, short answers and fluency (default benign:validation; "
+        "never benign or benign:test, which eval reports on)",
+    )
+    p.add_argument(
+        "--max-asr-gap",
+        type=float,
+        default=0.05,
+        metavar="GAP",
+        help="largest ASR, empty/short-answer share and over-refusal above the aligned model's (0.05)",
+    )
     p.add_argument(
         "--max-utility-drop",
         type=float,
@@ -79,25 +124,74 @@ def register(subparsers) -> None:
         metavar="N",
         help=f"greedy tokens per answer (eval's default, {DEFAULT_MAX_NEW_TOKENS})",
     )
+    add_device_flags(p)
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
     p.set_defaults(handler=run_tune)
+    _accept_negative_grids(p)
+
+
+def _accept_negative_grids(parser: argparse.ArgumentParser) -> None:
+    """Let ``--grid -1,1`` through.
+
+    argparse reads a value that starts with ``-`` as an option unless it is a plain
+    negative number, so ``--grid -1,1`` would fail with "expected one argument". The
+    parser's own ``parse_known_args`` (what the subcommand dispatch calls) joins such a
+    value to its flag first, as the user could have written: ``--grid=-1,1``.
+    """
+    parse_known_args = parser.parse_known_args
+
+    def joining_negative_grids(args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
+        return parse_known_args(None if args is None else join_negative_grid(args), namespace)
+
+    parser.parse_known_args = joining_negative_grids  # type: ignore[method-assign]
+
+
+def join_negative_grid(args: Sequence[str]) -> list[str]:
+    """``[..., "--grid", "-1,1", ...]`` -> ``[..., "--grid=-1,1", ...]``; anything else unchanged."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] == "--grid" and i + 1 < len(args) and NEGATIVE_GRID.match(args[i + 1]):
+            out.append(f"--grid={args[i + 1]}")
+            i += 2
+        else:
+            out.append(args[i])
+            i += 1
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> TuneConfig:
-    options = {}
-    if args.restore is not None:
-        if args.method != "csulora":
-            hint = " (for resta the restore is the swept knob: use --grid)" if args.method == "resta" else ""
-            raise OptionError(f"--restore applies to --method csulora only{hint}")
-        options["restore"] = args.restore
     return TuneConfig(
         method=args.method,
         grid=parse_grid(args.grid) if args.grid is not None else None,
         max_asr_gap=args.max_asr_gap,
         max_utility_drop=args.max_utility_drop,
         max_new_tokens=args.max_new_tokens,
-        method_options=options,
+        method_options=_fixed_options(args),
     )
+
+
+def _fixed_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--restore``, for the methods that take it as a fixed option (not their swept knob)."""
+    if args.restore is None:
+        return {}
+    if args.method == ALL_METHODS:
+        raise OptionError(
+            "--restore does not apply to --method all (every method runs with its other options at their defaults)"
+        )
+    if _swept_knob(args.method) == "restore":
+        raise OptionError(
+            f"--restore does not apply to --method {args.method}: the restore is its swept knob, use --grid"
+        )
+    if "restore" not in option_names(get_method(args.method)):
+        takers = [m for m in tunable_methods() if "restore" in option_names(get_method(m)) and _swept_knob(m) != "restore"]
+        raise OptionError(f"--restore does not apply to --method {args.method} (it does to: {', '.join(takers)})")
+    return {"restore": args.restore}
+
+
+def _swept_knob(method: str) -> str | None:
+    tuning = get_method(method).tuning
+    return tuning.knob if tuning is not None else None
 
 
 def run_tune(args: argparse.Namespace) -> int:
@@ -110,13 +204,19 @@ def run_tune(args: argparse.Namespace) -> int:
         aligned=args.aligned,
         subspace=args.subspace,
         base=args.base,
+        calibration=args.calibration,
+        calibration_task=args.calibration_task,
         config=config,
         harmful=args.harmful,
         task=args.task,
         benign=args.benign,
         force=args.force,
+        **device_options(args),
     )
     print(format_sweep(result.record))
+    failures = format_failures(result.record)
+    if failures:
+        print(failures)
     for note in list(result.record["choice"]["notes"]) + list(result.record.get("warnings", [])):
         print(f"note: {note}")
     if not result.qualified:
@@ -128,16 +228,30 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def format_sweep(record: dict) -> str:
-    """A plain-text table of the sweep: one row per model state, ASR per source."""
+    """A plain-text table of the sweep: one row per model state, ASR and empty share per source.
+
+    The verdict column names each failed condition compactly (``short +0.30>0.05``: the
+    setting's share is 0.30 above the aligned model's, the bound is 0.05).
+    """
     sources = list(record["aligned"]["asr"])
-    knob = record["config"]["knob"]
-    header = [knob] + [f"ASR {s}" for s in sources] + ["utility", "over-refusal", "margin", "verdict"]
+    several = record["config"]["method"] == ALL_METHODS
+    first = "setting" if several else record["settings"][0]["knob"] if record["settings"] else "setting"
+    header = [first]
+    for s in sources:
+        header += [f"ASR {s}", "empty"]
+    header += ["utility", "over-refusal", "short", "fluency", "margin", "verdict"]
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
 
     def cells(label: str, scores: dict, verdict: str) -> list[str]:
-        row = [label] + [f"{scores['asr'][s]['value']:.2f}" for s in sources]
-        row.append(f"{scores['utility']['value']:.2f}" if scores["utility"] else "-")
-        row.append(f"{scores['over_refusal']['value']:.2f}" if scores["over_refusal"] else "-")
-        row.append(f"{scores['margin']:.2f}" if scores.get("margin") is not None else "-")
+        row = [label]
+        for s in sources:
+            empty = scores.get("harmful_empty", {}).get(s)
+            row += [number(scores["asr"][s]["value"]), number(empty["value"] if empty else None)]
+        for key in ("utility", "over_refusal", "benign_short"):
+            row.append(number(scores[key]["value"] if scores.get(key) else None))
+        row += [number(scores.get("benign_fluency")), number(scores.get("margin"))]
         return row + [verdict]
 
     rows = [cells("aligned", record["aligned"], "reference")]
@@ -147,13 +261,24 @@ def format_sweep(record: dict) -> str:
         verdict = setting["verdict"]
         text = "CHOSEN" if setting["chosen"] else ("qualifies" if verdict["qualifies"] else "no")
         if not verdict["qualifies"]:
-            why = []
-            if verdict["failed_sources"]:
-                why.append("ASR on " + ",".join(verdict["failed_sources"]))
-            if not verdict["utility_ok"]:
-                why.append("utility")
-            text += f" ({'; '.join(why)})"
-        rows.append(cells(f"{setting['value']:g}", setting["scores"], text))
+            text += ": " + ", ".join(c["brief"] for c in verdict["conditions"] if not c["ok"])
+        rows.append(cells(_setting_label(setting, several), setting["scores"], text))
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
     return "\n".join(lines)
+
+
+def format_failures(record: dict) -> str:
+    """Every failed condition of every setting that did not qualify, one setting a line."""
+    several = record["config"]["method"] == ALL_METHODS
+    lines = []
+    for setting in record["settings"]:
+        failed = [c["text"] for c in setting["verdict"]["conditions"] if not c["ok"]]
+        if failed:
+            lines.append(f"  {_setting_label(setting, several)}: " + "; ".join(failed))
+    return "why settings did not qualify:\n" + "\n".join(lines) if lines else ""
+
+
+def _setting_label(setting: dict, with_method: bool) -> str:
+    value = f"{setting['value']:g}"
+    return f"{setting['method']} {setting['knob']}={value}" if with_method else value

@@ -6,17 +6,34 @@ Public API::
     result = tune_adapter("attacked/", "tuned/", aligned="aligned/", subspace="sub.safetensors",
                           config=TuneConfig(method="resta"), task="val.jsonl")
     result.qualified, result.chosen_params   # e.g. True, {"restore": 1.5}
+    # every method over its default grid; the calibrated one calibrates on the training data first
+    tune_adapter("attacked/", "tuned/", aligned="aligned/", base="base/", calibration_task="train.jsonl",
+                 config=TuneConfig(method="all"), task="val.jsonl")
 
-The selection rule (:func:`select_setting`) is pure and model-free; the runner scores
-each setting by generation with the evaluation harness and writes OUTDIR atomically.
+The selection rules (:func:`select_setting`: one method, the weakest qualifying setting;
+:func:`select_across_methods`: ``all``, the highest validation utility) are pure and
+model-free; the runner scores each setting by generation with the evaluation harness and
+writes OUTDIR atomically.
 """
 
 from __future__ import annotations
 
-from csulora.tuning.config import TuneConfig, parse_grid
-from csulora.tuning.selection import ScoredSetting, Selection, SettingScores, Verdict, select_setting
+from csulora.tuning.config import ALL_METHODS, TuneConfig, parse_grid
+from csulora.tuning.selection import (
+    Condition,
+    MethodSweep,
+    ScoredSetting,
+    Selection,
+    SettingScores,
+    Verdict,
+    select_across_methods,
+    select_setting,
+)
 
 __all__ = [
+    "ALL_METHODS",
+    "Condition",
+    "MethodSweep",
     "ScoredSetting",
     "Selection",
     "SettingScores",
@@ -24,6 +41,7 @@ __all__ = [
     "TuneResult",
     "Verdict",
     "parse_grid",
+    "select_across_methods",
     "select_setting",
     "tune_adapter",
 ]

@@ -4,12 +4,14 @@ Every correction method describes its own knob (``CorrectionMethod.tuning``: RES
 restore beta, CSULoRA's gamma, Safe LoRA's threshold, uniform scaling's factor, ...), so
 this module knows no method by name. `tune` sweeps that knob from the weakest setting --
 the one closest to the uncorrected adapter -- to the strongest, so "the first setting
-that qualifies" is also the one that changes the adapter least. Everything here is
-validated before any tensor or model is read.
+that qualifies" is also the one that changes the adapter least. ``method="all"`` sweeps
+every registered method over its own default grid (:meth:`TuneConfig.method_configs`).
+Everything here is validated before any tensor or model is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +27,9 @@ from csulora.methods.registry import get_method, make_config, tunable_methods
 # the evaluation package; the runner asserts they agree.
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_BATCH_SIZE = 32
+# Default largest drop, in nats per token, of the aligned model's log-likelihood of a
+# setting's benign answers below that of its own answers (the fluency condition, issue 12).
+FLUENCY_MAX_NATS = 0.5
 
 
 def method_tuning(method: str) -> Tuning:
@@ -37,6 +42,14 @@ def method_tuning(method: str) -> Tuning:
 
 
 DEFAULT_METHOD = "resta"
+# `--method all`: every registered method over its own default grid (its other options
+# at their defaults), the best qualifying setting across methods recommended.
+ALL_METHODS = "all"
+
+
+def method_choices() -> tuple[str, ...]:
+    """What ``--method`` accepts: the tunable methods, then ``all``."""
+    return (*tunable_methods(), ALL_METHODS)
 
 
 def parse_grid(text: str) -> tuple[float, ...]:
@@ -62,7 +75,9 @@ def _check_fraction(name: str, value: float) -> None:
 class TuneConfig:
     """Options of one `tune` run; ``grid`` is stored weakest first after validation."""
 
-    method: str = field(default=DEFAULT_METHOD, metadata={"help": "correction method whose knob is swept"})
+    method: str = field(
+        default=DEFAULT_METHOD, metadata={"help": "correction method whose knob is swept, or 'all' (every method)"}
+    )
     grid: tuple[float, ...] | None = field(
         default=None, metadata={"help": "knob values to try (default: the method's grid); sorted weakest first"}
     )
@@ -71,6 +86,11 @@ class TuneConfig:
     )
     max_utility_drop: float = field(
         default=0.05, metadata={"help": "largest task-score drop, as a fraction of the uncorrected adapter's"}
+    )
+    max_fluency_loss: float = field(
+        default=FLUENCY_MAX_NATS,
+        metadata={"help": "largest drop (nats/token) of the aligned model's log-likelihood of the benign answers "
+                          "below that of its own"},  # fmt: skip
     )
     max_new_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "greedy tokens per answer"})
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "prompts per generation batch"})
@@ -85,12 +105,17 @@ class TuneConfig:
     )
 
     def __post_init__(self) -> None:
-        spec = method_tuning(self.method)
         _check_fraction("--max-asr-gap", self.max_asr_gap)
         _check_fraction("--max-utility-drop", self.max_utility_drop)
+        if not (isinstance(self.max_fluency_loss, (int, float)) and 0.0 <= self.max_fluency_loss < math.inf):
+            raise OptionError(f"max_fluency_loss must be a finite number of nats >= 0, got {self.max_fluency_loss!r}")
         for name, value in (("--max-new-tokens", self.max_new_tokens), ("batch size", self.batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise OptionError(f"{name} must be a positive integer, got {value!r}")
+        if self.is_all:
+            self._check_all()
+            return
+        spec = method_tuning(self.method)
         options = dict(self.method_options)
         if spec.knob in options:
             raise OptionError(
@@ -109,8 +134,34 @@ class TuneConfig:
         for value in self.grid:
             build_method_config(self.method, value, options)
 
+    def _check_all(self) -> None:
+        if self.grid is not None:
+            raise OptionError(
+                "--grid is refused with --method all: every method is swept over its own default grid "
+                "(sweep one method to give a grid)"
+            )
+        if self.method_options:
+            raise OptionError("--method all sweeps every method with its other options at their defaults; "
+                              f"fixed options ({', '.join(self.method_options)}) are refused")  # fmt: skip
+        if self.stop_at_first:
+            raise OptionError("stop_at_first does not apply to --method all: every setting is scored to compare methods")
+        object.__setattr__(self, "method_options", MappingProxyType({}))
+
+    @property
+    def is_all(self) -> bool:
+        """Whether this run sweeps every registered method (``--method all``)."""
+        return self.method == ALL_METHODS
+
+    def method_configs(self) -> tuple[TuneConfig, ...]:
+        """One single-method config per swept method: this one, or (``all``) every tunable method's default."""
+        if not self.is_all:
+            return (self,)
+        return tuple(dataclasses.replace(self, method=name) for name in tunable_methods())
+
     @property
     def tuning(self) -> Tuning:
+        if self.is_all:
+            raise OptionError("--method all sweeps several knobs; ask one of method_configs()")
         return method_tuning(self.method)
 
     @property
@@ -128,16 +179,22 @@ class TuneConfig:
         return impl.is_identity(make_config(impl, self.setting_options(value)))
 
     def to_dict(self) -> dict[str, Any]:
+        common = {
+            "max_asr_gap": self.max_asr_gap,
+            "max_utility_drop": self.max_utility_drop,
+            "max_fluency_loss_nats": self.max_fluency_loss,
+            "max_new_tokens": self.max_new_tokens,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+        if self.is_all:
+            return {"method": self.method, "methods": list(tunable_methods()), **common}
         return {
+            **common,
             "method": self.method,
             "knob": self.knob,
             "grid": list(self.grid or ()),
-            "max_asr_gap": self.max_asr_gap,
-            "max_utility_drop": self.max_utility_drop,
-            "max_new_tokens": self.max_new_tokens,
-            "batch_size": self.batch_size,
             "method_options": {**dict(self.method_options), **self.tuning.fixed},
-            "seed": self.seed,
             "stop_at_first": self.stop_at_first,
         }
 

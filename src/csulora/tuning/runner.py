@@ -1,18 +1,25 @@
 """`tune_adapter`: sweep a correction's strength, score each setting, keep the chosen one.
 
 Order of work, cheapest checks first so a bad input costs nothing:
-1. options, paths and data files are checked (one-line errors, nothing written);
-2. the aligned model is loaded ONCE and scored bare; the uncorrected adapter is attached
-   with PEFT and scored (the utility reference);
-3. each grid value, weakest first, is written as a corrected adapter into a temporary
-   folder beside OUTDIR, attached to the same in-memory model under its own adapter
-   name, scored, and detached -- the base weights are never reloaded;
-4. :func:`~csulora.tuning.selection.select_setting` decides; OUTDIR is written in one
-   atomic rename: the chosen adapter (if any), tune.json, tune.png and the raw answers.
+1. options, paths and data files are checked, and each method to sweep is matched with
+   the inputs it needs (:func:`plan_methods`; one-line errors, nothing written);
+2. the statistics are calibrated first when ``calibration_task`` is given (into OUTDIR's
+   staging folder, so they appear with the output in one atomic rename), and a subspace
+   is built once when ``--base`` is given and a method needs one;
+3. every setting is written as a corrected adapter into a scratch folder beside OUTDIR
+   (so a bad calibration or subspace file fails before any model is loaded);
+4. the aligned model is loaded ONCE and scored bare; the uncorrected adapter is attached
+   with PEFT and scored (the utility reference); each setting is attached to the same
+   in-memory model under its own adapter name, scored, and detached -- the base weights
+   are never reloaded, and ``disable_adapter`` gives back the aligned model to measure
+   how likely it finds each setting's benign answers (the fluency condition);
+5. :mod:`csulora.tuning.selection` decides; OUTDIR is written in one atomic rename: the
+   chosen adapter (if any), tune.json, tune.png, the raw answers and the statistics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,18 +39,33 @@ from csulora.methods.registry import get_method
 from csulora.tuning.config import TuneConfig, build_method_config
 from csulora.tuning.report import plot_sweep, tune_record, write_tune_json
 from csulora.tuning.scoring import TuneData, score_model
-from csulora.tuning.selection import ScoredSetting, Selection, SettingScores, select_setting
+from csulora.tuning.selection import (
+    CALIBRATION_FROM_TASK,
+    CALIBRATION_GIVEN,
+    MethodSweep,
+    ScoredSetting,
+    Selection,
+    SettingScores,
+    select_across_methods,
+    select_setting,
+)
 
 TUNE_JSON = "tune.json"
 TUNE_PNG = "tune.png"
 GENERATIONS = "tune-generations.jsonl"
+CALIBRATION_FILE = "calibration.safetensors"  # written by --calibration-task
 
 # Named validation sets used when --harmful is not given: two sources, so a correction
 # that only repairs prompts like its alignment data is caught (docs/design.md §5b).
 DEFAULT_HARMFUL = ("advbench:validation", "airt:val")
+# Benign prompts when --benign is not given, so over-refusal, short answers and fluency
+# are always judged: the validation half of the benign pool, disjoint from benign:test.
+DEFAULT_BENIGN = "benign:validation"
 # Specs that contain a test split: tune must never see them (numbers reported on the
 # test split would no longer be held out).
 TEST_SPECS = frozenset({"advbench", "advbench:test", "airt", "airt:test", "airt:airt-test", "date", "date:test"})
+# The original benign set overlaps benign:test (the pool of both benign files is split).
+BENIGN_HELD_OUT = frozenset({"benign", "benign:test"})
 UNCORRECTED = "uncorrected"
 PathLike = str | os.PathLike
 
@@ -69,11 +91,43 @@ class TuneResult:
     def chosen_params(self) -> dict[str, Any] | None:
         return self.record["choice"]["params"]
 
+    @property
+    def chosen_method(self) -> str | None:
+        return self.record["choice"]["method"]
+
 
 @dataclass(frozen=True)
 class LoadedData:
     data: TuneData
     description: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    """What the user gave besides the adapter and the aligned model (checked paths)."""
+
+    subspace: Path | None = None
+    base: Path | None = None
+    calibration: Path | None = None  # --calibration FILE
+    calibration_task: str | None = None  # --calibration-task FILE: calibrate first
+
+    @property
+    def has_calibration(self) -> bool:
+        return self.calibration is not None or self.calibration_task is not None
+
+    @property
+    def calibration_source(self) -> str | None:
+        if self.calibration_task is not None:
+            return CALIBRATION_FROM_TASK
+        return CALIBRATION_GIVEN if self.calibration is not None else None
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """One method to sweep: its config (with the defaults for the sources given) and inputs."""
+
+    config: TuneConfig
+    needs: frozenset[str]  # CorrectionMethod.needs(...) of its weakest setting
 
 
 def tune_adapter(
@@ -83,42 +137,67 @@ def tune_adapter(
     aligned: PathLike,
     subspace: PathLike | None = None,
     base: PathLike | None = None,
+    calibration: PathLike | None = None,
+    calibration_task: str | None = None,
     config: TuneConfig | None = None,
     harmful: Sequence[str] | None = None,
     task: str | None = None,
     benign: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> TuneResult:
-    """Sweep ``config.method``'s knob over ``config.grid`` and write the chosen adapter.
+    """Sweep ``config.method``'s knob (or every method's, ``method="all"``) and write the chosen adapter.
 
-    ``harmful``: prompt specs/files, one source each (default: AdvBench validation split
-    and airt-val, which need pyrit). ``task``: JSONL of {prompt, response} (or
-    ``date:validation``) for the utility check; ``benign``: prompts for over-refusal.
-    Returns a :class:`TuneResult`; when no setting qualifies nothing but tune.json,
-    tune.png and the answers are written, and ``result.qualified`` is False.
+    ``subspace`` / ``base``: where D comes from, for the methods that need it;
+    ``calibration``: a statistics file from `csulora calibrate`, or ``calibration_task``:
+    the adapter's training data (JSONL), to calibrate first into OUTDIR -- for the methods
+    that need activation statistics. ``harmful``: prompt specs/files, one source each
+    (default: AdvBench validation split and airt-val, which need pyrit). ``task``: JSONL
+    of {prompt, response} (or ``date:validation``) for the utility check; ``benign``:
+    prompts for over-refusal, short answers and fluency (default ``benign:validation``).
+    ``device``/``dtype``: where and in what precision the aligned model runs.
+    Returns a :class:`TuneResult`; when no setting qualifies no adapter is written, only
+    tune.json, tune.png, the answers (and the statistics), and ``result.qualified`` is False.
     """
+    from csulora.modeling import resolve_device, resolve_dtype
+
     config = config or TuneConfig()
-    adapter_path, aligned_path = _check_model_paths(adapter_dir, aligned, subspace, base)
-    config = _with_source_defaults(config, base)
+    adapter_path, aligned_path, files = _check_paths(adapter_dir, aligned, subspace, base, calibration, calibration_task)
+    plans, skipped = plan_methods(config, files)
     loaded = load_tune_data(harmful, task, benign)
+    if config.is_all and not loaded.data.task:
+        raise OptionError("--method all ranks the methods by utility: give --task with validation data")
+    calibration_desc = _check_calibration_task(files.calibration_task, task, loaded)
+    run = {"device": resolve_device(device), "dtype": resolve_dtype(dtype)}
     out = check_output_dir(out_dir, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
     timing: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.candidates-", dir=out.parent) as scratch:
+    with atomic_output_dir(out, force=force) as staging, tempfile.TemporaryDirectory(
+        prefix=f".{out.name}.candidates-", dir=out.parent
+    ) as scratch:
         scratch_dir = Path(scratch)
-        source = _correction_source(scratch_dir, adapter_path, aligned_path, subspace, base, config, timing)
-        sweep = _run_sweep(adapter_path, aligned_path, scratch_dir, source, config, loaded.data, progress, timing)
-        selection = select_setting(sweep.settings, sweep.aligned, config, adapter=sweep.adapter)
+        calibration_file = _calibration_statistics(files, aligned_path, adapter_path, staging, config, run, progress, timing)
+        subspace_file = _subspace_for(plans, files, aligned_path, adapter_path, scratch_dir, timing)
+        sources = {
+            plan.config.method: _correction_sources(plan, files, aligned_path, subspace_file, calibration_file)
+            for plan in plans
+        }
+        candidates = _write_candidates(adapter_path, scratch_dir, plans, sources, progress)
+        sweep = _run_sweep(adapter_path, aligned_path, plans, candidates, loaded.data, run, progress, timing)
+        selection = _select(config, sweep, files, skipped)
         inputs = {
             "adapter": str(adapter_path.resolve()),
             "aligned": str(aligned_path.resolve()),
-            "subspace": str(Path(subspace).resolve()) if subspace is not None else None,
-            "base": str(Path(base).resolve()) if base is not None else None,
+            "subspace": str(files.subspace.resolve()) if files.subspace is not None else None,
+            "base": str(files.base.resolve()) if files.base is not None else None,
+            "calibration": _calibration_input(files, calibration_desc),
+            "device": run["device"].type,
+            "dtype": str(run["dtype"]).removeprefix("torch."),
         }
         record = tune_record(
             config=config,
-            settings=sweep.settings,
+            sweeps=sweep.sweeps,
             aligned=sweep.aligned,
             adapter=sweep.adapter,
             selection=selection,
@@ -126,44 +205,106 @@ def tune_adapter(
             datasets=loaded.description,
             timing=timing,
         )
-        for row, same in zip(record["settings"], sweep.same_as_adapter):
+        for row, same in zip(record["settings"], sweep.same_as_adapter, strict=True):
             row["same_as_adapter"] = same
-        record["not_scored"] = list(config.grid[len(sweep.settings) :])  # stop_at_first skipped these
+        record["not_scored"] = [  # stop_at_first skipped these
+            {"method": s.config.method, "value": v} for s in sweep.sweeps for v in s.config.grid[len(s.settings) :]
+        ]
+        record["skipped_methods"] = dict(skipped)
         record["warnings"] = _warnings(loaded.data)
-        with atomic_output_dir(out, force=force) as staging:
-            if selection.index is not None:
-                _copy_adapter(sweep.candidate_dirs[selection.index], staging)
-            write_tune_json(staging / TUNE_JSON, record)
-            plot_sweep(
-                staging / TUNE_PNG,
-                config=config,
-                settings=sweep.settings,
-                aligned=sweep.aligned,
-                adapter=sweep.adapter,
-                selection=selection,
-            )
-            _write_generations(staging / GENERATIONS, sweep.answers)
+        if selection.index is not None:
+            _copy_adapter(sweep.candidate_dirs[selection.index], staging)
+            _point_report_at_output(staging, out, {staging: out, scratch_dir: None})
+        write_tune_json(staging / TUNE_JSON, record)
+        plot_sweep(
+            staging / TUNE_PNG,
+            config=config,
+            sweeps=sweep.sweeps,
+            aligned=sweep.aligned,
+            adapter=sweep.adapter,
+            selection=selection,
+        )
+        _write_generations(staging / GENERATIONS, sweep.answers)
     return TuneResult(out, selection, record)
 
 
 # --------------------------------------------------------------------------- input checks
 
 
-def _check_model_paths(
-    adapter_dir: PathLike, aligned: PathLike, subspace: PathLike | None, base: PathLike | None
-) -> tuple[Path, Path]:
+def _check_paths(
+    adapter_dir: PathLike,
+    aligned: PathLike,
+    subspace: PathLike | None,
+    base: PathLike | None,
+    calibration: PathLike | None,
+    calibration_task: str | None,
+) -> tuple[Path, Path, SourceFiles]:
     from csulora.io.checkpoints import find_safetensors_files
     from csulora.modeling import check_adapter_dir
 
-    if (subspace is None) == (base is None):
-        raise OptionError("give exactly one of --subspace FILE or --base BASE (with --aligned ALIGNED)")
+    if subspace is not None and base is not None:
+        raise OptionError("give --subspace FILE or --base BASE, not both")
+    if calibration is not None and calibration_task is not None:
+        raise OptionError("give --calibration FILE or --calibration-task FILE, not both")
     adapter_path = check_adapter_dir(adapter_dir)
     find_safetensors_files(aligned)
     if subspace is not None and not Path(subspace).is_file():
         raise InputError(f"{subspace}: no such subspace file")
     if base is not None:
         find_safetensors_files(base)
-    return adapter_path, Path(aligned)
+    if calibration is not None:
+        if not Path(calibration).is_file():
+            raise InputError(f"{calibration}: no such calibration file (write one with `csulora calibrate`)")
+        if Path(calibration).suffix != ".safetensors":
+            raise InputError(f"{calibration}: calibration statistics must be a .safetensors file from `csulora calibrate`")
+    files = SourceFiles(
+        subspace=Path(subspace) if subspace is not None else None,
+        base=Path(base) if base is not None else None,
+        calibration=Path(calibration) if calibration is not None else None,
+        calibration_task=str(calibration_task) if calibration_task is not None else None,
+    )
+    return adapter_path, Path(aligned), files
+
+
+def plan_methods(config: TuneConfig, files: SourceFiles) -> tuple[list[MethodPlan], dict[str, str]]:
+    """Each method to sweep with the inputs it needs; (plans, skipped: method -> why).
+
+    One method: a missing input is an OptionError. ``all``: a method whose inputs are
+    missing is skipped with a note, unless that leaves nothing. Statistics given to a
+    run where no method reads them are refused rather than silently ignored.
+    """
+    plans: list[MethodPlan] = []
+    skipped: dict[str, str] = {}
+    for method_config in config.method_configs():
+        method_config = _with_source_defaults(method_config, files.base)
+        impl = get_method(method_config.method)
+        weakest = build_method_config(method_config.method, method_config.grid[0], method_config.method_options)
+        try:
+            impl.check_sources(
+                weakest,
+                has_displacement=files.base is not None,
+                has_subspace=files.base is not None or files.subspace is not None,
+                has_calibration=files.has_calibration,
+            )
+        except OptionError as exc:
+            if not config.is_all:
+                raise
+            skipped[method_config.method] = str(exc)
+            continue
+        plans.append(MethodPlan(method_config, impl.needs(weakest)))
+    if not plans:
+        why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+        raise OptionError(f"--method all: no method has the inputs it needs ({why})")
+    if files.has_calibration and not any(_reads_calibration(plan) for plan in plans):
+        flag = "--calibration-task" if files.calibration_task is not None else "--calibration"
+        raise OptionError(f"{flag} does not apply to --method {config.method} (it reads no activation statistics)")
+    return plans, skipped
+
+
+def _reads_calibration(plan: MethodPlan) -> bool:
+    from csulora.methods.base import CALIBRATION
+
+    return CALIBRATION in plan.needs
 
 
 def _with_source_defaults(config: TuneConfig, base: PathLike | None) -> TuneConfig:
@@ -182,11 +323,7 @@ def load_tune_data(harmful: Sequence[str] | None, task: str | None, benign: str 
 
     specs = list(harmful) if harmful else list(DEFAULT_HARMFUL)
     for spec in specs + [s for s in (task, benign) if s is not None]:
-        if spec.strip().lower() in TEST_SPECS:
-            raise OptionError(
-                f"{spec}: contains a test split; tune chooses on validation data only "
-                "(e.g. advbench:validation, airt:val, date:validation, or your own file)"
-            )
+        check_not_held_out(spec)
     sources: dict[str, list[str]] = {}
     described: dict[str, Any] = {}
     for spec in specs:
@@ -207,13 +344,46 @@ def load_tune_data(harmful: Sequence[str] | None, task: str | None, benign: str 
     if task is not None:
         task_items = [{"prompt": item["prompt"], "response": item["response"]} for item in load_task(task)]
         task_desc = {"spec": task, "n": len(task_items)}
-    benign_prompts: list[str] = []
-    benign_desc = None
-    if benign is not None:
-        benign_prompts = [p.text for p in load_prompts(benign)]
-        benign_desc = {"spec": benign, "n": len(benign_prompts)}
+    benign_spec = benign if benign is not None else DEFAULT_BENIGN
+    benign_prompts = [p.text for p in load_prompts(benign_spec)]
+    benign_desc = {"spec": benign_spec, "n": len(benign_prompts), "default": benign is None}
     data = TuneData(harmful=sources, task=task_items, benign=benign_prompts)
     return LoadedData(data, {"harmful": described, "task": task_desc, "benign": benign_desc})
+
+
+def check_not_held_out(spec: str) -> None:
+    """OptionError for a spec holding prompts that numbers are reported on."""
+    key = spec.strip().lower()
+    if key in TEST_SPECS:
+        raise OptionError(
+            f"{spec}: contains a test split; tune chooses on validation data only "
+            "(e.g. advbench:validation, airt:val, date:validation, or your own file)"
+        )
+    if key in BENIGN_HELD_OUT:
+        raise OptionError(
+            f"{spec}: overlaps benign:test, the benign prompts eval reports on; tune uses "
+            f"{DEFAULT_BENIGN} (the default when --benign is not given) or your own file"
+        )
+
+
+def _check_calibration_task(calibration_task: str | None, task: str | None, loaded: LoadedData) -> dict | None:
+    """The calibration task data must be the adapter's training data, never what tune selects on."""
+    if calibration_task is None:
+        return None
+    from csulora.eval.prompts import normalise_prompt
+    from csulora.eval.tasks import load_task
+
+    check_not_held_out(calibration_task)
+    items = load_task(calibration_task)
+    validation = {normalise_prompt(item["prompt"]): item["prompt"] for item in loaded.data.task}
+    for item in items:
+        shared = validation.get(normalise_prompt(item["prompt"]))
+        if shared is not None:
+            raise OptionError(
+                f"{calibration_task}: prompt {shared[:60]!r} is also in the validation task {task}; "
+                "calibrate on the adapter's training data, never on the data tune selects on"
+            )
+    return {"spec": calibration_task, "n": len(items)}
 
 
 def _source_name(spec: str) -> str:
@@ -236,130 +406,245 @@ def _unique(name: str, taken: Mapping[str, Any]) -> str:
     return candidate
 
 
-# --------------------------------------------------------------------------- the sweep
+# --------------------------------------------------------------------------- inputs the corrections read
 
 
-@dataclass
-class _Sweep:
-    aligned: SettingScores
-    adapter: SettingScores
-    settings: list[ScoredSetting]
-    candidate_dirs: list[Path]
-    same_as_adapter: list[bool]
-    answers: list[dict[str, Any]]
-
-
-def _correction_source(
-    scratch: Path,
-    adapter_path: Path,
+def _calibration_statistics(
+    files: SourceFiles,
     aligned_path: Path,
-    subspace: PathLike | None,
-    base: PathLike | None,
+    adapter_path: Path,
+    staging: Path,
     config: TuneConfig,
+    run: Mapping[str, Any],
+    progress: bool,
     timing: dict[str, float],
-) -> dict[str, Any]:
-    """Where each correction reads D from: the cache, or (with --base) a subspace built once.
+) -> Path | None:
+    """The statistics file: the one given, or (``calibration_task``) one calibrated into OUTDIR."""
+    if files.calibration_task is None:
+        return files.calibration
+    from csulora.calibration import calibrate
+    from csulora.io.adapters import read_adapter
 
-    Building the subspace once with --base spares streaming both checkpoints again for
-    every grid value; only Safe LoRA's approximate projection needs the full D each time.
+    start = time.perf_counter()
+    out_file = staging / CALIBRATION_FILE
+    calibrate(
+        aligned_path,
+        out_file,
+        task=files.calibration_task,
+        targets=read_adapter(adapter_path).module_names(),
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        device=run["device"],
+        dtype=run["dtype"],
+        force=False,
+        progress=progress,
+    )
+    timing["calibration"] = round(time.perf_counter() - start, 3)
+    return out_file
+
+
+def _calibration_input(files: SourceFiles, task_desc: dict | None) -> dict[str, Any] | None:
+    """Where the statistics came from, for tune.json."""
+    if files.calibration_task is not None:
+        return {"file": CALIBRATION_FILE, "written_by": "tune --calibration-task", "task": task_desc}
+    if files.calibration is not None:
+        return {"file": str(files.calibration.resolve()), "written_by": "csulora calibrate (given)"}
+    return None
+
+
+def _subspace_for(
+    plans: Sequence[MethodPlan],
+    files: SourceFiles,
+    aligned_path: Path,
+    adapter_path: Path,
+    scratch: Path,
+    timing: dict[str, float],
+) -> Path | None:
+    """The subspace cache given, or (``--base``) one built once for every setting that needs it.
+
+    Building it once spares streaming both checkpoints again for every grid value; only
+    Safe LoRA's approximate projection needs the full D each time (docs/design.md §10).
     """
-    if subspace is not None:
-        return {"subspace": Path(subspace)}
-    impl = get_method(config.method)
-    weakest = build_method_config(config.method, config.grid[0], config.method_options)
-    if impl.needs_displacement(weakest) or not impl.needs_subspace(weakest):
-        return {"base": Path(base), "aligned": aligned_path}
+    from csulora.methods.base import SUBSPACE
+
+    if files.subspace is not None or files.base is None:
+        return files.subspace
+    if not any(SUBSPACE in plan.needs for plan in plans):
+        return None
     from csulora.api import build_subspace
     from csulora.io.adapters import read_adapter
 
     start = time.perf_counter()
     cache = scratch / "subspace.safetensors"
     targets = read_adapter(adapter_path).module_names()
-    build_subspace(base, aligned_path, cache, targets=targets, progress=False)
+    build_subspace(files.base, aligned_path, cache, targets=targets, progress=False)
     timing["subspace"] = round(time.perf_counter() - start, 3)
-    return {"subspace": cache}
+    return cache
+
+
+def _correction_sources(
+    plan: MethodPlan, files: SourceFiles, aligned_path: Path, subspace: Path | None, calibration: Path | None
+) -> dict[str, Any]:
+    """The ``correct_adapter`` keyword arguments for what this method reads.
+
+    A method that reads nothing besides the adapter (``scale``) still gets the subspace
+    or the pair when given: its report then carries the audit numbers.
+    """
+    from csulora.methods.base import CALIBRATION, DISPLACEMENT, SUBSPACE
+
+    sources: dict[str, Any] = {}
+    if DISPLACEMENT in plan.needs:
+        sources.update(base=files.base, aligned=aligned_path)
+    if SUBSPACE in plan.needs:
+        sources["subspace"] = subspace
+    if CALIBRATION in plan.needs:
+        sources["calibration"] = calibration
+    if not sources:
+        if files.subspace is not None:
+            sources["subspace"] = files.subspace
+        elif files.base is not None:
+            sources.update(base=files.base, aligned=aligned_path)
+    return sources
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    plan: MethodPlan
+    index: int  # position in the method's grid (weakest first)
+    value: float
+    folder: Path
+    identity: bool  # the adapter's own update: scored once, as the uncorrected adapter
+
+
+@dataclass
+class _Sweep:
+    aligned: SettingScores
+    adapter: SettingScores
+    sweeps: list[MethodSweep]
+    candidate_dirs: list[Path]  # flat, in the order of the sweeps' settings
+    same_as_adapter: list[bool]
+    answers: list[dict[str, Any]]
+
+
+def _write_candidates(
+    adapter_path: Path,
+    scratch: Path,
+    plans: Sequence[MethodPlan],
+    sources: Mapping[str, Mapping[str, Any]],
+    progress: bool,
+) -> list[_Candidate]:
+    """Every setting as a corrected adapter, before any model is loaded (bad inputs fail early)."""
+    from csulora.api import correct_adapter
+
+    jobs = [(plan, i, value) for plan in plans for i, value in enumerate(plan.config.grid)]
+    candidates = []
+    for plan, i, value in tqdm(jobs, desc="write settings", unit="setting", disable=None if progress else True):
+        method = plan.config.method
+        folder = scratch / f"{method}-{i:02d}"
+        correct_adapter(
+            adapter_path, folder, method, progress=False, **sources[method], **plan.config.setting_options(value)
+        )
+        candidates.append(_Candidate(plan, i, value, folder, plan.config.is_identity(value)))
+    return candidates
 
 
 def _run_sweep(
     adapter_path: Path,
     aligned_path: Path,
-    scratch: Path,
-    source: Mapping[str, Any],
-    config: TuneConfig,
+    plans: Sequence[MethodPlan],
+    candidates: Sequence[_Candidate],
     data: TuneData,
+    run: Mapping[str, Any],
     progress: bool,
     timing: dict[str, float],
 ) -> _Sweep:
     from peft import PeftModel
 
-    from csulora.api import correct_adapter
     from csulora.modeling import load_model
 
-    knob = config.knob
-    bar = tqdm(
-        total=2 + len(config.grid),
-        desc=f"tune {config.method}",
-        unit="setting",
-        disable=None if progress else True,
-    )
+    methods = ", ".join(plan.config.method for plan in plans)
+    bar = tqdm(total=2 + len(candidates), desc=f"tune {methods}", unit="setting", disable=None if progress else True)
     answers: list[dict[str, Any]] = []
 
-    def score(model, state: str, value: float | None) -> SettingScores:
+    def score(model, state: str, where: Mapping[str, Any], aligned_view) -> SettingScores:
         start = time.perf_counter()
+        batch = plans[0].config.batch_size
+        tokens, seed = plans[0].config.max_new_tokens, plans[0].config.seed
         outputs = score_model(
-            model,
-            tokenizer,
-            data,
-            batch_size=config.batch_size,
-            max_new_tokens=config.max_new_tokens,
-            seed=config.seed,
-            desc=state,
-        )
+            model, tokenizer, data, batch_size=batch, max_new_tokens=tokens, seed=seed, desc=state,
+            aligned_view=aligned_view,
+        )  # fmt: skip
         timing[state] = round(time.perf_counter() - start, 3)
         for set_name, prompts in data.prompt_sets():
             for prompt, response in zip(prompts, outputs.answers[set_name]):
-                answers.append({"state": state, knob: value, "set": set_name, "prompt": prompt, "response": response})
+                answers.append({"state": state, **where, "set": set_name, "prompt": prompt, "response": response})
         bar.set_postfix_str(f"{state}: ASR " + ", ".join(f"{v.value:.2f}" for v in outputs.scores.asr.values()))
         bar.update(1)
         return outputs.scores
 
+    settings: dict[str, list[ScoredSetting]] = {plan.config.method: [] for plan in plans}
+    scored: list[_Candidate] = []
     try:
         start = time.perf_counter()
-        model, tokenizer = load_model(aligned_path)
+        model, tokenizer = load_model(aligned_path, device=run["device"], dtype=run["dtype"])
         timing["load_aligned"] = round(time.perf_counter() - start, 3)
-        aligned_scores = score(model, "aligned", None)
+        aligned_scores = score(model, "aligned", {}, contextlib.nullcontext)
         model = PeftModel.from_pretrained(model, str(adapter_path), adapter_name=UNCORRECTED)
         model.eval()
-        adapter_scores = score(model, UNCORRECTED, None)
-        settings, dirs, same = [], [], []
-        for i, value in enumerate(config.grid):
-            candidate = scratch / f"setting-{i:02d}"
-            correct_adapter(
-                adapter_path, candidate, config.method, progress=False, **source, **config.setting_options(value)
-            )
-            dirs.append(candidate)
-            identity = config.is_identity(value)
-            same.append(identity)
-            if identity:
+        adapter_scores = score(model, UNCORRECTED, {}, model.disable_adapter)
+        done: set[str] = set()  # methods whose stop_at_first already found their setting
+        for n, candidate in enumerate(candidates):
+            config = candidate.plan.config
+            if config.method in done:
+                bar.update(1)
+                continue
+            if candidate.identity:
                 scores = adapter_scores  # the same update: no need to generate again
                 bar.update(1)
             else:
-                name = f"setting-{i:02d}"
-                model.load_adapter(str(candidate), adapter_name=name)
+                name = f"setting-{n:03d}"
+                model.load_adapter(str(candidate.folder), adapter_name=name)
                 model.set_adapter(name)
                 model.eval()
-                scores = score(model, f"{knob}={value:g}", value)
+                state = f"{config.method} {config.knob}={candidate.value:g}"
+                where = {"method": config.method, config.knob: candidate.value}
+                scores = score(model, state, where, model.disable_adapter)
                 model.set_adapter(UNCORRECTED)
                 model.delete_adapter(name)
-            settings.append(ScoredSetting(value, scores))
+            settings[config.method].append(ScoredSetting(candidate.value, scores))
+            scored.append(candidate)
             if config.stop_at_first and select_setting(
-                settings, aligned_scores, config, adapter=adapter_scores
+                settings[config.method], aligned_scores, config, adapter=adapter_scores
             ).qualified:
-                bar.update(len(config.grid) - 1 - i)  # the stronger settings are not needed for the choice
-                break
+                done.add(config.method)  # the stronger settings are not needed for the choice
     finally:
         bar.close()
-    return _Sweep(aligned_scores, adapter_scores, settings, dirs, same, answers)
+    sweeps = [MethodSweep(plan.config, tuple(settings[plan.config.method])) for plan in plans]
+    order = {plan.config.method: k for k, plan in enumerate(plans)}
+    scored.sort(key=lambda c: (order[c.plan.config.method], c.index))  # the sweeps' flat order
+    return _Sweep(
+        aligned_scores,
+        adapter_scores,
+        sweeps,
+        [c.folder for c in scored],
+        [c.identity for c in scored],
+        answers,
+    )
+
+
+def _select(config: TuneConfig, sweep: _Sweep, files: SourceFiles, skipped: Mapping[str, str]) -> Selection:
+    if config.is_all:
+        return select_across_methods(
+            sweep.sweeps, sweep.aligned, config, adapter=sweep.adapter,
+            calibration_source=files.calibration_source, skipped=skipped,
+        )  # fmt: skip
+    (only,) = sweep.sweeps
+    return select_setting(
+        only.settings, sweep.aligned, only.config, adapter=sweep.adapter, calibration_source=files.calibration_source
+    )
 
 
 # --------------------------------------------------------------------------- output
@@ -376,12 +661,37 @@ def _warnings(data: TuneData) -> list[str]:
 
 
 def _copy_adapter(candidate: Path, staging: Path) -> None:
-    """Copy the chosen candidate: PEFT files and its correction report (path-free, so it moves as is)."""
+    """Copy the chosen candidate: PEFT files and its correction report."""
     for item in candidate.iterdir():
         if item.is_dir():
             shutil.copytree(item, staging / item.name)
         else:
             shutil.copy2(item, staging / item.name)
+
+
+def _point_report_at_output(staging: Path, out: Path, moved: Mapping[Path, Path | None]) -> None:
+    """Rewrite the chosen report's source paths that pointed into tune's temporary folders.
+
+    The statistics calibrated into the staging folder end up in OUTDIR; a subspace built
+    in the scratch folder is not kept, and the report says it was built by tune.
+    """
+    from csulora.io.adapters import DEFAULT_REPORT_NAME
+    from csulora.reports import dump_json
+
+    report_file = staging / DEFAULT_REPORT_NAME
+    if not report_file.is_file():
+        return
+    report = json.loads(report_file.read_text())
+    sources = report.get("sources") or {}
+    changed = False
+    for key, value in sources.items():
+        for folder, final in moved.items():
+            if isinstance(value, str) and Path(value).resolve().is_relative_to(folder.resolve()):
+                rest = Path(value).resolve().relative_to(folder.resolve())
+                sources[key] = str(final.resolve() / rest) if final is not None else f"built by csulora tune ({rest})"
+                changed = True
+    if changed:
+        dump_json(report, report_file)
 
 
 def _write_generations(path: Path, answers: Sequence[Mapping[str, Any]]) -> None:
