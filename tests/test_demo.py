@@ -96,12 +96,12 @@ def test_recommendation_says_why_none_and_refuses_two():
         recommendation([{"name": "a", "recommended": True}, {"name": "b", "recommended": True}], sweeps)
 
 
-def test_default_resta_sweep_is_tunes_default():
+def test_recommending_sweep_is_tunes_resta_default():
     from csulora.demo import DEMO_SWEEPS
     from csulora.tuning.config import TuneConfig
 
     deciding = [s for s in DEMO_SWEEPS if s.recommends]
     assert len(deciding) == 1
-    default = TuneConfig()
-    assert (deciding[0].method, deciding[0].knob) == (default.method, default.knob)
-    assert deciding[0].weakest_first() == default.grid
+    resta = TuneConfig(method="resta")
+    assert (deciding[0].method, deciding[0].knob) == (resta.method, resta.knob)
+    assert deciding[0].weakest_first() == resta.grid

@@ -41,7 +41,9 @@ def method_tuning(method: str) -> Tuning:
     return tuning
 
 
-DEFAULT_METHOD = "resta"
+# The calibrated closest safe update (docs/design.md §5c): the repair that keeps the task
+# while restoring the refusals; it needs --calibration or --calibration-task.
+DEFAULT_METHOD = "calibrated"
 # `--method all`: every registered method over its own default grid (its other options
 # at their defaults), the best qualifying setting across methods recommended.
 ALL_METHODS = "all"
