@@ -84,6 +84,55 @@ def test_float32_displacement_does_not_write_into_the_memory_map(tiny_pair):
         assert torch.equal(a.get(f"{Q}.weight"), before)
 
 
+
+@pytest.mark.parametrize("which", ["b", "a"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_displacement_refuses_nan_or_inf_naming_the_input_at_fault(tmp_path, which, bad):
+    """read_displacement checks D once instead of each input: the error must still name the file."""
+    tensors = {"b": simple_tensors(0, torch.bfloat16), "a": simple_tensors(1, torch.bfloat16)}
+    tensors[which][f"{Q}.weight"][5, 2] = bad
+    folders = {w: write_checkpoint(tmp_path / w, t) for w, t in tensors.items()}
+    with CheckpointReader(folders["b"]) as b, CheckpointReader(folders["a"]) as a:
+        with pytest.raises(InputError) as err:
+            read_displacement(b, a, Q)
+    message = str(err.value)
+    assert str(folders[which] / "model.safetensors") in message and f"{Q}.weight" in message
+    assert ("NaN" if bad != bad else "Inf") in message
+
+
+def test_displacement_of_finite_inputs_that_overflows_is_refused(tmp_path):
+    base, aligned = simple_tensors(0), simple_tensors(1)
+    base[f"{Q}.weight"][0, 0], aligned[f"{Q}.weight"][0, 0] = -3e38, 3e38
+    b_dir, a_dir = write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "a", aligned)
+    with CheckpointReader(b_dir) as b, CheckpointReader(a_dir) as a:
+        with pytest.raises(InputError, match="overflows float32"):
+            read_displacement(b, a, Q)
+
+
+def test_displacement_with_a_huge_finite_sum_is_accepted(tmp_path):
+    """Entries whose sum overflows float32 are finite: the fast check must not refuse them."""
+    base, aligned = simple_tensors(0), simple_tensors(1)
+    aligned[f"{Q}.weight"][:4] = 2e38
+    b_dir, a_dir = write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "a", aligned)
+    with CheckpointReader(b_dir) as b, CheckpointReader(a_dir) as a:
+        D = read_displacement(b, a, Q)
+    assert torch.isfinite(D).all()
+    assert torch.equal(D, aligned[f"{Q}.weight"] - base[f"{Q}.weight"])
+
+
+def test_displacement_is_formed_by_blocks_equal_to_the_plain_difference(tmp_path, monkeypatch):
+    """Several row blocks (and a ragged last one) give exactly the float32 difference."""
+    import csulora.io.checkpoints as checkpoints
+
+    monkeypatch.setattr(checkpoints, "_DISPLACEMENT_BLOCK_ELEMENTS", 3 * 8)  # 3 rows of 8 per block
+    base, aligned = simple_tensors(0, torch.bfloat16), simple_tensors(1, torch.bfloat16)
+    b_dir, a_dir = write_checkpoint(tmp_path / "b", base), write_checkpoint(tmp_path / "a", aligned)
+    with CheckpointReader(b_dir) as b, CheckpointReader(a_dir) as a:
+        for module in (Q, "model.layers.0.mlp.up_proj", "model.layers.0.input_layernorm"):
+            D = read_displacement(b, a, module)
+            name = f"{module}.weight"
+            assert torch.equal(D, aligned[name].float() - base[name].float()), module
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_is_refused_naming_file_and_tensor(tmp_path, bad):
     tensors = simple_tensors()

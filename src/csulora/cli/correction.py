@@ -25,7 +25,7 @@ INPUT_HELP = (
     "its update is W_ft - W_aligned, so --aligned is required)"
 )
 # SubspaceConfig fields exposed on the command line (the randomized-SVD knobs included).
-SUBSPACE_FIELDS = ("rank", "energy", "max_rank", "seed", "oversample", "power_iterations", "algorithm")
+SUBSPACE_FIELDS = ("rank", "energy", "max_rank", "seed", "oversample", "power_iterations", "power_tolerance", "algorithm")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
