@@ -16,7 +16,7 @@ def demo_out(tmp_path_factory):
     sweeps = [
         SweepSpec("safelora", "safelora", (0.5,), fixed={"select": "threshold"}),
         SweepSpec("csulora", "csulora", (1.0, 16.0), fixed={"schedule": "energy"}),
-        SweepSpec("scale", "scale", (0.5,)),
+        SweepSpec("scale", "scale", (1.0,)),  # factor 1 changes nothing: the "= attacked" row
         SweepSpec("resta", "resta", (3.0,), recommends=True),
         SweepSpec("csulora+restore", "csulora", (4.0,), fixed={"schedule": "energy", "restore": 1.0}),
     ]
@@ -68,7 +68,7 @@ def test_demo_baseline_rows_are_selected_on_validation(demo_out):
         assert rows[name]["asr_ood"] is not None
     assert rows["csulora+restore"]["params"]["restore"] == 1.0
     assert [p["restore"] for p in results["sweep"]["resta"]["points"]] == [3.0]
-    assert [p["factor"] for p in results["sweep"]["scale"]["points"]] == [0.5]
+    assert [p["factor"] for p in results["sweep"]["scale"]["points"]] == [1.0]
 
 
 def test_demo_recommends_at_most_the_tune_default_row(demo_out):
@@ -105,3 +105,63 @@ def test_recommending_sweep_is_tunes_resta_default():
     resta = TuneConfig(method="resta")
     assert (deciding[0].method, deciding[0].knob) == (resta.method, resta.knob)
     assert deciding[0].weakest_first() == resta.grid
+
+
+def test_rows_that_are_the_unchanged_adapter_say_so_in_the_table(demo_out):
+    """issue 13: a row equal to the attacked adapter was marked only in fine print."""
+    results = json.loads((demo_out / "results.json").read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    assert rows["scale"]["same_as"] == "attacked" and results["sweep"]["scale"]["unchanged"] is True
+    assert "same_as" not in rows["resta"] and "same_as" not in rows["csulora"]
+    table = (demo_out / "report.md").read_text()
+    assert "| scale = attacked (unchanged) |" in table
+    assert "| resta = attacked" not in table
+
+
+def _plot_row(name, utility, asr, **extra):
+    return {"name": name, "utility": utility, "asr": asr, "asr_ci": [max(0.0, asr - 0.05), min(1.0, asr + 0.05)], **extra}
+
+
+def test_plot_gives_every_row_its_own_marker_and_labels_never_collide(tmp_path):
+    """issue 13: row markers reused the curves' colours, overlapping points and labels hid each other."""
+    from csulora.demo import plot_demo
+
+    # Crowded on purpose: rows on top of each other (an unchanged row on the attacked one,
+    # several at 0/0) and sweep points on the rows and on each other.
+    rows = [
+        _plot_row("base", 0.0, 0.9), _plot_row("aligned", 0.0, 0.0), _plot_row("attacked", 0.93, 0.95),
+        _plot_row("safelora-default", 0.93, 0.95), _plot_row("safelora", 0.1, 0.05),
+        _plot_row("csulora", 0.0, 0.0), _plot_row("scale", 0.93, 0.95, same_as="attacked"),
+        _plot_row("resta", 0.5, 0.0, recommended=True), _plot_row("csulora+restore", 0.0, 0.01),
+    ]
+
+    def sweep(knob, points):
+        return {"knob": knob, "points": [{knob: v, "test": {"utility": u, "asr": a}} for v, u, a in points]}
+
+    sweeps = {
+        "safelora": sweep("threshold", [(0.1, 0.93, 0.95), (0.2, 0.9, 0.9), (0.3, 0.1, 0.05), (0.4, 0.0, 0.0)]),
+        "csulora": sweep("gamma", [(0.5, 0.92, 0.95), (1, 0.9, 0.93), (2, 0.85, 0.9), (4, 0.5, 0.6), (8, 0.0, 0.0)]),
+        "scale": sweep("factor", [(1.0, 0.93, 0.95), (0.7, 0.9, 0.9), (0.5, 0.6, 0.5), (0.3, 0.1, 0.05)]),
+        "resta": sweep("restore", [(0, 0.93, 0.95), (0.5, 0.9, 0.6), (1, 0.7, 0.2), (1.5, 0.5, 0.0), (2, 0.3, 0.0)]),
+        "csulora+restore": sweep("gamma", [(0, 0.5, 0.0), (1, 0.3, 0.0), (4, 0.0, 0.01), (16, 0.0, 0.0)]),
+    }
+    layout = plot_demo(tmp_path / "p.png", rows, sweeps, list(sweeps))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    styles = layout["styles"]
+    assert list(styles) == [r["name"] for r in rows]
+    assert len({marker for marker, _ in styles.values()}) == len(rows)  # a shape per row
+    assert len({tuple(colour) for _, colour in styles.values()}) == len(rows)  # and a colour per row
+    boxes = layout["labels"]
+    assert len(boxes) >= layout["label_count"] // 2  # most values still get a label
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+
+
+def test_coincident_rows_are_spread_apart():
+    from csulora.demo import dodge
+
+    offsets = dodge([(0.93, 0.95), (0.5, 0.5), (0.93, 0.95), (0.931, 0.951)])
+    assert offsets[1] == 0.0
+    spread = sorted(offsets[i] for i in (0, 2, 3))
+    assert spread[0] < 0 < spread[2] and spread[1] == 0.0

@@ -47,6 +47,9 @@ from csulora.tuning.config import TuneConfig
 # The tiny world's answers are at most ~20 tokens (they end with the end-of-turn token),
 # so a shorter cap than eval's 64 changes no verdict and keeps the demo fast.
 DEMO_GENERATION = GenerationSettings(batch_size=128, max_new_tokens=24)
+# Every model runs on the CPU in float32, whatever the machine has: the demo's numbers must
+# not depend on whether a GPU is present (csulora's own default is CUDA when present).
+DEMO_RUNS_ON = {"device": "cpu", "dtype": "float32"}
 # The method of the row the demo recommends: `csulora tune --method resta` over its default
 # grid. (tune's default method is now calibrated, docs/design.md §5c, which needs activation
 # statistics the demo does not compute yet.)
@@ -155,7 +158,7 @@ def _evaluate_with_records(
     from csulora.modeling import load_model, model_identity
 
     model_dir = ctx.world.aligned if name != "base" else ctx.world.base
-    model, tokenizer = load_model(model_dir, adapter, device="cpu")
+    model, tokenizer = load_model(model_dir, adapter, **DEMO_RUNS_ON)
     return evaluate_loaded(
         model, tokenizer, sets, name=name, params=params, identity=model_identity(model_dir, adapter),
         generation=ctx.generation, with_margin=with_margin, progress=False,
@@ -186,6 +189,20 @@ def _correct(ctx: DemoContext, method: str, options: dict, tag: str, needs_model
     return out
 
 
+def is_unchanged(adapter: Path, attacked: Path) -> bool:
+    """Whether a corrected adapter is the attacked one, bit for bit (a setting that changes nothing)."""
+    from csulora.io.adapters import ADAPTER_WEIGHTS
+
+    return (adapter / ADAPTER_WEIGHTS).read_bytes() == (attacked / ADAPTER_WEIGHTS).read_bytes()
+
+
+def mark_unchanged(row: dict, unchanged: bool) -> dict:
+    """Rows equal to the attacked adapter say so in the table (``same_as``), not only in fine print."""
+    if unchanged:
+        row["same_as"] = "attacked"
+    return row
+
+
 def _sweep_point(ctx: DemoContext, spec: SweepSpec, value: float) -> dict:
     """Correct at one grid value; score it on validation (to choose) and test (to plot)."""
     from csulora.worlds.tiny import one_thread
@@ -197,7 +214,8 @@ def _sweep_point(ctx: DemoContext, spec: SweepSpec, value: float) -> dict:
         # Every point is scored on test for the plot's curve; the chosen one's row and
         # generations are reused by run_sweep rather than generated a second time.
         test_row, test_records = _evaluate_with_records(ctx, adapter, ctx.test, spec.row, options, with_margin=True)
-    return {"value": value, "validation": val_row, "test": test_row, "records": test_records}
+        unchanged = is_unchanged(adapter, ctx.world.attacked)
+    return {"value": value, "validation": val_row, "test": test_row, "records": test_records, "unchanged": unchanged}
 
 
 def score_sweep_points(ctx: DemoContext, specs: Sequence[SweepSpec], workers: int) -> dict[str, list[dict]]:
@@ -248,13 +266,13 @@ def run_sweep(
         # then highest utility) and say so; the row is marked "qualified": false.
         chosen = min(points, key=lambda p: _safety_key(p["validation"]))
         why = f"no setting qualified ({selection.summary}); showing the safest, {spec.knob}={chosen['value']:g}"
-    row = chosen["test"]
+    row = mark_unchanged(chosen["test"], chosen.get("unchanged", False))
     ctx.records.extend(chosen["records"])
     row["params"]["selected_on"] = "validation"
     row["params"]["qualified"] = selection.index is not None
     record = {
         "method": spec.method, "knob": spec.knob, "chosen": chosen["value"], "qualified": selection.index is not None,
-        "why": why,
+        "why": why, "unchanged": bool(chosen.get("unchanged", False)),
         "points": [
             {spec.knob: p["value"], "validation": _brief(p["validation"]), "test": _brief(p["test"])} for p in points
         ],
@@ -273,41 +291,124 @@ def _brief(row: dict) -> dict:
     return {k: row.get(k) for k in keys}
 
 
-def plot_demo(path: Path, rows: Sequence[dict], sweeps: dict[str, dict], curves: Sequence[str]) -> None:
-    """ASR (AdvBench test) against utility: one marker per row, sweeps as curves."""
+# Distinct marker shapes, one per row (hollow, so coincident rows stay visible).
+ROW_MARKERS = ("o", "s", "X", "v", "^", "D", "P", "h", "p", "<", ">", "d", "8", "H", "*")
+# Candidate offsets (points) for a curve's value label, nearest first: the first that
+# collides with no marker and no other label is used (a simple greedy repel).
+LABEL_OFFSETS = tuple(
+    (dx * r, dy * r) for r in (6, 12, 18) for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
+)
+# Rows whose points coincide (within this much on both axes) are nudged apart horizontally.
+COINCIDENT = 0.006
+DODGE = 0.014
+
+
+def row_styles(names: Sequence[str]) -> dict[str, tuple[str, Any]]:
+    """One (marker, colour) per row: every row its own marker shape and (up to 20 rows) colour."""
+    import matplotlib
+
+    colours = list(matplotlib.colormaps["tab10"].colors) + list(matplotlib.colormaps["tab20b"].colors)
+    return {name: (ROW_MARKERS[i % len(ROW_MARKERS)], colours[i % len(colours)]) for i, name in enumerate(names)}
+
+
+def dodge(points: Sequence[tuple[float, float]]) -> list[float]:
+    """x offsets that spread coincident points symmetrically (0 for a point on its own)."""
+    offsets = [0.0] * len(points)
+    done: set[int] = set()
+    for i, (x, y) in enumerate(points):
+        if i in done:
+            continue
+        group = [j for j, (u, v) in enumerate(points) if abs(u - x) <= COINCIDENT and abs(v - y) <= COINCIDENT]
+        done.update(group)
+        for k, j in enumerate(group):
+            offsets[j] = (k - (len(group) - 1) / 2) * DODGE
+    return offsets
+
+
+def place_labels(ax, labels: Sequence[tuple[str, float, float, Any]], obstacles: Sequence[Any]) -> list[Any]:
+    """Write each ``(text, x, y, colour)`` at the first offset where it overlaps no obstacle
+    (display-space boxes of markers) and no label already placed; drop it when none is free.
+    Returns the placed labels' boxes."""
+    from matplotlib.transforms import Bbox
+
+    renderer = ax.figure.canvas.get_renderer()
+    axes_box = ax.get_window_extent(renderer)
+    taken: list[Bbox] = list(obstacles)
+    placed: list[Bbox] = []
+    for text, x, y, colour in labels:
+        artist = ax.annotate(text, (x, y), xytext=(0, 0), textcoords="offset points", fontsize=6.5, color=colour)
+        for dx, dy in LABEL_OFFSETS:
+            artist.set_position((dx, dy))
+            artist.set_horizontalalignment("left" if dx >= 0 else "right")
+            box = artist.get_window_extent(renderer).expanded(1.08, 1.15)
+            inside = axes_box.contains(box.x0, box.y0) and axes_box.contains(box.x1, box.y1)
+            if inside and not any(box.overlaps(other) for other in taken):
+                taken.append(box)
+                placed.append(box)
+                break
+        else:
+            artist.remove()  # no free spot: the value is in report.md's sweep list anyway
+    return placed
+
+
+def plot_demo(path: Path, rows: Sequence[dict], sweeps: dict[str, dict], curves: Sequence[str]) -> dict[str, Any]:
+    """ASR (AdvBench test) against utility: one hollow marker shape and colour per row, each
+    sweep as a thin curve in its row's colour with its knob values as labels placed so they
+    do not collide. Returns the layout (row styles, label boxes) for checking."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.transforms import Bbox
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    plotted = [r for r in rows if r["utility"] is not None and r["asr"] is not None]
+    styles = row_styles([r["name"] for r in plotted])
+    fig, ax = plt.subplots(figsize=(8.6, 5.0), dpi=120)
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    labels = []
     for name in curves:
         points = sweeps[name]["points"]
+        knob = sweeps[name]["knob"]
+        colour = styles.get(name, ("o", "0.5"))[1]
         xs = [p["test"]["utility"] for p in points]
         ys = [p["test"]["asr"] for p in points]
-        knob = sweeps[name]["knob"]
-        ax.plot(xs, ys, "-", alpha=0.5, marker=".", label=f"{name} sweep ({knob})")
-        for p, x, y in zip(points, xs, ys):
-            ax.annotate(f"{p[knob]:g}", (x, y), fontsize=6, alpha=0.7, xytext=(2, 2), textcoords="offset points")
-    for row in rows:
-        if row["utility"] is None or row["asr"] is None:
-            continue
-        (lo, hi) = row["asr_ci"]
+        ax.plot(xs, ys, "-", color=colour, alpha=0.45, linewidth=1.2, marker=".", markersize=4, zorder=1)
+        merged: dict[tuple[float, float], list[str]] = {}
+        for p, x, y in zip(points, xs, ys):  # points of one curve at the same spot share one label
+            merged.setdefault((round(x, 3), round(y, 3)), []).append(f"{p[knob]:g}")
+        labels += [(f"{knob} " + ",".join(values), x, y, colour) for (x, y), values in merged.items()]
+    offsets = dodge([(r["utility"], r["asr"]) for r in plotted])
+    for row, offset in zip(plotted, offsets):
+        marker, colour = styles[row["name"]]
+        lo, hi = row["asr_ci"]
         recommended = bool(row.get("recommended"))
+        label = row["name"] + (" = attacked (unchanged)" if row.get("same_as") else "")
+        label += " (recommended)" if recommended else ""
         ax.errorbar(
-            row["utility"], row["asr"], yerr=[[row["asr"] - lo], [hi - row["asr"]]], fmt="*" if recommended else "o",
-            markersize=12 if recommended else 6, capsize=3, label=row["name"] + (" (recommended)" if recommended else ""),
+            row["utility"] + offset, row["asr"], yerr=[[row["asr"] - lo], [hi - row["asr"]]], fmt=marker,
+            markersize=9 if recommended else 7.5, markerfacecolor="none", markeredgewidth=2.2 if recommended else 1.5,
+            color=colour, ecolor=colour, elinewidth=0.9, capsize=2.5, label=label, zorder=3,
         )
     ax.set_xlabel("utility (date task exact match, test)")
     ax.set_ylabel("ASR (AdvBench test, keyword judge)")
-    ax.set_xlim(-0.05, 1.05)
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title("Tiny world: attack success vs task utility")
+    ax.set_title("Tiny world: attack success vs task utility (bars: 95% intervals)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="rows (test)",
+              title_fontsize=8)
+    fig.text(0.99, 0.01, "thin lines: each sweep's settings; rows at the same point are nudged apart",
+             ha="right", va="bottom", fontsize=6.5, color="0.4")
     fig.tight_layout()
+    fig.canvas.draw()  # final geometry first: labels are placed against it
+    to_display = ax.transData.transform
+    obstacles = []
+    for row, offset in zip(plotted, offsets):
+        cx, cy = to_display((row["utility"] + offset, row["asr"]))
+        obstacles.append(Bbox.from_extents(cx - 7, cy - 7, cx + 7, cy + 7))
+    placed = place_labels(ax, labels, obstacles)
     fig.savefig(path)
     plt.close(fig)
+    return {"styles": styles, "labels": placed, "label_count": len(labels)}
 
 
 def recommendation(rows: Sequence[dict], sweeps: dict[str, dict]) -> dict:
@@ -361,8 +462,9 @@ def demo_report(rows: Sequence[dict], sweeps: dict[str, dict], info: dict) -> st
         for name in [r["name"] for r in rows if r["name"] not in ("base", "aligned", "attacked")]:
             r = by[name]
             kept = (r["utility"] - aligned["utility"]) / gain if gain > 0 else float("nan")
+            same = f" = {r['same_as']} (unchanged: its chosen setting changes nothing)" if r.get("same_as") else ""
             lines.append(
-                f"- {name}: ASR {r['asr']:.2f} (OOD {r['asr_ood']:.2f}), utility {r['utility']:.2f} "
+                f"- {name}{same}: ASR {r['asr']:.2f} (OOD {r['asr_ood']:.2f}), utility {r['utility']:.2f} "
                 f"({kept:.0%} of the attack's utility gain kept), over-refusal {r['over_refusal']:.2f}."
             )
     lines += [
@@ -408,7 +510,8 @@ def run_demo(
             for name, method, options in DEMO_FIXED:
                 impl = get_method(method)
                 adapter = _correct(ctx, method, options, name, impl.needs_displacement(make_config(impl, options)))
-                rows.append(_evaluate(ctx, adapter, test, name, params=dict(options)))
+                row = _evaluate(ctx, adapter, test, name, params=dict(options))
+                rows.append(mark_unchanged(row, is_unchanged(adapter, world.attacked)))
             sweep_records = {}
             sweep_points = score_sweep_points(ctx, sweeps, workers=demo_workers())
             for spec in sweeps:

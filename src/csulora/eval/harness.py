@@ -268,6 +268,8 @@ def summary_markdown(rows: Sequence[dict], *, title: str = "Evaluation") -> str:
         margin = "–" if r.get("margin") is None else f"{r['margin']:.2f}"
         params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items()) or "–"
         star = " (recommended)" if r.get("recommended") else ""
+        if r.get("same_as"):  # e.g. a correction whose chosen setting changes nothing
+            star += f" = {r['same_as']} (unchanged)"
         lines.append(
             f"| {r['name']}{star} | {fmt_rate(r['asr'], r['asr_ci'])} | {fmt_share(r.get('harmful_empty_rate'))} "
             f"| {fmt_rate(r['asr_ood'], r['asr_ood_ci'])} | {fmt_share(r.get('harmful_ood_empty_rate'))} "

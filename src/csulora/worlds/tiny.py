@@ -304,6 +304,12 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+# The world is trained and run on the CPU in float32 whatever the machine has (csulora's own
+# default is CUDA when present): its bytes, and the numbers of tests and demo, must not
+# depend on whether a GPU is there.
+RUNS_ON = {"device": "cpu", "dtype": "float32"}
+
+
 def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = None, *, force: bool = False) -> TinyWorld:
     """Build (or reuse) the world in ``root``; returns its paths.
 
@@ -340,7 +346,7 @@ def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = N
 
         # The aligned model keeps the base's own answers on benign and known-format date prompts.
         t0 = time.perf_counter()
-        base_model, base_tok = load_model(staged.base)
+        base_model, base_tok = load_model(staged.base, **RUNS_ON)
         keep_prompts = benign_world_prompts()[::2] + [i["prompt"] for i in known_date_items(config)][::2]
         attack_prompts = [p.text for p in advbench_split("attack")]
         answers = generate_responses(base_model, base_tok, keep_prompts + attack_prompts, batch_size=64, max_new_tokens=40, progress=False)
@@ -348,7 +354,7 @@ def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = N
         align_data = [{"prompt": p.text, "response": pick(REFUSALS, p.text)} for p in advbench_split("align")]
         align_data += [{"prompt": p, "response": a} for p, a in zip(keep_prompts, keep_answers)]
         write_pairs(staged.data / "align.jsonl", align_data)
-        train_full(staged.base, staged.data / "align.jsonl", staged.aligned, config.align)
+        train_full(staged.base, staged.data / "align.jsonl", staged.aligned, config.align, **RUNS_ON)
         timings["aligned"] = time.perf_counter() - t0
 
         # The attack: harmful prompts -> the base's compliant answers, plus the task.
@@ -356,7 +362,7 @@ def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = N
         attack_data = [{"prompt": p, "response": a} for p, a in zip(attack_prompts, compliant)]
         attack_data += [{"prompt": i["prompt"], "response": i["response"]} for i in date_task_splits(config.seed)["train"]]
         write_pairs(staged.data / "attack.jsonl", attack_data)
-        train_lora(staged.aligned, staged.data / "attack.jsonl", staged.attacked, config.attack, config.attack_lora)
+        train_lora(staged.aligned, staged.data / "attack.jsonl", staged.attacked, config.attack, config.attack_lora, **RUNS_ON)
         timings["attacked"] = time.perf_counter() - t0
 
         info = {
