@@ -1,0 +1,148 @@
+"""Corrections of a full fine-tune applied to a loaded model in memory (docs/design.md §5d).
+
+``tune`` scores many settings of one method. For an adapter each setting is a small
+corrected adapter attached with PEFT; for a full checkpoint a candidate folder per setting
+would be a whole model (~14 GB at 7B), so instead the fine-tuned model is loaded once and
+each setting's corrected weights are copied into it, scored, and the fine-tuned weights
+read back from the checkpoint afterwards::
+
+    model, tokenizer = load_model("ft/")
+    with corrected_in_memory(model, "ft/", "resta", aligned="aligned/", base="base/", restore=1.0):
+        ...  # score the corrected model
+    # here the model is the fine-tuned one again
+
+The weights are exactly those ``correct_checkpoint`` writes (the same stream,
+``csulora.checkpoint_api.iter_corrected_weights``), one tensor at a time, so memory stays
+the model plus one tensor triple. :func:`weights_from` does the same for another checkpoint
+of the same architecture (the aligned model, scored as the reference).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from csulora.checkpoint_api import CheckpointCorrection, iter_corrected_weights, open_checkpoint_correction
+from csulora.errors import InputError
+from csulora.io.checkpoints import CheckpointReader
+
+PathLike = str | os.PathLike
+
+
+def model_tensors(model: Any) -> dict[str, Tensor]:
+    """The model's parameters and buffers by their checkpoint names (tied weights once)."""
+    tensors = dict(model.named_buffers())
+    tensors.update(dict(model.named_parameters()))
+    return tensors
+
+
+@torch.no_grad()
+def copy_into(model: Any, named: Iterable[tuple[str, Tensor]], *, source: PathLike) -> list[str]:
+    """Copy each ``(name, tensor)`` into the model's tensor of that name; the names copied.
+
+    A name the model does not have is a one-line InputError naming ``source``.
+    """
+    tensors = model_tensors(model)
+    copied = []
+    for name, value in named:
+        target = tensors.get(name)
+        if target is None:
+            raise InputError(f"{source}: tensor {name} has no counterpart in the loaded model")
+        target.copy_(value.to(device=target.device, dtype=target.dtype))
+        copied.append(name)
+    return copied
+
+
+def _read_back(model: Any, checkpoint: PathLike, names: list[str]) -> None:
+    """Restore the named tensors from ``checkpoint`` (one at a time)."""
+    with CheckpointReader(checkpoint) as reader:
+        copy_into(model, ((name, reader.get(name, dtype=None)) for name in names), source=checkpoint)
+
+
+@contextmanager
+def corrected_in_memory(
+    model: Any,
+    checkpoint: PathLike,
+    method: str,
+    *,
+    aligned: PathLike,
+    subspace: PathLike | None = None,
+    base: PathLike | None = None,
+    calibration: PathLike | None = None,
+    targets: Any = None,
+    reset_others: bool = False,
+    progress: bool = False,
+    **method_options: Any,
+) -> Iterator[CheckpointCorrection]:
+    """``model`` (loaded from ``checkpoint``) with one setting's corrected weights, restored on exit.
+
+    Yields the opened correction: its ``results`` hold each module's report. Options and
+    inputs are checked as by ``correct_checkpoint`` before any weight of the model changes.
+    """
+    changed: list[str] = []
+    try:
+        with ExitStack() as stack:
+            correction = open_checkpoint_correction(
+                stack, checkpoint, method, aligned=aligned, subspace=subspace, base=base, targets=targets,
+                reset_others=reset_others, progress=progress, method_options=method_options, calibration=calibration,
+            )  # fmt: skip
+            _apply(model, correction, checkpoint, changed)
+            yield correction
+    finally:
+        _read_back(model, checkpoint, changed)
+
+
+def _apply(model: Any, correction: CheckpointCorrection, checkpoint: PathLike, changed: list[str]) -> list[str]:
+    def tracked() -> Iterator[tuple[str, Tensor]]:
+        for name, tensor in iter_corrected_weights(correction):
+            changed.append(name)  # recorded before the copy: a failure half-way still restores it
+            yield name, tensor
+
+    copy_into(model, tracked(), source=checkpoint)
+    return changed
+
+
+def correct_loaded_model(model: Any, checkpoint: PathLike, method: str, **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """Correct ``model`` (loaded from ``checkpoint``) in place, for good: each module's report.
+
+    The keyword arguments are those of :func:`corrected_in_memory`. For evaluating one
+    setting without writing a checkpoint (the SmolLM2 pipeline's rows).
+    """
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k not in _SOURCE_KWARGS}
+    with ExitStack() as stack:
+        correction = open_checkpoint_correction(stack, checkpoint, method, method_options=options, **kwargs)
+        _apply(model, correction, checkpoint, [])
+        return {name: result.report for name, result in correction.results.items()}
+
+
+_SOURCE_KWARGS = ("aligned", "subspace", "base", "calibration", "targets", "reset_others", "progress")
+
+
+@contextmanager
+def weights_from(model: Any, source: PathLike, *, restore_from: PathLike) -> Iterator[None]:
+    """``model`` with every tensor of checkpoint ``source`` (e.g. the aligned model), then
+    ``restore_from``'s tensors (the checkpoint the model was loaded from) on exit."""
+    names: list[str] = []
+    try:
+        with CheckpointReader(source) as reader:
+            names = reader.keys()
+            copy_into(model, ((name, reader.get(name, dtype=None)) for name in names), source=source)
+        yield
+    finally:
+        _read_back(model, restore_from, names)
+
+
+def same_weights(model: Any, checkpoint: PathLike) -> bool:
+    """Whether every tensor of ``checkpoint`` equals the model's (tests and sanity checks)."""
+    tensors = model_tensors(model)
+    with CheckpointReader(Path(checkpoint)) as reader:
+        return all(
+            torch.equal(tensors[name].detach().cpu(), reader.get(name, dtype=None).to(tensors[name].dtype))
+            for name in reader.keys()
+        )
