@@ -18,6 +18,11 @@ earlier stage first, and stops there; [module] is where each stage lives):
   select          choose each row's setting from validation                      [sweeps]
   test            every row on the test sets (never used for choices)            [reported]
   salora          SaLoRA adapter trained on the attack data, then tested         [reported]
+  full_attacked   full fine-tune of aligned on the attack data (issue 14)        [full]
+  full_inputs     subspace, audit and calibration statistics for it              [full]
+  full_sweeps     every method's dense correction on validation                  [full]
+  full_select     each full row's setting, from validation                       [full]
+  full_test       the full rows on the test sets                                 [full]
   outputs         smol.json, the table in docs/results.md, the Pareto PNG        [outputs]
 
 Modules: ``pipeline`` (stage runner, cache markers, worker pool), ``world``, ``evaluation``
@@ -38,7 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The stage modules, imported in pipeline order: each registers its stages on import.
-from benchmarks.smol import world, corrections, sweeps, reported, outputs  # noqa: E402,F401,I001
+from benchmarks.smol import world, corrections, sweeps, reported, full, outputs  # noqa: E402,F401,I001
 from benchmarks.smol.pipeline import STAGES, Context, Stage, run_pipeline, set_threads, stage_done  # noqa: E402
 
 __all__ = ["STAGES", "Context", "Stage", "run_pipeline", "set_threads", "stage_done"]

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from benchmarks.smol.evaluation import Variant
-from benchmarks.smol.pipeline import Context, stage
+from benchmarks.smol.pipeline import LORA_ROWS, Context, stage
 
 
 SUBSPACE_FILE = ("subspace", "subspace.safetensors")
@@ -19,7 +19,8 @@ def subspace_config(ctx: Context):
     return SubspaceConfig(energy=ctx.recipe.subspace_energy, max_rank=ctx.recipe.subspace_max_rank)
 
 
-@stage("subspace", "safety subspace of D = aligned - base, and the audit of the attacked adapter", needs=("attacked",))
+@stage("subspace", "safety subspace of D = aligned - base, and the audit of the attacked adapter", needs=("attacked",),
+       for_rows=LORA_ROWS)
 def stage_subspace(ctx: Context) -> dict:
     from csulora.api import audit_adapter, build_subspace
     from csulora.io.adapters import read_adapter

@@ -68,12 +68,14 @@ class Variant:
 
     ``dense_restore``: add ``beta * (W_aligned - W_base)`` to every weight after merging the
     adapter (full-rank RESTA, i.e. task arithmetic on the whole checkpoint).
+    ``correction``: a full fine-tune's correction applied in memory (benchmarks/smol/full.py).
     """
 
     key: str
     model: str = "aligned"  # "base" or "aligned" (a folder under the cache)
     adapter: str | None = None  # a folder under the cache
     dense_restore: float | None = None
+    correction: str | None = None  # key of a registered full fine-tune correction
 
 
 def load_variant(ctx: Context, v: Variant):
@@ -83,6 +85,10 @@ def load_variant(ctx: Context, v: Variant):
     model, tok = load_model(ctx.path(v.model), adapter, **RUNS_ON)
     if v.dense_restore:
         add_dense_displacement(ctx, model, v.dense_restore)
+    if v.correction:
+        from benchmarks.smol.full import apply_full_correction
+
+        apply_full_correction(ctx, model, v)
     return model, tok
 
 
@@ -200,6 +206,10 @@ def variant_from_key(ctx: Context, key: str) -> Variant:
         return Variant(key, "aligned", f"adapters/{adapter}", dense_restore=float(value))
     if key.startswith("salora"):
         return Variant(key, "aligned", f"adapters/{key}")
+    if key.startswith("full-attacked"):
+        from benchmarks.smol.full import full_variant_from_key
+
+        return full_variant_from_key(ctx, key)
     return Variant(key, "aligned", f"adapters/{key}")
 
 

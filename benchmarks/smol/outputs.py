@@ -66,6 +66,20 @@ def layer_audit(ctx: Context, name: str) -> dict:
     }
 
 
+def full_attack_record(ctx: Context) -> dict | None:
+    """Issue 14: how the full fine-tune was chosen (steps tried on validation) and its audit summary."""
+    chosen = ctx.path("full", "chosen.json")
+    if not chosen.exists():
+        return None
+    record = json.loads(chosen.read_text())
+    audit = ctx.path("full", "audit.json")
+    if audit.exists():
+        report = json.loads(audit.read_text())
+        record["audit_summary"] = report["summary"]
+        record["untargeted"] = report.get("untargeted")
+    return record
+
+
 def machine_info() -> dict:
     return {
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
@@ -94,7 +108,8 @@ def table_markdown(rows: list[dict], not_run: dict[str, str]) -> str:
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         params = ", ".join(f"{k}={format_value(v)}" for k, v in r["params"].items()
-                           if k in ("method", "restore", "gamma", "factor", "threshold", "num_layers", "select", "schedule", "lr"))
+                           if k in ("method", "restore", "gamma", "factor", "threshold", "num_layers", "select", "schedule",
+                                    "lr", "strength", "steps"))
         name = f"**{r['name']}** (recommended)" if r.get("recommended") else r["name"]
         margin = f"{r['margin']:.2f}" if isinstance(r.get("margin"), (int, float)) else "–"
         lines.append(f"| {name} | {fmt_rate(r['asr'], r['asr_ci'])} | {fmt_rate(r['asr_ood'], r['asr_ood_ci'])} | "
@@ -116,6 +131,9 @@ def write_pareto(ctx: Context, rows: list[dict], path: Path) -> None:
               "safelora": ("tab:orange", "s"), "scale": ("tab:gray", "^"),
               "resta": ("tab:green", "D"), "resta-full": ("tab:olive", "v"), "csulora+restore": ("tab:purple", "P"),
               "safelora-number": ("tab:brown", "x")}
+    for method, color in (("scale", "tab:gray"), ("resta", "tab:green"), ("csulora", "tab:blue"),
+                          ("safelora", "tab:orange"), ("calibrated", "tab:red")):  # fmt: skip
+        styles[f"full-attacked+{method}"] = (color, "h")  # issue 14: the full fine-tune's corrections
     for row, (color, marker) in styles.items():
         path_json = ctx.path("sweeps", f"{row}.json")
         if not path_json.exists():
@@ -128,12 +146,13 @@ def write_pareto(ctx: Context, rows: list[dict], path: Path) -> None:
         for x, y, value in pts:
             ax_val.annotate(f"{value:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points", color=color)
     refs = {}
-    for name in ("aligned", "attacked"):
-        if gens_path(ctx, reference_variants()[name], "advbench-val").exists():
-            refs[name] = setting_scores(ctx, reference_variants()[name], VAL_SETS)
+    for name in ("aligned", "attacked", "full-attacked"):
+        variant = reference_variants().get(name) or (variant_from_key(ctx, name) if ctx.path("full", "chosen.json").exists() else None)
+        if variant is not None and gens_path(ctx, variant, "advbench-val").exists():
+            refs[name] = setting_scores(ctx, variant, VAL_SETS)
     for name, sc in refs.items():
         ax_val.scatter([sc.utility.value], [max(a.value for a in sc.asr.values())], s=90, marker="*",
-                       color="black" if name == "aligned" else "red", zorder=5, label=name)
+                       color={"aligned": "black", "attacked": "red"}.get(name, "darkred"), zorder=5, label=name)
     for ax in (ax_val, ax_test):
         ax.set_xlim(-0.03, 1.03)
         ax.set_ylim(-0.03, 1.03)
@@ -237,6 +256,12 @@ def short_setting(params: dict) -> str:
         return f"β={format_value(p['restore'])}"
     if method == "salora":
         return "published recipe"
+    if method == "calibrated":
+        return f"λ={format_value(p['strength'])}"
+    if method == "full fine-tune":
+        return f"{p['steps']} steps, lr {format_value(p['lr'])}"
+    if method == "reset-others":
+        return "untargeted tensors from aligned"
     return "–"
 
 
@@ -275,6 +300,7 @@ def stage_outputs(ctx: Context) -> dict:
         "splits": json.loads(ctx.path("splits", "manifest.json").read_text()),
         "world_stats": {n: read_marker(ctx, n) for n in ("base_answers",) if stage_done(ctx, n)},
         "audit": {name: layer_audit(ctx, name) for name in ("attacked", "benign") if ctx.wants(name)},
+        "full_attack": full_attack_record(ctx),
         "row_set": list(ctx.rows),
         "sweep": sweeps_out,
         "timings_s": timings,

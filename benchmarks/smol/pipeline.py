@@ -43,11 +43,17 @@ RUNS_ON = {"device": "cpu", "dtype": "float32"}
 ROW_ORDER = (
     "base", "aligned", "attacked", "safelora", "safelora-default", "csulora", "scale", "resta",
     "csulora+restore", "resta-full", "salora", "benign", "benign+recommended",
+    # issue 14: the attack as a full fine-tune, and each method's dense correction (benchmarks/smol/full.py)
+    "full-attacked", "full-attacked+scale", "full-attacked+resta", "full-attacked+csulora",
+    "full-attacked+safelora", "full-attacked+calibrated", "full-attacked+reset-others",
 )
+# The rows that need the LoRA attack (the adapter, its subspace stage and sweeps).
+LORA_ROWS = tuple(row for row in ROW_ORDER if row not in ("base", "aligned") and not row.startswith("full-"))
 # --rows: the whole table, or the rows issue 5 asks for (its time budget is for these).
 ROW_SETS = {
     "all": ROW_ORDER,
     "issue5": ("base", "aligned", "attacked", "safelora", "safelora-default", "csulora"),
+    "full": tuple(row for row in ROW_ORDER if row == "aligned" or row.startswith("full-")),
 }
 
 

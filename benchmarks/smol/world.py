@@ -9,7 +9,7 @@ import dataclasses
 from csulora.io.jsonl import read_jsonl_records, write_jsonl
 from csulora.worlds.smol import RECIPE
 
-from benchmarks.smol.pipeline import RUNS_ON, Context, worker_ctx, run_jobs, sha256_texts, stage, write_json
+from benchmarks.smol.pipeline import LORA_ROWS, RUNS_ON, Context, worker_ctx, run_jobs, sha256_texts, stage, write_json
 
 
 @stage("base", "dequantise the SmolLM2-135M-Instruct GGUF to float32 safetensors")
@@ -146,7 +146,8 @@ def train_adapter(ctx: Context, data_file: str, name: str, steps: int) -> dict:
     return {"config": dataclasses.asdict(config), "lora": dataclasses.asdict(lora)}
 
 
-@stage("attacked", "LoRA of aligned on harmful->compliant answers + the utility task", needs=("aligned",))
+@stage("attacked", "LoRA of aligned on harmful->compliant answers + the utility task", needs=("aligned",),
+       for_rows=LORA_ROWS)
 def stage_attacked(ctx: Context) -> dict:
     return train_adapter(ctx, "attack.jsonl", "attacked", ctx.recipe.attack_steps)
 

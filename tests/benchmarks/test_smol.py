@@ -127,7 +127,8 @@ def test_mode_choice_prefers_qualified_then_utility_then_lower_asr():
 def test_importing_the_package_registers_every_stage_in_pipeline_order():
     assert [s.name for s in pipeline.STAGES] == [
         "base", "splits", "base_answers", "aligned", "attacked", "benign_adapter", "subspace",
-        "sweeps", "select", "test", "salora", "outputs",
+        "sweeps", "select", "test", "salora",
+        "full_attacked", "full_inputs", "full_sweeps", "full_select", "full_test", "outputs",
     ]
     by_name = {s.name: s for s in pipeline.STAGES}
     order = [s.name for s in pipeline.STAGES]
