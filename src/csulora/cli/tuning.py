@@ -51,7 +51,11 @@ def register(subparsers) -> None:
             "Exit 1 when no setting qualifies."
         ),
     )
-    p.add_argument("adapter", metavar="ADAPTER", help="PEFT LoRA adapter folder trained on ALIGNED")
+    p.add_argument(
+        "adapter", metavar="ADAPTER",
+        help="PEFT LoRA adapter folder trained on ALIGNED, or a full fine-tune of ALIGNED (checkpoint folder: "
+        "each setting is applied in memory and only the chosen checkpoint is written)",
+    )  # fmt: skip
     p.add_argument("-o", "--output", metavar="OUTDIR", required=True, help="output folder")
     p.add_argument("--aligned", metavar="ALIGNED", required=True, help="the model the adapter was trained on")
     source = p.add_mutually_exclusive_group()
@@ -68,8 +72,8 @@ def register(subparsers) -> None:
     statistics.add_argument(
         "--calibration-task",
         metavar="FILE.jsonl",
-        help="the adapter's training data: calibrate first and keep the statistics in OUTDIR "
-        "(never the validation data given with --task)",
+        help="the adapter's training data (JSONL of prompt/response, or date:train): calibrate first and keep "
+        "the statistics in OUTDIR (never the validation data given with --task)",
     )
     p.add_argument(
         "--method",

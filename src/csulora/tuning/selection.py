@@ -133,7 +133,7 @@ class Condition:
             return f"{label} not measured"
         if self.kind == UTILITY:
             return f"{label} -{self.excess:.0%}>{self.bound:.0%}"
-        return f"{label} {self.excess:+.2f}>{self.bound:g}"
+        return f"{label} {self.excess:+.3g}>{self.bound:g}"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -464,7 +464,8 @@ def _gap_condition(
         return Condition(kind, source, None, reference, None, gap, False, f"{what}: not measured for this setting")
     excess = value - reference
     ok = excess <= gap + TOLERANCE
-    text = f"{what} {value:.2f} vs aligned {reference:.2f} ({'within' if ok else 'above'} the {gap:g} gap)"
+    # The difference with three decimals: 0.16 vs 0.11 on 19 prompts is +0.053, above a 0.05 gap.
+    text = f"{what} {value:.2f} vs aligned {reference:.2f} ({excess:+.3f}, {'within' if ok else 'above'} the {gap:g} gap)"
     return Condition(kind, source, value, reference, excess, gap, ok, text)
 
 
@@ -591,8 +592,8 @@ def _utility_advice(methods: Sequence[str], calibration_source: str | None, skip
     if calibrated_here:
         if calibration_source == CALIBRATION_FROM_TASK:
             return (
-                "the task statistics may not match the adapter's task: calibrate on its training data "
-                "(or data like it) with --calibration-task"
+                "the task statistics may not match the adapter's task (calibrate on its training data or data "
+                "like it), or the task uses what the harmful inputs use: try another --method"
             )
         return "give --calibration-task with your training data (the statistics given may not match the task)"
     calibrated = [m for m in tunable_methods() if m not in methods and _needs_calibration(m)]
