@@ -234,14 +234,19 @@ def test_eval_folder_has_usual_modes(tiny_world, tmp_path, umask):
     assert_usual_modes(out, umask)
 
 
-def test_train_lora_runs_where_asked(tiny_world, tmp_path):
+def test_train_lora_runs_where_asked_without_library_warnings(tiny_world, tmp_path):
+    import warnings
+
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "What is tea?", "response": "A drink."}) + "\n")
     out = tmp_path / "adapter"
-    assert main(["train", str(tiny_world.aligned), "--data", str(data), "--method", "lora", "-o", str(out),
-                 "--steps", "1", "--batch-size", "1", "--rank", "2", "--targets", "q_proj",
-                 "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", str(tiny_world.aligned), "--data", str(data), "--method", "lora", "-o", str(out),
+                     "--steps", "1", "--batch-size", "1", "--rank", "2", "--targets", "q_proj",
+                     "--device", "cpu", "--dtype", "bfloat16"]) == 0
     assert (out / "adapter_model.safetensors").exists()
+    assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
 
 
 def test_train_bad_device_is_one_line_before_any_work(tiny_world, tmp_path, capsys):

@@ -194,7 +194,7 @@ def train_lora(
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from csulora.modeling import load_model, resolve_device, resolve_dtype
+    from csulora.modeling import load_model, quiet_loading, resolve_device, resolve_dtype
 
     resolve_device(device)  # a bad --device or --dtype fails before any work
     resolve_dtype(dtype)
@@ -212,7 +212,8 @@ def train_lora(
         task_type="CAUSAL_LM",
     )
     try:
-        model = get_peft_model(model, peft_config)
+        with quiet_loading():  # transformers' deprecation notes about its own internals
+            model = get_peft_model(model, peft_config)
     except ValueError as exc:
         raise OptionError(f"LoRA targets {', '.join(lora.targets)}: {str(exc).splitlines()[0]}") from None
     model.train()
