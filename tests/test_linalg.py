@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -140,3 +141,47 @@ def test_outer_gram_blocks_may_be_written_back_in_place():
         for index, block in linalg.outer_gram_blocks(D, X):
             X[index] = block
         torch.testing.assert_close(X, want)
+
+
+def test_small_math_runs_on_one_thread_and_restores_the_count_even_on_error():
+    from csulora.linalg import small_math
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with small_math():
+            assert torch.get_num_threads() == 1
+            with small_math():  # nested: still one thread, and the outer block restores
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), small_math():
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_products_with_the_whole_of_d_use_the_threads_configured_outside_small_math(monkeypatch):
+    import csulora.linalg as linalg
+
+    seen = []
+    original_mm = torch.Tensor.__matmul__
+
+    def recording(self, other):
+        seen.append(torch.get_num_threads())
+        return original_mm(self, other)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        D = torch.randn(6, 5)
+        monkeypatch.setattr(torch.Tensor, "__matmul__", recording)
+        with linalg.small_math():
+            linalg.dense_matmul(D, torch.randn(5, 2, dtype=torch.float64))
+            linalg.dense_t_matmul(D, torch.randn(6, 2, dtype=torch.float64))
+            assert torch.get_num_threads() == 1
+        monkeypatch.undo()
+        assert seen == [2, 2]
+    finally:
+        torch.set_num_threads(before)

@@ -38,6 +38,7 @@ from csulora.linalg import (
     outer_gram_blocks,
     project_columns,
     project_rows,
+    small_math,
 )
 from csulora.types import DenseModuleInput, ModuleInput, as_float64
 
@@ -234,6 +235,7 @@ def round_cosine(value: float) -> float:
     return float(np.round(value, COSINE_DECIMALS))
 
 
+@small_math()  # LoRA-sized products on one thread; those with D use all (csulora.linalg)
 def audit_module(module: ModuleInput, *, safelora_projection: str = "approx") -> dict[str, Any]:
     """Statistics of one module's update; changes nothing.
 

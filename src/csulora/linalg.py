@@ -12,18 +12,72 @@ taken in D's own precision: float32 for a float32 D (as streamed by the API; flo
 products would cost a full-size copy and ~8x the time at 7B shapes, for accuracy far
 below what a bf16/fp16/fp32 adapter can hold), float64 for a float64 D (tests), and
 float32, one block of rows at a time, for a bf16/fp16 D. Results are float64.
+
+Threads: LoRA-sized work (m x r factors, r x r Grams, one cache-sized block of D at a time)
+runs inside :func:`small_math`, on one torch thread; the products with the whole of D use
+the threads configured outside it. Each small op split across threads gains nothing, and
+on a busy machine every one of them waits for a descheduled thread while the other spins:
+Safe LoRA on a 3-layer 7B-shaped pair took 63 s of CPU on two threads against 8 s on one
+with the same code (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 # Rows of a half-precision D converted to float32 at a time: bounded extra memory.
 _ROW_BLOCK = 2048
+
+# The torch thread count outside the outermost small_math() block (None: not inside one).
+_threads_outside: int | None = None
+
+
+@contextmanager
+def small_math() -> Iterator[None]:
+    """Run the block on one torch thread, then restore the count (nested blocks are no-ops).
+
+    For LoRA-sized work; the whole-D products below still use the threads configured
+    outside. The thread count is process-wide: do not run torch work in other Python
+    threads meanwhile.
+    """
+    global _threads_outside
+    if _threads_outside is not None:
+        yield
+        return
+    _threads_outside = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(_threads_outside)
+        _threads_outside = None
+
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def _all_threads(function: _F) -> _F:
+    """Run a product with the whole of D on the threads configured outside small_math()."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        outside = _threads_outside
+        if outside is None or outside == 1:
+            return function(*args, **kwargs)
+        torch.set_num_threads(outside)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(1)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def frobenius_inner(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor) -> Tensor:
@@ -55,6 +109,7 @@ def compute_dtype(D: Tensor) -> torch.dtype:
     return D.dtype if D.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+@_all_threads
 def dense_matmul(D: Tensor, X: Tensor) -> Tensor:
     """``D @ X`` (X: n x p) in D's compute precision, returned as float64."""
     dtype = compute_dtype(D)
@@ -67,6 +122,7 @@ def dense_matmul(D: Tensor, X: Tensor) -> Tensor:
     return out
 
 
+@_all_threads
 def dense_t_matmul(D: Tensor, Y: Tensor) -> Tensor:
     """``D^T @ Y`` (Y: m x p) in D's compute precision, returned as float64."""
     dtype = compute_dtype(D)
@@ -80,6 +136,7 @@ def dense_t_matmul(D: Tensor, Y: Tensor) -> Tensor:
     return out
 
 
+@_all_threads
 def dense_frobenius_norm(D: Tensor) -> float:
     """``||D||_F``: per-block norms in D's compute precision, combined in float64."""
     dtype = compute_dtype(D)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from csulora.errors import InputError
+from csulora.linalg import small_math
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
@@ -329,13 +330,14 @@ def read_displacement(base: CheckpointReader, aligned: CheckpointReader, module:
     step = max(1, _DISPLACEMENT_BLOCK_ELEMENTS // max(1, D_rows.shape[1]))
     scratch = torch.empty(min(step, D_rows.shape[0]), D_rows.shape[1], dtype=torch.float32)
     total = 0.0
-    for start in range(0, D_rows.shape[0], step):
-        block = D_rows[start : start + step]
-        converted = scratch[: block.shape[0]]
-        block.copy_(aligned_rows[start : start + step])  # the stored tensors are never written
-        converted.copy_(base_rows[start : start + step])
-        block.sub_(converted)
-        total += float(block.sum())
+    with small_math():  # thousands of cache-sized ops: one thread (csulora.linalg)
+        for start in range(0, D_rows.shape[0], step):
+            block = D_rows[start : start + step]
+            converted = scratch[: block.shape[0]]
+            block.copy_(aligned_rows[start : start + step])  # the stored tensors are never written
+            converted.copy_(base_rows[start : start + step])
+            block.sub_(converted)
+            total += float(block.sum())
     if not math.isfinite(total):
         _refuse_non_finite(displacement, (base, w_base), (aligned, w_aligned), name=name)
     return displacement

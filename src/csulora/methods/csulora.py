@@ -34,7 +34,7 @@ from torch import Tensor
 
 from csulora.audit import DenseGeometry, ModuleGeometry
 from csulora.errors import InputError, OptionError
-from csulora.linalg import add_low_rank_, best_rank_approx
+from csulora.linalg import add_low_rank_, best_rank_approx, small_math
 from csulora.methods.base import (
     CorrectionMethod,
     MethodConfig,
@@ -150,6 +150,7 @@ class Csulora(CorrectionMethod[CsuloraConfig]):
     def is_identity(self, config: CsuloraConfig) -> bool:
         return config.gamma == 0.0 and config.restore == 0.0
 
+    @small_math()  # LoRA-sized products: one thread (csulora.linalg)
     def correct_module(self, module: ModuleInput, config: CsuloraConfig) -> ModuleResult:
         if module.subspace is None:
             raise InputError(f"{module.name}: CSULoRA needs the module's safety subspace")

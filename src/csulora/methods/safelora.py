@@ -44,6 +44,7 @@ from torch import Tensor
 
 from csulora.audit import SAFELORA_PROJECTIONS, DenseGeometry, DenseSafeLora, ModuleGeometry
 from csulora.errors import InputError, OptionError
+from csulora.linalg import small_math
 from csulora.methods.base import (
     DISPLACEMENT,
     SUBSPACE,
@@ -221,6 +222,7 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
         return DenseModuleResult(name=module.name, update=update, report=finish_dense_report(report, update))
 
     # --- helpers -------------------------------------------------------------------------
+    @small_math()  # LoRA-sized products on one thread; the two with D use all (csulora.linalg)
     def _measure(self, module: ModuleInput, config: SafeLoraConfig) -> _Measured:
         if config.projection == "approx" and module.displacement is None:
             raise OptionError(APPROX_NEEDS_D)
@@ -238,6 +240,7 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
             report=report,
         )
 
+    @small_math()
     def _finish(self, item: _Measured, threshold: float | None) -> ModuleResult:
         projected = _selected(item.cos, threshold)
         update = item.update
