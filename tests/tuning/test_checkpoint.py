@@ -3,6 +3,8 @@ weights correct_checkpoint writes, and the fine-tuned weights back afterwards.""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -47,3 +49,42 @@ def test_bad_options_change_nothing(full_world):
         with corrected_in_memory(model, full_world.ft, "safelora", aligned=full_world.aligned):
             pass
     assert all(torch.equal(before[n], t) for n, t in model_tensors(model).items())
+
+
+def test_tune_on_a_full_fine_tune_writes_only_the_chosen_checkpoint(tiny_world, tune_data, tmp_path):
+    """The tiny world's aligned model fully fine-tuned on the attack data, tuned with RESTA."""
+    from csulora.tuning.config import TuneConfig
+    from csulora.tuning.runner import tune_adapter
+
+    ft = tiny_full_finetune(tiny_world, tmp_path)
+    out = tmp_path / "tuned"
+    config = TuneConfig(method="resta", grid=(0.0, 1.0, 3.0), max_new_tokens=8, max_asr_gap=1.0, max_utility_drop=1.0)
+    result = tune_adapter(
+        ft, out, aligned=tiny_world.aligned, base=tiny_world.base, config=config,
+        harmful=[str(tune_data["advbench"]), str(tune_data["airt"])], task=str(tune_data["task"]),
+        benign=str(tune_data["benign"]), progress=False,
+    )  # fmt: skip
+    assert result.qualified and result.chosen_params == {"restore": 0.0}  # the weakest qualifies (loose bounds)
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tune.json", "tune.png"}
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no candidate folders left
+    settings = json.loads((out / "tune.json").read_text())["settings"]
+    assert [s["value"] for s in settings] == [0.0, 1.0, 3.0] and settings[0]["same_as_adapter"] is True
+    record = json.loads((out / "tune.json").read_text())
+    margins = [record["aligned"]["margin"], record["adapter"]["margin"], settings[1]["scores"]["margin"], settings[2]["scores"]["margin"]]
+    assert len(set(margins)) == 4  # four different model states: aligned, fine-tuned, two corrections
+    assert record["adapter"]["benign_fluency"] is not None  # measured with the aligned weights swapped in
+    from csulora.modeling import load_model
+
+    load_model(out)  # stock transformers loads the chosen checkpoint
+
+
+def tiny_full_finetune(world, tmp_path):
+    from csulora.training.trainer import TrainConfig, train_full
+
+    if "ft" not in _FULL:
+        config = TrainConfig(steps=4, batch_size=16, lr=2e-3, max_length=56, progress=False)
+        _FULL["ft"] = train_full(world.aligned, world.data / "attack.jsonl", tmp_path / "full-ft", config)
+    return _FULL["ft"]
+
+
+_FULL: dict = {}

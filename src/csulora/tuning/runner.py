@@ -15,6 +15,13 @@ Order of work, cheapest checks first so a bad input costs nothing:
    how likely it finds each setting's benign answers (the fluency condition);
 5. :mod:`csulora.tuning.selection` decides; OUTDIR is written in one atomic rename: the
    chosen adapter (if any), tune.json, tune.png, the raw answers and the statistics.
+
+A fully fine-tuned checkpoint instead of an adapter (docs/design.md §5d) takes the same
+path with two differences, both in how a model state is reached
+(:class:`csulora.tuning.checkpoint.CheckpointStates`): no setting is written beforehand (a
+7B candidate folder would be ~14 GB); the fine-tuned model is loaded once, each setting's
+corrected weights are copied into it and the fine-tuned ones read back afterwards, and
+the aligned reference is its weights swapped in. Only the chosen checkpoint is written.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from tqdm.auto import tqdm
 
 from csulora.errors import InputError, OptionError
 from csulora.io.atomic import atomic_output_dir, check_output_dir
+from csulora.io.input_kind import is_checkpoint
 from csulora.methods.registry import get_method
 from csulora.tuning.config import TuneConfig, build_method_config
 from csulora.tuning.report import plot_sweep, tune_record, write_tune_json
@@ -165,7 +173,8 @@ def tune_adapter(
 
     config = config or TuneConfig()
     adapter_path, aligned_path, files = _check_paths(adapter_dir, aligned, subspace, base, calibration, calibration_task)
-    plans, skipped = plan_methods(config, files)
+    dense = is_checkpoint(adapter_path)  # a full fine-tune: its settings are applied in memory
+    plans, skipped = plan_methods(config, files, dense=dense)
     loaded = load_tune_data(harmful, task, benign)
     if config.is_all and not loaded.data.task:
         raise OptionError("--method all ranks the methods by utility: give --task with validation data")
@@ -183,8 +192,15 @@ def tune_adapter(
             plan.config.method: _correction_sources(plan, files, aligned_path, subspace_file, calibration_file)
             for plan in plans
         }
-        candidates = _write_candidates(adapter_path, scratch_dir, plans, sources, progress)
-        sweep = _run_sweep(adapter_path, aligned_path, plans, candidates, loaded.data, run, progress, timing)
+        if dense:
+            from csulora.tuning.checkpoint import CheckpointStates
+
+            candidates = _setting_candidates(plans)
+            states: Any = CheckpointStates(adapter_path, aligned_path, sources)
+        else:
+            candidates = _write_candidates(adapter_path, scratch_dir, plans, sources, progress)
+            states = _AdapterStates(adapter_path, aligned_path)
+        sweep = _run_sweep(states, plans, candidates, loaded.data, run, progress, timing)
         selection = _select(config, sweep, files, skipped)
         inputs = {
             "adapter": str(adapter_path.resolve()),
@@ -205,15 +221,15 @@ def tune_adapter(
             datasets=loaded.description,
             timing=timing,
         )
-        for row, same in zip(record["settings"], sweep.same_as_adapter, strict=True):
-            row["same_as_adapter"] = same
+        for row, candidate in zip(record["settings"], sweep.candidates, strict=True):
+            row["same_as_adapter"] = candidate.identity
         record["not_scored"] = [  # stop_at_first skipped these
             {"method": s.config.method, "value": v} for s in sweep.sweeps for v in s.config.grid[len(s.settings) :]
         ]
         record["skipped_methods"] = dict(skipped)
         record["warnings"] = _warnings(loaded.data)
         if selection.index is not None:
-            _copy_adapter(sweep.candidate_dirs[selection.index], staging)
+            states.write_chosen(sweep.candidates[selection.index], staging, scratch_dir)
             _point_report_at_output(staging, out, {staging: out, scratch_dir: None})
         write_tune_json(staging / TUNE_JSON, record)
         plot_sweep(
@@ -246,7 +262,11 @@ def _check_paths(
         raise OptionError("give --subspace FILE or --base BASE, not both")
     if calibration is not None and calibration_task is not None:
         raise OptionError("give --calibration FILE or --calibration-task FILE, not both")
-    adapter_path = check_adapter_dir(adapter_dir)
+    if is_checkpoint(adapter_dir):  # a full fine-tune (docs/design.md §5d)
+        find_safetensors_files(adapter_dir)
+        adapter_path = Path(adapter_dir)
+    else:
+        adapter_path = check_adapter_dir(adapter_dir)
     find_safetensors_files(aligned)
     if subspace is not None and not Path(subspace).is_file():
         raise InputError(f"{subspace}: no such subspace file")
@@ -266,12 +286,16 @@ def _check_paths(
     return adapter_path, Path(aligned), files
 
 
-def plan_methods(config: TuneConfig, files: SourceFiles) -> tuple[list[MethodPlan], dict[str, str]]:
+def plan_methods(
+    config: TuneConfig, files: SourceFiles, *, dense: bool = False
+) -> tuple[list[MethodPlan], dict[str, str]]:
     """Each method to sweep with the inputs it needs; (plans, skipped: method -> why).
 
     One method: a missing input is an OptionError. ``all``: a method whose inputs are
     missing is skipped with a note, unless that leaves nothing. Statistics given to a
-    run where no method reads them are refused rather than silently ignored.
+    run where no method reads them are refused rather than silently ignored. ``dense``:
+    a full checkpoint, whose methods need their dense form (and RESTA the exact D when
+    ``--base`` is given, docs/design.md §5d).
     """
     plans: list[MethodPlan] = []
     skipped: dict[str, str] = {}
@@ -280,6 +304,8 @@ def plan_methods(config: TuneConfig, files: SourceFiles) -> tuple[list[MethodPla
         impl = get_method(method_config.method)
         weakest = build_method_config(method_config.method, method_config.grid[0], method_config.method_options)
         try:
+            if dense:
+                impl.check_dense_options(weakest)
             impl.check_sources(
                 weakest,
                 has_displacement=files.base is not None,
@@ -291,7 +317,8 @@ def plan_methods(config: TuneConfig, files: SourceFiles) -> tuple[list[MethodPla
                 raise
             skipped[method_config.method] = str(exc)
             continue
-        plans.append(MethodPlan(method_config, impl.needs(weakest)))
+        needs = impl.dense_inputs(weakest, has_displacement=files.base is not None) if dense else impl.needs(weakest)
+        plans.append(MethodPlan(method_config, needs))
     if not plans:
         why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
         raise OptionError(f"--method all: no method has the inputs it needs ({why})")
@@ -423,7 +450,6 @@ def _calibration_statistics(
     if files.calibration_task is None:
         return files.calibration
     from csulora.calibration import calibrate
-    from csulora.io.adapters import read_adapter
 
     start = time.perf_counter()
     out_file = staging / CALIBRATION_FILE
@@ -431,7 +457,7 @@ def _calibration_statistics(
         aligned_path,
         out_file,
         task=files.calibration_task,
-        targets=read_adapter(adapter_path).module_names(),
+        targets=_input_modules(adapter_path),
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
         device=run["device"],
@@ -472,14 +498,21 @@ def _subspace_for(
     if not any(SUBSPACE in plan.needs for plan in plans):
         return None
     from csulora.api import build_subspace
-    from csulora.io.adapters import read_adapter
 
     start = time.perf_counter()
     cache = scratch / "subspace.safetensors"
-    targets = read_adapter(adapter_path).module_names()
-    build_subspace(files.base, aligned_path, cache, targets=targets, progress=False)
+    build_subspace(files.base, aligned_path, cache, targets=_input_modules(adapter_path), progress=False)
     timing["subspace"] = round(time.perf_counter() - start, 3)
     return cache
+
+
+def _input_modules(adapter_path: Path) -> list[str] | None:
+    """The modules an input updates: an adapter's; None (every decoder linear layer) for a checkpoint."""
+    if is_checkpoint(adapter_path):
+        return None
+    from csulora.io.adapters import read_adapter
+
+    return read_adapter(adapter_path).module_names()
 
 
 def _correction_sources(
@@ -515,8 +548,12 @@ class _Candidate:
     plan: MethodPlan
     index: int  # position in the method's grid (weakest first)
     value: float
-    folder: Path
+    folder: Path | None  # the corrected adapter written for it (None: a checkpoint's, applied in memory)
     identity: bool  # the adapter's own update: scored once, as the uncorrected adapter
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.plan.config.setting_options(self.value)
 
 
 @dataclass
@@ -524,9 +561,62 @@ class _Sweep:
     aligned: SettingScores
     adapter: SettingScores
     sweeps: list[MethodSweep]
-    candidate_dirs: list[Path]  # flat, in the order of the sweeps' settings
-    same_as_adapter: list[bool]
+    candidates: list[_Candidate]  # flat, in the order of the sweeps' settings
     answers: list[dict[str, Any]]
+
+
+def _setting_candidates(plans: Sequence[MethodPlan]) -> list[_Candidate]:
+    """Every setting, nothing written (a full checkpoint's settings are applied in memory)."""
+    return [
+        _Candidate(plan, i, value, None, plan.config.is_identity(value))
+        for plan in plans
+        for i, value in enumerate(plan.config.grid)
+    ]
+
+
+class _AdapterStates:
+    """The model states of an adapter's sweep: the aligned model loaded once, the adapter and
+    each setting attached with PEFT under their own names (``disable_adapter`` shows aligned)."""
+
+    def __init__(self, adapter_path: Path, aligned_path: Path) -> None:
+        self.adapter_path, self.aligned_path = adapter_path, aligned_path
+        self.model: Any = None
+        self._settings = 0
+
+    def load(self, run: Mapping[str, Any]) -> tuple[Any, Any]:
+        from csulora.modeling import load_model
+
+        self.model, tokenizer = load_model(self.aligned_path, device=run["device"], dtype=run["dtype"])
+        return self.model, tokenizer
+
+    @contextlib.contextmanager
+    def aligned(self):
+        yield contextlib.nullcontext
+
+    @contextlib.contextmanager
+    def uncorrected(self):
+        from peft import PeftModel
+
+        self.model = PeftModel.from_pretrained(self.model, str(self.adapter_path), adapter_name=UNCORRECTED)
+        self.model.eval()
+        yield self.model.disable_adapter  # stays attached: the settings sit beside it
+
+    @contextlib.contextmanager
+    def setting(self, candidate: _Candidate):
+        name = f"setting-{self._settings:03d}"
+        self._settings += 1
+        self.model.load_adapter(str(candidate.folder), adapter_name=name)
+        self.model.set_adapter(name)
+        self.model.eval()
+        try:
+            yield self.model.disable_adapter
+        finally:
+            self.model.set_adapter(UNCORRECTED)
+            self.model.delete_adapter(name)
+
+    def write_chosen(self, candidate: _Candidate, staging: Path, scratch: Path) -> None:
+        assert candidate.folder is not None
+        _copy_adapter(candidate.folder, staging)
 
 
 def _write_candidates(
@@ -552,8 +642,7 @@ def _write_candidates(
 
 
 def _run_sweep(
-    adapter_path: Path,
-    aligned_path: Path,
+    states: Any,
     plans: Sequence[MethodPlan],
     candidates: Sequence[_Candidate],
     data: TuneData,
@@ -561,10 +650,8 @@ def _run_sweep(
     progress: bool,
     timing: dict[str, float],
 ) -> _Sweep:
-    from peft import PeftModel
-
-    from csulora.modeling import load_model
-
+    """Score the aligned model, the uncorrected input and each setting, reached through ``states``
+    (:class:`_AdapterStates`, or ``csulora.tuning.checkpoint.CheckpointStates`` for a checkpoint)."""
     methods = ", ".join(plan.config.method for plan in plans)
     bar = tqdm(total=2 + len(candidates), desc=f"tune {methods}", unit="setting", disable=None if progress else True)
     answers: list[dict[str, Any]] = []
@@ -589,14 +676,14 @@ def _run_sweep(
     scored: list[_Candidate] = []
     try:
         start = time.perf_counter()
-        model, tokenizer = load_model(aligned_path, device=run["device"], dtype=run["dtype"])
+        _, tokenizer = states.load(run)
         timing["load_aligned"] = round(time.perf_counter() - start, 3)
-        aligned_scores = score(model, "aligned", {}, contextlib.nullcontext)
-        model = PeftModel.from_pretrained(model, str(adapter_path), adapter_name=UNCORRECTED)
-        model.eval()
-        adapter_scores = score(model, UNCORRECTED, {}, model.disable_adapter)
+        with states.aligned() as aligned_view:
+            aligned_scores = score(states.model, "aligned", {}, aligned_view)
+        with states.uncorrected() as aligned_view:
+            adapter_scores = score(states.model, UNCORRECTED, {}, aligned_view)
         done: set[str] = set()  # methods whose stop_at_first already found their setting
-        for n, candidate in enumerate(candidates):
+        for candidate in candidates:
             config = candidate.plan.config
             if config.method in done:
                 bar.update(1)
@@ -605,15 +692,10 @@ def _run_sweep(
                 scores = adapter_scores  # the same update: no need to generate again
                 bar.update(1)
             else:
-                name = f"setting-{n:03d}"
-                model.load_adapter(str(candidate.folder), adapter_name=name)
-                model.set_adapter(name)
-                model.eval()
                 state = f"{config.method} {config.knob}={candidate.value:g}"
                 where = {"method": config.method, config.knob: candidate.value}
-                scores = score(model, state, where, model.disable_adapter)
-                model.set_adapter(UNCORRECTED)
-                model.delete_adapter(name)
+                with states.setting(candidate) as aligned_view:
+                    scores = score(states.model, state, where, aligned_view)
             settings[config.method].append(ScoredSetting(candidate.value, scores))
             scored.append(candidate)
             if config.stop_at_first and select_setting(
@@ -625,14 +707,7 @@ def _run_sweep(
     sweeps = [MethodSweep(plan.config, tuple(settings[plan.config.method])) for plan in plans]
     order = {plan.config.method: k for k, plan in enumerate(plans)}
     scored.sort(key=lambda c: (order[c.plan.config.method], c.index))  # the sweeps' flat order
-    return _Sweep(
-        aligned_scores,
-        adapter_scores,
-        sweeps,
-        [c.folder for c in scored],
-        [c.identity for c in scored],
-        answers,
-    )
+    return _Sweep(aligned_scores, adapter_scores, sweeps, scored, answers)
 
 
 def _select(config: TuneConfig, sweep: _Sweep, files: SourceFiles, skipped: Mapping[str, str]) -> Selection:
