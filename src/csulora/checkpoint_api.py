@@ -66,6 +66,7 @@ from csulora.io.checkpoint_writer import (
 from csulora.io.checkpoints import (
     CONFIG_JSON,
     CheckpointReader,
+    check_finite,
     check_same_architecture,
     decoder_linear_modules,
     read_displacement,
@@ -73,7 +74,7 @@ from csulora.io.checkpoints import (
 )
 from csulora.io.fingerprint import model_fingerprint
 from csulora.io.subspace_cache import SubspaceCache, check_fingerprint, load_subspace_cache, round_trip
-from csulora.linalg import dense_is_finite, rows_per_block
+from csulora.linalg import finite_by_blocks, rows_per_block
 from csulora.methods.base import DISPLACEMENT, SUBSPACE, CorrectionMethod, MethodConfig
 from csulora.methods.registry import get_method, make_config
 from csulora.reports import AuditReport, CorrectionReport, mean_of, weighted_rho
@@ -309,13 +310,17 @@ class CheckpointCorrection:
         return self._output_weight(name, result.update, dtype)
 
     def _output_weight(self, name: str, X: Tensor, dtype: torch.dtype) -> Tensor:
-        """``W_aligned + X`` added in X's own buffer by blocks of rows, then cast; NaN/Inf refused."""
-        aligned = self.sources.aligned.get(name, dtype=None)  # a view of the memory map
+        """``W_aligned + X`` added in X's own buffer by blocks of rows, then cast; NaN/Inf refused.
+
+        W_aligned is not checked on its own (a whole-tensor check costs a float32 copy of it):
+        a NaN/Inf in it reaches the result, which is checked block by block.
+        """
+        aligned = self.sources.aligned.get(name, dtype=None, finite_check=False)  # a view of the memory map
         step = rows_per_block(X.shape[1])
         for start in range(0, X.shape[0], step):
             X[start : start + step] += aligned[start : start + step].to(X.dtype)
         out = X if X.dtype == dtype else X.to(dtype)
-        if not dense_is_finite(out):
+        if not finite_by_blocks(out):
             raise InputError(
                 f"{self.sources.finetuned.files[name]}: corrected tensor {name} is not finite in {dtype} "
                 "(NaN/Inf after the correction); nothing written"
@@ -324,10 +329,17 @@ class CheckpointCorrection:
 
     # --- untargeted tensors ------------------------------------------------------------------------
     def untargeted(self, name: str) -> dict[str, Any]:
-        """How a tensor outside the targets moved: ``||W_ft - W_aligned|| / ||W_aligned||``."""
-        ft = self.sources.finetuned.get(name, dtype=None)  # NaN/Inf refused on read
-        al = self.sources.aligned.get(name, dtype=None)
+        """How a tensor outside the targets moved: ``||W_ft - W_aligned|| / ||W_aligned||``.
+
+        Both are memory-map views, compared by blocks; a NaN/Inf in either makes the sums
+        non-finite, and only then are they checked whole (naming the file and tensor).
+        """
+        ft = self.sources.finetuned.get(name, dtype=None, finite_check=False)
+        al = self.sources.aligned.get(name, dtype=None, finite_check=False)
         rel, changed = relative_change(ft, al)
+        if rel is not None and not math.isfinite(rel) or (rel is None and ft.is_floating_point() and changed):
+            for reader, tensor in ((self.sources.finetuned, ft), (self.sources.aligned, al)):
+                check_finite(tensor, reader.files[name], name)
         return {"tensor": name, "shape": list(ft.shape), "rel_change": rel, "changed": changed}
 
 

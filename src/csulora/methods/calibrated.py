@@ -60,8 +60,9 @@ from csulora.types import (
 # Solves kept per run: a decoder layer has at most four groups (q/k/v, o, gate/up, down),
 # so any module order within a layer reuses its group's factorisation.
 _SOLVES_IN_MEMORY = 4
-# Elements of a dense update solved at a time (float64 temporaries of a few MB).
-_DENSE_BLOCK_ELEMENTS = 1 << 20
+# Elements of a dense update solved at a time (float64 temporaries of about 1 MB: small
+# blocks keep the allocator from holding freed temporaries, see csulora.linalg).
+_DENSE_BLOCK_ELEMENTS = 1 << 17
 
 
 @dataclass(frozen=True)
