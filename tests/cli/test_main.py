@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -22,3 +23,21 @@ def test_module_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "csulora", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     assert "COMMAND" in proc.stdout
+
+
+def test_correction_commands_start_torch_with_passive_omp_waits_and_huge_pages():
+    """Set before torch loads (docs/benchmarks.md): a fresh interpreter shows what the runtime saw."""
+    probe = (
+        "import os, sys; from csulora.cli import _prefer_passive_waits; _prefer_passive_waits(sys.argv[1:]); "
+        "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}
+    runs = {
+        args: subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env).stdout.split()
+        for args in (("correct", "x"), ("subspace",), ("eval",))
+    }
+    assert runs[("correct", "x")] == ["PASSIVE", "1"] and runs[("subspace",)] == ["PASSIVE", "1"]
+    assert runs[("eval",)] == ["None", "1"]  # generation keeps OpenMP's default
+    user = subprocess.run([sys.executable, "-c", probe, "correct"], capture_output=True, text=True,
+                          env={**env, "OMP_WAIT_POLICY": "ACTIVE"}).stdout.split()
+    assert user[0] == "ACTIVE"  # a user's own setting wins

@@ -9,10 +9,29 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from csulora import __version__
 from csulora.errors import CsuloraError
+
+# Tensors of 2 MB and more on transparent huge pages: torch then takes 512x fewer page
+# faults to fill a fresh allocation (one 7B module's D is 180 MB; the faults were a fifth
+# of Safe LoRA's time, docs/benchmarks.md). torch reads the variable once, at its first
+# allocation, so it is set here, before any command imports torch; a user's setting wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+# Commands whose cost is a few large products with each module's D. Between them torch's
+# OpenMP threads wait passively instead of spinning: on a busy machine a spinning thread
+# burns a core while its partner is descheduled, and `csulora subspace` on two threads took
+# 71 s of CPU spinning against 37 s waiting passively (docs/benchmarks.md). Read by the
+# OpenMP runtime when torch loads, so set before the commands are imported.
+PASSIVE_WAIT_COMMANDS = ("subspace", "audit", "correct")
+
+
+def _prefer_passive_waits(argv: list[str]) -> None:
+    if argv and argv[0] in PASSIVE_WAIT_COMMANDS:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Modules that add subcommands, in the order their commands appear in --help.
 COMMAND_MODULES = (
@@ -42,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _prefer_passive_waits(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
