@@ -21,15 +21,18 @@ from torch import nn
 import csulora.calibration as calibration_module
 from csulora import __version__
 from csulora.calibration import (
+    BlockResume,
     GramGroup,
     accumulate_sums,
     add_upper_gram_,
     calibrate,
+    decoder_blocks,
     group_name,
     harmful_prompts,
     linear_modules,
     mirror_upper_,
     plan_passes,
+    replay_is_exact,
     shared_input_groups,
     target_modules,
     task_pairs,
@@ -237,11 +240,18 @@ def test_passes_split_the_groups_by_the_memory_budget():
     assert plan_passes(groups, 100) == [[g] for g in groups]  # a group over budget runs alone
 
 
-def test_several_passes_give_the_same_statistics(tiny_world, calibrated, data, outs, capsys):
+@pytest.mark.parametrize("replay", [True, False])
+def test_several_passes_give_the_same_statistics(tiny_world, calibrated, data, outs, capsys, monkeypatch, replay):
+    if not replay:  # as for a model whose blocks cannot be skipped: each pass recomputes them
+        monkeypatch.setattr(calibration_module, "replay_is_exact", lambda *args: False)
     result = run(tiny_world, outs / "passes.safetensors", data, memory_budget_gb=1e-6, progress=True)
-    assert result.passes == 8
+    assert result.passes == 8 and result.info["passes_resume_from_cached_hidden_states"] is replay
     err = capsys.readouterr().err
-    assert "8 passes over the tokens" in err and "pass 8/8" in err
+    how = "starting at its first layer from hidden states the last one cached" if replay else (
+        "running the model from the start up to its last layer"
+    )  # fmt: skip
+    assert f"8 passes over the tokens, each {how}" in err
+    assert "pass 8/8: 1 groups, model.layers.1.mlp.down_proj" in err
     many, one = load_calibration(result.path), load_calibration(calibrated.path)
     assert many.modules == one.modules
     for module in one.modules:
@@ -287,6 +297,7 @@ def test_metadata_says_what_the_statistics_were_computed_from(calibrated, tiny_w
     assert info["task"] == {"spec": str(data.task), "examples": N_PROMPTS, "sha256": task_digest,
                             "tokens": calibrated.task_tokens}  # fmt: skip
     assert info["passes"] == 1 and info["memory_budget_bytes"] > 0
+    assert info["passes_resume_from_cached_hidden_states"] is False  # one pass: nothing to resume
     assert set(info["seconds"]) >= {"generation", "statistics"} and all(v >= 0 for v in info["seconds"].values())
     assert info["csulora_version"] == __version__
 
@@ -419,3 +430,69 @@ def test_upper_strips_then_mirror_give_the_full_gram(n, strip):
     full = mirror_upper_(total)
     assert torch.equal(full, full.T)  # ... and mirrored exactly
     assert torch.allclose(full, expected, rtol=1e-5, atol=1e-4)
+
+
+class StatefulBlock(nn.Module):
+    """A block that reads what the block before it left in ``shared``: skipping one is wrong."""
+
+    def __init__(self, shared: dict) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.shared = shared
+
+    def forward(self, x, **_kwargs):
+        out = self.proj(x + self.shared.get("memory", 0.0))
+        self.shared["memory"] = out.mean()
+        return out
+
+
+class StatefulBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared: dict = {}
+        self.embed = nn.Embedding(10, 4)
+        self.layers = nn.ModuleList(StatefulBlock(self.shared) for _ in range(2))
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        self.shared.clear()
+        x = self.embed(input_ids)
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+def test_replay_is_used_only_where_it_reproduces_the_forward(aligned_model, tiny_world):
+    model, _ = aligned_model
+    linears = linear_modules(model, target_modules(tiny_world.aligned, None), tiny_world.aligned)
+    blocks = decoder_blocks(model, linears)
+    assert blocks is not None and [id(b) for b in blocks] == [id(b) for b in model.model.layers]
+    assert replay_is_exact(model, blocks, linears, [1, 5, 9, 4])
+    assert not any("forward" in b.__dict__ for b in blocks)  # the replay is undone
+    # A model whose second block reads state the first one leaves: replaying is refused.
+    toy = StatefulBlocks()
+    toy_linears = {"layers.0.proj": toy.layers[0].proj, "layers.1.proj": toy.layers[1].proj}
+    toy_blocks = decoder_blocks(toy, toy_linears)
+    assert toy_blocks == list(toy.layers)
+    assert not replay_is_exact(toy, toy_blocks, toy_linears, [1, 2, 3])
+    assert decoder_blocks(toy, {"embed.proj": toy.layers[0].proj}) is None  # not inside a block
+
+
+def test_a_resumed_pass_equals_one_that_recomputes_the_earlier_blocks(aligned_model, tiny_world, calibrated, data):
+    model, tokenizer = aligned_model
+    _, harmful, _ = sequences_of(tokenizer, data, calibrated.answers)
+    examples = [{"input_ids": ids} for ids in harmful]
+    linears = linear_modules(model, target_modules(tiny_world.aligned, None), tiny_world.aligned)
+    groups = shared_input_groups(model, linears, harmful[0][:8])
+    first, second = groups[:5], groups[5:]  # layer 0 and layer 1's q/k/v; then layer 1's o, gate/up, down
+    blocks = decoder_blocks(model, linears)
+    common = {"pad_id": tokenizer.pad_token_id, "batch_size": 4, "product_dtype": torch.float32, "progress": False}
+    recording = BlockResume(blocks, start=0, record_at=0)
+    accumulate_sums(model, examples, first, linears, resume=recording, **common)
+    assert len(recording.recorded) == 3  # one cached output per batch
+    resumed, rows = accumulate_sums(
+        model, examples, second, linears, resume=BlockResume(blocks, start=1, cached=recording.recorded), **common
+    )
+    recomputed, rows_again = accumulate_sums(model, examples, second, linears, **common)
+    assert rows == rows_again
+    for name in recomputed:
+        assert torch.allclose(resumed[name], recomputed[name], rtol=1e-6, atol=1e-6 * float(recomputed[name].abs().max()))

@@ -23,11 +23,16 @@ counted tokens as one matrix, so the products are large GEMMs. Products are floa
 CPU and in the model's dtype on CUDA, added to float64 sums once per batch.
 
 Memory. A group needs two ``n x n`` float64 sums (harmful and task); at 7B all groups at
-once exceed a 24 GB machine. The groups are therefore processed in as many passes over the
-cached tokens as the memory budget requires, each pass ending its forwards after its last
-layer. The sums become :class:`~csulora.types.ModuleCalibration` (normalised, dense or
-spiked: :func:`csulora.gram.calibration_moments`) and are written with
-:func:`csulora.io.calibration_file.save_calibration`.
+once exceed a 24 GB machine. The groups are then processed in as many passes over the
+cached tokens as the memory budget requires (:func:`plan_passes`). Each pass ends its
+forwards after the last block it needs, and caches the hidden state where the next pass
+starts (``padded tokens x d`` numbers, on the CPU); the next pass replays it instead of
+running the blocks before it (:class:`BlockResume`), so several passes cost about one
+forward in all. Replaying is used only where a probe forward shows it reproduces the
+model's own (:func:`replay_is_exact`); otherwise every pass recomputes the earlier blocks.
+The sums become :class:`~csulora.types.ModuleCalibration` (normalised, dense or spiked:
+:func:`csulora.gram.calibration_moments`), are kept in float32 as the file stores them, and
+are written with :func:`csulora.io.calibration_file.save_calibration`.
 
 Data rules (§5c): the task data is the adapter's *training* data, never a split ``tune``
 selects on or a test split; the harmful prompts must be disjoint from every prompt set
@@ -61,7 +66,7 @@ from csulora.eval.tasks import DATE_SPLITS, date_task, load_task
 from csulora.gram import calibration_moments
 from csulora.io.atomic import check_output_file
 from csulora.io.calibration_file import MODEL_FINGERPRINT_KEY, save_calibration
-from csulora.io.checkpoints import CheckpointReader, decoder_linear_modules
+from csulora.io.checkpoints import CheckpointReader, decoder_linear_modules, layer_index
 from csulora.io.fingerprint import model_fingerprint
 from csulora.modeling import load_model, resolve_device, resolve_dtype
 from csulora.training.data import chat_prompt_ids, response_ids
@@ -371,22 +376,163 @@ def accumulate_sums(
     progress: bool = True,
     desc: str = "statistics",
     strip: int = GRAM_STRIP,
+    resume: BlockResume | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """Gram sums (float64, on the model's device) and token counts of ``groups`` over ``examples``.
 
     Every token of an example counts unless it has ``labels`` (then those not ``-100``);
     padding never counts. ``strip``: rows per product strip (:func:`add_upper_gram_`).
+    ``resume``: skip the blocks before this pass and record a block's output for the next
+    (:class:`BlockResume`; several passes only). The forward ends as soon as nothing of this
+    pass is left to see: after its last group's input, or after the recorded block.
     """
     device = next(model.parameters()).device
-    last = groups[-1]
-    stop_after = last.modules[0] if all(g.calls == 1 for g in groups) else None
+    record_at = resume.record_at if resume is not None else None
+    stop_at_record = record_at is not None and record_at >= block_index(groups[-1].modules[0])
+    single_calls = all(g.calls == 1 for g in groups)
+    stop_after = groups[-1].modules[0] if single_calls and not stop_at_record else None
     hooks = GroupGramSums(groups, linears, device=device, product_dtype=product_dtype, stop_after=stop_after, strip=strip)
-    with hooks as sums:
+    with contextlib.ExitStack() as stack:
+        sums = stack.enter_context(hooks)
+        if resume is not None and resume.cached is not None and resume.start > 0:
+            stack.enter_context(replaying_blocks(resume.blocks[: resume.start], resume.cached, device))
+        if resume is not None and record_at is not None:
+            stack.enter_context(recording_block_output(resume.blocks[record_at], resume.recorded, stop=stop_at_record))
         run_batches(
             model, examples, sums, pad_id=pad_id, batch_size=batch_size, progress=progress, desc=desc,
             longest_first=True,
         )  # fmt: skip
     return {name: mirror_upper_(total) for name, total in sums.sums.items()}, sums.rows
+
+
+# -- several passes: each resumes at its first block from the hidden states the last one cached ----
+def block_index(module: str) -> int:
+    """The decoder block a target module belongs to (targets are always inside a block)."""
+    index = layer_index(module)
+    if index is None:
+        raise ValueError(f"{module} is not inside a decoder block")
+    return index
+
+
+def decoder_blocks(model: nn.Module, modules: Iterable[str]) -> list[nn.Module] | None:
+    """The decoder blocks, in order, of the one ``nn.ModuleList`` the module names run through
+    (``model.layers``); None when the names do not point to exactly one."""
+    parents = set()
+    for name in modules:
+        index = layer_index(name)  # io/checkpoints owns the rule: the first ".N." of the name
+        if index is None:
+            return None
+        parents.add(name.split(f".{index}.", 1)[0])
+    container = dict(model.named_modules()).get(parents.pop()) if len(parents) == 1 else None
+    return list(container) if isinstance(container, nn.ModuleList) else None
+
+
+@dataclass
+class BlockResume:
+    """How one pass skips the blocks before it and caches a block's output for the next pass.
+
+    ``blocks[:start]`` do not compute: each returns, batch after batch, ``cached`` (the output
+    of block ``start - 1``, recorded by the previous pass over the same batches). The output
+    of ``blocks[record_at]`` is appended to ``recorded`` (on the CPU) for the next pass.
+    A cache costs ``padded tokens x d`` numbers, small beside a Gram's ``n^2``.
+    """
+
+    blocks: Sequence[nn.Module]
+    start: int = 0
+    cached: Sequence[Any] | None = None
+    record_at: int | None = None
+    recorded: list[Any] = field(default_factory=list)
+
+
+def _moved(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().to(device, copy=True) if str(device) == "cpu" else value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(v, device) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def replaying_blocks(blocks: Sequence[nn.Module], outputs: Sequence[Any], device: torch.device) -> Iterator[None]:
+    """``blocks`` (the first k of the decoder) return the recorded output of block k-1, one
+    batch after another, instead of computing; block k then starts from it."""
+    batches = iter(outputs)
+    current: list[Any] = [None]
+
+    def first(*_args, **_kwargs):
+        current[0] = _moved(next(batches), device)
+        return current[0]
+
+    def rest(*_args, **_kwargs):
+        return current[0]
+
+    for i, block in enumerate(blocks):
+        block.forward = first if i == 0 else rest  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def recording_block_output(block: nn.Module, into: list[Any], *, stop: bool) -> Iterator[None]:
+    """Append ``block``'s output of every batch to ``into`` (CPU); ``stop``: end the forward there."""
+
+    def record(_module: nn.Module, _args: tuple, output: Any) -> None:
+        into.append(_moved(output, "cpu"))
+        if stop:
+            raise StopForward
+
+    handle = block.register_forward_hook(record)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def replay_is_exact(
+    model: nn.Module, blocks: Sequence[nn.Module], linears: Mapping[str, nn.Linear], probe_ids: Sequence[int]
+) -> bool:
+    """Whether skipping the first half of the blocks by replaying a recorded output leaves every
+    later module's input as it was (one probe forward each way). False for a model whose
+    blocks share state or are not called in order: its passes then recompute the earlier blocks.
+    """
+    middle = len(blocks) // 2
+    later = {name: module for name, module in linears.items() if block_index(name) >= middle}
+    if middle == 0 or not later:
+        return False
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(probe_ids)], device=device)
+
+    def inputs_seen(replay: Sequence[Any] | None, recorded: list[Any]) -> dict[str, Tensor]:
+        seen: dict[str, Tensor] = {}
+        handles = [
+            module.register_forward_pre_hook(lambda _m, inputs, name=name: seen.setdefault(name, inputs[0].clone()))
+            for name, module in later.items()
+        ]
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(recording_block_output(blocks[middle - 1], recorded, stop=False))
+                if replay is not None:
+                    stack.enter_context(replaying_blocks(blocks[:middle], replay, device))
+                decoder_body(model)(input_ids=ids, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return seen
+
+    recorded: list[Any] = []
+    reference = inputs_seen(None, recorded)
+    try:
+        replayed = inputs_seen(recorded, [])
+    except Exception:  # noqa: BLE001 (a capability probe: any failure means "recompute instead")
+        return False
+    return reference.keys() == replayed.keys() and all(
+        torch.allclose(reference[n], replayed[n], rtol=1e-5, atol=1e-6 * float(reference[n].abs().max()))
+        for n in reference
+    )
 
 
 def plan_passes(groups: Sequence[GramGroup], budget_bytes: int) -> list[list[GramGroup]]:
@@ -484,25 +630,44 @@ def task_sequences(tokenizer, pairs: Sequence[Mapping]) -> list[dict]:
     return [{"input_ids": chat_prompt_ids(tokenizer, p["prompt"]) + response_ids(tokenizer, p["response"])} for p in pairs]
 
 
+@dataclass(frozen=True)
+class StatisticsPlan:
+    """The Gram groups, the passes they take, and the decoder blocks later passes resume at
+    (None: one pass, or a model whose blocks cannot be skipped; then passes recompute them)."""
+
+    groups: list[GramGroup]
+    passes: list[list[GramGroup]]
+    blocks: list[nn.Module] | None = None
+
+
 def plan_statistics(
     model: nn.Module, linears: Mapping[str, nn.Linear], examples: Sequence[Mapping], budget: int, log
-) -> tuple[list[GramGroup], list[list[GramGroup]]]:
-    """The Gram groups (from a probe forward on the first example) and the passes they need."""
-    groups = shared_input_groups(model, linears, examples[0]["input_ids"][:PROBE_TOKENS])
+) -> StatisticsPlan:
+    """Groups from a probe forward on the first example, passes from the memory budget, and
+    whether later passes may start from cached hidden states (checked by another probe)."""
+    probe = examples[0]["input_ids"][:PROBE_TOKENS]
+    groups = shared_input_groups(model, linears, probe)
     passes = plan_passes(groups, budget)
+    blocks = None
+    if len(passes) > 1 and all(g.calls == 1 for g in groups):
+        blocks = decoder_blocks(model, linears)
+        if blocks is not None and not replay_is_exact(model, blocks, linears, probe):
+            blocks = None
     needed = sum(g.sum_bytes for g in groups)
-    plan = (
-        "one pass over the tokens" if len(passes) == 1
-        else f"{len(passes)} passes over the tokens, each running the model up to its last layer"
-    )  # fmt: skip
+    if len(passes) == 1:
+        plan = "one pass over the tokens"
+    elif blocks is not None:
+        plan = f"{len(passes)} passes over the tokens, each starting at its first layer from hidden states the last one cached"
+    else:
+        plan = f"{len(passes)} passes over the tokens, each running the model from the start up to its last layer"
     log(f"{len(linears)} modules in {len(groups)} Gram groups; their sums need {_size(needed)}, budget {_size(budget)}: {plan}")
-    return groups, passes
+    return StatisticsPlan(groups=groups, passes=passes, blocks=blocks)
 
 
 def collect_statistics(
     model: nn.Module,
     linears: Mapping[str, nn.Linear],
-    passes: Sequence[Sequence[GramGroup]],
+    plan: StatisticsPlan,
     harmful: Sequence[Mapping],
     task: Sequence[Mapping],
     *,
@@ -515,12 +680,26 @@ def collect_statistics(
     """Every group's statistics, pass by pass: harmful sums, task sums, then the stored form."""
     calibrations: dict[str, ModuleCalibration] = {}
     common = {"pad_id": pad_id, "batch_size": batch_size, "product_dtype": product_dtype, "progress": progress}
+    passes = plan.passes
+    cached: dict[str, Sequence[Any] | None] = {"harmful": None, "task": None}
     for number, part in enumerate(passes, start=1):
         label = f"pass {number}/{len(passes)}" if len(passes) > 1 else "statistics"
         if len(passes) > 1:
             log(f"{label}: {len(part)} groups, {_pass_span(part)}")
-        h_sums, h_rows = accumulate_sums(model, harmful, part, linears, desc=f"{label}: harmful", **common)
-        t_sums, t_rows = accumulate_sums(model, task, part, linears, desc=f"{label}: task", **common)
+        sums = {}
+        for which, examples in (("harmful", harmful), ("task", task)):
+            resume = None
+            if plan.blocks is not None:
+                following = block_index(passes[number][0].modules[0]) if number < len(passes) else None
+                resume = BlockResume(
+                    plan.blocks, start=block_index(part[0].modules[0]), cached=cached[which],
+                    record_at=following - 1 if following else None,
+                )  # fmt: skip
+            sums[which] = accumulate_sums(
+                model, examples, part, linears, desc=f"{label}: {which}", resume=resume, **common
+            )
+            cached[which] = resume.recorded if resume is not None and resume.record_at is not None else None
+        (h_sums, h_rows), (t_sums, t_rows) = sums["harmful"], sums["task"]
         for group in part:  # pop: each group's float64 sums are freed as soon as it is built
             calibrations[group.name] = build_calibration(
                 group, (h_sums.pop(group.name), h_rows[group.name]), (t_sums.pop(group.name), t_rows[group.name])
@@ -585,13 +764,14 @@ def calibrate(
         harmful_examples = harmful_sequences(tokenizer, prompts, answers)
         task_examples = task_sequences(tokenizer, pairs)
         budget = int(memory_budget_gb * (1 << 30)) if memory_budget_gb is not None else default_memory_budget(run_device)
-        groups, passes = plan_statistics(model, linears, task_examples, budget, log)
+        plan = plan_statistics(model, linears, task_examples, budget, log)
         calibrations = collect_statistics(
-            model, linears, passes, harmful_examples, task_examples,
+            model, linears, plan, harmful_examples, task_examples,
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, batch_size=batch_size,
             product_dtype=product_dtype_for(run_device, model_dtype), progress=progress, log=log,
         )  # fmt: skip
 
+    groups, passes = plan.groups, plan.passes
     module_groups = {m: g.name for g in groups for m in g.modules}
     harmful_tokens = sum(len(e["input_ids"]) for e in harmful_examples)
     task_tokens = sum(len(e["input_ids"]) for e in task_examples)
@@ -623,6 +803,7 @@ def calibrate(
             "tokens": task_tokens,
         },
         "passes": len(passes),
+        "passes_resume_from_cached_hidden_states": plan.blocks is not None,
         "memory_budget_bytes": budget,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
