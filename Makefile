@@ -34,5 +34,7 @@ smol: venv
 	$(BIN)/python -m benchmarks.smol $(SMOL_ARGS)
 
 # The 7B-shaped correction speed/memory benchmark (several GB of synthetic shards in /tmp).
+# BENCH_ARGS: e.g. --published /path/to/SafeLoRA (a checkout of github.com/IBM/SafeLoRA) --repeat 3
+BENCH_ARGS ?=
 bench: venv
-	$(BIN)/python -m benchmarks.correction --layers 12 --ref-layers 4
+	$(BIN)/python -m benchmarks.correction --layers 12 --ref-layers 3 $(BENCH_ARGS)

@@ -10,7 +10,11 @@ Cases:
 - ``dense_reference``: Safe LoRA the way the published code does it (both models' target
   weights resident in fp32, one m x m ``C = D D^T / ||D||`` kept per module, dense
   products for the cosine), written here so its cost is measured on the same footing;
-- ``safelora``, ``build_subspace``, ``csulora``: csulora's public API.
+- ``safelora``, ``build_subspace``, ``csulora``: csulora's public API;
+- ``published_safelora``: the published Safe LoRA code itself, loaded by path;
+- ``subspace_accuracy``: a subspace cache's captured energies against the exact SVD's.
+
+The csulora CLI runs as a plain command beside these (:mod:`benchmarks.correction.cli`).
 """
 
 from __future__ import annotations
@@ -241,6 +245,77 @@ def case_csulora(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
     return {}
 
 
+def case_published_safelora(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
+    """The published Safe LoRA code (github.com/IBM/SafeLoRA) in number mode, by path.
+
+    ``spec["published"]`` is a checkout of it: never vendored, never downloaded here. The
+    two patches it needs under transformers 5 are :mod:`benchmarks.safelora_parity`'s
+    (``load_in_8bit=False`` dropped; checkpoints loaded in float32, since its bf16 path
+    crashes). Its projected ``lora_B`` factors are saved for the comparison with ours.
+    """
+    from safetensors.torch import save_file
+
+    from benchmarks.safelora_parity import load_published, published_lora_b
+
+    published, config_cls = load_published(Path(spec["published"]))
+    setting = {"select": "number", "num_layers": int(spec.get("num_proj_layers", 10))}
+    lora_b = published_lora_b(
+        published, config_cls, Path(spec["base"]), Path(spec["aligned"]), Path(spec["adapter"]), setting
+    )
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({name: b.contiguous() for name, b in lora_b.items()}, str(out / "lora_B.safetensors"))
+    return {"modules": len(lora_b), "setting": setting}
+
+
+def exact_squared_singular_values(D: torch.Tensor) -> torch.Tensor:
+    """All squared singular values of D, descending: eigenvalues of its smaller float64 Gram.
+
+    An exact method (LAPACK's symmetric eigensolver) accurate to float64 rounding of the
+    largest, which is what an energy fraction needs; cheaper than ``svdvals`` at 7B shapes.
+    """
+    d = D.to(torch.float64)
+    gram = d @ d.T if d.shape[0] <= d.shape[1] else d.T @ d
+    del d
+    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
+
+
+def case_subspace_accuracy(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
+    """Each module's captured energy in a subspace cache against the exact SVD's, same k.
+
+    ``error = exact - cached`` (the randomized estimate is a lower bound); ``rank_exact`` is
+    the k the energy rule would keep from the exact singular values.
+    """
+    from csulora.io.checkpoints import CheckpointReader, read_displacement
+    from csulora.io.subspace_cache import load_subspace_cache
+    from csulora.subspace import SubspaceConfig, _choose_rank
+
+    cache = load_subspace_cache(spec["subspace"])
+    options = {k: v for k, v in cache.options.items() if k in {f for f in SubspaceConfig.__dataclass_fields__}}
+    config = SubspaceConfig(**options)
+    modules = []
+    with CheckpointReader(spec["base"]) as base, CheckpointReader(spec["aligned"]) as aligned:
+        for name in cache.modules():
+            entry = cache.entry(name)
+            squared = exact_squared_singular_values(read_displacement(base, aligned, name))
+            total = float(squared.sum())
+            exact = float(squared[: entry.rank].sum()) / total
+            modules.append({
+                "module": name,
+                "rank": entry.rank,
+                "rank_exact": _choose_rank(squared.sqrt(), total, config),
+                "energy": entry.energy,
+                "energy_exact": exact,
+                "error": exact - entry.energy,
+            })
+            clock.mark("module")
+    return {
+        "modules": modules,
+        "max_abs_error": max(abs(m["error"]) for m in modules),
+        "same_rank_everywhere": all(m["rank"] == m["rank_exact"] for m in modules),
+    }
+
+
 CASES: dict[str, Callable[[dict[str, Any], Clock], dict[str, Any]]] = {
     "idle": case_idle,
     "read": case_read,
@@ -248,10 +323,12 @@ CASES: dict[str, Callable[[dict[str, Any], Clock], dict[str, Any]]] = {
     "safelora": case_safelora,
     "build_subspace": case_build_subspace,
     "csulora": case_csulora,
+    "published_safelora": case_published_safelora,
+    "subspace_accuracy": case_subspace_accuracy,
 }
 # Cases that need csulora's API; imported before the clock starts so the import cost
 # and memory land in the floor, not in the measured work.
-API_CASES = {"safelora", "build_subspace", "csulora"}
+API_CASES = {"safelora", "build_subspace", "csulora", "subspace_accuracy"}
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

@@ -215,3 +215,148 @@ def summary_markdown(results: dict[str, Any]) -> str:
             ),
         ]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- floor suite
+
+FLOOR_TARGETS = {
+    "correct_cpu_over_floor": 1.3,  # every `csulora correct` within 1.3x the read floor's CPU
+    "subspace_cpu_over_floor": 10.0,  # `csulora subspace` within 10x
+    "rss_growth": 1.10,  # peak RssAnon at --layers within 10% of --ref-layers'
+    "energy_error": 1e-3,  # captured energy within 1e-3 of the exact SVD's on every module
+}
+CORRECT_CASES = ("cli_safelora", "cli_csulora", "cli_resta")
+FLOOR_CASE = "read"
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": _median(values), "min": min(values), "max": max(values)}
+
+
+def _cpu(run: dict[str, Any]) -> float:
+    """Whole-process CPU seconds; in-process runs (smoke tests) only have the case's own."""
+    value = run.get("process_cpu_s")
+    return float(run["cpu_s"] if value is None else value)
+
+
+def case_stats(runs: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """``stats[case][layers]``: runs, CPU / wall / peak RssAnon as median, min, max, and the load."""
+    grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        grouped.setdefault((run["case"], run["layers"]), []).append(run)
+    stats: dict[str, dict[int, dict[str, Any]]] = {}
+    for (case, layers), group in grouped.items():
+        loads = [r["load_before"][0] for r in group if r.get("load_before")]
+        stats.setdefault(case, {})[layers] = {
+            "label": group[0]["label"],
+            "runs": len(group),
+            "cpu_s": _spread([_cpu(r) for r in group]),
+            "wall_s": _spread([float(r["process_wall_s"]) for r in group]),
+            "peak_rss_anon_bytes": _spread([float(r["peak_rss_anon_bytes"]) for r in group]),
+            "load_1min": [min(loads), max(loads)] if loads else None,
+        }
+    return stats
+
+
+def summarize_floor(runs: list[dict[str, Any]], depths: list[int]) -> dict[str, Any]:
+    """Ratios to the read floor (medians of the runs), memory growth with depth, accuracy, verdicts."""
+    stats = case_stats(runs)
+    ratios: dict[str, float | None] = {}
+    verdicts: dict[str, bool] = {}
+    floor = stats.get(FLOOR_CASE, {})
+    for case, by_depth in stats.items():
+        for depth, row in by_depth.items():
+            if case == FLOOR_CASE or depth not in floor or case == "subspace_accuracy":
+                continue
+            ratio = _ratio(row["cpu_s"]["median"], floor[depth]["cpu_s"]["median"])
+            key = f"{case}_cpu_over_floor_L{depth}"
+            ratios[key] = ratio
+            target = FLOOR_TARGETS["correct_cpu_over_floor"] if case in CORRECT_CASES else (
+                FLOOR_TARGETS["subspace_cpu_over_floor"] if case == "cli_subspace" else None)
+            if target is not None and ratio is not None:
+                verdicts[key] = ratio <= target
+    if len(depths) > 1:
+        shallow, deep = depths[0], depths[-1]
+        for case, by_depth in stats.items():
+            if case in ("published_safelora", "subspace_accuracy") or not {shallow, deep} <= set(by_depth):
+                continue
+            key = f"{case}_rss_growth_L{deep}_over_L{shallow}"
+            ratios[key] = _ratio(
+                by_depth[deep]["peak_rss_anon_bytes"]["median"], by_depth[shallow]["peak_rss_anon_bytes"]["median"]
+            )
+            if case != FLOOR_CASE and ratios[key] is not None:
+                verdicts[key] = ratios[key] <= FLOOR_TARGETS["rss_growth"]
+    accuracy = next((r for r in runs if r["case"] == "subspace_accuracy"), None)
+    if accuracy is not None:
+        ratios["max_abs_energy_error"] = accuracy["max_abs_error"]
+        verdicts["max_abs_energy_error"] = accuracy["max_abs_error"] <= FLOOR_TARGETS["energy_error"]
+    return {"targets": FLOOR_TARGETS, "stats": stats, "ratios": ratios, "meets_target": verdicts}
+
+
+def compare_published_outputs(work: SyntheticWorkdir, depth: int) -> dict[str, Any] | None:
+    """Did the published code and ``csulora correct --method safelora`` project the same
+    modules and write the same ``lora_B`` (largest absolute and relative difference)?"""
+    from safetensors.torch import load_file
+
+    theirs_file = work.root / "outputs" / f"published-L{depth}" / "lora_B.safetensors"
+    ours_file = work.root / "outputs" / f"safelora-L{depth}" / "adapter_model.safetensors"
+    if not theirs_file.exists() or not ours_file.exists():
+        return None
+    original = load_file(str(work.adapter(depth) / "adapter_model.safetensors"))
+    ours, theirs = load_file(str(ours_file)), load_file(str(theirs_file))
+    keys = sorted(theirs)
+    projected = {"ours": set(), "published": set()}
+    max_abs = max_rel = 0.0
+    for module in keys:
+        key = f"{module}.lora_B.weight"
+        a, b, before = ours[key].double(), theirs[module].double(), original[key].double()
+        if not torch.equal(a, before):
+            projected["ours"].add(module)
+        if not torch.equal(b, before):
+            projected["published"].add(module)
+        max_abs = max(max_abs, float((a - b).abs().max()))
+        max_rel = max(max_rel, float((a - b).norm() / b.norm().clamp_min(1e-30)))
+    return {
+        "modules": len(keys),
+        "projected_ours": len(projected["ours"]),
+        "projected_published": len(projected["published"]),
+        "same_modules_projected": projected["ours"] == projected["published"],
+        "max_abs_diff_lora_B": max_abs,
+        "max_rel_diff_lora_B": max_rel,
+    }
+
+
+def floor_markdown(results: dict[str, Any]) -> str:
+    """The floor suite's tables for docs/benchmarks.md, from a results JSON."""
+    summary = results["summary"]
+    stats, ratios = summary["stats"], summary["ratios"]
+    lines = [
+        "| run | layers | runs | CPU s, median (min-max) | x floor | wall s, median | peak RssAnon GiB, median (max) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case, by_depth in stats.items():
+        if case == "subspace_accuracy":
+            continue
+        for depth in sorted(by_depth):
+            row = by_depth[depth]
+            cpu, rss = row["cpu_s"], row["peak_rss_anon_bytes"]
+            ratio = ratios.get(f"{case}_cpu_over_floor_L{depth}")
+            lines.append(
+                f"| {row['label']} | {depth} | {row['runs']} | {cpu['median']:.1f} ({cpu['min']:.1f}-{cpu['max']:.1f}) "
+                f"| {'1.00' if case == FLOOR_CASE else ('-' if ratio is None else f'{ratio:.2f}')} "
+                f"| {row['wall_s']['median']:.1f} | {rss['median'] / GIB:.2f} ({rss['max'] / GIB:.2f}) |"
+            )
+    lines += ["", "| target | measured | met |", "|---|---:|:---:|"]
+    for key, value in ratios.items():
+        met = summary["meets_target"].get(key)
+        lines.append(f"| {key} | {value} | {'' if met is None else ('yes' if met else 'no')} |")
+    published = results.get("published_vs_ours")
+    if published:
+        lines += ["", "Published vs ours (Safe LoRA, number mode): " + json.dumps(published)]
+    return "\n".join(lines)

@@ -21,6 +21,7 @@ if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not in
 from benchmarks.correction import cli as bench_correction  # noqa: E402
 from benchmarks.correction.memory import MemorySampler, read_status_kib  # noqa: E402
 from benchmarks.correction.process import run_case_subprocess  # noqa: E402
+from benchmarks.correction.summary import summarize_floor  # noqa: E402
 from benchmarks.correction.synth import (  # noqa: E402
     AdapterSpec,
     DisplacementSpec,
@@ -122,8 +123,8 @@ def _expected_safelora_b(work_root: Path, depth: int, num_proj_layers: int) -> d
 
 def test_benchmark_runs_end_to_end_at_toy_size(tmp_path):
     workdir, out = tmp_path / "bench", tmp_path / "results" / "correction.json"
-    argv = ["--layers", "2", "--ref-layers", "2", "--workdir", str(workdir), "--out", str(out), "--keep",
-            "--num-proj-layers", "5", "--in-process", "--cache", "warm", "--threads", "1", *TOY_ARGS]
+    argv = ["--suite", "api", "--layers", "2", "--ref-layers", "2", "--workdir", str(workdir), "--out", str(out),
+            "--keep", "--num-proj-layers", "5", "--in-process", "--cache", "warm", "--threads", "1", *TOY_ARGS]
     threads = torch.get_num_threads()
     assert bench_correction.main(argv) == 0
     assert torch.get_num_threads() == threads  # in-process cases leave the suite's setting alone
@@ -158,8 +159,55 @@ def test_benchmark_runs_end_to_end_at_toy_size(tmp_path):
 
 def test_benchmark_deletes_its_checkpoints_unless_kept(tmp_path):
     workdir, out = tmp_path / "bench", tmp_path / "correction.json"
-    argv = ["--layers", "1", "--ref-layers", "1", "--workdir", str(workdir), "--out", str(out),
+    argv = ["--suite", "api", "--layers", "1", "--ref-layers", "1", "--workdir", str(workdir), "--out", str(out),
             "--skip-api", "--skip-reference", "--in-process", *TOY_ARGS]
     assert bench_correction.main(argv) == 0
     assert not workdir.exists()
     assert json.loads(out.read_text())["api_measured"] is False
+
+
+def test_floor_suite_runs_the_cli_as_whole_processes_at_toy_size(tmp_path):
+    """The default suite (issue 15): the read floor, the four CLI commands, the accuracy check."""
+    workdir, out = tmp_path / "bench", tmp_path / "floor.json"
+    argv = ["--layers", "1", "--ref-layers", "1", "--workdir", str(workdir), "--out", str(out),
+            "--cache", "warm", "--threads", "1", *TOY_ARGS]
+    assert bench_correction.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert results["suite"] == "floor"
+    runs = {run["case"]: run for run in results["runs"]}
+    assert set(runs) == {"read", "cli_safelora", "cli_subspace", "cli_csulora", "cli_resta", "subspace_accuracy"}
+    for case in ("read", "cli_safelora", "cli_subspace", "cli_csulora", "cli_resta"):
+        # whole processes: CPU of interpreter start and imports included (torch alone is ~1 s)
+        assert runs[case]["process_cpu_s"] > 0.5 and runs[case]["peak_rss_anon_bytes"] > 10 * 2**20
+    assert runs["cli_resta"]["command"].startswith("csulora correct") and "--restore 1" in runs["cli_resta"]["command"]
+    accuracy = runs["subspace_accuracy"]
+    assert len(accuracy["modules"]) == 7 and accuracy["max_abs_error"] < 1e-3
+    ratios = results["summary"]["ratios"]
+    assert {"cli_safelora_cpu_over_floor_L1", "cli_subspace_cpu_over_floor_L1", "max_abs_energy_error"} <= set(ratios)
+    assert not workdir.exists()
+
+
+def _record(case: str, layers: int, cpu: float, rss_gib: float, repeat: int = 0) -> dict:
+    return {"case": case, "label": case, "layers": layers, "repeat": repeat, "process_cpu_s": cpu,
+            "process_wall_s": 2 * cpu, "peak_rss_anon_bytes": int(rss_gib * 2**30), "load_before": [4.0, 4.0, 4.0]}
+
+
+def test_floor_summary_takes_medians_and_judges_each_target():
+    runs = [
+        _record("read", 3, 3.0, 0.14), _record("read", 3, 3.4, 0.14, 1), _record("read", 3, 2.0, 0.14, 2),
+        _record("read", 12, 9.0, 0.14),
+        _record("cli_csulora", 3, 3.5, 0.26), _record("cli_csulora", 3, 30.0, 0.26, 1), _record("cli_csulora", 3, 3.6, 0.30, 2),
+        _record("cli_csulora", 12, 10.0, 0.27),
+        _record("cli_safelora", 3, 6.0, 0.30), _record("cli_safelora", 12, 18.0, 0.45),
+        _record("cli_subspace", 3, 29.0, 0.5), _record("cli_subspace", 12, 95.0, 0.5),
+        {**_record("subspace_accuracy", 3, 1.0, 0.1), "max_abs_error": 2e-3},
+    ]
+    summary = summarize_floor(runs, [3, 12])
+    assert summary["stats"]["read"][3]["cpu_s"] == {"median": 3.0, "min": 2.0, "max": 3.4}
+    ratios, met = summary["ratios"], summary["meets_target"]
+    assert ratios["cli_csulora_cpu_over_floor_L3"] == 1.2 and met["cli_csulora_cpu_over_floor_L3"]  # an outlier run does not decide
+    assert ratios["cli_safelora_cpu_over_floor_L3"] == 2.0 and not met["cli_safelora_cpu_over_floor_L3"]
+    assert met["cli_subspace_cpu_over_floor_L3"] and not met["cli_subspace_cpu_over_floor_L12"]  # 9.67; 10.56 > 10
+    assert met["cli_csulora_rss_growth_L12_over_L3"] and not met["cli_safelora_rss_growth_L12_over_L3"]
+    assert "read_rss_growth_L12_over_L3" not in met  # the floor has no target of its own
+    assert not met["max_abs_energy_error"]
