@@ -10,7 +10,10 @@ token sequences, then time, over exactly those tokens with the same batches:
 - **statistics pass**: :func:`csulora.calibration.accumulate_sums` for every Gram group
   (the float32 ``x^T x`` products, upper-triangle strips, and float64 sums), harmful then
   task; beside it the same pass with full ``x^T x`` products (no strips), for comparison;
-- **build**: normalising the sums into the stored statistics (:mod:`csulora.gram`).
+- **build**: normalising the sums into the stored statistics (:mod:`csulora.gram`);
+- with ``--budget-gb``: the whole statistics step as ``calibrate`` runs it under that
+  memory budget (several passes), once resuming each pass from cached hidden states and
+  once recomputing the earlier blocks in every pass.
 
 The cost target (docs/design.md §5c; the calibrate task): statistics pass <= 2x the plain
 forward. Times are process CPU seconds (the best of ``--repeats``; wall seconds beside)
@@ -115,6 +118,7 @@ def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
     _, build_cpu, build_wall = cpu_and_wall(
         lambda: [build_calibration(g, (h[0][g.name], h[1][g.name]), (t[0][g.name], t[1][g.name])) for g in groups], 1
     )
+    multi_pass = multi_pass_costs(model, linears, groups, harmful, task, args, kw) if args.budget_gb else None
     tokens = sum(len(e["input_ids"]) for e in examples)
     padded = sum(
         len(batch) * max(len(e["input_ids"]) for e in batch)
@@ -151,6 +155,41 @@ def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
         "ratio_statistics_to_plain_forward": round(stat_cpu / fwd_cpu, 3),
         "ratio_statistics_to_decoder_forward": round(stat_cpu / dec_cpu, 3),
         "ratio_full_products_to_plain_forward": round(full_cpu / fwd_cpu, 3),
+        **({"several_passes": {**multi_pass, "ratio_resumed_to_plain_forward": round(
+            multi_pass["cpu_seconds"]["resumed"] / fwd_cpu, 3), "ratio_recomputed_to_plain_forward": round(
+            multi_pass["cpu_seconds"]["recomputed"] / fwd_cpu, 3)}} if multi_pass else {}),
+    }
+
+
+def multi_pass_costs(model, linears, groups, harmful, task, args, kw) -> dict:
+    """CPU seconds of calibrate's statistics step under ``--budget-gb``: resumed and recomputed passes."""
+    import torch
+
+    from csulora.calibration import (
+        StatisticsPlan,
+        collect_statistics,
+        decoder_blocks,
+        plan_passes,
+        replay_is_exact,
+    )
+
+    passes = plan_passes(groups, int(args.budget_gb * (1 << 30)))
+    blocks = decoder_blocks(model, linears)
+    exact = blocks is not None and replay_is_exact(model, blocks, linears, task[0]["input_ids"][:16])
+    seconds, wall = {}, {}
+    for name, plan_blocks in (("resumed", blocks if exact else None), ("recomputed", None)):
+        plan = StatisticsPlan(groups=list(groups), passes=passes, blocks=plan_blocks)
+        _, seconds[name], wall[name] = cpu_and_wall(
+            lambda plan=plan: collect_statistics(model, linears, plan, harmful, task, product_dtype=torch.float32,
+                                                 progress=False, log=lambda _m: None, **kw),
+            1,
+        )  # fmt: skip
+    return {
+        "budget_gb": args.budget_gb,
+        "passes": len(passes),
+        "replay_exact": exact,
+        "cpu_seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "wall_seconds": {k: round(v, 3) for k, v in wall.items()},
     }
 
 
@@ -176,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each forward (best CPU time kept)")
+    parser.add_argument("--budget-gb", type=float, help="also time calibrate's passes under this memory budget")
     parser.add_argument("--json", type=Path, help="write the measurements here")
     args = parser.parse_args(argv)
 

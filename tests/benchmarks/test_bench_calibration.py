@@ -18,7 +18,8 @@ from benchmarks import bench_calibration  # noqa: E402
 
 def test_benchmark_times_every_stage_on_the_tiny_world(tiny_world, tmp_path, capsys):
     out = tmp_path / "calibration.json"
-    args = ["--prompts", "4", "--task-examples", "4", "--max-new-tokens", "8", "--repeats", "1", "--json", str(out)]
+    args = ["--prompts", "4", "--task-examples", "4", "--max-new-tokens", "8", "--repeats", "1", "--json", str(out),
+            "--budget-gb", "0.0003"]  # fmt: skip
     assert bench_calibration.main(args) == 0
     record = json.loads(out.read_text())
     assert record["threads"] == 1 and len(record["rows"]) == 1
@@ -30,3 +31,6 @@ def test_benchmark_times_every_stage_on_the_tiny_world(tiny_world, tmp_path, cap
     }  # fmt: skip
     assert all(v > 0 for v in row["cpu_seconds"].values())
     assert row["ratio_statistics_to_plain_forward"] > 0
+    several = row["several_passes"]
+    assert several["passes"] == 4 and several["replay_exact"] is True
+    assert set(several["cpu_seconds"]) == {"resumed", "recomputed"}
