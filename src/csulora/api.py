@@ -36,7 +36,7 @@ from csulora.io.adapters import DEFAULT_REPORT_NAME, LoraAdapter, read_adapter, 
 from csulora.io.hub import resolve_model_dir
 from csulora.io.atomic import atomic_output_dir, check_output_dir, check_output_file
 from csulora.io.calibration_file import CalibrationFile, load_calibration
-from csulora.io.input_kind import is_checkpoint
+from csulora.io.input_kind import is_local_checkpoint
 from csulora.io.checkpoints import (
     CheckpointReader,
     check_same_architecture,
@@ -360,7 +360,7 @@ def audit_adapter(
     ||dW||/||D||, subspace rank and captured energy. ``subspace_config`` applies when the
     subspace is computed on the fly from ``base``/``aligned``.
     """
-    if is_checkpoint(adapter_dir):  # a full fine-tune: the dense path (docs/design.md §5d)
+    if is_local_checkpoint(adapter_dir):  # a full fine-tune: the dense path (docs/design.md §5d)
         from csulora.checkpoint_api import audit_checkpoint
 
         return audit_checkpoint(
@@ -432,7 +432,7 @@ def correct_adapter(
     methods that need one (``calibrated``, docs/design.md §5c); with ``aligned`` too it is
     checked to come from that model.
     """
-    if is_checkpoint(adapter_dir):  # a full fine-tune: the dense path (docs/design.md §5d)
+    if is_local_checkpoint(adapter_dir):  # a full fine-tune: the dense path (docs/design.md §5d)
         from csulora.checkpoint_api import correct_checkpoint
 
         return correct_checkpoint(

@@ -32,6 +32,15 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
         return False
 
 
+def is_local_checkpoint(path: str | os.PathLike) -> bool:
+    """The API's front door: True for a checkpoint folder; an existing folder that is neither
+    kind is refused here in one line; a path that does not exist (a hub id) is left to the
+    adapter path, which resolves it."""
+    if not Path(path).exists():
+        return False
+    return input_kind(path) == CHECKPOINT
+
+
 def input_kind(path: str | os.PathLike) -> str:
     """``"adapter"`` or ``"checkpoint"``; a one-line InputError for anything else."""
     folder = Path(path)
