@@ -62,7 +62,7 @@ from csulora.api import _target_list
 from csulora.errors import InputError, OptionError
 from csulora.eval.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_responses
 from csulora.eval.prompts import PYRIT_INSTALL, Prompt, load_prompts, normalise_prompt
-from csulora.eval.tasks import DATE_SPLITS, date_task, load_task
+from csulora.eval.tasks import date_task, date_task_splits, load_task
 from csulora.gram import calibration_moments
 from csulora.io.atomic import check_output_file
 from csulora.io.calibration_file import MODEL_FINGERPRINT_KEY, save_calibration
@@ -80,6 +80,7 @@ _FALLBACK_BUDGET = 8 << 30  # when the free memory cannot be read
 GRAM_STRIP = 256
 PROBE_TOKENS = 16  # length of the probe forward that finds the shared inputs
 TASK_TRAIN_SPLIT = "train"
+_HELD_OUT_ROLE = {"validation": "the split tune selects on", "test": "a test split"}  # the other date splits
 DEFAULT_HARMFUL_SPECS = ("advbench:align", "requests")  # calibration_harmful_prompts()
 
 
@@ -168,15 +169,11 @@ def task_pairs(spec: str | os.PathLike) -> list[dict]:
     if not path.is_file() and not path.suffix:
         name, _, split = text.partition(":")
         if name == "date":
-            if split != TASK_TRAIN_SPLIT:
-                which = split or "test"
-                role = "the split tune selects on" if which == "validation" else "a test split"
-                if which not in DATE_SPLITS:
-                    role = "not a split"
-                raise InputError(
-                    f"--task {text}: {role}; calibrate on the adapter's training data (date:train or its JSONL)"
-                )
-            return date_task(TASK_TRAIN_SPLIT)
+            split = split or "test"  # what a bare "date" means everywhere else (eval/tasks.load_task)
+            if split == TASK_TRAIN_SPLIT:
+                return date_task(split)
+            role = _HELD_OUT_ROLE.get(split, "not a split")
+            raise InputError(f"--task {text}: {role}; calibrate on the adapter's training data (date:train or its JSONL)")
         raise InputError(
             f"--task {text}: not task data; give the adapter's training data "
             '(JSONL of {"prompt", "response"}) or date:train'
@@ -189,9 +186,9 @@ def task_pairs(spec: str | os.PathLike) -> list[dict]:
 def _check_task_not_held_out(pairs: Sequence[dict], file: Path) -> None:
     held_out = {
         normalise_prompt(item["prompt"]): f"date:{split}"
-        for split in DATE_SPLITS
-        if split != TASK_TRAIN_SPLIT
-        for item in date_task(split)
+        for split, items in date_task_splits().items()
+        if split in _HELD_OUT_ROLE
+        for item in items
     }
     for number, pair in enumerate(pairs, start=1):
         where = held_out.get(normalise_prompt(pair["prompt"]))
