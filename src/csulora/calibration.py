@@ -552,6 +552,7 @@ def plan_passes(groups: Sequence[GramGroup], budget_bytes: int) -> list[list[Gra
 def free_memory_bytes(device: torch.device) -> int | None:
     """Memory free for new tensors on ``device`` now (None when it cannot be read)."""
     if device.type == "cuda":
+        torch.cuda.empty_cache()  # blocks cached by the generation are free for the sums
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
     try:
