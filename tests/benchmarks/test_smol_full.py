@@ -58,3 +58,16 @@ def test_registered_variants_round_trip_through_their_key(tmp_path):
 def test_short_settings_of_the_full_rows():
     assert outputs.short_setting({"method": "calibrated", "strength": 30.0}) == "λ=30"
     assert outputs.short_setting({"method": "full fine-tune", "steps": 100, "lr": 5e-05}) == "100 steps, lr 5e-05"
+
+
+def test_a_cache_built_before_the_full_rows_carries_on(tmp_path):
+    ctx = pipeline.Context(cache=tmp_path, out=tmp_path, docs=tmp_path, log=lambda s: None)
+    older = [row for row in pipeline.ROW_ORDER if not row.startswith("full-")]
+    pipeline.write_json(ctx.path("rows.json"), {"rows": older})
+    pipeline.check_cache_rows(ctx)  # the full rows have their own selection: nothing mixes
+    assert tuple(pipeline.json.loads(ctx.path("rows.json").read_text())["rows"]) == pipeline.ROW_ORDER
+    alone = pipeline.Context(cache=tmp_path, out=tmp_path, docs=tmp_path, log=lambda s: None, rows=pipeline.ROW_SETS["full"])
+    import pytest
+
+    with pytest.raises(SystemExit, match="was built for rows"):
+        pipeline.check_cache_rows(alone)  # its aligned-only selection would mix with the table's
