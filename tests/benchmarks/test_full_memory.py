@@ -1,0 +1,50 @@
+"""The full fine-tune memory benchmark (issue 14) end to end at toy shapes: the world is written,
+every case runs in its own process and is sampled from outside, rows and bound are recorded."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not installed
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.correction import full  # noqa: E402
+from benchmarks.correction.synth import ModelShape, SyntheticWorkdir  # noqa: E402
+
+TOY = ["--hidden", "32", "--intermediate", "48", "--vocab", "64", "--heads", "4"]
+
+
+def test_finetuned_checkpoint_moves_every_tensor_and_keeps_the_layout(tmp_path):
+    from safetensors.torch import load_file
+
+    shape = ModelShape(hidden=32, intermediate=48, layers=2, vocab=64, heads=4)
+    work = full.build_world(tmp_path / "w", shape, [1, 2], progress=False)
+    aligned, ft = work.model("aligned", 2), work.model(full.FINETUNED, 2)
+    assert (ft / "model.safetensors.index.json").read_text() == (aligned / "model.safetensors.index.json").read_text()
+    for shard in sorted(aligned.glob("*.safetensors")):
+        a, f = load_file(str(shard)), load_file(str(ft / shard.name))
+        assert a.keys() == f.keys() and all(f[k].dtype == torch.bfloat16 and not torch.equal(a[k], f[k]) for k in a)
+    assert (work.model(full.FINETUNED, 1) / "config.json").exists()  # the depth view
+    assert full.bound_bytes(ModelShape()) == int(1.3 * 3 * 4 * 11008 * 4096)
+
+
+def test_cases_run_in_child_processes_and_record_the_bound(tmp_path):
+    out = tmp_path / "full.json"
+    argv = ["--layers", "1,2", "--methods", "scale,safelora", "--workdir", str(tmp_path / "w"), "--out", str(out), *TOY]
+    assert full.main(argv) == 0
+    results = json.loads(out.read_text())
+    runs = {(r["case"], r["layers"]): r for r in results["runs"]}
+    assert set(runs) == {("scale", 1), ("safelora", 1), ("scale", 2), ("safelora", 2)}
+    for row in runs.values():
+        assert row["baseline_rss_anon_bytes"] > 0 and row["peak_rss_anon_bytes"] >= row["baseline_rss_anon_bytes"]
+        assert row["peak_above_baseline_bytes"] == row["peak_rss_anon_bytes"] - row["baseline_rss_anon_bytes"]
+        assert row["within_bound"] == (row["peak_above_baseline_bytes"] <= row["bound_bytes"])
+        assert row["modules"] == 7 * row["layers"]
+    assert runs[("safelora", 2)]["sources"] == "aligned + base" and runs[("scale", 2)]["sources"] == "aligned"
+    assert not (tmp_path / "w").exists()  # the world is removed without --keep
+    assert "| scale | 1 |" in full.summary_markdown(results)
