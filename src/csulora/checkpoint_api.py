@@ -58,7 +58,9 @@ from csulora.io.checkpoint_writer import (
     TORCH_DTYPES,
     CheckpointLayout,
     PlannedTensor,
+    ShardLayout,
     ShardWriter,
+    TensorEntry,
     copy_side_files,
     read_checkpoint_layout,
     write_index,
@@ -75,7 +77,7 @@ from csulora.io.checkpoints import (
 from csulora.io.fingerprint import model_fingerprint
 from csulora.io.subspace_cache import SubspaceCache, check_fingerprint, load_subspace_cache, round_trip
 from csulora.linalg import finite_by_blocks, rows_per_block
-from csulora.methods.base import DISPLACEMENT, SUBSPACE, CorrectionMethod, MethodConfig
+from csulora.methods.base import SUBSPACE, CorrectionMethod, MethodConfig
 from csulora.methods.registry import get_method, make_config
 from csulora.reports import AuditReport, CorrectionReport, mean_of, weighted_rho
 from csulora.subspace import SubspaceConfig, compute_subspace
@@ -553,14 +555,17 @@ def correct_checkpoint(
     return report
 
 
-def _planned(correction: CheckpointCorrection, name: str, entry: Any) -> PlannedTensor:
+def _planned(correction: CheckpointCorrection, name: str, entry: TensorEntry) -> PlannedTensor:
     """A tensor of the output shard: the fine-tuned one's, or the aligned one's with reset_others."""
     if correction.reset_others and name not in correction.targets:
         _, entry = correction.sources.aligned_layout.locate(name)
     return PlannedTensor(name=name, dtype=entry.dtype, shape=entry.shape, nbytes=entry.nbytes)
 
 
-def _write_one(correction: CheckpointCorrection, writer: ShardWriter, shard: Any, entry: Any, others: list) -> None:
+def _write_one(
+    correction: CheckpointCorrection, writer: ShardWriter, shard: ShardLayout, entry: TensorEntry, others: list[dict]
+) -> None:
+    """One tensor of the output: a corrected target, or an untargeted tensor's raw bytes (measured)."""
     name = entry.name
     if name in correction.targets:
         module = name[: -len(".weight")]

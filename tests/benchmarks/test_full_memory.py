@@ -14,7 +14,7 @@ if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not in
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.correction import full  # noqa: E402
-from benchmarks.correction.synth import ModelShape, SyntheticWorkdir  # noqa: E402
+from benchmarks.correction.synth import ModelShape  # noqa: E402
 
 TOY = ["--hidden", "32", "--intermediate", "48", "--vocab", "64", "--heads", "4"]
 

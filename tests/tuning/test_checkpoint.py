@@ -11,7 +11,7 @@ import torch
 from csulora.checkpoint_api import correct_checkpoint
 from csulora.errors import OptionError
 from csulora.tuning.checkpoint import corrected_in_memory, model_tensors, same_weights, weights_from
-from tests.fixtures_full import full_world, read_tensors  # noqa: F401
+from tests.fixtures_full import full_world  # noqa: F401
 from tests.fixtures_tiny import tiny_pair  # noqa: F401
 
 
