@@ -216,6 +216,40 @@ def test_number_mode_reads_each_module_once():
     assert reads == [0, 1, 2] and len(results) == 3
 
 
+def test_number_mode_keeps_C_B_only_for_modules_that_can_still_be_projected(monkeypatch):
+    """Memory flat in depth (docs/benchmarks.md): a module whose cosine is above the running
+    N-th smallest can never be projected, so its C B (m x r) is dropped when that is known."""
+    measured = []
+    original = SafeLora._measure
+
+    def recording(self, module, config):
+        item = original(self, module, config)
+        measured.append(item)
+        return item
+
+    monkeypatch.setattr(SafeLora, "_measure", recording)
+    modules = [make_module(i, 12, 10, 2, seed=i) for i in range(12)]
+    holding = []
+
+    def stream():
+        for module in modules:
+            yield module
+            holding.append(sum(item.projected_B is not None for item in measured))  # after its measurement
+
+    config = SafeLoraConfig(select="number", num_layers=3)
+    results = list(METHOD.correct(stream(), config))
+    assert max(holding) == 3 and holding[:3] == [1, 2, 3]
+    # the same result as deciding at the end with every C B kept: threshold mode at the final cut
+    cut = sorted(r.report["safelora_cos"] for r in results)[2]
+    monkeypatch.undo()
+    expected = [METHOD.correct_module(m, SafeLoraConfig(select="threshold", threshold=cut)) for m in modules]
+    for got, want in zip(results, expected, strict=True):
+        assert got.report["projected"] == want.report["projected"]
+        assert got.report["safelora_dist"] == want.report["safelora_dist"]
+        assert torch.equal(got.update.B, want.update.B)
+    assert sum(r.report["projected"] for r in results) == 3
+
+
 @pytest.mark.parametrize(
     "options, flag",
     [

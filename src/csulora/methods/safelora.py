@@ -102,13 +102,19 @@ class SafeLoraConfig(MethodConfig):
 
 @dataclass
 class _Measured:
-    """What phase 1 keeps per module: the factors, ``C B`` (m x r) and the report."""
+    """What phase 1 keeps per module: the factors, ``C B`` (m x r) and the report.
+
+    ``dist_unprojected`` is the module's Pdst term should it stay unprojected,
+    ``1 / (1 + ||B - C B||)`` (a projected module's is 1): with it, number mode can drop
+    ``C B`` as soon as the module can no longer be among the lowest cosines.
+    """
 
     name: str
     update: LoraUpdate
     projected_B: Tensor | None
     cos: float | None
     report: dict[str, Any]
+    dist_unprojected: float | None
 
 
 class SafeLora(CorrectionMethod[SafeLoraConfig]):
@@ -154,9 +160,17 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
             for module in modules:
                 yield self.correct_module(module, config)
             return
-        # Number mode: one pass over the stream (D is read once), keeping only the factors
-        # and C B per module; the threshold is known when every cosine is.
-        measured = [self._measure(module, config) for module in modules]
+        # Number mode: one pass over the stream (D is read once); the threshold is known when
+        # every cosine is. It can only fall as modules arrive (the N-th smallest of more
+        # cosines), so a module above the running one is never projected and its C B
+        # (m x r) is dropped at once: memory stays flat in depth (docs/benchmarks.md).
+        measured: list[_Measured] = []
+        for module in modules:
+            measured.append(self._measure(module, config))
+            running = number_mode_threshold([m.cos for m in measured], config.num_layers)
+            for item in measured:
+                if item.projected_B is not None and not _selected(item.cos, running):
+                    item.projected_B = None
         threshold = number_mode_threshold([m.cos for m in measured], config.num_layers)
         for item in measured:
             yield self._finish(item, threshold)
@@ -232,25 +246,27 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
         report = method_report(geometry, safelora_projection=config.projection)
         projected_B = geometry.safelora_projected_B(config.projection)
         cos = report["safelora_cos"]
+        dist = None
+        if cos is not None and projected_B is not None:
+            dist = 1.0 / (1.0 + float(torch.linalg.vector_norm(geometry.B - projected_B)))
         return _Measured(
             name=module.name,
             update=module.update,
             projected_B=projected_B,
             cos=cos,
             report=report,
+            dist_unprojected=dist,
         )
 
     @small_math()
     def _finish(self, item: _Measured, threshold: float | None) -> ModuleResult:
         projected = _selected(item.cos, threshold)
         update = item.update
+        dist = item.dist_unprojected
         if projected:
             assert item.projected_B is not None
             update = LoraUpdate(A=update.A, B=item.projected_B, scale=update.scale)
-        dist = None
-        if item.cos is not None and item.projected_B is not None:
-            gap = torch.linalg.vector_norm(update.B.to(torch.float64) - item.projected_B)
-            dist = 1.0 / (1.0 + float(gap))
+            dist = 1.0  # B' = C B: no gap
         report = dict(item.report)
         report.update(projected=projected, safelora_dist=dist)
         return ModuleResult(name=item.name, update=update, report=finish_report(report, update))
