@@ -230,7 +230,7 @@ def test_eval_cuda_without_a_gpu_is_one_line_and_writes_nothing(tiny_world, tmp_
 
 def test_eval_folder_has_usual_modes(tiny_world, tmp_path, umask):
     out = tmp_path / "ev"
-    assert main(["eval", str(tiny_world.aligned), *_tiny_eval_inputs(tmp_path), "-o", str(out), "--device", "cpu"]) == 0
+    assert main(["eval", str(tiny_world.aligned), *_tiny_eval_inputs(tmp_path), "-o", str(out)]) == 0
     assert_usual_modes(out, umask)
 
 
