@@ -12,7 +12,8 @@ Cases:
   products for the cosine), written here so its cost is measured on the same footing;
 - ``safelora``, ``build_subspace``, ``csulora``: csulora's public API;
 - ``published_safelora``: the published Safe LoRA code itself, loaded by path;
-- ``subspace_accuracy``: a subspace cache's captured energies against the exact SVD's.
+- ``subspace_accuracy``: a subspace cache's captured energies against the exact SVD's;
+- ``calibration_pass``: ``csulora calibrate``'s statistics pass against a plain forward.
 
 The csulora CLI runs as a plain command beside these (:mod:`benchmarks.correction.cli`).
 """
@@ -316,6 +317,62 @@ def case_subspace_accuracy(spec: dict[str, Any], clock: Clock) -> dict[str, Any]
     }
 
 
+def case_calibration_pass(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
+    """``csulora calibrate``'s statistics pass against a plain forward over the same tokens.
+
+    The model is the synthetic aligned checkpoint itself (7B layer shapes, random weights),
+    loaded in float32 as ``calibrate`` does on a CPU; the tokens are random ids (the cost
+    does not depend on them), half standing for the harmful sequences and half for the
+    task's. The plain forward is :func:`benchmarks.bench_calibration.plain_forward` (whole
+    model, LM head included, no hooks); the statistics pass is
+    :func:`csulora.calibration.accumulate_sums` over every Gram group, harmful then task,
+    in the same batches. CPU seconds of this process (all threads) for each.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.bench_calibration import plain_forward
+    from csulora.calibration import accumulate_sums, linear_modules, product_dtype_for, shared_input_groups
+    from csulora.io.checkpoints import layer_index, natural_key
+
+    model = AutoModelForCausalLM.from_pretrained(spec["aligned"], dtype=torch.float32).eval()
+    clock.mark("loaded")
+    generator = torch.Generator().manual_seed(0)
+    sequences, length = int(spec.get("sequences", 8)), int(spec.get("tokens_per_sequence", 64))
+    examples = [
+        {"input_ids": torch.randint(1, model.config.vocab_size, (length,), generator=generator).tolist()}
+        for _ in range(sequences)
+    ]
+    harmful, task = examples[: sequences // 2], examples[sequences // 2 :]
+    names = sorted(
+        (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and layer_index(n) is not None),
+        key=natural_key,
+    )
+    linears = linear_modules(model, names, spec["aligned"])
+    groups = shared_input_groups(model, linears, examples[0]["input_ids"][:16])
+    batches = {"pad_id": 0, "batch_size": int(spec.get("batch_size", 4))}
+    product_dtype = product_dtype_for(torch.device("cpu"), torch.float32)
+
+    start = time.process_time()
+    plain_forward(model, examples, decoder_only=False, **batches)
+    forward_cpu = time.process_time() - start
+    clock.mark("plain_forward")
+    start = time.process_time()
+    for part in (harmful, task):
+        accumulate_sums(model, part, groups, linears, product_dtype=product_dtype, progress=False, **batches)
+    statistics_cpu = time.process_time() - start
+    clock.mark("statistics")
+    return {
+        "tokens": sequences * length,
+        "sequences": sequences,
+        "batch_size": batches["batch_size"],
+        "groups": len(groups),
+        "gram_sizes": sorted({g.n for g in groups}),
+        "plain_forward_cpu_s": round(forward_cpu, 3),
+        "statistics_cpu_s": round(statistics_cpu, 3),
+        "statistics_over_forward": round(statistics_cpu / forward_cpu, 3),
+    }
+
+
 CASES: dict[str, Callable[[dict[str, Any], Clock], dict[str, Any]]] = {
     "idle": case_idle,
     "read": case_read,
@@ -325,6 +382,7 @@ CASES: dict[str, Callable[[dict[str, Any], Clock], dict[str, Any]]] = {
     "csulora": case_csulora,
     "published_safelora": case_published_safelora,
     "subspace_accuracy": case_subspace_accuracy,
+    "calibration_pass": case_calibration_pass,
 }
 # Cases that need csulora's API; imported before the clock starts so the import cost
 # and memory land in the floor, not in the measured work.

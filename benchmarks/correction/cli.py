@@ -12,7 +12,9 @@ runs them, against the floor of reading every base and aligned target tensor onc
   published_safelora   the published Safe LoRA code itself (``--published DIR``, a
                        checkout of github.com/IBM/SafeLoRA; at ``--ref-layers`` only),
   subspace_accuracy    the cache's captured energies against the exact SVD's
-                       (at ``--ref-layers``; minutes of CPU).
+                       (at ``--ref-layers``; minutes of CPU),
+  calibration_pass     ``csulora calibrate``'s statistics pass against a plain forward over
+                       the same random tokens, on the ``--ref-layers`` model (random weights).
 CPU seconds are the child's own (``getrusage``), RssAnon its peak sampled from /proc.
 
 ``--suite api`` (the earlier comparison): in-process timings after imports of
@@ -186,7 +188,7 @@ class Runner:
 
 SUITES = {
     "floor": ("read", "cli_safelora", "cli_subspace", "cli_csulora", "cli_resta", "published_safelora",
-              "subspace_accuracy"),
+              "subspace_accuracy", "calibration_pass"),
     "api": ("idle", "read", "dense_reference", "safelora", "build_subspace", "csulora"),
 }
 ALL_CASES = tuple(dict.fromkeys(case for cases in SUITES.values() for case in cases))
@@ -226,6 +228,8 @@ def run_floor(work: SyntheticWorkdir, args: argparse.Namespace) -> list[dict[str
                             "--method", "resta", "--restore", "1", "--subspace", subspace])
             if depth == args.ref_layers and repeat == 0:
                 runner.run("subspace_accuracy", depth, "captured energy vs the exact SVD", subspace=subspace)
+                runner.run("calibration_pass", depth, "calibrate's statistics pass vs a plain forward",
+                           sequences=args.calibration_sequences, tokens_per_sequence=args.calibration_tokens)
     return runner.runs
 
 
@@ -293,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--published", type=Path, default=None,
                    help="a checkout of github.com/IBM/SafeLoRA (floor suite; never downloaded by the benchmark)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of every case (floor suite)")
+    p.add_argument("--calibration-sequences", type=int, default=8, help="random-token sequences of calibration_pass")
+    p.add_argument("--calibration-tokens", type=int, default=64, help="tokens per calibration_pass sequence")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/csulora-bench"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/correction.json"))
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints and outputs")

@@ -224,6 +224,7 @@ FLOOR_TARGETS = {
     "subspace_cpu_over_floor": 10.0,  # `csulora subspace` within 10x
     "rss_growth": 1.10,  # peak RssAnon at --layers within 10% of --ref-layers'
     "energy_error": 1e-3,  # captured energy within 1e-3 of the exact SVD's on every module
+    "calibration_over_forward": 2.0,  # calibrate's statistics pass within 2x a plain forward
 }
 CORRECT_CASES = ("cli_safelora", "cli_csulora", "cli_resta")
 FLOOR_CASE = "read"
@@ -272,7 +273,7 @@ def summarize_floor(runs: list[dict[str, Any]], depths: list[int]) -> dict[str, 
     floor = stats.get(FLOOR_CASE, {})
     for case, by_depth in stats.items():
         for depth, row in by_depth.items():
-            if case == FLOOR_CASE or depth not in floor or case == "subspace_accuracy":
+            if case == FLOOR_CASE or depth not in floor or case in ("subspace_accuracy", "calibration_pass"):
                 continue
             ratio = _ratio(row["cpu_s"]["median"], floor[depth]["cpu_s"]["median"])
             key = f"{case}_cpu_over_floor_L{depth}"
@@ -284,7 +285,7 @@ def summarize_floor(runs: list[dict[str, Any]], depths: list[int]) -> dict[str, 
     if len(depths) > 1:
         shallow, deep = depths[0], depths[-1]
         for case, by_depth in stats.items():
-            if case in ("published_safelora", "subspace_accuracy") or not {shallow, deep} <= set(by_depth):
+            if case in ("published_safelora", "subspace_accuracy", "calibration_pass") or not {shallow, deep} <= set(by_depth):
                 continue
             key = f"{case}_rss_growth_L{deep}_over_L{shallow}"
             ratios[key] = _ratio(
@@ -296,6 +297,12 @@ def summarize_floor(runs: list[dict[str, Any]], depths: list[int]) -> dict[str, 
     if accuracy is not None:
         ratios["max_abs_energy_error"] = accuracy["max_abs_error"]
         verdicts["max_abs_energy_error"] = accuracy["max_abs_error"] <= FLOOR_TARGETS["energy_error"]
+    calibration = next((r for r in runs if r["case"] == "calibration_pass"), None)
+    if calibration is not None:
+        ratios["calibration_statistics_over_forward"] = calibration["statistics_over_forward"]
+        verdicts["calibration_statistics_over_forward"] = (
+            calibration["statistics_over_forward"] <= FLOOR_TARGETS["calibration_over_forward"]
+        )
     return {"targets": FLOOR_TARGETS, "stats": stats, "ratios": ratios, "meets_target": verdicts}
 
 
@@ -341,7 +348,7 @@ def floor_markdown(results: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for case, by_depth in stats.items():
-        if case == "subspace_accuracy":
+        if case in ("subspace_accuracy", "calibration_pass"):
             continue
         for depth in sorted(by_depth):
             row = by_depth[depth]

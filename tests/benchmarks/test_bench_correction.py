@@ -175,15 +175,20 @@ def test_floor_suite_runs_the_cli_as_whole_processes_at_toy_size(tmp_path):
     results = json.loads(out.read_text())
     assert results["suite"] == "floor"
     runs = {run["case"]: run for run in results["runs"]}
-    assert set(runs) == {"read", "cli_safelora", "cli_subspace", "cli_csulora", "cli_resta", "subspace_accuracy"}
+    assert set(runs) == {"read", "cli_safelora", "cli_subspace", "cli_csulora", "cli_resta", "subspace_accuracy",
+                         "calibration_pass"}
     for case in ("read", "cli_safelora", "cli_subspace", "cli_csulora", "cli_resta"):
         # whole processes: CPU of interpreter start and imports included (torch alone is ~1 s)
         assert runs[case]["process_cpu_s"] > 0.5 and runs[case]["peak_rss_anon_bytes"] > 10 * 2**20
     assert runs["cli_resta"]["command"].startswith("csulora correct") and "--restore 1" in runs["cli_resta"]["command"]
     accuracy = runs["subspace_accuracy"]
     assert len(accuracy["modules"]) == 7 and accuracy["max_abs_error"] < 1e-3
+    calibration = runs["calibration_pass"]
+    assert calibration["tokens"] == 8 * 64 and calibration["groups"] == 4  # q/k/v, o, gate/up, down
+    assert calibration["plain_forward_cpu_s"] > 0 and calibration["statistics_cpu_s"] > 0
     ratios = results["summary"]["ratios"]
-    assert {"cli_safelora_cpu_over_floor_L1", "cli_subspace_cpu_over_floor_L1", "max_abs_energy_error"} <= set(ratios)
+    assert {"cli_safelora_cpu_over_floor_L1", "cli_subspace_cpu_over_floor_L1", "max_abs_energy_error",
+            "calibration_statistics_over_forward"} <= set(ratios)
     assert not workdir.exists()
 
 
