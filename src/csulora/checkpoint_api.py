@@ -171,7 +171,7 @@ def _open_checkpoint_sources(
         sources.cache = load_subspace_cache(subspace)
         stack.callback(sources.cache.close)
     if calibration is not None:
-        sources.calibration = load_calibration(calibration)
+        sources.calibration = load_calibration(calibration, groups_in_memory=1)  # one group at a time
         stack.callback(sources.calibration.close)
     return sources
 

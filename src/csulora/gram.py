@@ -291,8 +291,11 @@ class CalibratedSolve:
     # -- dense: one Cholesky factorisation -------------------------------------------------------
     def _factor_dense(self, harmful: SecondMoment, task: SecondMoment) -> None:
         S_t, S_h = moment_matrix(task), moment_matrix(harmful)
-        self._T = S_t + self.mu * torch.eye(self.n, dtype=torch.float64, device=S_t.device)
-        chol, info = torch.linalg.cholesky_ex(self._T + self.strength * S_h)
+        self._T = S_t.clone()
+        self._T.diagonal().add_(self.mu)  # S_t + mu I, without an n x n identity beside it
+        system = self._T.clone().add_(S_h, alpha=self.strength)
+        chol, info = torch.linalg.cholesky_ex(system)
+        del system
         if int(info) != 0:
             raise ValueError(
                 f"{self.group}: S_t + mu I + lam S_h is not positive definite (are the Grams positive semi-definite?)"

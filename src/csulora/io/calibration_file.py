@@ -175,6 +175,9 @@ class CalibrationFile:
     groups: dict[str, GroupEntry]
     _handle: Any = None
     _cache: OrderedDict[str, ModuleCalibration] = field(default_factory=OrderedDict)
+    # Groups kept read; a full checkpoint's correction keeps one (docs/design.md §5d: its memory
+    # bound allows one module's statistics, and a 7B group's two dense Grams are 268 MB).
+    groups_in_memory: int = _GROUPS_IN_MEMORY
 
     @property
     def info(self) -> dict[str, Any]:
@@ -198,7 +201,7 @@ class CalibrationFile:
         if cached is None:
             cached = self._read_group(self.groups[group])
             self._cache[group] = cached
-            while len(self._cache) > _GROUPS_IN_MEMORY:
+            while len(self._cache) > self.groups_in_memory:
                 self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(group)
@@ -266,7 +269,7 @@ class CalibrationFile:
         self._cache.clear()
 
 
-def load_calibration(path: str | Path) -> CalibrationFile:
+def load_calibration(path: str | Path, *, groups_in_memory: int = _GROUPS_IN_MEMORY) -> CalibrationFile:
     """Open a statistics file and check its metadata and tensor headers (no tensor data read).
 
     Refuses (one-line InputError naming the file, and the tensor where there is one): a
@@ -310,7 +313,9 @@ def load_calibration(path: str | Path) -> CalibrationFile:
         raise InputError(f"{file}: the calibration file serves no module")
     if not isinstance(meta.get("info", {}), dict):
         raise InputError(f"{file}: corrupt calibration metadata (info is not an object)")
-    return CalibrationFile(path=file, meta=meta, modules=modules, groups=groups, _handle=handle)
+    return CalibrationFile(
+        path=file, meta=meta, modules=modules, groups=groups, _handle=handle, groups_in_memory=groups_in_memory
+    )
 
 
 def _mapping(file: Path, meta: dict[str, Any], key: str) -> dict[str, Any]:

@@ -99,6 +99,7 @@ class _Solves:
     held: OrderedDict[tuple[str, float, float], tuple[ModuleCalibration, CalibratedSolve]] = field(
         default_factory=OrderedDict
     )
+    limit: int = _SOLVES_IN_MEMORY
 
     def get(self, calibration: ModuleCalibration, strength: float, mu: float) -> CalibratedSolve:
         key = (calibration.group, strength, mu)
@@ -108,10 +109,10 @@ class _Solves:
         if entry is not None and entry[0] is calibration:
             self.held.move_to_end(key)
             return entry[1]
+        while len(self.held) >= self.limit:  # before the new one is built: never limit + 1 at once
+            self.held.popitem(last=False)
         solve = CalibratedSolve(calibration, strength, mu)
         self.held[key] = (calibration, solve)
-        while len(self.held) > _SOLVES_IN_MEMORY:
-            self.held.popitem(last=False)
         return solve
 
 
@@ -193,7 +194,9 @@ class Calibrated(CorrectionMethod[CalibratedConfig]):
 
     # --- dense form: full fine-tunes (docs/design.md §5d) ---------------------------------
     def dense_run(self, config: CalibratedConfig, measures: Any = None) -> DenseRun:
-        return DenseRun(config=config, solves=_Solves())
+        # One factorisation at a time: a 7B group's is two 4096^2 float64 matrices (268 MB), and
+        # the dense path's memory bound allows one module's statistics (docs/design.md §5d).
+        return DenseRun(config=config, solves=_Solves(limit=1))
 
     def correct_dense(self, module: DenseModuleInput, config: CalibratedConfig | DenseRun) -> DenseModuleResult:
         """``dW (S_t + mu I)(S_t + mu I + lam S_h)^-1`` (+ ``beta D_k``), in dW's own buffer."""
