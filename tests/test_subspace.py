@@ -158,6 +158,8 @@ SPECTRA = {
     "geometric 0.99": [0.99**i for i in range(300)],
     "power law i^-1/2": [(i + 1) ** -0.5 for i in range(300)],
     "power law i^-1/4": [(i + 1) ** -0.25 for i in range(300)],
+    # k = 8 of 300, the narrowed block (8 + 20) ends inside a plateau of 40 weaker directions
+    "strong + plateau": [10.0] * 8 + [1.0] * 40 + [0.01] * 252,
 }
 
 
@@ -212,3 +214,23 @@ def test_power_rounds_continue_while_the_captured_energy_still_rises(monkeypatch
     D = low_rank_matrix(450, 300, SPECTRA["power law i^-1/2"], seed=3).float()
     compute_subspace(D, SubspaceConfig(algorithm="randomized"))
     assert calls["D @ X"] >= 1 + 5
+
+
+def test_rounds_after_the_first_use_only_the_k_plus_oversample_leading_directions(monkeypatch):
+    """The energy rule keeps k = 3 of a sketch of 64 + 20: after the first estimate, every
+    product with D is 3 + 20 wide (the cost of a product is its width)."""
+    import csulora.subspace as subspace
+
+    widths = []
+    original = subspace.dense_matmul
+
+    def recording(D, X):
+        widths.append(X.shape[1])
+        return original(D, X)
+
+    monkeypatch.setattr(subspace, "dense_matmul", recording)
+    D = low_rank_matrix(400, 300, [10.0, 8.0, 6.0] + [0.05] * 100, seed=4).float()
+    sub = compute_subspace(D, SubspaceConfig(energy=0.9, algorithm="randomized"))
+    assert sub.rank == 3 and widths[0] == 84 and set(widths[1:]) == {23}
+    fixed = compute_subspace(D, SubspaceConfig(rank=5, algorithm="randomized"))
+    assert fixed.rank == 5 and sub.energy == pytest.approx(_exact_top_k_energy(D, 3), abs=1e-6)

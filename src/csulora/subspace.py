@@ -13,12 +13,16 @@ Two algorithms, one result shape:
   is never touched), up to ``power_iterations`` rounds of subspace iteration
   re-orthonormalised by QR, then an exact SVD of the small projected matrix. This is the
   algorithm of ``torch.svd_lowrank``, written out so the sketch comes from our own
-  generator, with one addition: every round ends with ``Q^T D``, whose singular values
-  are the current estimates, and the rounds stop once no captured-energy fraction of the
-  first k directions rose by more than ``power_tolerance`` in the last one (the
-  estimates only rise, towards the exact ones). A round is two passes over D, the
-  whole cost at 7B shapes, so a displacement whose leading directions stand out is done
-  in two rounds instead of eight (docs/benchmarks.md); ``power_tolerance=0`` runs them all.
+  generator, with two additions. Every round ends with ``Q^T D``, whose singular values
+  are the current estimates (lower bounds that rise towards the exact ones), and the
+  rounds stop once the captured-energy fractions of the k directions kept are done
+  rising by more than ``power_tolerance`` (the last rise, or its geometric remainder;
+  ``power_tolerance=0`` runs them all). And once the estimates show the energy rule keeps
+  k directions, fewer than the most the config allows, the rounds go on with the
+  leading ``k + oversample`` directions only. A product with D costs its width and is
+  the whole cost at 7B shapes: a displacement whose few leading directions stand out
+  (the 7B benchmark world: k = 8) takes two products 84 wide and two 28 wide instead of
+  ten 74 wide (docs/benchmarks.md).
 
 Both take products with D in D's precision (float32) with float64 results
 (``csulora.linalg``); orthonormalisation and the small SVD are float64. Both fix the sign
@@ -211,6 +215,12 @@ def _randomized_svd(D: Tensor, config: SubspaceConfig, total_energy: float) -> t
     round raised none of the captured-energy fractions of the first k directions by more
     than ``power_tolerance`` (k: what the config would keep from the current estimates).
     With ``power_tolerance == 0`` this is exactly the fixed number of rounds.
+
+    The sketch is as wide as the most directions the config may keep, plus ``oversample``.
+    Once the estimates show the energy rule keeps fewer (k), the rounds go on with the
+    leading ``k + oversample`` directions of ``Q`` only: every product with D costs its
+    width, and the estimates are lower bounds, so the k they give is never below the
+    exact rule's. (The block convergence rate is then ``sigma_{k+oversample+1} / sigma_k``.)
     """
     m, n = D.shape
     sketch = min(config.target_rank + config.oversample, m, n)
@@ -218,34 +228,56 @@ def _randomized_svd(D: Tensor, config: SubspaceConfig, total_energy: float) -> t
     omega = torch.randn(n, sketch, generator=generator, dtype=torch.float64)
     Q, _ = torch.linalg.qr(dense_matmul(D, omega))
     DtQ = dense_t_matmul(D, Q)  # (Q^T D)^T, n x sketch
-    estimates = _squared_singular_values(DtQ)
+    estimates, Q, DtQ = _narrowed(DtQ, Q, total_energy, config)
     for _ in range(config.power_iterations):
         Z, _ = torch.linalg.qr(DtQ)
         Q, _ = torch.linalg.qr(dense_matmul(D, Z))
         DtQ = dense_t_matmul(D, Q)
-        previous, estimates = estimates, _squared_singular_values(DtQ)
+        previous = estimates
+        estimates, Q, DtQ = _narrowed(DtQ, Q, total_energy, config)
         if config.power_tolerance > 0 and _converged(previous, estimates, total_energy, config):
             break
     Ub, S, Vh = torch.linalg.svd(DtQ.T, full_matrices=False)
     return Q @ Ub, S, Vh.T
 
 
-def _squared_singular_values(DtQ: Tensor) -> Tensor:
-    """Squared singular values of ``Q^T D``, descending, from its small Gram (sketch x sketch).
+def _narrowed(DtQ: Tensor, Q: Tensor, total_energy: float, config: SubspaceConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """The squared singular values of ``Q^T D`` (descending), and ``Q``, ``D^T Q`` cut to the
+    leading ``k + oversample`` singular directions when the energy rule keeps k < width.
 
-    Eigenvalues of ``(D^T Q)^T (D^T Q)`` are accurate to float64 rounding of the largest,
-    which is all an energy fraction needs, and cost far less than an SVD of ``D^T Q``.
+    From the eigenpairs of the small Gram ``(D^T Q)^T (D^T Q)`` (width x width): its
+    eigenvalues are the squared singular values, accurate to float64 rounding of the
+    largest, which is all an energy fraction needs; its eigenvectors rotate ``Q`` onto the
+    singular directions, so the cut keeps exactly the leading ones.
     """
-    return torch.linalg.eigvalsh(DtQ.T @ DtQ).flip(0).clamp_min(0.0)
+    eigenvalues, eigenvectors = torch.linalg.eigh(DtQ.T @ DtQ)
+    squared = eigenvalues.flip(0).clamp_min(0.0)
+    width = min(Q.shape[1], _choose_rank(squared.sqrt(), total_energy, config) + config.oversample)
+    if width < Q.shape[1]:
+        leading = eigenvectors.flip(1)[:, :width]
+        return squared[:width], Q @ leading, DtQ @ leading
+    return squared, Q, DtQ
 
 
 def _converged(previous: Tensor, current: Tensor, total_energy: float, config: SubspaceConfig) -> bool:
-    """Whether the last round raised none of the captured-energy fractions of the first k
-    directions (k: what the config keeps from the current estimates) by more than
-    ``power_tolerance``. Each estimate is a lower bound that rises towards the exact one."""
+    """Whether the captured-energy fractions of the first k directions (k: what the config
+    keeps from the current estimates) are done rising by more than ``power_tolerance``.
+
+    Each estimate is a lower bound that rises towards the exact one, by a factor of about
+    ``rho = (sigma_{w+1} / sigma_k)^2`` per round for a block of w directions (Halko et al.
+    2011, section 9), so after a round that rose by ``r`` what is left is about
+    ``r rho / (1 - rho)``. Done when the last rise, or that geometric remainder with
+    ``sigma_{w+1}`` taken as the smallest estimate of the block, is within the tolerance:
+    a spectrum whose leading directions stand out stops after one round, a slowly decaying
+    one (rho near 1) only once a round rose by no more than the tolerance itself.
+    """
     k = max(1, _choose_rank(current.sqrt(), total_energy, config))
-    rise = torch.cumsum(current[:k], dim=0) - torch.cumsum(previous[:k], dim=0)
-    return float(rise.max()) <= config.power_tolerance * total_energy
+    rise = float((torch.cumsum(current[:k], dim=0) - torch.cumsum(previous[:k], dim=0)).max())
+    tolerance = config.power_tolerance * total_energy
+    if rise <= tolerance:
+        return True
+    rho = float(current[-1] / current[k - 1]) if current[k - 1] > 0 else 1.0
+    return rho < 1.0 and rise * rho / (1.0 - rho) <= tolerance
 
 
 def _drop_numerical_zeros(
