@@ -180,6 +180,8 @@ class Runner:
             return None
         load = load_average()
         env = child_env(REPO_ROOT, self.args.threads)
+        if self.args.csulora_src is not None:  # another version of csulora, e.g. before a change
+            env["PYTHONPATH"] = os.pathsep.join([str(self.args.csulora_src), env["PYTHONPATH"]])
         argv = [sys.executable, "-m", "csulora", *arguments]
         run = run_child(case, argv, cwd=REPO_ROOT, env=env, interval_s=self.args.sample_interval, echo=False)
         run.result["command"] = "csulora " + " ".join(arguments)
@@ -297,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--published", type=Path, default=None,
                    help="a checkout of github.com/IBM/SafeLoRA (floor suite; never downloaded by the benchmark)")
     p.add_argument("--repeat", type=int, default=1, help="rounds of every case (floor suite)")
+    p.add_argument("--csulora-src", type=Path, default=None,
+                   help="run the CLI cases with the csulora package found in this folder (e.g. the src/ of an "
+                   "older commit, from `git archive COMMIT src`) instead of this checkout's")
     p.add_argument("--calibration-sequences", type=int, default=8, help="random-token sequences of calibration_pass")
     p.add_argument("--calibration-tokens", type=int, default=64, help="tokens per calibration_pass sequence")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/csulora-bench"))
@@ -392,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             "displacement": asdict(DisplacementSpec()),
             "cache": args.cache,
             "threads": args.threads,
+            "csulora_src": None if args.csulora_src is None else str(args.csulora_src),
             "api_measured": with_api,
             "generate_s": None if generate_s is None else round(generate_s, 2),
             "disk_bytes_pair": sum(f.stat().st_size for f in (args.workdir / "full").rglob("*.safetensors")),
