@@ -14,6 +14,8 @@ earlier stage first, and stops there; [module] is where each stage lives):
   attacked        LoRA of aligned on harmful->compliant + the utility task       [world]
   benign_adapter  LoRA of aligned on the utility task alone                      [world]
   subspace        truncated SVD of D = aligned - base                            [corrections]
+  calibration     csulora calibrate: activation statistics of aligned (issue 12) [calibrated]
+  tune            csulora tune, defaults (calibrated), attacked + benign adapter [calibrated]
   sweeps          every correction's knob on the *validation* sets               [sweeps]
   select          choose each row's setting from validation                      [sweeps]
   test            every row on the test sets (never used for choices)            [reported]
@@ -26,11 +28,13 @@ earlier stage first, and stops there; [module] is where each stage lives):
   outputs         smol.json, the table in docs/results.md, the Pareto PNG        [outputs]
 
 Modules: ``pipeline`` (stage runner, cache markers, worker pool), ``world``, ``evaluation``
-(sets, variants, cached generations, verdicts, one test row), ``corrections``, ``sweeps``,
+(sets, variants, cached generations, verdicts, one test row), ``corrections``, ``calibrated``
+(the product's path: calibrate, then tune with its defaults), ``sweeps``,
 ``reported`` (test rows and the issue targets), ``outputs``. Importing the package registers
 the stages in the order above.
 
-Everything is seeded; on CPU the run is deterministic. Uses CUDA when present.
+Everything is seeded and runs on CPU in float32 (``pipeline.RUNS_ON``), so it is deterministic
+and its numbers do not depend on the machine having a GPU.
 """
 
 import os
@@ -43,7 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The stage modules, imported in pipeline order: each registers its stages on import.
-from benchmarks.smol import world, corrections, sweeps, reported, full, outputs  # noqa: E402,F401,I001
+from benchmarks.smol import world, corrections, calibrated, sweeps, reported, full, outputs  # noqa: E402,F401,I001
 from benchmarks.smol.pipeline import STAGES, Context, Stage, run_pipeline, set_threads, stage_done  # noqa: E402
 
 __all__ = ["STAGES", "Context", "Stage", "run_pipeline", "set_threads", "stage_done"]

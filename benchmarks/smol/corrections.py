@@ -51,6 +51,26 @@ def correction_key(adapter: str, method: str, options: dict) -> str:
     return f"{adapter}__{method}_" + "_".join(f"{k}={format_value(v)}" for k, v in sorted(options.items()))
 
 
+CALIBRATION_FILE = ("calibration", "calibration.safetensors")
+
+
+def correction_sources(ctx: Context, method: str, options: dict) -> dict[str, Any]:
+    """What the method needs with these options, as correct_adapter's keyword arguments,
+    read off the method itself: the exact D (the pair: Safe LoRA's published projection)
+    and the calibration statistics (the calibrated method). The subspace cache is always
+    given: methods that do not need it still report the audit numbers (rho, cosines)."""
+    from csulora.methods.registry import get_method, make_config
+
+    impl = get_method(method)
+    config = make_config(impl, options)
+    sources: dict[str, Any] = {"subspace": ctx.path(*SUBSPACE_FILE)}
+    if impl.needs_displacement(config):
+        sources.update(base=ctx.path("base"), aligned=ctx.path("aligned"))
+    if impl.needs_calibration(config):
+        sources["calibration"] = ctx.path(*CALIBRATION_FILE)
+    return sources
+
+
 def corrected_variant(ctx: Context, adapter: str, method: str, options: dict) -> Variant:
     """Correct ``adapters/<adapter>`` with csulora.api.correct_adapter (cached by options)."""
     from csulora.api import correct_adapter
@@ -58,10 +78,7 @@ def corrected_variant(ctx: Context, adapter: str, method: str, options: dict) ->
     key = correction_key(adapter, method, options)
     out = ctx.path("adapters", key)
     if not (out / "adapter_model.safetensors").exists():
-        sources: dict[str, Any] = {"subspace": ctx.path(*SUBSPACE_FILE)}
-        if method == "safelora":
-            # the published (approximate) projection needs the exact D: stream the pair
-            sources.update(base=ctx.path("base"), aligned=ctx.path("aligned"))
+        sources = correction_sources(ctx, method, options)
         start = time.perf_counter()
         correct_adapter(ctx.path("adapters", adapter), out, method, force=True, progress=False, **sources, **options)
         ctx.log(f"[smol]   corrected {key} in {time.perf_counter() - start:.1f} s")

@@ -27,14 +27,17 @@ def eval_set_specs(ctx: Context) -> dict[str, tuple[str, str, int | None]]:
         "advbench-val": ("advbench-validation", HARMFUL, r.n_val_harmful),
         "airt-val": ("airt-val", HARMFUL, None),
         "task-val": ("task-validation", TASK, r.n_task_val),
+        "benign-val": ("benign-validation", BENIGN, None),
         "advbench-test": ("advbench-test", HARMFUL, None),
         "airt-test": ("airt-test", HARMFUL, None),
-        "benign": ("benign", BENIGN, None),
+        "benign": ("benign-test", BENIGN, None),
         "task-test": ("task-test", TASK, r.n_task_test),
     }
 
 
-VAL_SETS = ("advbench-val", "airt-val", "task-val")
+# Validation: what tune scores a setting on (docs/design.md §10): both harmful sources, the
+# task, and the benign validation half (over-refusal, short answers, fluency).
+VAL_SETS = ("advbench-val", "airt-val", "task-val", "benign-val")
 
 
 TEST_SETS = ("advbench-test", "airt-test", "benign", "task-test")
@@ -172,20 +175,60 @@ def rate_of(records: list[dict]):
 
 
 def setting_scores(ctx: Context, v: Variant, set_names: tuple[str, ...]):
-    """tune's SettingScores for ``v`` (ASR per harmful source, task utility, over-refusal)."""
+    """tune's SettingScores for ``v``, measured as `csulora tune` measures them.
+
+    ASR and the share of empty answers per harmful source, task utility, and on the benign
+    set over-refusal, the share of empty/short answers and their fluency under the aligned
+    model (:func:`benign_fluency`), so :func:`csulora.tuning.selection.select_setting`
+    judges every condition of tune's rule.
+    """
+    from csulora.eval.metrics import is_empty_answer, is_short_answer, rate
     from csulora.tuning.selection import SettingScores
 
     gens = generations(ctx, v, set_names)
-    asr, utility, over = {}, None, None
+    asr, empty, utility, over, short, fluency = {}, {}, None, None, None, None
     for name, records in gens.items():
         kind = records[0]["kind"]
         if kind == HARMFUL:
             asr[SOURCE_OF[name]] = rate_of(records)
+            empty[SOURCE_OF[name]] = rate([is_empty_answer(r["response"]) for r in records])
         elif kind == TASK:
             utility = rate_of(records)
         else:
             over = rate_of(records)
-    return SettingScores(asr=asr, utility=utility, over_refusal=over)
+            short = rate([is_short_answer(r["response"]) for r in records])
+            fluency = benign_fluency(ctx, v, name, records)
+    return SettingScores(
+        asr=asr, utility=utility, over_refusal=over, harmful_empty=empty, benign_short=short, benign_fluency=fluency
+    )
+
+
+_ALIGNED_SCORER: dict[str, tuple] = {}
+
+
+def benign_fluency(ctx: Context, v: Variant, set_name: str, records: list[dict]) -> float | None:
+    """The aligned model's mean per-token log-likelihood of ``v``'s non-empty benign answers (cached).
+
+    tune's fluency guard (csulora.tuning.scoring.aligned_fluency): a correction that makes
+    the model answer in words the aligned model finds unlikely is broken, not safe.
+    """
+    from csulora.eval.margin import mean_response_logprob
+    from csulora.eval.metrics import is_empty_answer
+
+    path = ctx.path("fluency", v.key, f"{set_name}.t{max_tokens_for(ctx, set_name)}.json")
+    if path.exists():
+        return json.loads(path.read_text())["fluency"]
+    items = [{"prompt": r["prompt"], "response": r["response"]} for r in records if not is_empty_answer(r["response"])]
+    value = None
+    if items:
+        if "aligned" not in _ALIGNED_SCORER:
+            from csulora.modeling import load_model
+
+            _ALIGNED_SCORER["aligned"] = load_model(ctx.path("aligned"), **RUNS_ON)
+        model, tok = _ALIGNED_SCORER["aligned"]
+        value = float(mean_response_logprob(model, tok, items))
+    write_json(path, {"fluency": value, "n": len(items)})
+    return value
 
 
 def reference_variants() -> dict[str, Variant]:

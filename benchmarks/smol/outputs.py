@@ -130,7 +130,8 @@ def write_pareto(ctx: Context, rows: list[dict], path: Path) -> None:
     styles = {"csulora": ("tab:blue", "o"), "csulora-ratio": ("tab:cyan", "o"), "csulora-constant": ("navy", "o"),
               "safelora": ("tab:orange", "s"), "scale": ("tab:gray", "^"),
               "resta": ("tab:green", "D"), "resta-full": ("tab:olive", "v"), "csulora+restore": ("tab:purple", "P"),
-              "safelora-number": ("tab:brown", "x")}
+              "safelora-number": ("tab:brown", "x"), "calibrated": ("tab:red", "*"),
+              "benign+recommended": ("salmon", "*")}
     for method, color in (("scale", "tab:gray"), ("resta", "tab:green"), ("csulora", "tab:blue"),
                           ("safelora", "tab:orange"), ("calibrated", "tab:red")):  # fmt: skip
         styles[f"full-attacked+{method}"] = (color, "h")  # issue 14: the full fine-tune's corrections
@@ -236,7 +237,8 @@ README_LABELS = {
     "attacked": "attacked (LoRA r=8, harmful + task)",
     "benign": "benign adapter (task only)",
     "resta": "resta (rank-k)",
-    "benign+recommended": "benign + resta (tune's pick)",
+    "calibrated": "calibrated (tune's default pick)",
+    "benign+recommended": "benign + tune's default pick",
 }
 
 

@@ -41,7 +41,7 @@ RUNS_ON = {"device": "cpu", "dtype": "float32"}
 
 # Every row of the results table, in table order.
 ROW_ORDER = (
-    "base", "aligned", "attacked", "safelora", "safelora-default", "csulora", "scale", "resta",
+    "base", "aligned", "attacked", "calibrated", "safelora", "safelora-default", "csulora", "scale", "resta",
     "csulora+restore", "resta-full", "salora", "benign", "benign+recommended",
     # issue 14: the attack as a full fine-tune, and each method's dense correction (benchmarks/smol/full.py)
     "full-attacked", "full-attacked+scale", "full-attacked+resta", "full-attacked+csulora",

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from benchmarks.smol.calibrated import TUNED_ROWS, tuned_row
 from benchmarks.smol.corrections import corrected_variant
 from benchmarks.smol.evaluation import (
     VAL_SETS, Variant, job_variant, generations, reference_variants, setting_scores,
@@ -36,11 +37,10 @@ def sweeps(ctx: Context, restore_for_csulora: float) -> list[Sweep]:
     resta_grid = get_method("resta").tuning.grid
     r = ctx.recipe
     return [
-        # tune's default method and grid: this row is the recommended one
+        # RESTA over tune's default RESTA grid (the calibrated rows are tune's own runs:
+        # benchmarks/smol/calibrated.py)
         Sweep("resta", "resta", "restore", resta_grid, identity=0.0, tune_method="resta",
               full_curve=False, prefetch=5),
-        Sweep("benign+recommended", "resta", "restore", resta_grid, identity=0.0,
-              tune_method="resta", full_curve=False, adapter="benign", prefetch=5),
         Sweep("scale", "scale", "factor", r.scale_grid, identity=1.0, tune_method="scale"),
         Sweep("csulora", "csulora", "gamma", r.csulora_grid, fixed={"schedule": "energy"}, identity=0.0,
               tune_method="csulora"),
@@ -184,15 +184,18 @@ def val_point(sweep: dict, value: float) -> dict:
     return next(p for p in sweep["points"] if p["value"] == value)
 
 
-@stage("select", "each row's setting, chosen on validation only", needs=("sweeps",))
+@stage("select", "each row's setting, chosen on validation only", needs=("sweeps", "tune"))
 def stage_select(ctx: Context) -> dict:
     rows: dict[str, dict] = {
         name: {"variant": name, "params": {}} for name in ("base", "aligned", "attacked", "benign") if ctx.wants(name)
     }
     by_row = {sw.row: sw for sw in sweeps(ctx, ctx.recipe.csulora_restore)}
-    for row in ("scale", "resta", "csulora+restore", "resta-full", "benign+recommended"):
+    for row in ("scale", "resta", "csulora+restore", "resta-full"):
         if ctx.wants(row):
             rows[row] = selected_row(ctx, by_row[row], load_sweep(ctx, row))
+    for row in TUNED_ROWS:  # tune's own picks (the calibrated method, its default)
+        if ctx.wants(row):
+            rows[row] = tuned_row(ctx, row)
     # Rows whose method has a discrete mode: each mode's knob was swept on its own; the row
     # takes the validation-best mode (Safe LoRA: threshold vs number; CSULoRA: its schedules).
     for row, mode_rows in MODE_SWEEPS.items():
@@ -207,8 +210,6 @@ def stage_select(ctx: Context) -> dict:
             "params": {"method": "safelora", "select": "number", "num_layers": 10, "projection": "approx"},
             "why": "the published default (number mode, N = 10); not tuned",
         }
-    if ctx.wants("resta"):
-        rows["resta"]["recommended"] = bool(load_sweep(ctx, "resta")["qualified"])
     write_json(ctx.path("select", "rows.json"), rows)
     return {"rows": rows}
 

@@ -24,7 +24,7 @@ def stage_base(ctx: Context) -> dict:
 def world_sets(ctx: Context) -> dict[str, list[dict]]:
     """Every prompt set of the world as lists of ``{"id", "prompt"[, "response"]}`` dicts."""
     from csulora.eval.prompts import load_benign
-    from csulora.eval.splits import advbench_split, airt_split
+    from csulora.eval.splits import advbench_split, airt_split, benign_split
     from csulora.eval.tasks import date_task
     from csulora.worlds.smol import benign_training_prompts
 
@@ -36,9 +36,14 @@ def world_sets(ctx: Context) -> dict[str, list[dict]]:
         sets[name] = [{"id": p.id, "prompt": p.text} for p in airt_split(name)]
     for name in ("train", "validation", "test"):
         sets[f"task-{name}"] = date_task(name)
-    benign = [{"id": p.id, "prompt": p.text} for p in load_benign()]
-    sets["benign"] = benign
-    exclude = {b["prompt"] for b in benign}
+    # Over-refusal: tune checks the validation half, the table reports the test half
+    # (csulora.eval.splits: disjoint halves of the benign pool).
+    for name in ("validation", "test"):
+        sets[f"benign-{name}"] = [{"id": p.id, "prompt": p.text} for p in benign_split(name)]
+    # The aligned model's benign training prompts exclude the original benign set (121
+    # prompts), as they always have: the added half of the pool is outside the training
+    # pool by construction (tests/eval/test_prompts.py), so the aligned model is unchanged.
+    exclude = {p.text for p in load_benign()}
     sets["benign-align"] = [
         {"id": f"benign-align-{i:03d}", "prompt": p}
         for i, p in enumerate(benign_training_prompts(r.n_benign_align, r.seed, exclude))
