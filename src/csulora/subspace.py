@@ -48,6 +48,7 @@ from csulora.linalg import (
     dense_matmul,
     dense_t_matmul,
     fix_signs,
+    small_math,
 )
 from csulora.types import ModuleSubspace
 
@@ -167,6 +168,9 @@ def uses_exact_svd(shape: tuple[int, int], config: SubspaceConfig) -> bool:
     return small <= _EXACT_MAX_DIM or _EXACT_SKETCH_FRACTION * sketch >= small
 
 
+# Only the products with D (dense_*) use several threads: the QRs, eigensolvers and SVDs of
+# thin (sketch-wide) matrices cost more in thread hand-offs than they gain (csulora.linalg).
+@small_math()
 def compute_subspace(
     D: Tensor, config: SubspaceConfig, *, name: str = "displacement"
 ) -> ModuleSubspace:
