@@ -145,9 +145,9 @@ def render_correction_card(facts: CorrectionCardFacts) -> str:
     """The README.md text of a corrected adapter folder."""
     lines = ["---", *_front_matter(facts), "---", "", f"# Safety-corrected LoRA adapter ({facts.method})", ""]
     lines += [
-        f"A corrected copy of the LoRA adapter `{facts.input_adapter}`, written by csulora {facts.version} so that "
-        "the aligned model it was trained on refuses harmful requests again while keeping the adapter's task "
-        "gains. Nothing was retrained: each adapted module's update was rewritten in closed form.",
+        f"A corrected copy of the LoRA adapter `{facts.input_adapter}`, written by csulora {facts.version} to "
+        "restore the refusals of the aligned model it was trained on while keeping the adapter's task gains. "
+        "Nothing was retrained: each corrected module's update was rewritten in closed form.",
         "",
         "It is a plain PEFT LoRA folder:",
         "",
