@@ -217,3 +217,21 @@ def test_a_method_without_a_dense_form_is_refused_in_one_line():
         method.check_dense_options(_NoOptions())
     assert "\n" not in str(info.value)
     assert {name for name, m in METHODS.items() if m.has_dense_form} == set(METHODS)  # every method has one
+
+
+def test_calibrated_action_shares_on_a_row_sample_of_a_tall_update(monkeypatch):
+    import csulora.methods.calibrated as calibrated
+    from csulora.gram import dense_moment, moment_matrix
+    from csulora.types import ModuleCalibration
+
+    monkeypatch.setattr(calibrated, "_ACTION_SAMPLE_ROWS", 4)  # every 5th of 18 rows: 0, 5, 10, 15
+    monkeypatch.setattr(calibrated, "_DENSE_BLOCK_ELEMENTS", 21)  # blocks of 3 rows: samples inside blocks
+    g = torch.Generator().manual_seed(4)
+    grams = [(X.T @ X) for X in (torch.randn(30, 7, generator=g, dtype=torch.float64) for _ in range(2))]
+    stats = ModuleCalibration(group="g", harmful=dense_moment(grams[0], 30), task=dense_moment(grams[1], 30))
+    dW = randn(18, 7, seed=5)
+    result = get_method("calibrated").correct_dense(DenseModuleInput("m", dW.clone(), calibration=stats), make_config("calibrated", {"strength": 3.0}))
+    rows = [0, 5, 10, 15]
+    S_h = moment_matrix(stats.harmful)
+    want = float(((result.update[rows] @ S_h) * result.update[rows]).sum() / ((dW[rows] @ S_h) * dW[rows]).sum())
+    assert result.report["harmful_action_kept"] == pytest.approx(want, rel=1e-9)
