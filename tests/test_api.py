@@ -16,6 +16,7 @@ from csulora.errors import InputError, OptionError
 from csulora.io.adapters import ADAPTER_WEIGHTS, DEFAULT_REPORT_NAME
 from csulora.io.checkpoints import CheckpointReader, read_displacement
 from csulora.io.subspace_cache import load_subspace_cache
+from tests.fixtures_full import full_world  # noqa: F401
 from tests.fixtures_tiny import (  # noqa: F401
     UNTOUCHED_MODULE,
     adapter_variant,
@@ -270,3 +271,26 @@ def test_streaming_holds_one_displacement_at_a_time(tiny_pair, tiny_adapter):
         gc.collect()
         assert ref() is None
         assert second.displacement is not None
+
+
+def test_hub_id_naming_a_full_checkpoint_takes_the_dense_path(tmp_path, monkeypatch, full_world):  # noqa: F811
+    """A hub id is resolved before the input's kind is read: a full fine-tune on the hub was
+    taken for an adapter ("no adapter_config.json") when the kind was asked of the id itself."""
+    from tests.io.test_hub import add_to_fake_hub
+
+    hub = tmp_path / "hub"
+    for repo_id, folder in (("tiny-org/finetuned", full_world.ft), ("tiny-org/aligned", full_world.aligned),
+                            ("tiny-org/base", full_world.base)):
+        add_to_fake_hub(hub, repo_id, folder)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    audit = audit_adapter("tiny-org/finetuned", base="tiny-org/base", aligned="tiny-org/aligned", progress=False)
+    assert audit.untargeted is not None and audit.summary["modules"] > 0  # the checkpoint's audit
+    out = tmp_path / "out"
+    correct_adapter("tiny-org/finetuned", out, "scale", aligned="tiny-org/aligned", progress=False, factor=0.5)
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "adapter_config.json").exists()
+    with CheckpointReader(out) as corrected, CheckpointReader(full_world.ft) as ft, \
+            CheckpointReader(full_world.aligned) as aligned:
+        name = "model.layers.0.self_attn.q_proj.weight"
+        expected = aligned.get(name) + 0.5 * (ft.get(name) - aligned.get(name))
+        torch.testing.assert_close(corrected.get(name), expected)

@@ -360,6 +360,8 @@ def audit_adapter(
     ||dW||/||D||, subspace rank and captured energy. ``subspace_config`` applies when the
     subspace is computed on the fly from ``base``/``aligned``.
     """
+    # Hub ids first: whether ADAPTER is a full checkpoint is read from the files it names.
+    adapter_dir, base, aligned = _resolve_inputs(adapter_dir, base, aligned)
     if is_local_checkpoint(adapter_dir):  # a full fine-tune: the dense path (docs/design.md §5d)
         from csulora.checkpoint_api import audit_checkpoint
 
@@ -372,7 +374,6 @@ def audit_adapter(
     check_source_options(subspace, base, aligned)
     config = _check_subspace_config(subspace_config, cache=subspace)
     targets = _target_list(targets)
-    adapter_dir, base, aligned = _resolve_inputs(adapter_dir, base, aligned)
     adapter = read_adapter(adapter_dir)
     names = _select_modules(adapter, targets)
     rows: list[dict[str, Any]] = []
@@ -432,6 +433,11 @@ def correct_adapter(
     methods that need one (``calibrated``, docs/design.md §5c); with ``aligned`` too it is
     checked to come from that model.
     """
+    impl = get_method(method)
+    config = make_config(impl, method_options)  # bad options fail before a hub id is fetched
+    input_spec, aligned_spec = adapter_dir, aligned  # as given: hub ids stay ids in the card and config
+    # Hub ids first: whether ADAPTER is a full checkpoint is read from the files it names.
+    adapter_dir, base, aligned = _resolve_inputs(adapter_dir, base, aligned)
     if is_local_checkpoint(adapter_dir):  # a full fine-tune: the dense path (docs/design.md §5d)
         from csulora.checkpoint_api import correct_checkpoint
 
@@ -442,8 +448,6 @@ def correct_adapter(
         )  # fmt: skip
     if reset_others:
         raise OptionError("--reset-others applies to full checkpoints only (an adapter changes nothing else)")
-    impl = get_method(method)
-    config = make_config(impl, method_options)
     check_source_options(subspace, base, aligned, (impl, config), calibration=calibration)
     sub_config = _check_subspace_config(subspace_config, cache=subspace)
     targets = _target_list(targets)
@@ -454,8 +458,6 @@ def correct_adapter(
     if report_file is not None and _relative_inside(report_file, out) is None:
         check_output_file(report_file, force, flag="--report")  # a file of its own: same rule as OUTDIR
 
-    input_spec, aligned_spec = adapter_dir, aligned  # as given: hub ids stay ids in the card and config
-    adapter_dir, base, aligned = _resolve_inputs(adapter_dir, base, aligned)
     adapter = read_adapter(adapter_dir)
     names = _select_modules(adapter, targets)
     _check_corrects_every_module(impl, adapter, names)

@@ -34,8 +34,8 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 def is_local_checkpoint(path: str | os.PathLike) -> bool:
     """The API's front door: True for a checkpoint folder; an existing folder that is neither
-    kind is refused here in one line; a path that does not exist (a hub id) is left to the
-    adapter path, which resolves it."""
+    kind is refused here in one line; a path that does not exist is left to the adapter path,
+    whose reader says what is wrong (the API resolves hub ids to folders before asking)."""
     if not Path(path).exists():
         return False
     return input_kind(path) == CHECKPOINT
