@@ -361,3 +361,26 @@ def test_calibration_task_writes_the_statistics_inside_outdir(tiny_world, tune_d
     report = json.loads((out / "csulora_report.json").read_text())
     assert report["sources"]["calibration"] == str(out.resolve() / CALIBRATION_FILE)
     assert leftovers(out.parent) == []
+
+
+def test_hub_ids_are_resolved_for_adapter_aligned_and_base(tiny_world, tune_data, tmp_path, monkeypatch):
+    """ADAPTER/ALIGNED/BASE as hub ids, as the API takes them (they were refused as missing folders)."""
+    from tests.io.test_hub import add_to_fake_hub
+
+    hub = tmp_path / "hub"
+    for repo_id, folder in (("tiny-org/attacked", tiny_world.attacked), ("tiny-org/aligned", tiny_world.aligned),
+                            ("tiny-org/base", tiny_world.base)):
+        add_to_fake_hub(hub, repo_id, folder)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d = tune_data
+    result = tune_adapter(
+        "tiny-org/attacked", tmp_path / "tuned", aligned="tiny-org/aligned", base="tiny-org/base",
+        config=TuneConfig(method="resta", grid=(0.0,), max_new_tokens=8), harmful=[str(d["advbench"])],
+        benign=str(d["benign"]), progress=False,
+    )  # fmt: skip
+    inputs = result.record["inputs"]
+    snapshots = hub.resolve()
+    for key in ("adapter", "aligned", "base"):
+        assert Path(inputs[key]).is_relative_to(snapshots), (key, inputs[key])
+    assert not result.qualified  # restore 0 is the attack itself

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from csulora.errors import InputError, OptionError
 from csulora.io.atomic import atomic_output_dir, check_output_dir
+from csulora.io.hub import resolve_model_dir
 from csulora.io.input_kind import is_checkpoint
 from csulora.methods.registry import get_method
 from csulora.tuning.config import TuneConfig, build_method_config
@@ -165,7 +166,8 @@ def tune_adapter(
     (default: AdvBench validation split and airt-val, which need pyrit). ``task``: JSONL
     of {prompt, response} (or ``date:validation``) for the utility check; ``benign``:
     prompts for over-refusal, short answers and fluency (default ``benign:validation``).
-    ``device``/``dtype``: where and in what precision the aligned model runs.
+    ``device``/``dtype``: where and in what precision the aligned model runs. The adapter,
+    ``aligned`` and ``base`` may be hub ids (fetched, or found in the hub cache: io/hub.py).
     Returns a :class:`TuneResult`; when no setting qualifies no adapter is written, only
     tune.json, tune.png, the answers (and the statistics), and ``result.qualified`` is False.
     """
@@ -262,6 +264,11 @@ def _check_paths(
         raise OptionError("give --subspace FILE or --base BASE, not both")
     if calibration is not None and calibration_task is not None:
         raise OptionError("give --calibration FILE or --calibration-task FILE, not both")
+    # Hub ids become folders before anything is read, as in the API (io/hub.py): a checkpoint
+    # on the hub is then recognised as one, and every later step sees local folders.
+    adapter_dir = resolve_model_dir(adapter_dir, "ADAPTER")
+    aligned = resolve_model_dir(aligned, "ALIGNED")
+    base = None if base is None else resolve_model_dir(base, "BASE")
     if is_checkpoint(adapter_dir):  # a full fine-tune (docs/design.md §5d)
         find_safetensors_files(adapter_dir)
         adapter_path = Path(adapter_dir)
