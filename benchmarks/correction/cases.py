@@ -232,7 +232,8 @@ def case_safelora(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
 def case_build_subspace(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
     from csulora import api
 
-    path = api.build_subspace(spec["base"], spec["aligned"], spec["subspace"], progress=False)
+    # force: the benchmark owns this file; a rerun on a kept workdir (--keep) writes it again.
+    path = api.build_subspace(spec["base"], spec["aligned"], spec["subspace"], force=True, progress=False)
     return {"subspace_bytes": Path(path).stat().st_size}
 
 

@@ -216,3 +216,15 @@ def test_floor_summary_takes_medians_and_judges_each_target():
     assert met["cli_csulora_rss_growth_L12_over_L3"] and not met["cli_safelora_rss_growth_L12_over_L3"]
     assert "read_rss_growth_L12_over_L3" not in met  # the floor has no target of its own
     assert not met["max_abs_energy_error"]
+
+
+def test_build_subspace_case_reruns_on_a_kept_workdir(tmp_path):
+    """A second run with --keep finds the first run's subspace file: the benchmark owns it and
+    writes it again (it refused the existing file before)."""
+    from benchmarks.correction.cases import Clock, case_build_subspace
+
+    work = build_workdir(tmp_path, TOY, [2], DisplacementSpec(rank=3), AdapterSpec(rank=4))
+    spec = {"base": str(work.model("base", 2)), "aligned": str(work.model("aligned", 2)),
+            "subspace": str(tmp_path / "outputs" / "subspace-L2.safetensors")}
+    first = case_build_subspace(spec, Clock())
+    assert case_build_subspace(spec, Clock()) == first
