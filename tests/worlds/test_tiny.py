@@ -105,3 +105,31 @@ def test_world_training_prompts_stay_out_of_the_evaluation_sets():
     known = known_date_items(TinyWorldConfig())
     assert len({i["prompt"].split(" to ")[0] for i in known}) == len(known)  # ISO and US dates are disjoint
     assert {i["response"][2] for i in known if "MM/DD/YYYY" in i["prompt"]} == {"/"}
+
+
+def _records(world) -> dict[str, str]:
+    return {
+        f"{folder}/{name}": (world.root / folder / name).read_text()
+        for folder in ("aligned", "attacked")
+        for name in ("train_config.json", "README.md", "adapter_config.json")
+        if (world.root / folder / name).exists()
+    }
+
+
+def test_the_attack_adapter_records_the_worlds_own_aligned_folder(tiny_world):
+    """It recorded the temporary build folder, gone once the world was renamed into place."""
+    config = json.loads((tiny_world.attacked / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_world.aligned.resolve())
+    for name, text in _records(tiny_world).items():
+        assert ".tmp-" not in text, name
+
+
+def test_a_moved_world_records_its_new_folders_and_keeps_its_weights(tiny_world, tmp_path):
+    import shutil
+
+    moved = build_tiny_world(shutil.copytree(tiny_world.root, tmp_path / "moved"))
+    config = json.loads((moved.attacked / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(moved.aligned.resolve())
+    assert str(tiny_world.root.resolve()) not in "".join(_records(moved).values())
+    for weights in ("attacked/adapter_model.safetensors", "aligned/model.safetensors"):
+        assert (moved.root / weights).read_bytes() == (tiny_world.root / weights).read_bytes()

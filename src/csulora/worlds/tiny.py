@@ -325,6 +325,7 @@ def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = N
     if marker.exists() and not force:
         try:
             if json.loads(marker.read_text()).get("fingerprint") == config.fingerprint():
+                relocate_records(world.root, world.root)  # a world built before the fix, or moved
                 return world
         except json.JSONDecodeError:
             pass
@@ -364,6 +365,7 @@ def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = N
         write_pairs(staged.data / "attack.jsonl", attack_data)
         train_lora(staged.aligned, staged.data / "attack.jsonl", staged.attacked, config.attack, config.attack_lora, **RUNS_ON)
         timings["attacked"] = time.perf_counter() - t0
+        relocate_records(tmp, world.root)
 
         info = {
             "fingerprint": config.fingerprint(),
@@ -373,6 +375,45 @@ def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = N
         }
         (tmp / WORLD_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return world
+
+
+# The text files where training records the folders it read: PEFT's adapter_config.json
+# (base_model_name_or_path) and model card README.md, and train_config.json.
+RECORD_SUFFIXES = (".json", ".md")
+
+
+def relocate_records(folder: Path, world_root: Path) -> None:
+    """Make the records of the trained models in ``folder`` name the world's own folders.
+
+    A world is trained in a temporary folder renamed into place at the end, so the attack
+    adapter's ``base_model_name_or_path`` (and the other records) named a folder that no
+    longer exists. The folder they name is read from that field; its path is replaced by
+    ``world_root``'s everywhere in the records. Weights are untouched. Files are replaced
+    atomically (a concurrent reader sees the old or the new file); a read-only world is left
+    as it is.
+    """
+    config_file = folder / "attacked" / "adapter_config.json"
+    try:
+        recorded = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError):
+        return
+    if not recorded:
+        return
+    old, new = f"{Path(recorded).parent}/", f"{Path(world_root).resolve()}/"
+    if old == new:
+        return
+    for path in sorted(folder.glob("*/*")):
+        if path.suffix not in RECORD_SUFFIXES or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        if old not in text:
+            continue
+        try:
+            staged = path.with_name(f".{path.name}.relocating")
+            staged.write_text(text.replace(old, new), encoding="utf-8")
+            os.replace(staged, path)
+        except OSError:
+            return
 
 
 def answer_token_probabilities(model, tokenizer, items: list[dict], max_length: int = 64) -> torch.Tensor:
