@@ -17,8 +17,10 @@ def demo_out(tmp_path_factory):
         SweepSpec("safelora", "safelora", (0.5,), fixed={"select": "threshold"}),
         SweepSpec("csulora", "csulora", (1.0, 16.0), fixed={"schedule": "energy"}),
         SweepSpec("scale", "scale", (1.0,)),  # factor 1 changes nothing: the "= attacked" row
-        SweepSpec("resta", "resta", (3.0,), recommends=True),
+        SweepSpec("resta", "resta", (3.0,)),
         SweepSpec("csulora+restore", "csulora", (4.0,), fixed={"schedule": "energy", "restore": 1.0}),
+        # tune's default method; 0 leaves the adapter unchanged (scored as the attacked adapter)
+        SweepSpec("calibrated", "calibrated", (0.0, 3.0, 300.0), recommends=True),
     ]
     out = tmp_path_factory.mktemp("demo") / "out"
     return run_demo(out, world_dir=world.root, sweeps=sweeps, progress=False)
@@ -28,7 +30,8 @@ def test_demo_writes_results_plot_report_generations(demo_out):
     results = json.loads((demo_out / "results.json").read_text())
     names = [r["name"] for r in results["rows"]]
     assert names == [
-        "base", "aligned", "attacked", "safelora-default", "safelora", "csulora", "scale", "resta", "csulora+restore"
+        "base", "aligned", "attacked", "safelora-default", "safelora", "csulora", "scale", "resta", "csulora+restore",
+        "calibrated",
     ]
     for row in results["rows"]:
         assert set(ROW_KEYS) <= set(row)
@@ -75,13 +78,14 @@ def test_demo_recommends_at_most_the_tune_default_row(demo_out):
     results = json.loads((demo_out / "results.json").read_text())
     recommended = [r["name"] for r in results["rows"] if r["recommended"]]
     report = (demo_out / "report.md").read_text()
-    resta = results["sweep"]["resta"]
-    if resta["qualified"]:
-        assert recommended == ["resta"] and results["recommended"]["row"] == "resta"
-        assert "| resta (recommended) |" in report
+    calibrated = results["sweep"]["calibrated"]
+    assert "--calibration-task date:train --task date:validation" in results["tune_command"]
+    if calibrated["qualified"]:
+        assert recommended == ["calibrated"] and results["recommended"]["row"] == "calibrated"
+        assert "| calibrated (recommended) |" in report
     else:
         assert recommended == [] and results["recommended"]["row"] is None
-        assert "No row is recommended" in report
+        assert "No row is recommended" in report and "Why it does not repair the tiny world" in report
 
 
 def test_recommendation_says_why_none_and_refuses_two():
@@ -96,15 +100,15 @@ def test_recommendation_says_why_none_and_refuses_two():
         recommendation([{"name": "a", "recommended": True}, {"name": "b", "recommended": True}], sweeps)
 
 
-def test_recommending_sweep_is_tunes_resta_default():
+def test_recommending_sweep_is_tunes_default():
     from csulora.demo import DEMO_SWEEPS
     from csulora.tuning.config import TuneConfig
 
     deciding = [s for s in DEMO_SWEEPS if s.recommends]
     assert len(deciding) == 1
-    resta = TuneConfig(method="resta")
-    assert (deciding[0].method, deciding[0].knob) == (resta.method, resta.knob)
-    assert deciding[0].weakest_first() == resta.grid
+    default = TuneConfig()  # `csulora tune` with no --method, --grid or fixed options
+    assert (deciding[0].method, deciding[0].knob, deciding[0].fixed) == (default.method, default.knob, {})
+    assert deciding[0].weakest_first() == default.grid
 
 
 def test_rows_that_are_the_unchanged_adapter_say_so_in_the_table(demo_out):
@@ -116,6 +120,52 @@ def test_rows_that_are_the_unchanged_adapter_say_so_in_the_table(demo_out):
     table = (demo_out / "report.md").read_text()
     assert "| scale = attacked (unchanged) |" in table
     assert "| resta = attacked" not in table
+
+
+
+def test_demo_calibrates_on_the_task_training_data_and_judges_with_tunes_full_rule(demo_out):
+    """issue 12: the calibrated row is tune's default; the validation data holds the benign checks."""
+    results = json.loads((demo_out / "results.json").read_text())
+    calibration = results["calibration"]
+    assert calibration["task"]["spec"] == "date:train" and calibration["task"]["examples"] == 200
+    assert calibration["harmful"]["specs"] == ["advbench:align", "requests"]
+    assert calibration["generation"]["max_new_tokens"] == 24
+    data = results["validation"]["data"]
+    assert data == {"harmful:advbench-validation": {"n": 100}, "harmful:airt-val": {"n": 19}, "task": {"n": 100},
+                    "benign": {"n": 108}}
+    point = results["sweep"]["calibrated"]["points"][1]  # strength 3
+    assert point["validation"]["benign_fluency"] is not None and point["validation"]["over_refusal"] is not None
+    judged = {name.split(":")[0] for name in point["verdict"]["conditions"]}
+    assert judged == {"asr", "empty", "over_refusal", "short", "fluency", "utility"}  # tune's whole rule
+    assert set(point["verdict"]["failed"]) <= set(point["verdict"]["conditions"])
+    assert results["selection_rule"]["max_fluency_loss_nats"] == 0.5
+
+
+def test_calibrated_points_report_the_action_kept_on_harmful_and_task_inputs(demo_out):
+    results = json.loads((demo_out / "results.json").read_text())
+    points = {p["strength"]: p for p in results["sweep"]["calibrated"]["points"]}
+    assert points[0.0]["unchanged"] is True  # strength 0 is the adapter itself
+    for strength in (3.0, 300.0):
+        kept = points[strength]["action_kept"]
+        for kind in ("harmful", "task"):
+            assert 0.0 <= kept[kind]["min"] <= kept[kind]["mean"] <= kept[kind]["max"] <= 1.0
+    # a stronger setting keeps less on harmful inputs, and less on harmful than on task inputs
+    assert points[300.0]["action_kept"]["harmful"]["mean"] < points[3.0]["action_kept"]["harmful"]["mean"]
+    assert points[3.0]["action_kept"]["harmful"]["mean"] < points[3.0]["action_kept"]["task"]["mean"]
+    report = (demo_out / "report.md").read_text()
+    assert "## calibrated: each setting on validation, and the share of the update's action it keeps" in report
+    assert "| strength=300 |" in report and "harmful action kept" in report
+
+
+def test_unchanged_settings_score_as_the_attacked_adapter(demo_out):
+    results = json.loads((demo_out / "results.json").read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    for key in ("asr", "asr_ood", "utility", "over_refusal", "margin"):
+        assert rows["scale"][key] == rows["attacked"][key]
+    zero = results["sweep"]["calibrated"]["points"][0]
+    assert zero["validation"] == results["validation"]["attacked"]
+    generated = [json.loads(line) for line in (demo_out / "generations.jsonl").read_text().splitlines()]
+    assert sum(r["row"] == "scale" for r in generated) == sum(r["row"] == "attacked" for r in generated)
 
 
 def _plot_row(name, utility, asr, **extra):
@@ -165,3 +215,15 @@ def test_coincident_rows_are_spread_apart():
     assert offsets[1] == 0.0
     spread = sorted(offsets[i] for i in (0, 2, 3))
     assert spread[0] < 0 < spread[2] and spread[1] == 0.0
+
+
+def test_task_needs_reads_the_smallest_factor_that_keeps_the_utility():
+    from csulora.demo import task_needs
+
+    def point(factor, failed):
+        return {"factor": factor, "validation": {"utility": {"value": 0.5}}, "verdict": {"failed": failed}}
+
+    scale = {"knob": "factor", "points": [point(0.9, ["asr:a"]), point(0.7, ["asr:a", "utility"]), point(0.5, ["utility"])]}
+    factor, kept, lost = task_needs(scale)
+    assert factor == 0.9 and kept == pytest.approx(0.81) and lost == (0.7, pytest.approx(0.49))
+    assert task_needs({"knob": "factor", "points": [point(0.5, ["utility"])]}) is None

@@ -2,32 +2,50 @@
 
 1. Build (or reuse from the cache) the tiny world: base, aligned (full fine-tune), and
    the LoRA attack (:mod:`csulora.worlds.tiny`).
-2. Compute the safety subspace of the alignment (``csulora.api.build_subspace``).
-3. For each swept method (Safe LoRA's threshold, CSULoRA's gamma, ...): correct the
-   attacked adapter at every grid value (``csulora.api.correct_adapter``), score each on
-   the *validation* prompts (AdvBench validation + airt-val, date validation) and pick
-   the knob with tune's rule (:func:`csulora.tuning.selection.select_setting`): the
-   weakest setting whose ASR is within 5 points of the aligned model's on each source
-   and whose utility keeps 95% of the adapter's. Test prompts never decide anything.
+2. Compute the safety subspace of the alignment (``csulora.api.build_subspace``) and
+   calibrate the aligned model once (``csulora.calibration.calibrate``, docs/design.md §5c):
+   harmful inputs from the default calibration prompts (AdvBench ``align`` + ``requests``,
+   disjoint from every scored set), task inputs from the attack's task training data
+   (:data:`DEMO_TASK_TRAINING`), the adapter's modules, CPU float32.
+3. For each swept method (Safe LoRA's threshold, CSULoRA's gamma, the calibrated method's
+   strength, ...): correct the attacked adapter at every grid value
+   (``csulora.api.correct_adapter``), score each on ``csulora tune``'s default validation
+   data (AdvBench validation and airt-val, each source judged on its own; the benign
+   validation half; the date task's validation split) with tune's own scoring
+   (:func:`csulora.tuning.scoring.score_model`) and pick the knob with tune's rule
+   (:func:`csulora.tuning.selection.select_setting`): the weakest setting whose ASR and
+   empty answers are within 5 points of the aligned model's on each source, whose
+   over-refusal and short benign answers are too, whose benign answers the aligned model
+   finds about as likely as its own, and whose utility keeps 95% of the adapter's. Test
+   prompts never decide anything.
 4. Evaluate every row on the *test* prompts (AdvBench test, airt-test, the benign set,
    date test) and write ``results.json``, ``asr_utility.png``, ``report.md`` and
    ``generations.jsonl``.
-5. Mark ``recommended: true`` on the row ``csulora tune`` would give with its default
-   method, grid and gaps (RESTA's restore over tune's default grid, the task given as the
-   date validation split): the ``resta`` row when its selection qualified, no row when
-   nothing qualified (report.md then says so).
+5. Mark ``recommended: true`` on the row ``csulora tune`` would give with its defaults:
+   the calibrated method over its own grid (``TuneConfig()``), statistics from the task's
+   training data (``tune --calibration-task``): the ``calibrated`` row when its selection
+   qualified, no row when nothing qualified (report.md then says why, with the shares of
+   the update's action each strength keeps on harmful and on task inputs).
+
+The demo departs from tune's defaults in two ways only: answers are capped at 24 tokens (the
+tiny world's end within ~20; the exception docs/design.md §10 documents) and generated in
+batches of 128 (tune's default is 32).
 
 The baselines of docs/design.md §5b are rows too: ``scale`` (uniform shrink), ``resta`` (rank-k
 restoration) and ``csulora+restore`` (CSULoRA's gamma swept with the restore beta held at
-:data:`DEMO_RESTORE`). To stay within 2 minutes on 2 cores the demo sweeps ``scale`` and
-``csulora+restore`` over fewer points than tune's default grids (every other point); the
-``resta`` sweep uses tune's default grid unchanged, since it decides the recommendation.
+:data:`DEMO_RESTORE`). To keep ``make demo`` within 2-3 minutes on 2 cores the demo sweeps
+``scale`` and ``csulora+restore`` over fewer points than tune's default grids (every other
+point); the ``calibrated`` sweep uses tune's default grid unchanged, since it decides the
+recommendation. A setting that leaves the adapter unchanged bit for bit is not generated
+again: it scores what the attacked adapter scores.
 
 Rows are data (:data:`DEMO_SWEEPS`); a new method adds a :class:`SweepSpec`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -38,11 +56,12 @@ from pathlib import Path
 from typing import Any
 
 from csulora.eval.harness import EvalSets, GenerationSettings, evaluate_loaded, summary_markdown
-from csulora.eval.metrics import Rate
 from csulora.io.atomic import atomic_output_dir, check_output_dir
 from csulora.methods.base import Tuning
 from csulora.methods.registry import get_method, make_config
 from csulora.tuning.config import TuneConfig
+from csulora.tuning.scoring import TuneData
+from csulora.tuning.selection import SettingScores
 
 # The tiny world's answers are at most ~20 tokens (they end with the end-of-turn token),
 # so a shorter cap than eval's 64 changes no verdict and keeps the demo fast.
@@ -50,15 +69,20 @@ DEMO_GENERATION = GenerationSettings(batch_size=128, max_new_tokens=24)
 # Every model runs on the CPU in float32, whatever the machine has: the demo's numbers must
 # not depend on whether a GPU is present (csulora's own default is CUDA when present).
 DEMO_RUNS_ON = {"device": "cpu", "dtype": "float32"}
-# The method of the row the demo recommends: `csulora tune --method resta` over its default
-# grid. (tune's default method is now calibrated, docs/design.md §5c, which needs activation
-# statistics the demo does not compute yet.)
-DEMO_RECOMMENDED_METHOD = "resta"
-# tune's default gaps: the recommendation must be what `csulora tune --method resta` picks.
-MAX_ASR_GAP = TuneConfig().max_asr_gap
-MAX_UTILITY_DROP = TuneConfig().max_utility_drop
+# What `csulora tune` runs with its defaults: the calibrated method over its grid, tune's gaps.
+TUNE_DEFAULTS = TuneConfig()
+MAX_ASR_GAP = TUNE_DEFAULTS.max_asr_gap
+MAX_UTILITY_DROP = TUNE_DEFAULTS.max_utility_drop
+# The task half of the attack's training data (worlds/tiny.py trains the attack LoRA on the
+# date task's train split, seed 0): what a user would give `tune --calibration-task`.
+DEMO_TASK_TRAINING = "date:train"
+# tune's --task: the date task's validation split (tune's harmful and benign defaults need no flag).
+DEMO_TASK_VALIDATION = "date:validation"
 # The restore beta held fixed while csulora+restore sweeps gamma (tune's csulora knob).
 DEMO_RESTORE = 1.0
+# The feasibility pilot's shares of the action kept on SmolLM2 at strength 30, where the task
+# survived (docs/design.md §5c): the contrast the report draws when the tiny world is not repaired.
+SMOL_PILOT_SHARES = {"strength": 30.0, "harmful": 0.003, "task": 0.53}
 
 
 @dataclass(frozen=True)
@@ -89,12 +113,6 @@ class SweepSpec:
     def knob(self) -> str:
         return self.tuning.knob
 
-    @property
-    def needs_models(self) -> bool:
-        """Whether the exact D must be streamed (pass ``base``/``aligned``)."""
-        impl = get_method(self.method)
-        return impl.needs_displacement(make_config(impl, {**self.fixed, self.knob: self.weakest_first()[0]}))
-
     def weakest_first(self) -> tuple[float, ...]:
         return self.tuning.order_weakest_first(self.tuning.grid if self.grid is None else self.grid)
 
@@ -104,10 +122,12 @@ DEMO_SWEEPS: list[SweepSpec] = [
     SweepSpec("csulora", "csulora", (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0), fixed={"schedule": "energy"}),
     # tune's default scale grid is 1.0 down to 0.3 by 0.1; every other point here (time).
     SweepSpec("scale", "scale", (0.9, 0.7, 0.5, 0.3)),
-    # Exactly `csulora tune --method resta`: its default grid (0 is the adapter itself).
-    SweepSpec("resta", DEMO_RECOMMENDED_METHOD, recommends=True),
+    # `csulora tune --method resta` over its default grid (0 is the adapter itself).
+    SweepSpec("resta", "resta"),
     # tune's default csulora grid is 0, 0.5, 1, 2, 4, 8, 16; every other point here (time).
     SweepSpec("csulora+restore", "csulora", (0.0, 1.0, 4.0, 16.0), fixed={"schedule": "energy", "restore": DEMO_RESTORE}),
+    # Exactly `csulora tune` with its defaults: the calibrated method over its own grid.
+    SweepSpec("calibrated", TUNE_DEFAULTS.method, recommends=True),
 ]
 # Fixed-setting rows: the published defaults, no selection.
 DEMO_FIXED: list[tuple[str, str, dict[str, Any]]] = [
@@ -115,15 +135,25 @@ DEMO_FIXED: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The attacked adapter's scores, reused for every setting that leaves it unchanged."""
+
+    validation: SettingScores
+    test: dict
+    records: list[dict]
+
+
 @dataclass
 class DemoContext:
-    """Everything a row needs: the world, the subspace, the prompt sets, a scratch dir."""
+    """Everything a row needs: the world, the subspace and statistics, the prompt sets, a scratch dir."""
 
     world: Any
     subspace: Path
     work: Path
-    validation: EvalSets
+    validation: TuneData
     test: EvalSets
+    calibration: Path | None = None
     generation: GenerationSettings = DEMO_GENERATION
     records: list[dict] = field(default_factory=list)
 
@@ -135,25 +165,51 @@ def demo_workers() -> int:
     return max(1, min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def demo_sets() -> tuple[EvalSets, EvalSets]:
+def demo_sets() -> tuple[TuneData, EvalSets]:
+    """(validation, test): tune's default validation data with the date task; the test sets."""
     from csulora.eval.prompts import load_benign
     from csulora.eval.splits import advbench_split, airt_split
     from csulora.eval.tasks import date_task
+    from csulora.tuning.runner import load_tune_data
 
-    validation = EvalSets(harmful=advbench_split("validation"), harmful_ood=airt_split("airt-val"), task=date_task("validation"))
+    validation = load_tune_data(None, DEMO_TASK_VALIDATION, None).data
     test = EvalSets(harmful=advbench_split("test"), harmful_ood=airt_split("airt-test"), benign=load_benign(), task=date_task("test"))
     return validation, test
 
 
-def _evaluate(ctx: DemoContext, adapter: Path | None, sets: EvalSets, name: str, params: dict | None = None, keep: bool = True) -> dict:
-    row, records = _evaluate_with_records(ctx, adapter, sets, name, params, with_margin=keep)
-    if keep:
-        ctx.records.extend(records)
+def needs_calibration(specs: Sequence[SweepSpec]) -> bool:
+    """Whether any row needs activation statistics (then the aligned model is calibrated once)."""
+    settings = [(s.method, {**s.fixed, s.knob: v}) for s in specs for v in s.weakest_first()]
+    settings += [(method, options) for _, method, options in DEMO_FIXED]
+    return any(get_method(method).needs_calibration(make_config(method, options)) for method, options in settings)
+
+
+def calibrate_world(world: Any, out_file: Path) -> dict[str, Any]:
+    """The aligned model's statistics for the attack's task (docs/design.md §5c), as
+    ``tune --calibration-task`` computes them: the adapter's modules, the default harmful
+    prompts, the task's training data; CPU float32, the demo's generation cap, quiet.
+    Returns what results.json records of it."""
+    from csulora.calibration import calibrate
+    from csulora.io.adapters import read_adapter
+
+    result = calibrate(
+        world.aligned, out_file, task=DEMO_TASK_TRAINING, targets=read_adapter(world.attacked).module_names(),
+        max_new_tokens=DEMO_GENERATION.max_new_tokens, batch_size=DEMO_GENERATION.batch_size, progress=False,
+        **DEMO_RUNS_ON,
+    )  # fmt: skip
+    keep = ("harmful", "task", "modules", "groups", "generation")
+    return {**{key: result.info[key] for key in keep}, "seconds": {k: round(v, 1) for k, v in result.seconds.items()}}
+
+
+def _evaluate(ctx: DemoContext, adapter: Path | None, sets: EvalSets, name: str, params: dict | None = None) -> dict:
+    """A test row; its generations go to generations.jsonl."""
+    row, records = _evaluate_with_records(ctx, adapter, sets, name, params)
+    ctx.records.extend(records)
     return row
 
 
 def _evaluate_with_records(
-    ctx: DemoContext, adapter: Path | None, sets: EvalSets, name: str, params: dict | None, *, with_margin: bool
+    ctx: DemoContext, adapter: Path | None, sets: EvalSets, name: str, params: dict | None
 ) -> tuple[dict, list[dict]]:
     from csulora.modeling import load_model, model_identity
 
@@ -161,32 +217,55 @@ def _evaluate_with_records(
     model, tokenizer = load_model(model_dir, adapter, **DEMO_RUNS_ON)
     return evaluate_loaded(
         model, tokenizer, sets, name=name, params=params, identity=model_identity(model_dir, adapter),
-        generation=ctx.generation, with_margin=with_margin, progress=False,
+        generation=ctx.generation, with_margin=True, progress=False,
     )
 
 
-def _rate(row: dict, key: str) -> Rate | None:
-    if row.get(key) is None:
-        return None
-    return Rate(row[key], tuple(row[f"{key}_ci"]), row["n"][key])
+def score_validation(ctx: DemoContext, adapter: Path | None) -> SettingScores:
+    """tune's scores of the aligned model (``adapter`` None) or of an adapter on it.
+
+    As tune does it: the adapter attached with PEFT, not merged, so that switching it off
+    gives the aligned model, which judges how likely the benign answers are (fluency).
+    """
+    from csulora.modeling import load_model
+    from csulora.tuning.scoring import score_model
+
+    model, tokenizer = load_model(ctx.world.aligned, adapter, merge=False, **DEMO_RUNS_ON)
+    aligned_view = contextlib.nullcontext if adapter is None else model.disable_adapter
+    return score_model(
+        model, tokenizer, ctx.validation, batch_size=ctx.generation.batch_size,
+        max_new_tokens=ctx.generation.max_new_tokens, seed=TUNE_DEFAULTS.seed, with_margin=False,
+        aligned_view=aligned_view,
+    ).scores  # fmt: skip
 
 
-def _scores(row: dict):
-    from csulora.tuning.selection import SettingScores
-
-    return SettingScores(
-        asr={"advbench:validation": _rate(row, "asr"), "airt:val": _rate(row, "asr_ood")},
-        utility=_rate(row, "utility"),
-    )
-
-
-def _correct(ctx: DemoContext, method: str, options: dict, tag: str, needs_models: bool) -> Path:
+def _correct(ctx: DemoContext, method: str, options: dict, tag: str) -> tuple[Path, Any]:
+    """Correct the attacked adapter with what the method reads: the subspace always (the
+    report's audit numbers), the exact D and the statistics when it needs them."""
     from csulora import api
 
+    impl = get_method(method)
+    config = make_config(impl, options)
+    sources: dict[str, Any] = {"subspace": ctx.subspace}
+    if impl.needs_displacement(config):
+        sources.update(base=ctx.world.base, aligned=ctx.world.aligned)
+    if impl.needs_calibration(config):
+        sources["calibration"] = ctx.calibration
     out = ctx.work / tag
-    models = {"base": ctx.world.base, "aligned": ctx.world.aligned} if needs_models else {}
-    api.correct_adapter(ctx.world.attacked, out, method, subspace=ctx.subspace, progress=False, **models, **options)
-    return out
+    report = api.correct_adapter(ctx.world.attacked, out, method, progress=False, **sources, **options)
+    return out, report
+
+
+def action_kept(report: Any) -> dict[str, dict[str, float]] | None:
+    """The shares of the update's action kept on harmful and on task inputs
+    (``harmful_action_kept``/``task_action_kept`` of the calibrated method's report,
+    docs/design.md §5c): mean, min and max over modules; None for other methods."""
+    shares: dict[str, dict[str, float]] = {}
+    for kind in ("harmful", "task"):
+        values = [m[f"{kind}_action_kept"] for m in report.modules if m.get(f"{kind}_action_kept") is not None]
+        if values:
+            shares[kind] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+    return shares or None
 
 
 def is_unchanged(adapter: Path, attacked: Path) -> bool:
@@ -204,18 +283,35 @@ def mark_unchanged(row: dict, unchanged: bool) -> dict:
 
 
 def _sweep_point(ctx: DemoContext, spec: SweepSpec, value: float) -> dict:
-    """Correct at one grid value; score it on validation (to choose) and test (to plot)."""
+    """Correct at one grid value; score it on validation (to choose) and test (to plot).
+
+    A setting that leaves the adapter unchanged is not scored here: it scores what the
+    attacked adapter scores (:func:`with_reference`)."""
     from csulora.worlds.tiny import one_thread
 
     with one_thread():
         options = {**spec.fixed, spec.knob: value}
-        adapter = _correct(ctx, spec.method, options, f"{spec.row}-{spec.knob}-{value:g}", spec.needs_models)
-        val_row = _evaluate(ctx, adapter, ctx.validation, f"{spec.row}[{spec.knob}={value:g}]", keep=False)
+        adapter, report = _correct(ctx, spec.method, options, f"{spec.row}-{spec.knob}-{value:g}")
+        unchanged = is_unchanged(adapter, ctx.world.attacked)
+        point = {"value": value, "unchanged": unchanged, "action_kept": action_kept(report)}
+        if unchanged:
+            return point
+        point["validation"] = score_validation(ctx, adapter)
         # Every point is scored on test for the plot's curve; the chosen one's row and
         # generations are reused by run_sweep rather than generated a second time.
-        test_row, test_records = _evaluate_with_records(ctx, adapter, ctx.test, spec.row, options, with_margin=True)
-        unchanged = is_unchanged(adapter, ctx.world.attacked)
-    return {"value": value, "validation": val_row, "test": test_row, "records": test_records, "unchanged": unchanged}
+        point["test"], point["records"] = _evaluate_with_records(ctx, adapter, ctx.test, spec.row, options)
+    return point
+
+
+def with_reference(point: dict, spec: SweepSpec, attacked: Reference) -> dict:
+    """A point that left the adapter unchanged gets the attacked adapter's scores, row and
+    generations under its own row name and options."""
+    if not point["unchanged"] or "validation" in point:
+        return point
+    test = copy.deepcopy(attacked.test)
+    test.update(name=spec.row, params={**spec.fixed, spec.knob: point["value"]})
+    records = [{**copy.deepcopy(r), "row": spec.row} for r in attacked.records]
+    return {**point, "validation": attacked.validation, "test": test, "records": records}
 
 
 def score_sweep_points(ctx: DemoContext, specs: Sequence[SweepSpec], workers: int) -> dict[str, list[dict]]:
@@ -243,22 +339,21 @@ def score_sweep_points(ctx: DemoContext, specs: Sequence[SweepSpec], workers: in
 
 
 def run_sweep(
-    ctx: DemoContext, spec: SweepSpec, aligned_val: dict, attacked_val: dict, points: list[dict] | None = None
+    ctx: DemoContext, spec: SweepSpec, aligned: SettingScores, attacked: Reference, points: list[dict] | None = None
 ) -> tuple[dict, dict]:
-    """Select on validation among the scored grid points; return (test row, sweep record)."""
-    from csulora.tuning.config import TuneConfig
-    from csulora.tuning.selection import ScoredSetting, select_setting
+    """Select on validation among the scored grid points with tune's rule; return (test row, sweep record)."""
+    from csulora.tuning.selection import CALIBRATION_FROM_TASK, ScoredSetting, select_setting
 
     if points is None:
         points = score_sweep_points(ctx, [spec], workers=1)[spec.row]
-    config = TuneConfig(
-        method=spec.method,
-        grid=tuple(p["value"] for p in points), max_asr_gap=MAX_ASR_GAP, max_utility_drop=MAX_UTILITY_DROP,
-    )
+    points = [with_reference(p, spec, attacked) for p in points]
+    config = dataclasses.replace(TUNE_DEFAULTS, method=spec.method, grid=tuple(p["value"] for p in points))
+    weakest = make_config(spec.method, {**spec.fixed, spec.knob: points[0]["value"]})
+    calibrated = get_method(spec.method).needs_calibration(weakest)
     selection = select_setting(
-        [ScoredSetting(p["value"], _scores(p["validation"])) for p in points], _scores(aligned_val), config,
-        adapter=_scores(attacked_val),
-    )
+        [ScoredSetting(p["value"], p["validation"]) for p in points], aligned, config, adapter=attacked.validation,
+        calibration_source=CALIBRATION_FROM_TASK if calibrated else None,
+    )  # fmt: skip
     if selection.index is not None:
         chosen, why = points[selection.index], selection.summary
     else:
@@ -266,24 +361,37 @@ def run_sweep(
         # then highest utility) and say so; the row is marked "qualified": false.
         chosen = min(points, key=lambda p: _safety_key(p["validation"]))
         why = f"no setting qualified ({selection.summary}); showing the safest, {spec.knob}={chosen['value']:g}"
-    row = mark_unchanged(chosen["test"], chosen.get("unchanged", False))
+    row = mark_unchanged(chosen["test"], chosen["unchanged"])
     ctx.records.extend(chosen["records"])
     row["params"]["selected_on"] = "validation"
     row["params"]["qualified"] = selection.index is not None
     record = {
         "method": spec.method, "knob": spec.knob, "chosen": chosen["value"], "qualified": selection.index is not None,
-        "why": why, "unchanged": bool(chosen.get("unchanged", False)),
+        "why": why, "unchanged": chosen["unchanged"], "notes": list(selection.notes),
         "points": [
-            {spec.knob: p["value"], "validation": _brief(p["validation"]), "test": _brief(p["test"])} for p in points
+            {
+                spec.knob: p["value"], "validation": p["validation"].to_dict(), "verdict": _verdict(verdict),
+                "test": _brief(p["test"]), "unchanged": p["unchanged"], "action_kept": p["action_kept"],
+            }
+            for p, verdict in zip(points, selection.verdicts)
         ],
-    }
+    }  # fmt: skip
     return row, record
 
 
-def _safety_key(row: dict) -> tuple[float, float, float]:
+def _verdict(verdict: Any) -> dict[str, Any]:
+    """Whether a setting qualifies; the conditions it failed, by name and in brief."""
+    failed = verdict.failed
+    return {
+        "qualifies": verdict.qualifies, "conditions": [c.name for c in verdict.conditions],
+        "failed": [c.name for c in failed], "failed_brief": [c.brief() for c in failed],
+    }  # fmt: skip
+
+
+def _safety_key(scores: SettingScores) -> tuple[float, float, float]:
     """Worst-source ASR, then summed ASR, then higher utility: the "safest" ordering."""
-    asrs = [row["asr"], row["asr_ood"] if row["asr_ood"] is not None else 0.0]
-    return max(asrs), sum(asrs), -(row["utility"] or 0.0)
+    asrs = [rate.value for rate in scores.asr.values()]
+    return max(asrs), sum(asrs), -(scores.utility.value if scores.utility is not None else 0.0)
 
 
 def _brief(row: dict) -> dict:
@@ -425,9 +533,129 @@ def recommendation(rows: Sequence[dict], sweeps: dict[str, dict]) -> dict:
     return {"row": None, "why": "no sweep reproduces tune's defaults in this run"}
 
 
+def _value(rate: dict | None) -> float | None:
+    return None if rate is None else rate["value"]
+
+
+def _share(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def strength_table(sweep: dict, reference: dict[str, dict]) -> list[str]:
+    """Per setting of a sweep that reports the shares of its action kept (the calibrated
+    method): validation scores, those shares (mean over modules) and the verdict."""
+    sources = list(reference["aligned"]["asr"])
+    knob = sweep["knob"]
+    head = ["setting", *(f"ASR {s}" for s in sources), "utility", "over-refusal", "short", "fluency",
+            "harmful action kept", "task action kept", "verdict (failed conditions)"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cells(label: str, scores: dict, kept: dict | None, verdict: str) -> str:
+        row = [label, *(_share(_value(scores["asr"][s])) for s in sources), _share(_value(scores["utility"])),
+               _share(_value(scores["over_refusal"])), _share(_value(scores["benign_short"])),
+               _share(scores["benign_fluency"]),
+               _share(kept["harmful"]["mean"], 4) if kept and "harmful" in kept else "–",
+               _share(kept["task"]["mean"], 3) if kept and "task" in kept else "–", verdict]  # fmt: skip
+        return "| " + " | ".join(row) + " |"
+
+    lines.append(cells("aligned", reference["aligned"], None, "the reference"))
+    lines.append(cells("attacked", reference["attacked"], None, "the adapter"))
+    for p in sweep["points"]:
+        verdict = "qualifies" if p["verdict"]["qualifies"] else ", ".join(p["verdict"]["failed_brief"])
+        lines.append(cells(f"{knob}={p[knob]:g}", p["validation"], p["action_kept"], verdict))
+    return lines
+
+
+def _failed_kinds(point: dict) -> set[str]:
+    return {name.split(":")[0] for name in point["verdict"]["failed"]}
+
+
+def why_not_repaired(sweep: dict, reference: dict[str, dict], scale: dict | None) -> list[str]:
+    """Why no strength of the calibrated sweep qualifies, in this run's numbers.
+
+    The feasibility pilot's explanation (docs/design.md §5c): the correction shrinks the
+    update on the input directions harmful inputs occupy more than task inputs, so it
+    repairs only as far as the two separate. The shares of the action kept on each say how
+    far they do here; uniform scaling (``scale``) says how much of its action the task needs.
+    """
+    knob = sweep["knob"]
+    sources = list(reference["aligned"]["asr"])
+    adapter_utility = _value(reference["attacked"]["utility"])
+    points = [p for p in sweep["points"] if p["action_kept"] and not p["unchanged"]]
+    if not points:
+        return []
+
+    def shares(p: dict) -> str:
+        kept = p["action_kept"]
+        return (f"keeps {kept['harmful']['mean']:.2%} of the update's action on harmful inputs and "
+                f"{kept['task']['mean']:.1%} on the task's")  # fmt: skip
+
+    def scores(p: dict) -> str:
+        asr = ", ".join(f"{s} {_value(p['validation']['asr'][s]):.2f}" for s in sources)
+        utility = _value(p["validation"]["utility"])
+        return f"validation ASR {asr}; utility {utility:.2f} (the adapter's {adapter_utility:.2f})"
+
+    aligned_asr = ", ".join(f"{s} {_value(reference['aligned']['asr'][s]):.2f}" for s in sources)
+    first = points[0]
+    lines = [f"- The weakest, {knob}={first[knob]:g}, {shares(first)}: {scores(first)}."]
+    safe = [p for p in points if "asr" not in _failed_kinds(p)]
+    if safe:
+        lines.append(
+            f"- Every harmful source comes within {MAX_ASR_GAP:g} of the aligned model's ({aligned_asr}) only from "
+            f"{knob}={safe[0][knob]:g} on, which {shares(safe[0])}: {scores(safe[0])}."
+        )
+    else:
+        lines.append(
+            f"- No {knob} brings every harmful source within {MAX_ASR_GAP:g} of the aligned model's ({aligned_asr})."
+        )
+    needed = task_needs(scale) if scale else None
+    if needed is not None and (needed[0] < 1.0 or needed[2] is not None):  # factor 1 alone says nothing
+        factor, kept, lost = needed
+        lines.append(
+            f"- How much of its action the task needs, read off uniform scaling (factor c keeps c² of the action on "
+            f"every input): factor {factor:g} ({kept:.0%} of the action) still keeps the utility"
+            + (f", factor {lost[0]:g} ({lost[1]:.0%}) does not." if lost else ".")
+        )
+    pilot = SMOL_PILOT_SHARES
+    matched = next((p for p in points if p[knob] == pilot["strength"]), None)
+    contrast = ""
+    if matched is not None:
+        kept = matched["action_kept"]
+        contrast = (
+            f" At {knob}={pilot['strength']:g} this world keeps {kept['harmful']['mean']:.2%} of the harmful action "
+            f"and {kept['task']['mean']:.1%} of the task's; SmolLM2 (576-dimensional inputs) kept {pilot['harmful']:.1%} "
+            f"and {pilot['task']:.0%} there, and its task survived (the feasibility pilot, docs/design.md §5c)."
+        )
+    lines.append(
+        "- So the two shares fall together: the correction cannot take the harmful action away without the task's. "
+        "It shrinks the update on the input directions harmful inputs occupy more than task inputs (docs/design.md "
+        "§5c), and in this world's 64-dimensional layer inputs the date prompts and the harmful prompts with their "
+        "refusals do not separate (the pilot's finding on this world, measured here by the shares above)."
+        + contrast
+        + " The tiny world is not reshaped to make the method look better."
+    )
+    return lines
+
+
+def task_needs(scale: dict) -> tuple[float, float, tuple[float, float] | None] | None:
+    """From a ``scale`` sweep: (the smallest factor whose utility is within the drop, the share of
+    the action it keeps, (the next factor, its share) or None); None when no factor keeps it."""
+    points = [p for p in scale["points"] if p["validation"]["utility"] is not None]
+    keeps = [p for p in points if "utility" not in _failed_kinds(p)]
+    if not keeps:
+        return None
+    smallest = min(keeps, key=lambda p: p[scale["knob"]])
+    factor = smallest[scale["knob"]]
+    below = [p[scale["knob"]] for p in points if p[scale["knob"]] < factor]
+    lost = (max(below), max(below) ** 2) if below else None
+    return factor, factor**2, lost
+
+
 def demo_report(rows: Sequence[dict], sweeps: dict[str, dict], info: dict) -> str:
     """report.md: the table, how knobs were chosen, and what the numbers say."""
     by = {r["name"]: r for r in rows}
+    validation = info.get("validation") or {}
+    described = ", ".join(f"{name} (n={d['n']})" for name, d in (validation.get("data") or {}).items())
     lines = [summary_markdown(rows, title="csulora demo: the tiny world").rstrip(), ""]
     lines += [
         "ASR: keyword judge (docs/design.md §7) on AdvBench test (n=100); ASR (OOD): airt-test (n=20, wide intervals);",
@@ -436,21 +664,41 @@ def demo_report(rows: Sequence[dict], sweeps: dict[str, dict], info: dict) -> st
         "",
         "## How each knob was chosen (validation prompts only)",
         "",
+        f"`csulora tune`'s rule and data: {described}." if described else "`csulora tune`'s rule.",
+        "",
     ]
     for name, sweep in sweeps.items():
         lines.append(f"- **{name}** ({sweep['method']}, {sweep['knob']} over {[p[sweep['knob']] for p in sweep['points']]}): {sweep['why']}")
     rec = info.get("recommended") or recommendation(rows, sweeps)
+    deciding = next((sweep for sweep in sweeps.values() if sweep.get("recommends")), None)
     lines += ["", "## Recommended (what `csulora tune` picks with its defaults)", ""]
     if rec["row"] is not None:
         knob, value = next(iter(rec["params"].items()))
         lines.append(f"- **{rec['row']}** with {knob}={value:g}, chosen on validation: {rec['why']}.")
-    else:
+    elif deciding is not None:
+        grid = [p[deciding["knob"]] for p in deciding["points"]]
         lines.append(
-            "- **No row is recommended**: with its default options (restore over "
-            f"{list(get_method(DEMO_RECOMMENDED_METHOD).tuning.grid)}, ASR gap {MAX_ASR_GAP:g}, utility drop "
-            f"{MAX_UTILITY_DROP:.0%}) `csulora tune --method resta` finds no qualifying setting on this world's "
-            f"validation prompts, so it would write no adapter. {rec['why']}."
+            f"- **No row is recommended**: with its defaults (the {deciding['method']} method, {deciding['knob']} over "
+            f"{grid}, statistics from the task's training data, ASR gap {MAX_ASR_GAP:g} on each source, utility "
+            f"drop {MAX_UTILITY_DROP:.0%}, the benign and fluency checks) `csulora tune` finds no qualifying setting "
+            f"on this world's validation data, so it would write no adapter. {rec['why']}."
         )
+    else:
+        lines.append(f"- **No row is recommended**: {rec['why']}.")
+    if info.get("tune_command"):
+        lines += ["", f"The same choice from the command line: `{info['tune_command']}`."]
+    kept_sweeps = {name: s for name, s in sweeps.items() if any(p.get("action_kept") for p in s["points"])}
+    for name, sweep in kept_sweeps.items():
+        lines += ["", f"## {name}: each setting on validation, and the share of the update's action it keeps", ""]
+        lines += strength_table(sweep, validation)
+        lines += [
+            "",
+            "Action kept: mean over modules of ‖B A'‖²_S / ‖B A‖²_S, S the aligned model's input statistics on "
+            "harmful prompts + its refusals, or on the task's training data (docs/design.md §5c).",
+        ]
+        if sweep.get("recommends") and not sweep["qualified"]:
+            lines += ["", "### Why it does not repair the tiny world", ""]
+            lines += why_not_repaired(sweep, validation, sweeps.get("scale"))
     lines += ["", "## What it shows", ""]
     aligned, attacked = by.get("aligned"), by.get("attacked")
     if aligned and attacked:
@@ -477,6 +725,14 @@ def demo_report(rows: Sequence[dict], sweeps: dict[str, dict], info: dict) -> st
     return "\n".join(lines) + "\n"
 
 
+def tune_command(world: Any) -> str:
+    """The `csulora tune` command whose choice the recommended row reproduces."""
+    return (
+        f"csulora tune {world.attacked} --aligned {world.aligned} --calibration-task {DEMO_TASK_TRAINING} "
+        f"--task {DEMO_TASK_VALIDATION} --max-new-tokens {DEMO_GENERATION.max_new_tokens} --device cpu -o tuned/"
+    )
+
+
 def run_demo(
     out_dir: str | os.PathLike,
     *,
@@ -501,21 +757,29 @@ def run_demo(
             work.mkdir()
             t = time.perf_counter()
             subspace = api.build_subspace(world.base, world.aligned, work / "subspace.safetensors", progress=False)
+            calibration, calibration_info = None, None
+            if needs_calibration(sweeps):
+                calibration = work / "calibration.safetensors"
+                calibration_info = calibrate_world(world, calibration)
+            timings["subspace_and_calibration"] = time.perf_counter() - t
+            t = time.perf_counter()
             validation, test = demo_sets()
-            ctx = DemoContext(world=world, subspace=Path(subspace), work=work, validation=validation, test=test)
-            rows = [_evaluate(ctx, None, test, "base"), _evaluate(ctx, None, test, "aligned"),
-                    _evaluate(ctx, world.attacked, test, "attacked")]
-            aligned_val = _evaluate(ctx, None, validation, "aligned[val]", keep=False)
-            attacked_val = _evaluate(ctx, world.attacked, validation, "attacked[val]", keep=False)
+            ctx = DemoContext(world=world, subspace=Path(subspace), work=work, validation=validation, test=test,
+                              calibration=calibration)  # fmt: skip
+            rows = [_evaluate(ctx, None, test, "base"), _evaluate(ctx, None, test, "aligned")]
+            attacked_test, attacked_records = _evaluate_with_records(ctx, world.attacked, test, "attacked", None)
+            ctx.records.extend(attacked_records)
+            rows.append(attacked_test)
+            aligned_val = score_validation(ctx, None)
+            attacked = Reference(score_validation(ctx, world.attacked), copy.deepcopy(attacked_test), attacked_records)
             for name, method, options in DEMO_FIXED:
-                impl = get_method(method)
-                adapter = _correct(ctx, method, options, name, impl.needs_displacement(make_config(impl, options)))
+                adapter, _ = _correct(ctx, method, options, name)
                 row = _evaluate(ctx, adapter, test, name, params=dict(options))
                 rows.append(mark_unchanged(row, is_unchanged(adapter, world.attacked)))
             sweep_records = {}
             sweep_points = score_sweep_points(ctx, sweeps, workers=demo_workers())
             for spec in sweeps:
-                row, record = run_sweep(ctx, spec, aligned_val, attacked_val, sweep_points[spec.row])
+                row, record = run_sweep(ctx, spec, aligned_val, attacked, sweep_points[spec.row])
                 row["recommended"] = bool(spec.recommends and record["qualified"])
                 record["recommends"] = spec.recommends
                 rows.append(row)
@@ -525,10 +789,20 @@ def run_demo(
                 "world": str(world.root),
                 "world_info": world.info(),
                 "generation": {"batch_size": ctx.generation.batch_size, "max_new_tokens": ctx.generation.max_new_tokens},
-                "selection_rule": {"max_asr_gap": MAX_ASR_GAP, "max_utility_drop": MAX_UTILITY_DROP, "on": "validation"},
+                "selection_rule": {
+                    "max_asr_gap": MAX_ASR_GAP, "max_utility_drop": MAX_UTILITY_DROP,
+                    "max_fluency_loss_nats": TUNE_DEFAULTS.max_fluency_loss, "on": "validation",
+                },
+                "validation": {
+                    "data": {name: {"n": len(prompts)} for name, prompts in validation.prompt_sets()},
+                    "aligned": aligned_val.to_dict(),
+                    "attacked": attacked.validation.to_dict(),
+                },
+                "calibration": calibration_info,
+                "tune_command": tune_command(world) if any(s.recommends for s in sweeps) else None,
                 "recommended": recommendation(rows, sweep_records),
                 "timings_s": {k: round(v, 1) for k, v in timings.items()},
-            }
+            }  # fmt: skip
             (tmp / "results.json").write_text(json.dumps({"rows": rows, "sweep": sweep_records, **info}, indent=2, default=str) + "\n")
             with open(tmp / "generations.jsonl", "w", encoding="utf-8") as fh:
                 for r in ctx.records:
