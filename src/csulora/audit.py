@@ -76,27 +76,23 @@ class PartEnergies:
         return self.F / total, self.P / total, self.O / total
 
 
-class ModuleGeometry:
-    """Shared, lazily computed products of one module's factors, subspace and D."""
+class UpdateGeometry:
+    """What :class:`ModuleGeometry` (LoRA factors) and :class:`DenseGeometry` (a dense dW)
+    share: the subspace, the displacement D and every quantity that follows from them and
+    ``||dW||`` alone. A subclass provides ``dw_norm_sq``, ``part_energies``, ``cos_dw_d`` and
+    ``safelora_audit_cos`` in its own form (r x r Grams or thin products)."""
 
-    def __init__(self, module: ModuleInput) -> None:
-        self.module = module
-        self.B = as_float64(module.update.B)
-        self.A = as_float64(module.update.A)
-        self.scale = float(module.update.scale)
+    dw_norm_sq: float
+
+    def __init__(self, module: ModuleInput | DenseModuleInput) -> None:
         self.subspace = module.subspace
         self.D = module.displacement
-        self._projected_B: dict[str, Tensor | None] = {}
         if self.subspace is not None:
             self.U = as_float64(self.subspace.U)
             self.S = as_float64(self.subspace.S)
             self.V = as_float64(self.subspace.V)
 
     # --- the update itself -------------------------------------------------------------
-    @cached_property
-    def dw_norm_sq(self) -> float:
-        return self.scale**2 * float(frobenius_norm_sq(self.B, self.A))
-
     @property
     def dw_norm(self) -> float:
         return self.dw_norm_sq**0.5
@@ -105,7 +101,7 @@ class ModuleGeometry:
     def dw_is_zero(self) -> bool:
         return self.dw_norm_sq == 0.0
 
-    # --- split against the subspace ----------------------------------------------------
+    # --- the subspace ------------------------------------------------------------------
     @property
     def has_subspace(self) -> bool:
         return self.subspace is not None
@@ -114,6 +110,60 @@ class ModuleGeometry:
     def subspace_is_empty(self) -> bool:
         return self.subspace is None or self.subspace.rank == 0
 
+    # --- the displacement --------------------------------------------------------------
+    @property
+    def d_source(self) -> str | None:
+        if self.D is not None:
+            return "exact"
+        if self.subspace is not None:
+            return "rank-k"
+        return None
+
+    @cached_property
+    def d_norm(self) -> float | None:
+        """Exact ``||D||_F``: from D itself, else as stored with the subspace."""
+        if self.D is not None:
+            return dense_frobenius_norm(self.D)
+        if self.subspace is not None:
+            return float(self.subspace.d_norm)
+        return None
+
+    def dw_over_d(self) -> float | None:
+        d_norm = self.d_norm
+        return self.dw_norm / d_norm if d_norm else None
+
+    def safelora_available(self, projection: str) -> bool:
+        return self.D is not None if projection == "approx" else self.subspace is not None
+
+    # --- provided by each form ---------------------------------------------------------
+    @property
+    def part_energies(self) -> PartEnergies:
+        raise NotImplementedError
+
+    def cos_dw_d(self) -> float | None:
+        raise NotImplementedError
+
+    def safelora_audit_cos(self, projection: str) -> float | None:
+        raise NotImplementedError
+
+
+class ModuleGeometry(UpdateGeometry):
+    """Shared, lazily computed products of one module's factors, subspace and D."""
+
+    def __init__(self, module: ModuleInput) -> None:
+        super().__init__(module)
+        self.module = module
+        self.B = as_float64(module.update.B)
+        self.A = as_float64(module.update.A)
+        self.scale = float(module.update.scale)
+        self._projected_B: dict[str, Tensor | None] = {}
+
+    # --- the update itself -------------------------------------------------------------
+    @cached_property
+    def dw_norm_sq(self) -> float:
+        return self.scale**2 * float(frobenius_norm_sq(self.B, self.A))
+
+    # --- split against the subspace ----------------------------------------------------
     @cached_property
     def split(self) -> SubspaceSplit:
         """The four factor pieces of docs/design.md §5 (an empty subspace puts all of B, A out)."""
@@ -142,23 +192,6 @@ class ModuleGeometry:
         return PartEnergies(F=energy(G1, H1), P=energy(G1, H2) + energy(G2, H1), O=energy(G2, H2))
 
     # --- the displacement --------------------------------------------------------------
-    @property
-    def d_source(self) -> str | None:
-        if self.D is not None:
-            return "exact"
-        if self.subspace is not None:
-            return "rank-k"
-        return None
-
-    @cached_property
-    def d_norm(self) -> float | None:
-        """Exact ``||D||_F``: from D itself, else as stored with the subspace."""
-        if self.D is not None:
-            return dense_frobenius_norm(self.D)
-        if self.subspace is not None:
-            return float(self.subspace.d_norm)
-        return None
-
     @cached_property
     def Dt_B(self) -> Tensor:
         """``D^T B`` (n x r), the one pass over D that cosines and Safe LoRA need."""
@@ -184,13 +217,12 @@ class ModuleGeometry:
             return None
         return inner / (self.dw_norm * d_norm)
 
-    def dw_over_d(self) -> float | None:
-        d_norm = self.d_norm
-        return self.dw_norm / d_norm if d_norm else None
-
     # --- Safe LoRA's projection ---------------------------------------------------------
-    def safelora_available(self, projection: str) -> bool:
-        return self.D is not None if projection == "approx" else self.subspace is not None
+    def safelora_audit_cos(self, projection: str) -> float | None:
+        """The audit's ``safelora_cos`` for C of ``projection``; None without what C needs."""
+        if not self.safelora_available(projection):
+            return None
+        return self.safelora_cosine(self.safelora_projected_B(projection))
 
     def safelora_projected_B(self, projection: str) -> Tensor | None:
         """``C B`` for Safe LoRA's C; None where C is undefined (D == 0 / empty subspace).
@@ -246,16 +278,19 @@ def audit_module(module: ModuleInput, *, safelora_projection: str = "approx") ->
     return audit_report(ModuleGeometry(module), safelora_projection=safelora_projection)
 
 
-def audit_report(geometry: ModuleGeometry, *, safelora_projection: str = "approx") -> dict[str, Any]:
-    """:func:`audit_module` on an existing geometry (methods reuse its products)."""
+def audit_report(geometry: UpdateGeometry, *, safelora_projection: str = "approx") -> dict[str, Any]:
+    """:func:`audit_module` on an existing geometry, LoRA or dense (methods reuse its products).
+
+    Safe LoRA's cosine is asked for last: a dense geometry built with ``reuse_update`` writes
+    its projection over dW, after every statistic that reads dW.
+    """
     if safelora_projection not in SAFELORA_PROJECTIONS:
         raise ValueError(f"unknown Safe LoRA projection {safelora_projection!r}")
     rho: tuple[float | None, ...] = (None, None, None)
     if geometry.has_subspace:
         rho = geometry.part_energies.fractions()
-    safelora_cos = None
-    if geometry.safelora_available(safelora_projection):
-        safelora_cos = geometry.safelora_cosine(geometry.safelora_projected_B(safelora_projection))
+    cos_dw_d, dw_over_d = geometry.cos_dw_d(), geometry.dw_over_d()
+    safelora_cos = geometry.safelora_audit_cos(safelora_projection)
     subspace = geometry.subspace
     return {
         "rho_F": rho[0],
@@ -263,8 +298,8 @@ def audit_report(geometry: ModuleGeometry, *, safelora_projection: str = "approx
         "rho_O": rho[2],
         "dw_norm": geometry.dw_norm,
         "safelora_cos": safelora_cos,
-        "cos_dW_D": geometry.cos_dw_d(),
-        "dw_over_d": geometry.dw_over_d(),
+        "cos_dW_D": cos_dw_d,
+        "dw_over_d": dw_over_d,
         "subspace_rank": subspace.rank if subspace is not None else None,
         "subspace_energy": float(subspace.energy) if subspace is not None else None,
         "d_source": geometry.d_source,
@@ -290,7 +325,7 @@ class DenseSafeLora:
     projected: Tensor | None  # C dW, written into dW's own buffer; None unless reuse_update
 
 
-class DenseGeometry:
+class DenseGeometry(UpdateGeometry):
     """The dense counterpart of :class:`ModuleGeometry`: the same report quantities for a
     dense update ``dW = W_ft - W_aligned`` (a module of a full fine-tune).
 
@@ -304,17 +339,12 @@ class DenseGeometry:
     """
 
     def __init__(self, module: DenseModuleInput, *, reuse_update: bool = False) -> None:
+        super().__init__(module)
         self.module = module
         self.dW = module.update
-        self.subspace = module.subspace
-        self.D = module.displacement
         self.reuse_update = reuse_update
         self._overwritten = False
         self._safelora: dict[str, DenseSafeLora] = {}
-        if self.subspace is not None:
-            self.U = as_float64(self.subspace.U)
-            self.S = as_float64(self.subspace.S)
-            self.V = as_float64(self.subspace.V)
 
     def _intact(self) -> Tensor:
         if self._overwritten:
@@ -326,23 +356,7 @@ class DenseGeometry:
     def dw_norm_sq(self) -> float:
         return dense_frobenius_norm(self._intact()) ** 2
 
-    @property
-    def dw_norm(self) -> float:
-        return self.dw_norm_sq**0.5
-
-    @property
-    def dw_is_zero(self) -> bool:
-        return self.dw_norm_sq == 0.0
-
     # --- split against the subspace ----------------------------------------------------
-    @property
-    def has_subspace(self) -> bool:
-        return self.subspace is not None
-
-    @property
-    def subspace_is_empty(self) -> bool:
-        return self.subspace is None or self.subspace.rank == 0
-
     @cached_property
     def thin(self) -> DenseThinProducts:
         """``G = U^T dW``, ``H = dW V``, ``K = U^T dW V``: one pass of dW against 2k vectors."""
@@ -372,22 +386,6 @@ class DenseGeometry:
         return PartEnergies(F=F, P=P, O=O)
 
     # --- the displacement --------------------------------------------------------------
-    @property
-    def d_source(self) -> str | None:
-        if self.D is not None:
-            return "exact"
-        if self.subspace is not None:
-            return "rank-k"
-        return None
-
-    @cached_property
-    def d_norm(self) -> float | None:
-        if self.D is not None:
-            return dense_frobenius_norm(self.D)
-        if self.subspace is not None:
-            return float(self.subspace.d_norm)
-        return None
-
     @cached_property
     def dw_d_inner(self) -> float | None:
         """``<dW, D>`` with the exact D, else ``<dW, D_k> = sum_i S_i (U^T dW V)_ii``."""
@@ -406,13 +404,10 @@ class DenseGeometry:
             return None
         return self.dw_d_inner / (self.dw_norm * d_norm)
 
-    def dw_over_d(self) -> float | None:
-        d_norm = self.d_norm
-        return self.dw_norm / d_norm if d_norm else None
-
     # --- Safe LoRA's projection ---------------------------------------------------------
-    def safelora_available(self, projection: str) -> bool:
-        return self.D is not None if projection == "approx" else self.subspace is not None
+    def safelora_audit_cos(self, projection: str) -> float | None:
+        """The audit's ``safelora_cos``; it may take over dW's buffer, so ask for it last."""
+        return self.safelora(projection).cos
 
     def safelora(self, projection: str) -> DenseSafeLora:
         """Safe LoRA on the dense update, computed once per projection (docs/design.md §5d).
@@ -484,23 +479,4 @@ def audit_dense_module(module: DenseModuleInput, *, safelora_projection: str = "
 
 def audit_dense_report(geometry: DenseGeometry, *, safelora_projection: str = "approx") -> dict[str, Any]:
     """The audit keys of :func:`audit_report` from a :class:`DenseGeometry`."""
-    if safelora_projection not in SAFELORA_PROJECTIONS:
-        raise ValueError(f"unknown Safe LoRA projection {safelora_projection!r}")
-    rho: tuple[float | None, ...] = (None, None, None)
-    if geometry.has_subspace:
-        rho = geometry.part_energies.fractions()
-    cos_dw_d, dw_over_d = geometry.cos_dw_d(), geometry.dw_over_d()
-    safelora_cos = geometry.safelora(safelora_projection).cos  # last: it may take over dW's buffer
-    subspace = geometry.subspace
-    return {
-        "rho_F": rho[0],
-        "rho_P": rho[1],
-        "rho_O": rho[2],
-        "dw_norm": geometry.dw_norm,
-        "safelora_cos": safelora_cos,
-        "cos_dW_D": cos_dw_d,
-        "dw_over_d": dw_over_d,
-        "subspace_rank": subspace.rank if subspace is not None else None,
-        "subspace_energy": float(subspace.energy) if subspace is not None else None,
-        "d_source": geometry.d_source,
-    }
+    return audit_report(geometry, safelora_projection=safelora_projection)
