@@ -9,8 +9,8 @@ import pytest
 
 from csulora.errors import OptionError
 from csulora.methods import METHODS, get_method, make_config, option_names, register, tunable_methods
-from csulora.methods.base import CorrectionMethod, MethodConfig, Tuning, finish_report, require_number
-from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput, ModuleResult
+from csulora.methods.base import CorrectionMethod, MethodConfig
+from tests.toy_methods import Dampen
 
 
 def test_registry_holds_the_five_methods_by_name():
@@ -68,32 +68,6 @@ def test_numpy_scalars_from_a_sweep_grid_are_stored_as_plain_numbers():
 
 
 # -- a new method is one class plus one register() call -----------------------------------------
-@dataclasses.dataclass(frozen=True)
-class DampenConfig(MethodConfig):
-    strength: float = dataclasses.field(default=0.0, metadata={"help": "s in [0, 1]: the update becomes (1 - s) dW"})
-
-    def __post_init__(self) -> None:
-        require_number("strength", self.strength, low=0.0, high=1.0)
-
-
-class Dampen(CorrectionMethod[DampenConfig]):
-    """A toy method defined only here: nothing in csulora.tuning knows its name."""
-
-    name = "toy-dampen"
-    pretty_name = "Toy dampening"
-    config_cls = DampenConfig
-    inputs = frozenset()
-    tuning = Tuning(knob="strength", grid=(0.0, 1.0), identity=0.0)
-
-    def correct_module(self, module: ModuleInput, config: DampenConfig) -> ModuleResult:
-        update = module.update
-        if config.strength:
-            update = LoraUpdate(A=update.A, B=(1.0 - config.strength) * update.B, scale=update.scale)
-        report = dict.fromkeys(REPORT_KEYS)
-        report.update(dw_norm_before=None, rank_in=module.update.rank)
-        return ModuleResult(module.name, update, finish_report(report, update))
-
-
 @pytest.fixture
 def toy_method():
     method = register(Dampen())

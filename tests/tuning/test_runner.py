@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 from csulora.cli import main
 from csulora.errors import OptionError
 from csulora.methods import registry
-from csulora.methods.base import CALIBRATION, CorrectionMethod, MethodConfig, Tuning, finish_report, require_number
+from csulora.methods.base import CALIBRATION, Tuning
 from csulora.methods.resta import Resta
 from csulora.tuning.config import TuneConfig
 from csulora.tuning.runner import (
@@ -26,7 +25,7 @@ from csulora.tuning.runner import (
     plan_methods,
     tune_adapter,
 )
-from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput, ModuleResult
+from tests.toy_methods import Dampen
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -83,32 +82,6 @@ def test_identity_settings():
 
 
 # --------------------------------------------------------------------------- planning the methods
-
-
-@dataclasses.dataclass(frozen=True)
-class StrengthConfig(MethodConfig):
-    strength: float = dataclasses.field(default=0.0, metadata={"help": "s in [0, 1]: the update becomes (1 - s) dW"})
-
-    def __post_init__(self) -> None:
-        require_number("strength", self.strength, low=0.0, high=1.0)
-
-
-class Dampen(CorrectionMethod[StrengthConfig]):
-    """A toy method: nothing in csulora.tuning knows its name."""
-
-    name = "toy-dampen"
-    pretty_name = "Toy dampening"
-    config_cls = StrengthConfig
-    inputs = frozenset()
-    tuning = Tuning(knob="strength", grid=(0.0, 1.0), identity=0.0)
-
-    def correct_module(self, module: ModuleInput, config: StrengthConfig) -> ModuleResult:
-        update = module.update
-        if config.strength:
-            update = LoraUpdate(A=update.A, B=(1.0 - config.strength) * update.B, scale=update.scale)
-        report = dict.fromkeys(REPORT_KEYS)
-        report.update(dw_norm_before=None, rank_in=module.update.rank)
-        return ModuleResult(module.name, update, finish_report(report, update))
 
 
 class Halve(Dampen):
