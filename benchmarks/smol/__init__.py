@@ -21,7 +21,7 @@ earlier stage first, and stops there; [module] is where each stage lives):
   test            every row on the test sets (never used for choices)            [reported]
   salora          SaLoRA adapter trained on the attack data, then tested         [reported]
   full_attacked   full fine-tune of aligned on the attack data (issue 14)        [full]
-  full_inputs     subspace, audit and calibration statistics for it              [full]
+  full_inputs     subspace and audit for it (statistics: the calibration stage's) [full]
   full_sweeps     every method's dense correction on validation                  [full]
   full_select     each full row's setting, from validation                       [full]
   full_test       the full rows on the test sets                                 [full]

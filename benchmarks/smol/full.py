@@ -8,8 +8,11 @@ Stages (after ``aligned``; each cached like the others):
   full_attacked     full fine-tune of aligned on the attack's data (attack.jsonl), all weights;
                     steps: the first of ``full_attack_steps_grid`` reaching AdvBench-validation
                     ASR >= 0.6 and a validation utility gain >= 0.3 (both recorded)
-  full_inputs       the safety subspace of D for every decoder linear layer, the audit of the
-                    full fine-tune, and the calibration statistics (csulora calibrate) of aligned
+  full_inputs       the safety subspace of D for every decoder linear layer and the audit of the
+                    full fine-tune; the calibrated rows read the ``calibration`` stage's statistics
+                    (benchmarks/smol/calibrated.py: the same call on the same aligned model, task
+                    data and harmful prompts, and every decoder linear layer, so one file serves
+                    adapters and full fine-tunes alike)
   full_sweeps       every method's knob on the validation sets (tune's selection rule)
   full_select       each row's setting, chosen on validation only
   full_test         every full row on the test sets
@@ -30,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.smol.corrections import format_value, subspace_config
+from benchmarks.smol.corrections import CALIBRATION_FILE, format_value, subspace_config
 from benchmarks.smol.evaluation import TEST_SETS, VAL_SETS, Variant, generations, job_variant, setting_scores
 from benchmarks.smol.pipeline import RUNS_ON, Context, run_jobs, stage, worker_ctx, write_json
 from benchmarks.smol.sweeps import fallback_choice
@@ -102,7 +105,7 @@ def correction_sources(ctx: Context, method: str | None) -> dict[str, Any]:
     if method == "csulora":
         sources["subspace"] = ctx.path("full", "subspace.safetensors")
     if method == "calibrated":
-        sources["calibration"] = ctx.path("full", "calibration.safetensors")
+        sources["calibration"] = ctx.path(*CALIBRATION_FILE)  # the calibration stage's file
     return sources
 
 
@@ -157,11 +160,14 @@ def stage_full_attacked(ctx: Context) -> dict:
     return {"steps": chosen, "criteria_met": met, "tried": tried}
 
 
-@stage("full_inputs", "subspace of D for every linear layer, audit of the full fine-tune, calibration statistics",
-       needs=("full_attacked",), for_rows=FULL_ROWS)
+@stage("full_inputs", "subspace of D for every linear layer, audit of the full fine-tune",
+       needs=("full_attacked", "calibration"), for_rows=FULL_ROWS)
 def stage_full_inputs(ctx: Context) -> dict:
+    """The calibration statistics are not recomputed here: ``calibrate`` of the calibration stage
+    is the same call (aligned model, task_train.jsonl, default harmful prompts, default targets:
+    every decoder linear layer); a run that computed both got tensors equal byte for byte (only
+    the recorded seconds differed), and the second computation cost 2165 s."""
     from csulora.api import build_subspace
-    from csulora.calibration import calibrate
     from csulora.checkpoint_api import audit_checkpoint
 
     subspace = ctx.path("full", "subspace.safetensors")
@@ -171,17 +177,10 @@ def stage_full_inputs(ctx: Context) -> dict:
                              subspace=subspace, progress=False)  # fmt: skip
     audit.to_json(ctx.path("full", "audit.json"))
     audit_s = time.perf_counter() - start
-    start = time.perf_counter()
-    # The adapter's training task (never the validation data tune selects on) and the default
-    # harmful sets of `csulora calibrate` (AdvBench align + the shipped requests).
-    result = calibrate(ctx.path("aligned"), ctx.path("full", "calibration.safetensors"),
-                       task=str(ctx.path("data", "task_train.jsonl")), force=True, progress=False, **RUNS_ON)  # fmt: skip
     return {
         "subspace_and_audit_s": round(audit_s, 1),
-        "calibration_s": round(time.perf_counter() - start, 1),
         "audit_summary": audit.summary,
-        "calibration": {"harmful_tokens": result.harmful_tokens, "task_tokens": result.task_tokens,
-                        "passes": result.passes},
+        "calibration_file": "/".join(CALIBRATION_FILE),  # the calibration stage's statistics
     }
 
 

@@ -71,3 +71,16 @@ def test_a_cache_built_before_the_full_rows_carries_on(tmp_path):
 
     with pytest.raises(SystemExit, match="was built for rows"):
         pipeline.check_cache_rows(alone)  # its aligned-only selection would mix with the table's
+
+
+def test_full_rows_read_the_calibration_stage_statistics_not_their_own(tmp_path):
+    from benchmarks.smol.corrections import CALIBRATION_FILE
+
+    by_name = {s.name: s for s in pipeline.STAGES}
+    assert "calibration" in by_name["full_inputs"].needs  # computed once, by the calibration stage
+    order = [s.name for s in pipeline.STAGES]
+    assert order.index("calibration") < order.index("full_inputs")
+    alone = pipeline.Context(cache=tmp_path, out=tmp_path, docs=tmp_path, log=lambda s: None, rows=pipeline.ROW_SETS["full"])
+    assert by_name["calibration"].wanted(alone)  # the full rows alone still compute it
+    ctx = pipeline.Context(cache=tmp_path, out=tmp_path, docs=tmp_path, log=lambda s: None)
+    assert full.correction_sources(ctx, "calibrated")["calibration"] == ctx.path(*CALIBRATION_FILE)
