@@ -23,14 +23,31 @@ PathLike = str | os.PathLike
 class _ModuleReport:
     """What both reports share: JSON output and a per-module table (columns per subclass)."""
 
+    adapter: str
+    d_source: str | None
+    sources: dict[str, str | None]
     modules: list[dict[str, Any]]
     summary: dict[str, Any]
+    untargeted: list[dict[str, Any]] | None
 
     def _columns(self) -> tuple[tuple[str, str, str], ...]:
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def _report_dict(self, kind: str, **own: Any) -> dict[str, Any]:
+        """``kind``, then the report's ``own`` keys, then the keys both reports carry."""
+        data = {
+            "kind": kind,
+            **own,
+            "adapter": self.adapter,
+            "d_source": self.d_source,
+            "sources": self.sources,
+            "summary": self.summary,
+            "modules": self.modules,
+        }
+        return with_untargeted(data, self.untargeted)
 
     def to_json(self, path: PathLike | None = None) -> str:
         """The report as JSON text; also written (atomically) to ``path`` when given."""
@@ -57,17 +74,7 @@ class AuditReport(_ModuleReport):
     untargeted: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return with_untargeted(
-            {
-                "kind": "audit",
-                "adapter": self.adapter,
-                "d_source": self.d_source,
-                "sources": self.sources,
-                "summary": self.summary,
-                "modules": self.modules,
-            },
-            self.untargeted,
-        )
+        return self._report_dict("audit")
 
     def _columns(self) -> tuple[tuple[str, str, str], ...]:
         return AUDIT_COLUMNS
@@ -90,19 +97,7 @@ class CorrectionReport(_ModuleReport):
 
     def to_dict(self) -> dict[str, Any]:
         # out_dir/report_path are left out on purpose: the file is the same wherever it lands.
-        return with_untargeted(
-            {
-                "kind": "correction",
-                "method": self.method,
-                "options": self.options,
-                "adapter": self.adapter,
-                "d_source": self.d_source,
-                "sources": self.sources,
-                "summary": self.summary,
-                "modules": self.modules,
-            },
-            self.untargeted,
-        )
+        return self._report_dict("correction", method=self.method, options=self.options)
 
     def _columns(self) -> tuple[tuple[str, str, str], ...]:
         return CORRECTION_COLUMNS
