@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.audit import DenseGeometry, ModuleGeometry
+from csulora.audit import DenseGeometry, ModuleGeometry, UpdateGeometry
 from csulora.errors import InputError, OptionError
 from csulora.linalg import add_low_rank_, best_rank_approx, small_math
 from csulora.methods.base import (
@@ -107,6 +107,19 @@ def penalties(
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
+def module_shrinkage(geometry: UpdateGeometry, config: CsuloraConfig) -> tuple[float, float, float, float]:
+    """``(lam_P, lam_O, c_P, c_O)`` of one module, LoRA or dense: the schedule's penalties from
+    its part energies and the shrink factors ``c = 1 / (1 + lam)``."""
+    rho = geometry.part_energies.fractions()
+    lam_P, lam_O = penalties(rho, float(config.gamma), config.schedule, subspace_empty=geometry.subspace_is_empty)
+    return lam_P, lam_O, 1.0 / (1.0 + lam_P), 1.0 / (1.0 + lam_O)
+
+
+def require_subspace(module: ModuleInput | DenseModuleInput) -> None:
+    if module.subspace is None:
+        raise InputError(f"{module.name}: CSULoRA needs the module's safety subspace")
+
+
 def shrunk_factors(geometry: ModuleGeometry, c_P: float, c_O: float) -> tuple[Tensor, Tensor]:
     """Factors of ``F + c_P P + c_O O`` (scale s kept), in the smallest exact rank."""
     B, A = geometry.B, geometry.A
@@ -152,15 +165,10 @@ class Csulora(CorrectionMethod[CsuloraConfig]):
 
     @small_math()  # LoRA-sized products: one thread (csulora.linalg)
     def correct_module(self, module: ModuleInput, config: CsuloraConfig) -> ModuleResult:
-        if module.subspace is None:
-            raise InputError(f"{module.name}: CSULoRA needs the module's safety subspace")
+        require_subspace(module)
         geometry = ModuleGeometry(module)
         report: dict[str, Any] = method_report(geometry)
-        rho = geometry.part_energies.fractions()
-        lam_P, lam_O = penalties(
-            rho, float(config.gamma), config.schedule, subspace_empty=geometry.subspace_is_empty
-        )
-        c_P, c_O = 1.0 / (1.0 + lam_P), 1.0 / (1.0 + lam_O)
+        lam_P, lam_O, c_P, c_O = module_shrinkage(geometry, config)
 
         if geometry.dw_is_zero or (lam_P == 0.0 and lam_O == 0.0):
             B, A = geometry.B, geometry.A  # X* = dW exactly: keep the input bytes
@@ -201,15 +209,10 @@ class Csulora(CorrectionMethod[CsuloraConfig]):
 
     def correct_dense(self, module: DenseModuleInput, config: CsuloraConfig) -> DenseModuleResult:
         """``X* = F + c_P P + c_O O (+ beta D_k)`` on a dense dW, in dW's own buffer."""
-        if module.subspace is None:
-            raise InputError(f"{module.name}: CSULoRA needs the module's safety subspace")
+        require_subspace(module)
         geometry = DenseGeometry(module)
         report: dict[str, Any] = dense_method_report(geometry)
-        rho = geometry.part_energies.fractions()
-        lam_P, lam_O = penalties(
-            rho, float(config.gamma), config.schedule, subspace_empty=geometry.subspace_is_empty
-        )
-        c_P, c_O = 1.0 / (1.0 + lam_P), 1.0 / (1.0 + lam_O)
+        lam_P, lam_O, c_P, c_O = module_shrinkage(geometry, config)
         beta = float(config.restore)
         shrinks = not geometry.dw_is_zero and (lam_P != 0.0 or lam_O != 0.0)
         restores = beta > 0.0 and not geometry.subspace_is_empty
