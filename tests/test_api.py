@@ -276,14 +276,11 @@ def test_streaming_holds_one_displacement_at_a_time(tiny_pair, tiny_adapter):
 def test_hub_id_naming_a_full_checkpoint_takes_the_dense_path(tmp_path, monkeypatch, full_world):  # noqa: F811
     """A hub id is resolved before the input's kind is read: a full fine-tune on the hub was
     taken for an adapter ("no adapter_config.json") when the kind was asked of the id itself."""
-    from tests.io.test_hub import add_to_fake_hub
+    from tests.io.test_hub import use_fake_hub
 
-    hub = tmp_path / "hub"
-    for repo_id, folder in (("tiny-org/finetuned", full_world.ft), ("tiny-org/aligned", full_world.aligned),
-                            ("tiny-org/base", full_world.base)):
-        add_to_fake_hub(hub, repo_id, folder)
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    w = full_world
+    repos = {"tiny-org/finetuned": w.ft, "tiny-org/aligned": w.aligned, "tiny-org/base": w.base}
+    use_fake_hub(monkeypatch, tmp_path / "hub", repos)
     audit = audit_adapter("tiny-org/finetuned", base="tiny-org/base", aligned="tiny-org/aligned", progress=False)
     assert audit.untargeted is not None and audit.summary["modules"] > 0  # the checkpoint's audit
     out = tmp_path / "out"

@@ -60,12 +60,10 @@ def test_loading_is_quiet_and_restores_the_libraries_settings(tiny_world, capfd)
 
 
 def test_hub_id_model_is_resolved_through_the_hub_cache(tiny_world, tmp_path, monkeypatch):
-    from tests.io.test_hub import add_to_fake_hub
+    from tests.io.test_hub import use_fake_hub
 
-    add_to_fake_hub(tmp_path / "hub", "tiny-org/aligned", tiny_world.aligned)
-    add_to_fake_hub(tmp_path / "hub", "tiny-org/attacked", tiny_world.attacked)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repos = {"tiny-org/aligned": tiny_world.aligned, "tiny-org/attacked": tiny_world.attacked}
+    use_fake_hub(monkeypatch, tmp_path / "hub", repos)
     model, _ = load_model("tiny-org/aligned", "tiny-org/attacked", device="cpu")
     reference, _ = load_model(tiny_world.aligned, tiny_world.attacked, device="cpu")
     for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):

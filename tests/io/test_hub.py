@@ -30,16 +30,21 @@ def add_to_fake_hub(cache: Path, repo_id: str, folder: Path) -> Path:
     return snapshot
 
 
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch, tiny_pair, tiny_adapter):
-    """A hub cache holding tiny-org/base, tiny-org/aligned and tiny-org/adapter; offline."""
-    cache = tmp_path / "hub"
-    add_to_fake_hub(cache, "tiny-org/base", tiny_pair[0])
-    add_to_fake_hub(cache, "tiny-org/aligned", tiny_pair[1])
-    add_to_fake_hub(cache, "tiny-org/adapter", tiny_adapter)
+def use_fake_hub(monkeypatch, cache: Path, repos: dict[str, Path]) -> Path:
+    """Put each folder of ``repos`` (repo id -> folder) into ``cache`` and make the library
+    read that cache, offline, for the rest of the test; returns ``cache``."""
+    for repo_id, folder in repos.items():
+        add_to_fake_hub(cache, repo_id, folder)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return cache
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch, tiny_pair, tiny_adapter):
+    """A hub cache holding tiny-org/base, tiny-org/aligned and tiny-org/adapter; offline."""
+    repos = {"tiny-org/base": tiny_pair[0], "tiny-org/aligned": tiny_pair[1], "tiny-org/adapter": tiny_adapter}
+    return use_fake_hub(monkeypatch, tmp_path / "hub", repos)
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -338,14 +338,11 @@ def test_calibration_task_writes_the_statistics_inside_outdir(tiny_world, tune_d
 
 def test_hub_ids_are_resolved_for_adapter_aligned_and_base(tiny_world, tune_data, tmp_path, monkeypatch):
     """ADAPTER/ALIGNED/BASE as hub ids, as the API takes them (they were refused as missing folders)."""
-    from tests.io.test_hub import add_to_fake_hub
+    from tests.io.test_hub import use_fake_hub
 
-    hub = tmp_path / "hub"
-    for repo_id, folder in (("tiny-org/attacked", tiny_world.attacked), ("tiny-org/aligned", tiny_world.aligned),
-                            ("tiny-org/base", tiny_world.base)):
-        add_to_fake_hub(hub, repo_id, folder)
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    w = tiny_world
+    repos = {"tiny-org/attacked": w.attacked, "tiny-org/aligned": w.aligned, "tiny-org/base": w.base}
+    hub = use_fake_hub(monkeypatch, tmp_path / "hub", repos)
     d = tune_data
     result = tune_adapter(
         "tiny-org/attacked", tmp_path / "tuned", aligned="tiny-org/aligned", base="tiny-org/base",
