@@ -63,10 +63,21 @@ def geometric_sum(n: int, g: torch.Generator, decay: float = 0.9) -> torch.Tenso
     return (Q * decay ** torch.arange(n, dtype=F64)) @ Q.T
 
 
+def task_metric(cal: ModuleCalibration, mu: float) -> torch.Tensor:
+    """``S_t + mu I``, dense."""
+    S_t = moment_matrix(cal.task)
+    return S_t + mu * torch.eye(S_t.shape[0], dtype=F64)
+
+
+def by_explicit_inverse(X: torch.Tensor, cal: ModuleCalibration, lam: float, mu: float) -> torch.Tensor:
+    """The closed form by its definition: ``X (S_t + mu I)(S_t + mu I + lam S_h)^-1``, inverse formed."""
+    T = task_metric(cal, mu)
+    return X @ T @ torch.linalg.inv(T + lam * moment_matrix(cal.harmful))
+
+
 def objective(A_new, A, B, cal: ModuleCalibration, lam: float, mu: float) -> float:
     """``||B (A' - A)||^2_{S_t + mu I} + lam ||B A'||^2_{S_h}`` computed densely."""
-    n = A.shape[1]
-    T = moment_matrix(cal.task) + mu * torch.eye(n, dtype=F64)
+    T = task_metric(cal, mu)
     S_h = moment_matrix(cal.harmful)
     E = B @ (A_new - A)
     X = B @ A_new
@@ -77,7 +88,7 @@ def argmin_by_vectorisation(A, B, cal: ModuleCalibration, lam: float, mu: float)
     """Minimise the quadratic over x = vec(A') (row-major): tr(B X S X^T B^T) = x^T (B^T B kron S) x."""
     r, n = A.shape
     G = B.T @ B
-    T = moment_matrix(cal.task) + mu * torch.eye(n, dtype=F64)
+    T = task_metric(cal, mu)
     S_h = moment_matrix(cal.harmful)
     H = torch.kron(G, T) + lam * torch.kron(G, S_h)  # Hessian / 2
     rhs = torch.kron(G, T) @ A.reshape(-1)
@@ -119,8 +130,7 @@ def test_closed_form_matches_the_explicit_inverse_and_keeps_shapes():
     n, r = 16, 4
     cal = random_calibration(n, seed=5)
     A = torch.randn(r, n, generator=gen(6), dtype=F64)
-    T = moment_matrix(cal.task) + 0.05 * torch.eye(n, dtype=F64)
-    expected = A @ T @ torch.linalg.inv(T + 7.0 * moment_matrix(cal.harmful))
+    expected = by_explicit_inverse(A, cal, 7.0, 0.05)
     got = CalibratedSolve(cal, 7.0, 0.05).apply(A)
     assert got.shape == A.shape and got.dtype == F64
     assert torch.allclose(got, expected, atol=1e-10)
@@ -159,8 +169,7 @@ def test_dense_update_form_matches_the_formula_in_row_blocks():
     n, m = 14, 11
     cal = random_calibration(n, seed=9)
     dW = torch.randn(m, n, generator=gen(10), dtype=F64)
-    T = moment_matrix(cal.task) + 0.01 * torch.eye(n, dtype=F64)
-    expected = dW @ T @ torch.linalg.inv(T + 30.0 * moment_matrix(cal.harmful))
+    expected = by_explicit_inverse(dW, cal, 30.0, 0.01)
     whole = calibrated_dense_update(dW, cal, 30.0)
     blocked = calibrated_dense_update(dW, cal, 30.0, block_rows=4)
     assert torch.allclose(whole, expected, atol=1e-10)
