@@ -432,6 +432,14 @@ def test_upper_strips_then_mirror_give_the_full_gram(n, strip):
     assert torch.allclose(full, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(("n", "strip"), [(300, 64), (7, 2), (5, 256), (513, 256)])
+def test_mirror_by_strips_equals_the_whole_matrix_mirror(n, strip):
+    """issue 15: the strip-wise mirror must give exactly what triu + triu(1)^T gives."""
+    total = torch.randn(n, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    expected = total.triu() + total.triu(1).T
+    assert torch.equal(mirror_upper_(total, strip), expected)
+
+
 class StatefulBlock(nn.Module):
     """A block that reads what the block before it left in ``shared``: skipping one is wrong."""
 
