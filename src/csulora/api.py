@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from csulora.errors import InputError, OptionError
-from csulora.io.adapters import DEFAULT_REPORT_NAME, LoraAdapter, read_adapter, write_adapter
+from csulora.io.adapters import DEFAULT_REPORT_NAME, LoraAdapter, as_stored_update, read_adapter, write_adapter
 from csulora.io.hub import resolve_model_dir
 from csulora.io.atomic import atomic_output_dir, check_output_dir, check_output_file
 from csulora.io.calibration_file import CalibrationFile, load_calibration
@@ -59,7 +59,7 @@ from csulora.methods.registry import get_method, make_config
 from csulora.model_card import base_model_for, correction_card
 from csulora.reports import AuditReport, CorrectionReport, mean_of, weighted_rho
 from csulora.subspace import SubspaceConfig, compute_subspace
-from csulora.types import ModuleInput, ModuleSubspace
+from csulora.types import ModuleInput, ModuleResult, ModuleSubspace
 
 PathLike = str | os.PathLike
 
@@ -475,7 +475,7 @@ def correct_adapter(
             desc=f"correct ({impl.name})",
         )
         for result in impl.correct(stream, config):
-            results[result.name] = result
+            results[result.name] = _kept_for_writing(adapter, result)
         described = sources.describe()
     missing = [name for name in names if name not in results]
     if missing:
@@ -519,6 +519,19 @@ def correct_adapter(
         else:
             report.to_json(report_file)
     return report
+
+
+def _kept_for_writing(adapter: LoraAdapter, result: ModuleResult) -> ModuleResult:
+    """A result as it waits for the single-file write: its factors already in the file's form.
+
+    The methods hand back float64 factors; kept as they are until every module is done,
+    they held twice the fp32 output's bytes, and the write's cast added a third copy
+    (docs/benchmarks.md, issue 15). An unknown module is left for write_adapter to refuse.
+    """
+    module = adapter.modules.get(result.name)
+    if module is None:
+        return result
+    return dataclasses.replace(result, update=as_stored_update(module, result.update))
 
 
 def _relative_inside(path: Path, folder: Path) -> Path | None:

@@ -12,6 +12,7 @@ from csulora.io.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     alpha_for_scale,
+    as_stored_update,
     files_not_copied,
     lora_scale,
     pattern_value,
@@ -186,6 +187,28 @@ def test_base_model_path_is_kept_unless_given(tiny_adapter, tmp_path):
     original = adapter.config.get("base_model_name_or_path")
     assert json.loads((kept / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") == original
     assert json.loads((replaced / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == "org/aligned"
+
+
+def test_stored_update_is_what_write_adapter_writes(tmp_path_factory, tmp_path):
+    """issue 15: correct_adapter keeps each result in this form until the write; writing it
+    again must not change a byte, and it must already be in the file's dtype and scale."""
+    adapter = read_adapter(adapter_variant(tmp_path_factory, "bf16"))
+    updates = _random_updates(adapter, 1)
+    first, module = next(iter(adapter.modules.items()))
+    doubled = updates[first]
+    updates[first] = LoraUpdate(A=doubled.A, B=doubled.B, scale=2 * module.scale)  # folded into B
+    stored = {name: as_stored_update(adapter.modules[name], update) for name, update in updates.items()}
+    assert all(u.A.dtype == u.B.dtype == torch.bfloat16 for u in stored.values())
+    assert stored[first].scale == module.scale
+    kept = stored[first].scale * stored[first].B.double() @ stored[first].A.double()
+    assert torch.linalg.norm(kept - updates[first].dense()) < 1e-2 * torch.linalg.norm(updates[first].dense())
+    outputs = []
+    for name, given in (("float64", updates), ("stored", stored)):
+        out = tmp_path / name
+        out.mkdir()
+        write_adapter(adapter, out, given)
+        outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outputs[0] == outputs[1]
 
 
 def test_empty_update_is_written_as_one_zero_direction(tmp_path, tiny_adapter):

@@ -331,9 +331,22 @@ def write_adapter(
 def _factors_to_write(
     module: AdapterModule, update: LoraUpdate | None, use_rslora: bool
 ) -> tuple[Tensor, Tensor, float | int]:
-    """Cast one module's (possibly new) factors back to the input dtype, with the right alpha."""
+    """One module's (possibly new) factors as the file stores them, with the right alpha."""
     if update is None:
         return module.A.contiguous(), module.B.contiguous(), module.alpha
+    stored = as_stored_update(module, update)
+    alpha = module.alpha if stored.rank == module.rank else alpha_for_scale(module.scale, stored.rank, use_rslora)
+    return stored.A, stored.B, alpha
+
+
+def as_stored_update(module: AdapterModule, update: LoraUpdate) -> LoraUpdate:
+    """``update`` as the adapter file will store it: the input's dtype and scale, rank >= 1.
+
+    The written update is still exactly ``update.dense()`` up to the cast. Idempotent, so a
+    caller may convert results as they arrive (the methods' float64 factors would otherwise
+    be held, at twice an fp32 file's bytes, until the single-file write) and
+    :func:`write_adapter` leaves them as they are.
+    """
     A, B = update.A, update.B
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1] or (B.shape[0], A.shape[1]) != module.shape:
         raise InputError(
@@ -348,12 +361,10 @@ def _factors_to_write(
         # PEFT needs r >= 1: an empty update is written as one zero direction.
         A = torch.zeros(1, A.shape[1], dtype=A.dtype)
         B = torch.zeros(B.shape[0], 1, dtype=B.dtype)
-    rank = int(A.shape[0])
-    alpha = module.alpha if rank == module.rank else alpha_for_scale(module.scale, rank, use_rslora)
-    return (
-        A.detach().to(device="cpu", dtype=module.A.dtype).contiguous(),
-        B.detach().to(device="cpu", dtype=module.B.dtype).contiguous(),
-        alpha,
+    return LoraUpdate(
+        A=A.detach().to(device="cpu", dtype=module.A.dtype).contiguous(),
+        B=B.detach().to(device="cpu", dtype=module.B.dtype).contiguous(),
+        scale=module.scale,
     )
 
 
