@@ -25,7 +25,7 @@ from csulora.calibration import (
     shared_input_groups,
     target_modules,
 )
-from csulora.eval.splits import advbench_split
+from csulora.eval.prompts import load_requests
 from csulora.eval.tasks import date_task
 from csulora.io.calibration_file import load_calibration
 from csulora.modeling import load_model
@@ -40,7 +40,7 @@ N = 8
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cuda_data")
     harmful = root / "harmful.txt"
-    harmful.write_text("\n".join(p.text for p in advbench_split("align")[:N]) + "\n")
+    harmful.write_text("\n".join(p.text for p in load_requests()[:N]) + "\n")
     task = root / "task.jsonl"
     task.write_text("".join(json.dumps({"prompt": i["prompt"], "response": i["response"]}) + "\n"
                             for i in date_task("train")[:N]))  # fmt: skip

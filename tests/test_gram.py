@@ -92,7 +92,9 @@ def argmin_by_vectorisation(A, B, cal: ModuleCalibration, lam: float, mu: float)
     S_h = moment_matrix(cal.harmful)
     H = torch.kron(G, T) + lam * torch.kron(G, S_h)  # Hessian / 2
     rhs = torch.kron(G, T) @ A.reshape(-1)
-    x = torch.linalg.lstsq(H, rhs.unsqueeze(1)).solution.squeeze(1)  # B may be rank-deficient
+    # B may be rank-deficient, so H is singular: a pseudo-inverse with an explicit cut-off gives a
+    # minimiser on every LAPACK (lstsq's default rank rule picked a non-minimiser under torch 2.11).
+    x = torch.linalg.pinv(H, hermitian=True, rtol=1e-10) @ rhs
     return x.reshape(r, n)
 
 
