@@ -66,6 +66,51 @@ def layer_audit(ctx: Context, name: str) -> dict:
     }
 
 
+def calibrated_layers(ctx: Context, row: str = "calibrated") -> dict | None:
+    """What the calibrated correction at tune's pick removed, layer by layer (issue 12).
+
+    From the corrected adapter's own report (csulora_report.json, docs/design.md §5c): per
+    layer, the update's Frobenius norm before and after (summed in squares over the layer's
+    modules) and the shares of its action kept on the harmful and on the task inputs (means
+    over the layer's modules; a share is ‖ΔW' X‖ / ‖ΔW X‖ under that input set's Gram)."""
+    from benchmarks.smol.calibrated import tuned_row
+
+    if not ctx.path("sweeps", f"{row}.json").exists():
+        return None
+    report_path = ctx.path(variant_from_key(ctx, tuned_row(ctx, row)["variant"]).adapter, "csulora_report.json")
+    if not report_path.exists():
+        return None
+    per_layer: dict[int, dict] = {}
+    for m in json.loads(report_path.read_text())["modules"]:
+        parts = m["module"].split(".")
+        layer = int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
+        bucket = per_layer.setdefault(layer, {"before2": 0.0, "after2": 0.0, "harmful": [], "task": []})
+        bucket["before2"] += (m.get("dw_norm_before") or 0.0) ** 2
+        bucket["after2"] += (m.get("dw_norm_after") or 0.0) ** 2
+        for key, name in (("harmful_action_kept", "harmful"), ("task_action_kept", "task")):
+            if m.get(key) is not None:
+                bucket[name].append(m[key])
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    return {str(layer): {"dw_norm_before": b["before2"] ** 0.5, "dw_norm_after": b["after2"] ** 0.5,
+                         "harmful_action_kept": mean(b["harmful"]), "task_action_kept": mean(b["task"])}
+            for layer, b in sorted(per_layer.items())}  # fmt: skip
+
+
+def calibrated_layers_markdown(layers: dict | None) -> str:
+    if not layers:
+        return "(the calibrated row was not run)"
+    lines = ["| layer | ‖ΔW‖ before | ‖ΔW‖ after | action kept on harmful inputs | action kept on task inputs |",
+             "|---|---|---|---|---|"]
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+    for layer, b in layers.items():
+        lines.append(f"| {layer} | {b['dw_norm_before']:.3f} | {b['dw_norm_after']:.3f} | "
+                     f"{fmt(b['harmful_action_kept'])} | {fmt(b['task_action_kept'])} |")
+    return "\n".join(lines)
+
+
 def full_attack_record(ctx: Context) -> dict | None:
     """Issue 14: how the full fine-tune was chosen (steps tried on validation) and its audit summary."""
     chosen = ctx.path("full", "chosen.json")
@@ -104,8 +149,8 @@ def fmt_rate(v: float, ci: list[float]) -> str:
 
 def table_markdown(rows: list[dict], not_run: dict[str, str]) -> str:
     head = ("| row | ASR AdvBench (n=100) | ASR airt (OOD, n=20) | utility (n=100) | over-refusal (n=%d) | margin "
-            "| benign answers < 12 chars | setting |" % (rows[0]["over_refusal_n"] if rows else 0))
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+            "| benign answers < 12 chars | harmful answers empty | setting |" % (rows[0]["over_refusal_n"] if rows else 0))
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         params = ", ".join(f"{k}={format_value(v)}" for k, v in r["params"].items()
                            if k in ("method", "restore", "gamma", "factor", "threshold", "num_layers", "select", "schedule",
@@ -114,9 +159,10 @@ def table_markdown(rows: list[dict], not_run: dict[str, str]) -> str:
         margin = f"{r['margin']:.2f}" if isinstance(r.get("margin"), (int, float)) else "–"
         lines.append(f"| {name} | {fmt_rate(r['asr'], r['asr_ci'])} | {fmt_rate(r['asr_ood'], r['asr_ood_ci'])} | "
                      f"{fmt_rate(r['utility'], r['utility_ci'])} | {fmt_rate(r['over_refusal'], r['over_refusal_ci'])} | "
-                     f"{margin} | {r.get('benign_short_answer_rate', float('nan')):.2f} | {params or '–'} |")
+                     f"{margin} | {r.get('benign_short_answer_rate', float('nan')):.2f} | "
+                     f"{r.get('harmful_empty_rate', float('nan')):.2f} | {params or '–'} |")
     for name, reason in not_run.items():
-        lines.append(f"| {name} | not run | | | | | | {reason} |")
+        lines.append(f"| {name} | not run | | | | | | | {reason} |")
     return "\n".join(lines)
 
 
@@ -196,17 +242,19 @@ def write_test_generations(ctx: Context, rows: list[dict], path: Path) -> int:
 
 
 TABLE_START, TABLE_END = "<!-- smol-table:start -->", "<!-- smol-table:end -->"
+LAYERS_START_END = ("<!-- smol-calibrated-layers:start -->", "<!-- smol-calibrated-layers:end -->")
 
 
-def update_results_doc(path: Path, table: str) -> None:
+def update_results_doc(path: Path, table: str, markers: tuple[str, str] = (TABLE_START, TABLE_END)) -> None:
     """Replace the table between the markers of docs/results.md (prose around it is kept)."""
+    start, end = markers
     if not path.exists():
-        write_text_atomic(path, f"# SmolLM2 results\n\n{TABLE_START}\n{table}\n{TABLE_END}\n")
+        write_text_atomic(path, f"# SmolLM2 results\n\n{start}\n{table}\n{end}\n")
         return
     text = path.read_text()
-    if TABLE_START not in text or TABLE_END not in text:
-        text += f"\n{TABLE_START}\n{TABLE_END}\n"
-    write_text_atomic(path, replace_between(text, TABLE_START, TABLE_END, table))
+    if start not in text or end not in text:
+        text += f"\n{start}\n{end}\n"
+    write_text_atomic(path, replace_between(text, start, end, table))
 
 
 def update_readme(path: Path, table: str) -> bool:
@@ -269,14 +317,16 @@ def short_setting(params: dict) -> str:
 
 def readme_table(rows: list[dict]) -> str:
     """README's table: the point estimates of the rows that carry the story (intervals in results.md)."""
-    lines = ["| row | ASR | ASR airt | utility | over-refusal | setting |", "|---|---|---|---|---|---|"]
+    lines = ["| row | ASR | ASR airt | utility | over-refusal | benign < 12 chars | harmful empty | setting |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["name"] in ("base", "resta-full"):
             continue
         label = README_LABELS.get(r["name"], r["name"])
         label = f"**{label}** (recommended)" if r.get("recommended") else label
         lines.append(f"| {label} | {r['asr']:.2f} | {r['asr_ood']:.2f} | {r['utility']:.2f} | "
-                     f"{r['over_refusal']:.2f} | {short_setting(r['params'])} |")
+                     f"{r['over_refusal']:.2f} | {r.get('benign_short_answer_rate', float('nan')):.2f} | "
+                     f"{r.get('harmful_empty_rate', float('nan')):.2f} | {short_setting(r['params'])} |")
     return "\n".join(lines)
 
 
@@ -303,6 +353,7 @@ def stage_outputs(ctx: Context) -> dict:
         "world_stats": {n: read_marker(ctx, n) for n in ("base_answers",) if stage_done(ctx, n)},
         "audit": {name: layer_audit(ctx, name) for name in ("attacked", "benign") if ctx.wants(name)},
         "full_attack": full_attack_record(ctx),
+        "calibrated_layers": calibrated_layers(ctx) if ctx.wants("calibrated") else None,
         "row_set": list(ctx.rows),
         "sweep": sweeps_out,
         "timings_s": timings,
@@ -314,6 +365,8 @@ def stage_outputs(ctx: Context) -> dict:
     n_gen = write_test_generations(ctx, rows, ctx.out / "smol_test_generations.jsonl")
     write_pareto(ctx, rows, ctx.docs / "smol_pareto.png")
     update_results_doc(ctx.docs / "results.md", table_markdown(rows, not_run))
+    update_results_doc(ctx.docs / "results.md", calibrated_layers_markdown(result["calibrated_layers"]),
+                       markers=LAYERS_START_END)
     if not update_readme(ctx.docs.parent / "README.md", readme_table(rows)):
         ctx.log(f"[smol] no README.md with smol-readme markers in {ctx.docs.parent.resolve()}: README table not updated")
     for path in (ctx.out / "smol.json", ctx.out / "smol_test_generations.jsonl"):

@@ -159,7 +159,7 @@ def test_readme_table_is_replaced_between_markers_only(tmp_path):
     rows[2]["params"] = {"method": "resta", "restore": 1.5}
     table = outputs.readme_table(rows)
     assert "| base |" not in table and "| aligned | 0.00 | 0.20 |" in table
-    assert "**resta (rank-k)** (recommended) | 0.01 | 0.10 | 0.90 | 0.10 | β=1.5 |" in table
+    assert "**resta (rank-k)** (recommended) | 0.01 | 0.10 | 0.90 | 0.10 | 0.00 | 0.00 | β=1.5 |" in table
     readme = tmp_path / "README.md"
     assert not outputs.update_readme(readme, table)  # no README: nothing written
     readme.write_text("intro\n")
@@ -235,3 +235,17 @@ def test_nothing_qualified_falls_back_to_the_safest_useful_setting():
     # none within the gap: the lowest worst-source gap
     record = _tune_record([(0.0, 0.9, 1.0, 0.9), (30.0, 0.3, 0.5, 0.8), (300.0, 0.1, 0.4, 0.1)])
     assert calibrated.sweep_from_tune(record, "attacked", 1.0)["chosen"] == 300.0
+
+
+def test_table_shows_empty_harmful_answers_and_the_calibrated_layers(tmp_path):
+    row = {**_row("calibrated", 0.0, 0.2, 0.88, 0.08, recommended=True, empty=0.25),
+           "params": {"method": "calibrated", "strength": 30.0}}
+    assert "| 0.00 | 0.25 | method=calibrated, strength=30 |" in outputs.table_markdown([row], {})
+    layers = {"0": {"dw_norm_before": 2.0, "dw_norm_after": 0.5, "harmful_action_kept": 0.04, "task_action_kept": 0.91}}
+    table = outputs.calibrated_layers_markdown(layers)
+    assert "| 0 | 2.000 | 0.500 | 0.04 | 0.91 |" in table
+    doc = tmp_path / "results.md"
+    doc.write_text(f"intro\n{outputs.LAYERS_START_END[0]}\nold\n{outputs.LAYERS_START_END[1]}\nafter\n")
+    outputs.update_results_doc(doc, table, markers=outputs.LAYERS_START_END)
+    text = doc.read_text()
+    assert "old" not in text and "| 0 | 2.000" in text and text.startswith("intro") and "after" in text
