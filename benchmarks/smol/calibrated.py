@@ -60,23 +60,31 @@ def tune_dir(ctx: Context, row: str):
 @stage("tune", "csulora tune with its defaults (the calibrated method) on the attacked and the benign adapter",
        needs=("calibration", "attacked", "benign_adapter"), for_rows=tuple(TUNED_ROWS))
 def stage_tune(ctx: Context) -> dict:
+    return {row: tune_row(ctx, row) for row in TUNED_ROWS if ctx.wants(row)}
+
+
+def tune_row(ctx: Context, row: str) -> dict:
+    """One row's tune run; a row whose sweep is already written is reused (a killed stage
+    resumes per row, and the two rows can run in two processes)."""
     from csulora.tuning.runner import tune_adapter
 
-    out = {}
-    for row, adapter in TUNED_ROWS.items():
-        if not ctx.wants(row):
-            continue
-        start = time.perf_counter()
-        result = tune_adapter(
-            ctx.path("adapters", adapter), tune_dir(ctx, row), aligned=ctx.path("aligned"),
-            calibration=ctx.path(*CALIBRATION_FILE), task=TUNE_TASK, force=True, progress=False, **RUNS_ON,
-        )  # fmt: skip
-        seconds = round(time.perf_counter() - start, 1)
-        write_json(ctx.path("sweeps", f"{row}.json"), sweep_from_tune(result.record, adapter, seconds))
-        out[row] = {"qualified": result.qualified, "chosen": result.chosen_params, "seconds": seconds,
-                    "summary": result.selection.summary}
-        ctx.log(f"[smol] tune {adapter}: {result.selection.summary} ({seconds:.0f} s)")
-    return out
+    adapter = TUNED_ROWS[row]
+    done = ctx.path("tune", f"{row}.done.json")
+    if done.exists() and ctx.path("sweeps", f"{row}.json").exists():
+        ctx.log(f"[smol] tune {adapter}: reused ({done})")
+        return json.loads(done.read_text())
+    start = time.perf_counter()
+    result = tune_adapter(
+        ctx.path("adapters", adapter), tune_dir(ctx, row), aligned=ctx.path("aligned"),
+        calibration=ctx.path(*CALIBRATION_FILE), task=TUNE_TASK, force=True, progress=False, **RUNS_ON,
+    )  # fmt: skip
+    seconds = round(time.perf_counter() - start, 1)
+    write_json(ctx.path("sweeps", f"{row}.json"), sweep_from_tune(result.record, adapter, seconds))
+    info = {"qualified": result.qualified, "chosen": result.chosen_params, "seconds": seconds,
+            "summary": result.selection.summary}
+    write_json(done, info)
+    ctx.log(f"[smol] tune {adapter}: {result.selection.summary} ({seconds:.0f} s)")
+    return info
 
 
 def sweep_from_tune(record: dict, adapter: str, seconds: float) -> dict:
