@@ -250,6 +250,40 @@ def test_number_mode_keeps_C_B_only_for_modules_that_can_still_be_projected(monk
     assert sum(r.report["projected"] for r in results) == 3
 
 
+def test_number_mode_holds_float32_factors_and_gives_back_the_same_float64(monkeypatch):
+    """issue 15: factors read from an fp32 file are held in float32 until the threshold is
+    known (half the bytes); the results are the float64 values given, bit for bit. Factors
+    float32 cannot hold exactly stay float64."""
+    measured = []
+    original = SafeLora._measure
+
+    def recording(self, module, config):
+        item = original(self, module, config)
+        measured.append(item)
+        return item
+
+    monkeypatch.setattr(SafeLora, "_measure", recording)
+    modules = [make_module(i, 12, 10, 2, seed=i) for i in range(4)]
+    for module in modules[:3]:  # as read from an fp32 adapter
+        module.update = LoraUpdate(
+            A=module.update.A.float().double(), B=module.update.B.float().double(), scale=module.update.scale
+        )
+    held = []
+
+    def stream():
+        for module in modules:
+            yield module
+            held.append(measured[-1].update.A.dtype)  # while the threshold is not yet known
+
+    results = list(METHOD.correct(stream(), SafeLoraConfig(select="number", num_layers=1)))
+    assert held == [torch.float32] * 3 + [torch.float64]
+    assert all(r.update.A.dtype == r.update.B.dtype == torch.float64 for r in results)
+    for module, result in zip(modules, results, strict=True):
+        assert torch.equal(result.update.A, module.update.A)
+        if not result.report["projected"]:
+            assert torch.equal(result.update.B, module.update.B)
+
+
 @pytest.mark.parametrize(
     "options, flag",
     [

@@ -166,13 +166,16 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
         # (m x r) is dropped at once: memory stays flat in depth (docs/benchmarks.md).
         measured: list[_Measured] = []
         for module in modules:
-            measured.append(self._measure(module, config))
+            latest = self._measure(module, config)
+            latest.update = _held(latest.update)  # until the threshold is known
+            measured.append(latest)
             running = number_mode_threshold([m.cos for m in measured], config.num_layers)
             for item in measured:
                 if item.projected_B is not None and not _selected(item.cos, running):
                     item.projected_B = None
         threshold = number_mode_threshold([m.cos for m in measured], config.num_layers)
         for item in measured:
+            item.update = _released(item.update)
             yield self._finish(item, threshold)
 
     def summary(self, results: Sequence[ModuleResult], config: SafeLoraConfig) -> dict[str, Any]:
@@ -289,6 +292,32 @@ def number_mode_threshold(cosines: Sequence[float | None], num_layers: int) -> f
         return None
     return defined[min(num_layers, len(defined)) - 1]
 
+
+
+def _held(update: LoraUpdate) -> LoraUpdate:
+    """The factors number mode holds for every module until the threshold is known.
+
+    float32 wherever that is exact (an fp32, fp16 or bf16 adapter, as read): the float64
+    copies were 10 MB per 7B layer at r = 16, most of Safe LoRA's growth in depth
+    (docs/benchmarks.md, issue 15). :func:`_released` gives back the very same float64 values
+    (and the very same object when nothing was narrowed).
+    """
+    A, B = _float32_if_exact(update.A), _float32_if_exact(update.B)
+    return update if A is update.A and B is update.B else LoraUpdate(A=A, B=B, scale=update.scale)
+
+
+def _released(update: LoraUpdate) -> LoraUpdate:
+    """The held factors as the methods' contract has them: float64 (the same object if they are)."""
+    if update.A.dtype == update.B.dtype == torch.float64:
+        return update
+    return LoraUpdate(A=update.A.to(torch.float64), B=update.B.to(torch.float64), scale=update.scale)
+
+
+def _float32_if_exact(tensor: Tensor) -> Tensor:
+    if tensor.dtype != torch.float64:
+        return tensor
+    narrowed = tensor.to(torch.float32)
+    return narrowed if torch.equal(narrowed.to(torch.float64), tensor) else tensor
 
 
 def _selected(cos: float | None, threshold: float | None) -> bool:
