@@ -54,6 +54,8 @@ ROW_SETS = {
     "all": ROW_ORDER,
     "issue5": ("base", "aligned", "attacked", "safelora", "safelora-default", "csulora"),
     "full": tuple(row for row in ROW_ORDER if row == "aligned" or row.startswith("full-")),
+    # every row but the full fine-tune's (their dense sweeps are the longest stages)
+    "lora": tuple(row for row in ROW_ORDER if not row.startswith("full-")),
 }
 
 
