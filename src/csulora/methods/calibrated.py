@@ -60,9 +60,12 @@ from csulora.types import (
 # Solves kept per run: a decoder layer has at most four groups (q/k/v, o, gate/up, down),
 # so any module order within a layer reuses its group's factorisation.
 _SOLVES_IN_MEMORY = 4
-# Elements of a dense update solved at a time (float64 temporaries of about 1 MB: small
-# blocks keep the allocator from holding freed temporaries, see csulora.linalg).
-_DENSE_BLOCK_ELEMENTS = 1 << 17
+# Elements of a dense update solved at a time (float64 temporaries of 8 MB: 256 rows of a
+# 4096-wide module). Every block streams the n x n factors (T, the Cholesky factor, both Grams
+# for the sampled rows) from memory once, so blocks of a few rows are memory-bound: 1024 rows
+# of a 4096-wide update took 87 s of CPU in 32-row blocks and 14 s in 256-row blocks (one
+# thread, busy machine); the memory benchmark measures the peak with these blocks.
+_DENSE_BLOCK_ELEMENTS = 1 << 20
 # The shares of a dense update's action kept are measured on at most this many evenly spaced
 # rows: exact, each costs as much as the solve itself (4 m n^2 flops for the four norms
 # against n x n Grams, 2 m n^2 for the solve); the rows give a ratio estimate.
