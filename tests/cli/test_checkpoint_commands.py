@@ -136,6 +136,7 @@ def test_tune_a_checkpoint_from_the_cli(tiny_full, tmp_path, capsys, tune_data):
                            "--benign", tune_data["benign"]], capsys)  # fmt: skip
     assert rc == 0, err
     assert (out / "model.safetensors").exists() and (out / "tune.json").exists()
+    assert f"corrected checkpoint, tune.json and tune.png written to {out}" in stdout
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 

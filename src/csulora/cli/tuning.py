@@ -227,7 +227,8 @@ def run_tune(args: argparse.Namespace) -> int:
         print(f"csulora tune: {result.selection.summary}; sweep written to {result.out_dir}")
         return NO_SETTING_QUALIFIES
     print(f"chose {result.selection.summary}")
-    print(f"corrected adapter, tune.json and tune.png written to {result.out_dir}")
+    written = "corrected adapter" if (result.out_dir / "adapter_config.json").exists() else "corrected checkpoint"
+    print(f"{written}, tune.json and tune.png written to {result.out_dir}")
     return 0
 
 
