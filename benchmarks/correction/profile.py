@@ -38,6 +38,11 @@ PHASES: tuple[tuple[str, str], ...] = (
     ("read_adapter", _M + r"read_adapter "),
     ("write_adapter", _M + r"write_adapter "),
     ("subspace cache (save/load)", _M + r"(save_subspace_cache|load_subspace_cache|get) \(csulora/io/subspace_cache"),
+    ("calibration: plain forward (the reference)", _M + r"plain_forward "),
+    ("calibration: statistics pass (all of it)", _M + r"accumulate_sums "),
+    ("  float64 sums allocated", _M + r"__init__ \(csulora/calibration"),
+    ("  Gram strips x^T x added to the sums", _M + r"add_upper_gram_ "),
+    ("  upper triangle mirrored", _M + r"mirror_upper_ "),
 )
 
 

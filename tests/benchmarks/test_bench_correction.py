@@ -228,3 +228,37 @@ def test_build_subspace_case_reruns_on_a_kept_workdir(tmp_path):
             "subspace": str(tmp_path / "outputs" / "subspace-L2.safetensors")}
     first = case_build_subspace(spec, Clock())
     assert case_build_subspace(spec, Clock()) == first
+
+
+def test_profile_counts_a_sample_for_every_phase_on_its_stack():
+    from benchmarks.correction.profile import phase_shares
+
+    lines = [
+        "<module> (x.py:1);accumulate_sums (csulora/calibration.py:400);add_upper_gram_ (csulora/calibration.py:318) 3",
+        "<module> (x.py:1);accumulate_sums (csulora/calibration.py:402);mirror_upper_ (csulora/calibration.py:340) 1",
+        "<module> (x.py:1);plain_forward (benchmarks/bench_calibration.py:90) 4",
+        "not a sample line",
+    ]
+    total, shares = phase_shares(lines)
+    assert total == 8
+    assert shares["calibration: statistics pass (all of it)"] == 0.5
+    assert shares["  Gram strips x^T x added to the sums"] == 3 / 8
+    assert shares["  upper triangle mirrored"] == 1 / 8
+    assert shares["calibration: plain forward (the reference)"] == 0.5
+
+
+def test_spectra_benchmark_runs_at_toy_size(tmp_path):
+    from benchmarks.correction import spectra
+
+    out = tmp_path / "spectra.json"
+    threads = torch.get_num_threads()
+    try:
+        assert spectra.main(["--shape", "40", "32", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # main() runs on one thread
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["spectrum"] for row in rows] == ["benchmark world", "power law i^-1/2", "noise"]
+    for row in rows:
+        for which in ("now", "before"):
+            assert row[which]["energy"] <= row[which]["energy_exact"] + 1e-6  # no subspace beats the SVD
+            assert row[which]["columns x products"] > 0
