@@ -129,11 +129,13 @@ class StreamingSafetensorsWriter:
     them all in a dict).
     """
 
-    def __init__(self, path: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]]):
+    def __init__(
+        self, path: Path, layout: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict[str, str] | None = None
+    ):
         self.path = path
         self._expected = list(layout)
         self._next = 0
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
         offset = 0
         for name, shape, dtype in layout:
             nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()

@@ -48,3 +48,24 @@ def test_cases_run_in_child_processes_and_record_the_bound(tmp_path):
     assert runs[("safelora", 2)]["sources"] == "aligned + base" and runs[("scale", 2)]["sources"] == "aligned"
     assert not (tmp_path / "w").exists()  # the world is removed without --keep
     assert "| scale | 1 |" in full.summary_markdown(results)
+
+
+def test_calibrated_case_reads_a_calibration_file_of_the_aligned_model(tmp_path):
+    from csulora.io.calibration_file import load_calibration
+
+    out = tmp_path / "full.json"
+    argv = ["--layers", "1", "--methods", "calibrated", "--workdir", str(tmp_path / "w"), "--out", str(out), "--keep", *TOY]
+    assert full.main(argv) == 0
+    (row,) = json.loads(out.read_text())["runs"]
+    assert row["case"] == "calibrated" and row["sources"] == "aligned + calibration" and row["modules"] == 7
+    assert row["statistics_bytes"] == 2 * 8 * 48 * 48  # the widest group (toy shapes: every group dense)
+    assert row["bound_bytes"] == full.bound_bytes(ModelShape(32, 48, 1, 64, 4)) + row["statistics_bytes"]
+    assert row["summary"]["modules"] == 7
+    calibration = load_calibration(tmp_path / "w" / "calibration-1.safetensors")
+    assert calibration.modules["model.layers.0.self_attn.k_proj"] == "model.layers.0.self_attn.q_proj+k_proj+v_proj"
+    assert calibration.module("model.layers.0.mlp.down_proj").harmful.n == 48
+
+
+def test_statistics_bytes_at_7b_shape_are_one_dense_4096_group():
+    # down_proj's 11008-wide group is stored spiked at rank 512: smaller than two dense 4096^2 Grams
+    assert full.statistics_bytes(ModelShape()) == 2 * 8 * 4096 * 4096
