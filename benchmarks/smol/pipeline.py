@@ -56,6 +56,8 @@ ROW_SETS = {
     "full": tuple(row for row in ROW_ORDER if row == "aligned" or row.startswith("full-")),
     # every row but the full fine-tune's (their dense sweeps are the longest stages)
     "lora": tuple(row for row in ROW_ORDER if not row.startswith("full-")),
+    # the product's path alone (issue 12): the references and tune's default pick on each adapter
+    "product": ("base", "aligned", "attacked", "calibrated", "benign", "benign+recommended"),
 }
 
 
