@@ -180,6 +180,35 @@ def test_dense_update_form_matches_the_formula_in_row_blocks():
     assert torch.equal(calibrated_dense_update(dW, cal, 30.0, solve=shared), whole)
 
 
+def test_dense_solve_and_norms_read_the_stored_matrices_without_symmetrised_copies():
+    """The dense factorisation and the per-block norms use the stored matrices as they are
+    (no (S + S^T)/2 copies beside them): the same values as moment_matrix's symmetrised form,
+    for a float32 matrix that is not exactly symmetric too, and the statistics unchanged."""
+    from csulora.gram import rows_action_norm_sq
+
+    n = 12
+    cal = random_calibration(n, seed=31)
+    skew = 1e-3 * torch.randn(n, n, generator=gen(32), dtype=F64)
+    lopsided = {
+        which: SecondMoment(n=n, matrix=(getattr(cal, which).matrix + skew).float(), tokens=36)
+        for which in ("harmful", "task")
+    }
+    stored = {which: m.matrix.clone() for which, m in lopsided.items()}
+    raw = ModuleCalibration("g", harmful=lopsided["harmful"], task=lopsided["task"])
+    symmetrised = ModuleCalibration(
+        "g", *(SecondMoment(n=n, matrix=moment_matrix(lopsided[w]), tokens=36) for w in ("harmful", "task"))
+    )
+    dW = torch.randn(7, n, generator=gen(33), dtype=F64)
+    torch.testing.assert_close(
+        CalibratedSolve(raw, 30.0, 0.01).apply(dW), CalibratedSolve(symmetrised, 30.0, 0.01).apply(dW), atol=1e-12, rtol=1e-10
+    )
+    for which in ("harmful", "task"):
+        assert rows_action_norm_sq(dW, lopsided[which]) == pytest.approx(
+            rows_action_norm_sq(dW, getattr(symmetrised, which)), rel=1e-12
+        )
+        assert torch.equal(lopsided[which].matrix, stored[which])  # the statistics are not touched
+
+
 # -- shares of the action kept --------------------------------------------------------------------
 @pytest.mark.parametrize("spiked", [False, True])
 def test_action_kept_is_the_ratio_of_weighted_norms(spiked):

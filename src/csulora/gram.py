@@ -239,6 +239,16 @@ def moment_matrix(moment: SecondMoment) -> Tensor:
     return (U * (L - moment.sigma2)) @ U.T + moment.sigma2 * eye
 
 
+def _symmetric_copy(moment: SecondMoment) -> Tensor:
+    """A new float64 ``(S + S^T)/2`` (moment_matrix's value) with one n x n allocation: a 7B
+    group's n x n temporaries are 134 MB each, and a full fine-tune's memory bound allows one
+    group's statistics and its factorisation, not their copies (docs/design.md §5d)."""
+    if moment.matrix is None:
+        return moment_matrix(moment)  # the spiked form's matrix is built fresh anyway
+    out = moment.matrix.to(torch.float64, copy=True)
+    return out.add_(moment.matrix.T).mul_(0.5)
+
+
 def _spikes(moment: SecondMoment) -> tuple[Tensor, Tensor]:
     assert moment.U is not None and moment.L is not None
     return moment.U.to(torch.float64), moment.L.to(torch.float64)
@@ -290,10 +300,11 @@ class CalibratedSolve:
 
     # -- dense: one Cholesky factorisation -------------------------------------------------------
     def _factor_dense(self, harmful: SecondMoment, task: SecondMoment) -> None:
-        S_t, S_h = moment_matrix(task), moment_matrix(harmful)
-        self._T = S_t.clone()
+        # At most three n x n matrices at once (T, the system, its factor): no symmetrised
+        # copies of the statistics beside them.
+        self._T = _symmetric_copy(task)
         self._T.diagonal().add_(self.mu)  # S_t + mu I, without an n x n identity beside it
-        system = self._T.clone().add_(S_h, alpha=self.strength)
+        system = _symmetric_copy(harmful).mul_(self.strength).add_(self._T)
         chol, info = torch.linalg.cholesky_ex(system)
         del system
         if int(info) != 0:
@@ -399,7 +410,9 @@ def rows_action_norm_sq(X: Tensor, moment: SecondMoment) -> float:
     """
     X = X.to(torch.float64)
     if moment.matrix is not None:
-        return max(float(((X @ moment_matrix(moment).to(X.device)) * X).sum()), 0.0)
+        # x^T S x = x^T ((S + S^T)/2) x: the stored matrix itself, no n x n copy per block
+        S = moment.matrix.to(device=X.device, dtype=torch.float64)
+        return max(float(((X @ S) * X).sum()), 0.0)
     U, L = _spikes(moment)
     XU = X @ U.to(X.device)
     return max(float((XU.square() * (L.to(X.device) - moment.sigma2)).sum()) + moment.sigma2 * float(X.square().sum()), 0.0)
