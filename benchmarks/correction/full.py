@@ -344,6 +344,19 @@ def summary_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# What each command records about its own run; an --update keeps the earlier commands' records.
+COMMAND_RECORD_KEYS = ("started", "machine", "load_average_before", "load_average_after", "threads", "cache")
+
+
+def earlier_commands(previous: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of the commands before this one (oldest first): their start, machine and load."""
+    if not previous:
+        return []
+    last = {key: previous[key] for key in COMMAND_RECORD_KEYS if key in previous}
+    last["command"] = previous.get("commands", [None])[-1]
+    return [*previous.get("earlier_commands", []), last]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.correction.full", description=__doc__.split("\n")[0])
     p.add_argument("--layers", default="3,12", help="comma list of depths to measure")
@@ -419,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             "dense_up_to": "csulora.gram.DENSE_MAX_N",
         },  # fmt: skip
         "runs": sorted(runs, key=lambda r: (r["layers"], list(CASES).index(r["case"]))),
+        "earlier_commands": earlier_commands(previous),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -69,3 +69,17 @@ def test_calibrated_case_reads_a_calibration_file_of_the_aligned_model(tmp_path)
 def test_statistics_bytes_at_7b_shape_are_one_dense_4096_group():
     # down_proj's 11008-wide group is stored spiked at rank 512: smaller than two dense 4096^2 Grams
     assert full.statistics_bytes(ModelShape()) == 2 * 8 * 4096 * 4096
+
+
+def test_an_update_keeps_the_earlier_commands_records(tmp_path):
+    out = tmp_path / "full.json"
+    common = ["--workdir", str(tmp_path / "w"), "--out", str(out), "--keep", *TOY]
+    assert full.main(["--layers", "1", "--methods", "scale", *common]) == 0
+    first = json.loads(out.read_text())
+    assert first["earlier_commands"] == []
+    assert full.main(["--layers", "1", "--methods", "resta", "--reuse", "--update", *common]) == 0
+    second = json.loads(out.read_text())
+    (earlier,) = second["earlier_commands"]
+    assert earlier["started"] == first["started"] and earlier["load_average_before"] == first["load_average_before"]
+    assert earlier["command"] == first["commands"][0] and len(second["commands"]) == 2
+    assert {(r["case"], r["layers"]) for r in second["runs"]} == {("scale", 1), ("resta", 1)}
