@@ -114,6 +114,29 @@ def test_modules_of_one_group_share_one_read(tiny_calibration):
     assert len(set(cal.modules.values())) == 2 * 4  # per layer: q/k/v, o, gate/up, down
 
 
+def test_a_group_is_read_only_after_the_cache_made_room_for_it(tmp_path):
+    import gc
+    import weakref
+
+    path = save_calibration(tmp_path / "c.safetensors", small_groups(), SMALL_MODULES, {})
+    cal = load_calibration(path, groups_in_memory=1)
+    attn = weakref.ref(cal.module("l.q_proj"))
+    gc.collect()
+    assert attn() is not None  # held by the file's cache
+    reads = []
+    read_group = cal._read_group
+
+    def spy(entry):
+        gc.collect()
+        reads.append((entry.name, attn() is None, len(cal._cache)))
+        return read_group(entry)
+
+    cal._read_group = spy
+    assert cal.module("l.down_proj").group == "mlp"
+    assert reads == [("mlp", True, 0)]  # attn's statistics were let go before mlp's were read
+    assert cal.module("l.down_proj") is cal.module("l.down_proj") and len(reads) == 1
+
+
 def test_existing_file_needs_force(tmp_path):
     path = save_calibration(tmp_path / "c.safetensors", small_groups(0), SMALL_MODULES, {})
     before = path.read_bytes()

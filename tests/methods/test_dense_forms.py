@@ -235,3 +235,25 @@ def test_calibrated_action_shares_on_a_row_sample_of_a_tall_update(monkeypatch):
     S_h = moment_matrix(stats.harmful)
     want = float(((result.update[rows] @ S_h) * result.update[rows]).sum() / ((dW[rows] @ S_h) * dW[rows]).sum())
     assert result.report["harmful_action_kept"] == pytest.approx(want, rel=1e-9)
+
+
+def test_a_held_solve_does_not_keep_its_statistics_alive():
+    import gc
+    import weakref
+
+    from csulora.gram import dense_moment
+    from csulora.methods.calibrated import _Solves
+    from csulora.types import ModuleCalibration
+
+    g = torch.Generator().manual_seed(6)
+    grams = [(X.T @ X) for X in (torch.randn(30, 6, generator=g, dtype=torch.float64) for _ in range(2))]
+    stats = ModuleCalibration(group="g", harmful=dense_moment(grams[0], 30), task=dense_moment(grams[1], 30))
+    solves = _Solves(limit=1)
+    solve = solves.get(stats, 3.0, 0.01)
+    assert solves.get(stats, 3.0, 0.01) is solve  # the same statistics: the factorisation is reused
+    alive = weakref.ref(stats)
+    del stats
+    gc.collect()
+    assert alive() is None  # a full fine-tune's file lets a group go: its 268 MB (7B) must go too
+    again = ModuleCalibration(group="g", harmful=dense_moment(grams[0], 30), task=dense_moment(grams[1], 30))
+    assert solves.get(again, 3.0, 0.01) is not solve  # another object of the same group: rebuilt

@@ -199,10 +199,11 @@ class CalibrationFile:
         group = self.group_of(name)
         cached = self._cache.get(group)
         if cached is None:
+            # Make room first: the group read never sits beside groups_in_memory others.
+            while self._cache and len(self._cache) >= self.groups_in_memory:
+                self._cache.popitem(last=False)
             cached = self._read_group(self.groups[group])
             self._cache[group] = cached
-            while len(self._cache) > self.groups_in_memory:
-                self._cache.popitem(last=False)
         else:
             self._cache.move_to_end(group)
         return cached

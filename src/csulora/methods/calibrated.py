@@ -25,6 +25,7 @@ holds the run's factorisations, so a group's modules share one here too.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -103,7 +104,9 @@ class CalibratedConfig(MethodConfig):
 class _Solves:
     """The last few (group, lam, mu) factorisations of one correction run."""
 
-    held: OrderedDict[tuple[str, float, float], tuple[ModuleCalibration, CalibratedSolve]] = field(
+    # The statistics are held by a weak reference: a solve must not keep its group's statistics
+    # alive once the file has let them go (a 7B group's are 268 MB, docs/design.md §5d).
+    held: OrderedDict[tuple[str, float, float], tuple[weakref.ref[ModuleCalibration], CalibratedSolve]] = field(
         default_factory=OrderedDict
     )
     limit: int = _SOLVES_IN_MEMORY
@@ -113,13 +116,13 @@ class _Solves:
         entry = self.held.get(key)
         # Reuse only for the very statistics it was built from (the file hands out one
         # object per group while it holds it), never for another object of the same name.
-        if entry is not None and entry[0] is calibration:
+        if entry is not None and entry[0]() is calibration:
             self.held.move_to_end(key)
             return entry[1]
         while len(self.held) >= self.limit:  # before the new one is built: never limit + 1 at once
             self.held.popitem(last=False)
         solve = CalibratedSolve(calibration, strength, mu)
-        self.held[key] = (calibration, solve)
+        self.held[key] = (weakref.ref(calibration), solve)
         return solve
 
 
