@@ -29,6 +29,9 @@ from benchmarks.smol.pipeline import RUNS_ON, Context, stage, write_json
 # row -> the adapter tune corrects
 TUNED_ROWS = {"calibrated": "attacked", "benign+recommended": "benign"}
 TUNE_TASK = "date:validation"  # the task's validation split (100 items): never test data
+# tune --score-cache: every scored state of both rows' runs (the aligned model is scored once
+# for both; a killed stage resumes at its next unscored setting)
+SCORE_CACHE = ("tune", "score-cache")
 
 
 @stage("calibration", "csulora calibrate: the aligned model's input statistics on harmful prompts and the task",
@@ -76,7 +79,8 @@ def tune_row(ctx: Context, row: str) -> dict:
     start = time.perf_counter()
     result = tune_adapter(
         ctx.path("adapters", adapter), tune_dir(ctx, row), aligned=ctx.path("aligned"),
-        calibration=ctx.path(*CALIBRATION_FILE), task=TUNE_TASK, force=True, progress=False, **RUNS_ON,
+        calibration=ctx.path(*CALIBRATION_FILE), task=TUNE_TASK, force=True, progress=False,
+        score_cache=ctx.path(*SCORE_CACHE), **RUNS_ON,
     )  # fmt: skip
     seconds = round(time.perf_counter() - start, 1)
     write_json(ctx.path("sweeps", f"{row}.json"), sweep_from_tune(result.record, adapter, seconds))

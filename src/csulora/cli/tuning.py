@@ -129,6 +129,12 @@ def register(subparsers) -> None:
         help=f"greedy tokens per answer (eval's default, {DEFAULT_MAX_NEW_TOKENS})",
     )
     add_device_flags(p)
+    p.add_argument(
+        "--score-cache",
+        metavar="DIR",
+        help="keep every scored model state in DIR, so a killed run resumes and a rerun on the same data "
+        "scores nothing twice (keyed by the model, adapter bytes, data, generation settings, device and dtype)",
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
     p.set_defaults(handler=run_tune)
     _accept_negative_grids(p)
@@ -215,6 +221,7 @@ def run_tune(args: argparse.Namespace) -> int:
         task=args.task,
         benign=args.benign,
         force=args.force,
+        score_cache=args.score_cache,
         **device_options(args),
     )
     print(format_sweep(result.record))

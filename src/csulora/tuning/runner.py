@@ -47,6 +47,7 @@ from csulora.io.input_kind import is_checkpoint
 from csulora.methods.registry import get_method
 from csulora.tuning.config import TuneConfig, build_method_config
 from csulora.tuning.report import plot_sweep, tune_record, write_tune_json
+from csulora.tuning.score_cache import ScoreCache
 from csulora.tuning.scoring import TuneData, score_model
 from csulora.tuning.selection import (
     CALIBRATION_FROM_TASK,
@@ -156,6 +157,7 @@ def tune_adapter(
     dtype: str | None = None,
     force: bool = False,
     progress: bool = True,
+    score_cache: PathLike | None = None,
 ) -> TuneResult:
     """Sweep ``config.method``'s knob (or every method's, ``method="all"``) and write the chosen adapter.
 
@@ -168,6 +170,8 @@ def tune_adapter(
     prompts for over-refusal, short answers and fluency (default ``benign:validation``).
     ``device``/``dtype``: where and in what precision the aligned model runs. The adapter,
     ``aligned`` and ``base`` may be hub ids (fetched, or found in the hub cache: io/hub.py).
+    ``score_cache``: a folder keeping every scored state (:mod:`csulora.tuning.score_cache`),
+    so a killed run resumes and a rerun on the same data scores nothing twice.
     Returns a :class:`TuneResult`; when no setting qualifies no adapter is written, only
     tune.json, tune.png, the answers (and the statistics), and ``result.qualified`` is False.
     """
@@ -202,7 +206,8 @@ def tune_adapter(
         else:
             candidates = _write_candidates(adapter_path, scratch_dir, plans, sources, progress)
             states = _AdapterStates(adapter_path, aligned_path)
-        sweep = _run_sweep(states, plans, candidates, loaded.data, run, progress, timing)
+        cache = _score_cache(score_cache, aligned_path, loaded.data, plans[0].config, run)
+        sweep = _run_sweep(states, plans, candidates, loaded.data, run, progress, timing, cache)
         selection = _select(config, sweep, files, skipped)
         inputs = {
             "adapter": str(adapter_path.resolve()),
@@ -656,6 +661,7 @@ def _run_sweep(
     run: Mapping[str, Any],
     progress: bool,
     timing: dict[str, float],
+    cache: ScoreCache | None = None,
 ) -> _Sweep:
     """Score the aligned model, the uncorrected input and each setting, reached through ``states``
     (:class:`_AdapterStates`, or ``csulora.tuning.checkpoint.CheckpointStates`` for a checkpoint)."""
@@ -663,14 +669,20 @@ def _run_sweep(
     bar = tqdm(total=2 + len(candidates), desc=f"tune {methods}", unit="setting", disable=None if progress else True)
     answers: list[dict[str, Any]] = []
 
-    def score(model, state: str, where: Mapping[str, Any], aligned_view) -> SettingScores:
+    def score(model, state: str, where: Mapping[str, Any], aligned_view, files: Path | None | bool = None) -> SettingScores:
+        """``files``: the state's adapter folder (None: the aligned model; False: no files, not cached)."""
         start = time.perf_counter()
         batch = plans[0].config.batch_size
         tokens, seed = plans[0].config.max_new_tokens, plans[0].config.seed
-        outputs = score_model(
-            model, tokenizer, data, batch_size=batch, max_new_tokens=tokens, seed=seed, desc=state,
-            aligned_view=aligned_view,
-        )  # fmt: skip
+        key = cache.key(files) if cache is not None and files is not False else None
+        outputs = cache.load(key, [name for name, _ in data.prompt_sets()]) if key is not None else None
+        if outputs is None:
+            outputs = score_model(
+                model, tokenizer, data, batch_size=batch, max_new_tokens=tokens, seed=seed, desc=state,
+                aligned_view=aligned_view,
+            )  # fmt: skip
+            if key is not None:
+                cache.save(key, outputs, state)
         timing[state] = round(time.perf_counter() - start, 3)
         for set_name, prompts in data.prompt_sets():
             for prompt, response in zip(prompts, outputs.answers[set_name]):
@@ -686,9 +698,9 @@ def _run_sweep(
         _, tokenizer = states.load(run)
         timing["load_aligned"] = round(time.perf_counter() - start, 3)
         with states.aligned() as aligned_view:
-            aligned_scores = score(states.model, "aligned", {}, aligned_view)
+            aligned_scores = score(states.model, "aligned", {}, aligned_view, None)
         with states.uncorrected() as aligned_view:
-            adapter_scores = score(states.model, UNCORRECTED, {}, aligned_view)
+            adapter_scores = score(states.model, UNCORRECTED, {}, aligned_view, _adapter_files(states))
         done: set[str] = set()  # methods whose stop_at_first already found their setting
         for candidate in candidates:
             config = candidate.plan.config
@@ -702,7 +714,7 @@ def _run_sweep(
                 state = f"{config.method} {config.knob}={candidate.value:g}"
                 where = {"method": config.method, config.knob: candidate.value}
                 with states.setting(candidate) as aligned_view:
-                    scores = score(states.model, state, where, aligned_view)
+                    scores = score(states.model, state, where, aligned_view, candidate.folder or False)
             settings[config.method].append(ScoredSetting(candidate.value, scores))
             scored.append(candidate)
             if config.stop_at_first and select_setting(
@@ -715,6 +727,20 @@ def _run_sweep(
     order = {plan.config.method: k for k, plan in enumerate(plans)}
     scored.sort(key=lambda c: (order[c.plan.config.method], c.index))  # the sweeps' flat order
     return _Sweep(aligned_scores, adapter_scores, sweeps, scored, answers)
+
+
+def _score_cache(folder: PathLike | None, aligned: Path, data: TuneData, config: TuneConfig, run: Mapping[str, Any]):
+    """The on-disk store of scored states (``--score-cache``), or None."""
+    if folder is None:
+        return None
+    generation = {"batch_size": config.batch_size, "max_new_tokens": config.max_new_tokens, "seed": config.seed,
+                  "device": run["device"].type, "dtype": run["dtype"]}  # fmt: skip
+    return ScoreCache(folder, aligned, data, generation)
+
+
+def _adapter_files(states: Any) -> Path | bool:
+    """The uncorrected input's adapter folder, or False for a full checkpoint (not cached)."""
+    return states.adapter_path if isinstance(states, _AdapterStates) else False
 
 
 def _select(config: TuneConfig, sweep: _Sweep, files: SourceFiles, skipped: Mapping[str, str]) -> Selection:

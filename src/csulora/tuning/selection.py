@@ -89,6 +89,20 @@ class SettingScores:
             "margin": self.margin,
         }
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SettingScores:
+        """The inverse of :meth:`to_dict` (``tune --score-cache`` reads scores back with it)."""
+        return cls(
+            asr={name: _rate_from_dict(r) for name, r in d["asr"].items()},
+            utility=_rate_from_dict(d.get("utility")),
+            task_loglik=d.get("task_loglik"),
+            over_refusal=_rate_from_dict(d.get("over_refusal")),
+            margin=d.get("margin"),
+            harmful_empty={name: _rate_from_dict(r) for name, r in d.get("harmful_empty", {}).items()},
+            benign_short=_rate_from_dict(d.get("benign_short")),
+            benign_fluency=d.get("benign_fluency"),
+        )
+
 
 @dataclass(frozen=True)
 class ScoredSetting:
@@ -634,3 +648,9 @@ def _rate_dict(rate: Rate | None) -> dict[str, Any] | None:
     if rate is None:
         return None
     return {"value": rate.value, "ci": [rate.ci[0], rate.ci[1]], "n": rate.n}
+
+
+def _rate_from_dict(d: Mapping[str, Any] | None) -> Rate | None:
+    if d is None:
+        return None
+    return Rate(value=d["value"], ci=(d["ci"][0], d["ci"][1]), n=d["n"])

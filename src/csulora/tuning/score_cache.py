@@ -1,0 +1,102 @@
+"""Scored model states kept on disk, so a killed `tune` resumes and a rerun scores nothing twice.
+
+Scoring a state (the aligned model, the adapter, one setting) is nearly all of tune's time:
+greedy answers to every validation prompt. On a CPU a 135M model takes minutes a state, a 7B
+one hours, and a run that dies at the last setting used to start again from the aligned
+model. With ``tune --score-cache DIR`` each state's scores and answers are written to
+``DIR/<key>.json`` as soon as they exist, and read back instead of generating again.
+
+A key covers everything the scores depend on (docs/design.md §10):
+
+- the model state: the aligned model's fingerprint (weights, tokenizer, chat template),
+  plus the bytes of the adapter (``adapter_model.safetensors`` and ``adapter_config.json``)
+  for the adapter and for each setting -- a setting is keyed by what it is, not by its
+  knob, so the same corrected bytes reached any way are scored once;
+- the validation data (every prompt, the task's references), the generation settings
+  (batch size, new tokens, bootstrap seed), device, dtype and csulora's version.
+
+A state with no files of its own (a full checkpoint's settings, applied in memory) is not
+cached. Entries are written atomically; a corrupt one is reported and scored again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from csulora import __version__
+from csulora.io.atomic import atomic_output_file
+from csulora.io.fingerprint import file_sha256, model_fingerprint
+from csulora.tuning.scoring import StateOutputs, TuneData
+from csulora.tuning.selection import SettingScores
+
+SCHEMA = "csulora.score-cache/1"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def data_digest(data: TuneData) -> str:
+    """One sha256 over every prompt set and the task's reference responses."""
+    payload = {
+        "sets": data.prompt_sets(),
+        "task_references": [item["response"] for item in data.task],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def adapter_digest(folder: str | os.PathLike) -> str:
+    """One sha256 over an adapter folder's weights and config (its README and report do not count)."""
+    digest = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        digest.update(name.encode())
+        digest.update(file_sha256(Path(folder) / name).encode())
+    return digest.hexdigest()
+
+
+class ScoreCache:
+    """``DIR/<key>.json`` per scored state; see the module docstring for what a key covers."""
+
+    def __init__(self, folder: str | os.PathLike, aligned: str | os.PathLike, data: TuneData,
+                 generation: Mapping[str, Any]) -> None:  # fmt: skip
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._common = {
+            "schema": SCHEMA,
+            "csulora": __version__,
+            "aligned": model_fingerprint(aligned)["digest"],
+            "data": data_digest(data),
+            "generation": {k: str(v) for k, v in sorted(generation.items())},
+        }
+        self.hits = 0
+
+    def key(self, adapter: str | os.PathLike | None) -> str:
+        """The key of the aligned model (``adapter`` None) or of the aligned model plus an adapter folder."""
+        state = {**self._common, "adapter": adapter_digest(adapter) if adapter is not None else None}
+        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def load(self, key: str, set_names: Sequence[str]) -> StateOutputs | None:
+        """The stored outputs, or None when absent or unreadable (then the state is scored again)."""
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            record = json.loads(path.read_text())
+            answers = {name: list(record["answers"][name]) for name in set_names}
+            outputs = StateOutputs(SettingScores.from_dict(record["scores"]), answers)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"csulora tune: ignoring unreadable score cache entry {path}: {err}")
+            return None
+        self.hits += 1
+        return outputs
+
+    def save(self, key: str, outputs: StateOutputs, state: str) -> None:
+        record = {"state": state, "key": key, **self._common, "scores": outputs.scores.to_dict(),
+                  "answers": outputs.answers}  # fmt: skip
+        with atomic_output_file(self.path(key)) as tmp:
+            tmp.write_text(json.dumps(record, ensure_ascii=False, allow_nan=False))
