@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", metavar="VARIANT", help="only generate (and cache) one variant's answers, e.g. "
                         "aligned, attacked, benign, base; with --sets val or test (for running beside training)")
     parser.add_argument("--sets", choices=("val", "test"), default="val")
+    parser.add_argument("--calibrated-layers", action="store_true",
+                        help="print, per layer, what the calibrated correction at tune's pick removed (from its report)")
     args = parser.parse_args(argv)
     set_threads()
     ctx = Context(cache=Path(args.cache), out=Path(args.out), docs=Path(args.docs), workers=max(1, args.workers),
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         for st in STAGES:
             mark = "cached" if stage_done(ctx, st.name) else "-" if st.wanted(ctx) else "skipped"
             print(f"{st.name:16s} {mark:7s} {st.help}")
+        return 0
+    if args.calibrated_layers:
+        from benchmarks.smol.outputs import calibrated_layers, calibrated_layers_markdown
+
+        print(calibrated_layers_markdown(calibrated_layers(ctx)))
         return 0
     if args.eval:
         scores = setting_scores(ctx, variant_from_key(ctx, args.eval), VAL_SETS if args.sets == "val" else TEST_SETS)
