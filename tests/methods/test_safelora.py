@@ -216,9 +216,8 @@ def test_number_mode_reads_each_module_once():
     assert reads == [0, 1, 2] and len(results) == 3
 
 
-def test_number_mode_keeps_C_B_only_for_modules_that_can_still_be_projected(monkeypatch):
-    """Memory flat in depth (docs/benchmarks.md): a module whose cosine is above the running
-    N-th smallest can never be projected, so its C B (m x r) is dropped when that is known."""
+def record_measurements(monkeypatch) -> list:
+    """Every item ``SafeLora._measure`` returns, in order (number mode's held state, inspected)."""
     measured = []
     original = SafeLora._measure
 
@@ -228,6 +227,13 @@ def test_number_mode_keeps_C_B_only_for_modules_that_can_still_be_projected(monk
         return item
 
     monkeypatch.setattr(SafeLora, "_measure", recording)
+    return measured
+
+
+def test_number_mode_keeps_C_B_only_for_modules_that_can_still_be_projected(monkeypatch):
+    """Memory flat in depth (docs/benchmarks.md): a module whose cosine is above the running
+    N-th smallest can never be projected, so its C B (m x r) is dropped when that is known."""
+    measured = record_measurements(monkeypatch)
     modules = [make_module(i, 12, 10, 2, seed=i) for i in range(12)]
     holding = []
 
@@ -254,15 +260,7 @@ def test_number_mode_holds_float32_factors_and_gives_back_the_same_float64(monke
     """issue 15: factors read from an fp32 file are held in float32 until the threshold is
     known (half the bytes); the results are the float64 values given, bit for bit. Factors
     float32 cannot hold exactly stay float64."""
-    measured = []
-    original = SafeLora._measure
-
-    def recording(self, module, config):
-        item = original(self, module, config)
-        measured.append(item)
-        return item
-
-    monkeypatch.setattr(SafeLora, "_measure", recording)
+    measured = record_measurements(monkeypatch)
     modules = [make_module(i, 12, 10, 2, seed=i) for i in range(4)]
     for module in modules[:3]:  # as read from an fp32 adapter
         module.update = LoraUpdate(
