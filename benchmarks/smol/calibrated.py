@@ -76,6 +76,7 @@ def tune_row(ctx: Context, row: str) -> dict:
     if done.exists() and ctx.path("sweeps", f"{row}.json").exists():
         ctx.log(f"[smol] tune {adapter}: reused ({done})")
         return json.loads(done.read_text())
+    earlier = json.loads(done.read_text()) if done.exists() else {}
     start = time.perf_counter()
     result = tune_adapter(
         ctx.path("adapters", adapter), tune_dir(ctx, row), aligned=ctx.path("aligned"),
@@ -86,6 +87,8 @@ def tune_row(ctx: Context, row: str) -> dict:
     write_json(ctx.path("sweeps", f"{row}.json"), sweep_from_tune(result.record, adapter, seconds))
     info = {"qualified": result.qualified, "chosen": result.chosen_params, "seconds": seconds,
             "summary": result.selection.summary}
+    if earlier:  # a rerun (the rule changed) reads its scores from the cache: keep the scoring run's time
+        info["first_seconds"] = earlier.get("first_seconds", earlier["seconds"])
     write_json(done, info)
     ctx.log(f"[smol] tune {adapter}: {result.selection.summary} ({seconds:.0f} s)")
     return info

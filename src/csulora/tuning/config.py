@@ -84,7 +84,8 @@ class TuneConfig:
         default=None, metadata={"help": "knob values to try (default: the method's grid); sorted weakest first"}
     )
     max_asr_gap: float = field(
-        default=0.05, metadata={"help": "largest ASR above the aligned model's, on each harmful source"}
+        default=0.05, metadata={"help": "largest ASR above the aligned model's, on each harmful source "
+                                    "(at least one prompt of that source)"}
     )
     max_utility_drop: float = field(
         default=0.05, metadata={"help": "largest task-score drop, as a fraction of the uncorrected adapter's"}
