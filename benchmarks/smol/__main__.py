@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="all: every row of the table; issue5: base, aligned, attacked, Safe LoRA and CSULoRA only "
                         "(skips the benign adapter, SaLoRA and the other baselines); full: aligned and the full fine-tune's "
                         "rows; lora: every row but the full fine-tune's; product: base, aligned, the two adapters and tune's "
-                        "default pick on each; one cache per row set (lora and full share one)")
+                        "default pick on each; product+full: both; one cache per row set (lora and full share one)")
     parser.add_argument("--list", action="store_true", help="list the stages and whether each is cached")
     parser.add_argument("--eval", metavar="VARIANT", help="only generate (and cache) one variant's answers, e.g. "
                         "aligned, attacked, benign, base; with --sets val or test (for running beside training)")

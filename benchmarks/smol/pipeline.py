@@ -59,6 +59,10 @@ ROW_SETS = {
     # the product's path alone (issue 12): the references and tune's default pick on each adapter
     "product": ("base", "aligned", "attacked", "calibrated", "benign", "benign+recommended"),
 }
+# the product's path and the full fine-tune's rows, in one table (the current world's evidence)
+ROW_SETS["product+full"] = tuple(
+    row for row in ROW_ORDER if row in ROW_SETS["product"] or row in ROW_SETS["full"]
+)
 
 
 @dataclass

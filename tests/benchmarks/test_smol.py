@@ -196,6 +196,9 @@ def test_sweeps_belong_to_the_rows_chosen_from_them():
     assert sweeps.rows_needing("safelora-number") == ("safelora", "safelora-default")
     assert set(pipeline.ROW_SETS["issue5"]) <= set(pipeline.ROW_ORDER)
     assert pipeline.ROW_SETS["all"] == pipeline.ROW_ORDER
+    both = pipeline.ROW_SETS["product+full"]
+    assert set(both) == set(pipeline.ROW_SETS["product"]) | set(pipeline.ROW_SETS["full"])
+    assert list(both) == [row for row in pipeline.ROW_ORDER if row in both]  # table order
 
 
 def _tune_record(values_asr_util, qualified_index=None):
