@@ -73,7 +73,7 @@ def expected_A(module: ModuleInput, lam: float, mu: float) -> torch.Tensor:
 # -- the method on one module ---------------------------------------------------------------------
 def test_config_defaults_and_validation():
     config = CalibratedConfig()
-    assert (config.strength, config.mu, config.restore) == (30.0, 0.01, 0.0)
+    assert (config.strength, config.mu, config.restore) == (10.0, 0.01, 0.0)
     for options, flag in (({"strength": -1.0}, "--strength"), ({"mu": 0.0}, "--mu"), ({"mu": -1e-3}, "--mu"),
                           ({"mu": float("nan")}, "--mu"), ({"restore": -0.5}, "--restore"),
                           ({"strength": "strong"}, "--strength")):
@@ -267,7 +267,7 @@ def test_reruns_are_byte_identical_and_the_report_says_what_was_kept(tmp_path, t
     files = [{p.name: p.read_bytes() for p in sorted((tmp_path / f"o{i}").iterdir())} for i in range(2)]
     assert files[0] == files[1]
     report = json.loads(files[0][DEFAULT_REPORT_NAME])
-    assert report["options"] == {"strength": 30.0, "mu": 0.01, "restore": 0.0}
+    assert report["options"] == {"strength": 10.0, "mu": 0.01, "restore": 0.0}
     for row in report["modules"]:
         assert 0.0 <= row["harmful_action_kept"] < row["task_action_kept"] <= 1.0
 

@@ -75,11 +75,10 @@ _ACTION_SAMPLE_ROWS = 512
 
 @dataclass(frozen=True)
 class CalibratedConfig(MethodConfig):
-    # Provisional default: the pilot's lam 30 (shared/notes/calibrated-pilot.md), chosen there by
-    # looking at test-side numbers. The SmolLM2 tune run (docs/results.md) qualified no setting on
-    # validation (lam 10 and 30 miss airt-val by one prompt of 19), so it stays until one does.
+    # tune's pick with its defaults on the SmolLM2 world's validation split (docs/results.md,
+    # docs/design.md §5c); the feasibility pilot's 30 had been read off test-side numbers.
     strength: float = field(
-        default=30.0,
+        default=10.0,
         metadata={"help": "lam >= 0: how hard the update's action on harmful inputs is shrunk (0: off)"},
     )
     mu: float = field(
