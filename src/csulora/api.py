@@ -422,7 +422,8 @@ def correct_adapter(
     :func:`csulora.checkpoint_api.correct_checkpoint` (``aligned`` required; ``reset_others``
     copies the untargeted tensors from ``aligned``).
 
-    ``method`` is a registry name (``csulora``, ``safelora``, ``scale``, ``resta``) and
+    ``method`` is a registry name (a key of ``csulora.methods.registry.METHODS``: calibrated,
+    csulora, safelora, resta, scale) and
     ``method_options`` its config fields (e.g. ``gamma=1.0, restore=0.5``). The output
     is a PEFT folder stock ``PeftModel.from_pretrained`` loads; every module keeps its
     scaling, ranks that change go to ``rank_pattern``/``alpha_pattern``. The per-module

@@ -64,8 +64,8 @@ class SmolRecipe:
     subspace_energy: float = 0.9
     subspace_max_rank: int = 64
     subspace_rank: int = 16  # fixed k used for CSULoRA / rank-k RESTA
-    # Sweep grids, weakest first. RESTA (the recommended method) uses `csulora tune`'s own
-    # default grid (csulora.tuning.config.KNOBS); the other methods use coarser grids than
+    # Sweep grids, weakest first. RESTA uses its own `Tuning` grid (csulora.methods.resta,
+    # what `csulora tune --method resta` sweeps); the other methods use coarser grids than
     # tune's defaults so the whole benchmark fits the CPU time it had.
     scale_grid: tuple[float, ...] = (0.7, 0.5, 0.3)
     # CSULoRA: gamma per schedule (docs/design.md §5). rho_F is small here (~0.04), so ratio's
