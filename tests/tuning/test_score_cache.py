@@ -46,6 +46,10 @@ def test_a_rerun_reads_every_state_back_and_decides_the_same(tiny_world, tune_da
     monkeypatch.setattr(runner_module, "score_model", no_generation)
     second = run_tune(tiny_world, tune_data, tmp_path / "two", cache)
     assert second.record["settings"] == first.record["settings"]
+    # tune.json says which scores were read back (their timing_s is the read, not the scoring)
+    assert first.record["score_cache"]["read"] == []
+    assert second.record["score_cache"]["read"] == [state for state in second.record["timing_s"] if state != "load_aligned"]
+    assert "aligned" in second.record["score_cache"]["read"]
     assert second.record["aligned"] == first.record["aligned"] and second.record["choice"] == first.record["choice"]
     two = (tmp_path / "two" / runner_module.GENERATIONS).read_text()
     assert two == (tmp_path / "one" / runner_module.GENERATIONS).read_text()

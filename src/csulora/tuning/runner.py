@@ -235,6 +235,8 @@ def tune_adapter(
         ]
         record["skipped_methods"] = dict(skipped)
         record["warnings"] = _warnings(loaded.data)
+        if cache is not None:  # which scores were read back, not generated (their timing_s is the read)
+            record["score_cache"] = {"folder": str(Path(score_cache).resolve()), "read": list(cache.read_states)}
         if selection.index is not None:
             states.write_chosen(sweep.candidates[selection.index], staging, scratch_dir)
             _point_report_at_output(staging, out, {staging: out, scratch_dir: None})
@@ -675,7 +677,7 @@ def _run_sweep(
         batch = plans[0].config.batch_size
         tokens, seed = plans[0].config.max_new_tokens, plans[0].config.seed
         key = cache.key(files) if cache is not None and files is not False else None
-        outputs = cache.load(key, [name for name, _ in data.prompt_sets()]) if key is not None else None
+        outputs = cache.load(key, [name for name, _ in data.prompt_sets()], state) if key is not None else None
         if outputs is None:
             outputs = score_model(
                 model, tokenizer, data, batch_size=batch, max_new_tokens=tokens, seed=seed, desc=state,

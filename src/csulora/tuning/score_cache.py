@@ -71,6 +71,7 @@ class ScoreCache:
             "generation": {k: str(v) for k, v in sorted(generation.items())},
         }
         self.hits = 0
+        self.read_states: list[str] = []  # the states read back (tune.json says which: their timing is a read)
 
     def key(self, adapter: str | os.PathLike | None) -> str:
         """The key of the aligned model (``adapter`` None) or of the aligned model plus an adapter folder."""
@@ -80,7 +81,7 @@ class ScoreCache:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
 
-    def load(self, key: str, set_names: Sequence[str]) -> StateOutputs | None:
+    def load(self, key: str, set_names: Sequence[str], state: str = "") -> StateOutputs | None:
         """The stored outputs, or None when absent or unreadable (then the state is scored again)."""
         path = self.path(key)
         if not path.exists():
@@ -93,6 +94,7 @@ class ScoreCache:
             print(f"csulora tune: ignoring unreadable score cache entry {path}: {err}")
             return None
         self.hits += 1
+        self.read_states.append(state)
         return outputs
 
     def save(self, key: str, outputs: StateOutputs, state: str) -> None:
