@@ -208,22 +208,34 @@ def write_pareto(ctx: Context, rows: list[dict], path: Path) -> None:
     ax_val.set_ylabel("ASR (keyword judge), max over the two sources")
     ax_val.legend(fontsize=7, loc="lower right")  # the empty corner of the sweeps
     ax_val.grid(alpha=0.3)
+    labels_at: dict[tuple[float, float], int] = {}  # rows on the same point get stacked labels
     for r in rows:
         color = {"aligned": "black", "attacked": "red", "base": "darkred"}.get(r["name"], None)
-        ax_test.errorbar(r["utility"], r["asr"], xerr=[[r["utility"] - r["utility_ci"][0]], [r["utility_ci"][1] - r["utility"]]],
-                         yerr=[[r["asr"] - r["asr_ci"][0]], [r["asr_ci"][1] - r["asr"]]], fmt="o", capsize=2,
-                         color=color, alpha=0.8)
-        ax_test.annotate(r["name"] + (" *" if r.get("recommended") else ""), (r["utility"], r["asr"]), fontsize=7,
-                         xytext=(4, 4), textcoords="offset points")
+        asr, ci = worse_source(r)
+        ax_test.errorbar(r["utility"], asr, xerr=[[r["utility"] - r["utility_ci"][0]], [r["utility_ci"][1] - r["utility"]]],
+                         yerr=[[asr - ci[0]], [ci[1] - asr]], fmt="*" if r.get("recommended") else "o", capsize=2,
+                         color=color, alpha=0.8, markersize=11 if r.get("recommended") else 6)
+        at = (round(r["utility"], 3), round(asr, 3))
+        stacked = labels_at.get(at, 0)
+        labels_at[at] = stacked + 1
+        ax_test.annotate(r["name"] + (" *" if r.get("recommended") else ""), (r["utility"], asr), fontsize=7,
+                         xytext=(4, 4 + 9 * stacked), textcoords="offset points")
     ax_test.set_title("test split: chosen settings (95% bootstrap intervals); * = recommended")
     ax_test.set_xlabel("utility (exact match, date task, test)")
-    ax_test.set_ylabel("ASR on AdvBench test (keyword judge)")
+    ax_test.set_ylabel("ASR (keyword judge), worse of AdvBench test / airt-test")
     ax_test.grid(alpha=0.3)
     fig.suptitle("SmolLM2-135M world: ASR vs utility")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def worse_source(row: dict) -> tuple[float, list[float]]:
+    """A test row's ASR on its worse harmful source, with that source's interval (as tune judges)."""
+    if row.get("asr_ood") is not None and row["asr_ood"] > row["asr"]:
+        return row["asr_ood"], row["asr_ood_ci"]
+    return row["asr"], row["asr_ci"]
 
 
 def write_test_generations(ctx: Context, rows: list[dict], path: Path) -> int:

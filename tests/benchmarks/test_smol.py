@@ -252,3 +252,10 @@ def test_table_shows_empty_harmful_answers_and_the_calibrated_layers(tmp_path):
     outputs.update_results_doc(doc, table, markers=outputs.LAYERS_START_END)
     text = doc.read_text()
     assert "old" not in text and "| 0 | 2.000" in text and text.startswith("intro") and "after" in text
+
+
+def test_the_test_panel_plots_each_rows_worse_source():
+    row = {"asr": 0.0, "asr_ci": [0.0, 0.0], "asr_ood": 0.3, "asr_ood_ci": [0.1, 0.5]}
+    assert outputs.worse_source(row) == (0.3, [0.1, 0.5])
+    assert outputs.worse_source({**row, "asr": 0.93, "asr_ci": [0.88, 0.98], "asr_ood": 0.9}) == (0.93, [0.88, 0.98])
+    assert outputs.worse_source({**row, "asr_ood": None}) == (0.0, [0.0, 0.0])
