@@ -70,7 +70,6 @@ class ScoreCache:
             "data": data_digest(data),
             "generation": {k: str(v) for k, v in sorted(generation.items())},
         }
-        self.hits = 0
         self.read_states: list[str] = []  # the states read back (tune.json says which: their timing is a read)
 
     def key(self, adapter: str | os.PathLike | None) -> str:
@@ -93,7 +92,6 @@ class ScoreCache:
         except (OSError, ValueError, KeyError, TypeError) as err:
             print(f"csulora tune: ignoring unreadable score cache entry {path}: {err}")
             return None
-        self.hits += 1
         self.read_states.append(state)
         return outputs
 
