@@ -236,7 +236,7 @@ def tune_adapter(
         record["skipped_methods"] = dict(skipped)
         record["warnings"] = _warnings(loaded.data)
         if cache is not None:  # which scores were read back, not generated (their timing_s is the read)
-            record["score_cache"] = {"folder": str(Path(score_cache).resolve()), "read": list(cache.read_states)}
+            record["score_cache"] = {"folder": str(cache.folder.resolve()), "read": list(cache.read_states)}
         if selection.index is not None:
             states.write_chosen(sweep.candidates[selection.index], staging, scratch_dir)
             _point_report_at_output(staging, out, {staging: out, scratch_dir: None})
