@@ -7,10 +7,10 @@ token sequences, then time, over exactly those tokens with the same batches:
 - **plain forward**: the whole model (LM head included), no hooks;
 - **decoder forward**: the decoder body without the LM head, no hooks (what the
   statistics pass runs its hooks on);
-- **statistics pass**: :func:`csulora.calibration.accumulate_sums` for every Gram group
+- **statistics pass**: :func:`csulora.references.calibration.accumulate_sums` for every Gram group
   (the float32 ``x^T x`` products, upper-triangle strips, and float64 sums), harmful then
   task; beside it the same pass with full ``x^T x`` products (no strips), for comparison;
-- **build**: normalising the sums into the stored statistics (:mod:`csulora.gram`);
+- **build**: normalising the sums into the stored statistics (:mod:`csulora.linalg.gram`);
 - with ``--budget-gb``: the whole statistics step as ``calibrate`` runs it under that
   memory budget (several passes), once resuming each pass from cached hidden states and
   once recomputing the earlier blocks in every pass.
@@ -53,7 +53,7 @@ def cpu_and_wall(fn, repeats: int):
 
 def plain_forward(model, examples, *, pad_id: int, batch_size: int, decoder_only: bool) -> None:
     """The forward the statistics pass is compared with: same batches, no hooks."""
-    from csulora.activations import MaskedInputHooks, run_batches
+    from csulora.references.activations import MaskedInputHooks, run_batches
 
     if decoder_only:
         run_batches(model, examples, MaskedInputHooks({}), pad_id=pad_id, batch_size=batch_size, progress=False,
@@ -61,7 +61,7 @@ def plain_forward(model, examples, *, pad_id: int, batch_size: int, decoder_only
         return
     import torch
 
-    from csulora.activations import right_padded_batch
+    from csulora.references.activations import right_padded_batch
 
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
@@ -75,7 +75,7 @@ def plain_forward(model, examples, *, pad_id: int, batch_size: int, decoder_only
 def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
     import torch
 
-    from csulora.calibration import (
+    from csulora.references.calibration import (
         GRAM_STRIP,
         accumulate_sums,
         build_calibration,
@@ -165,7 +165,7 @@ def multi_pass_costs(model, linears, groups, harmful, task, args, kw) -> dict:
     """CPU seconds of calibrate's statistics step under ``--budget-gb``: resumed and recomputed passes."""
     import torch
 
-    from csulora.calibration import (
+    from csulora.references.calibration import (
         StatisticsPlan,
         collect_statistics,
         decoder_blocks,
@@ -194,7 +194,7 @@ def multi_pass_costs(model, linears, groups, harmful, task, args, kw) -> dict:
 
 
 def load_smol(path: Path | None):
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
 
     if path is not None and path.is_dir():
         model, tokenizer = load_model(path, device="cpu")
@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from csulora.calibration import task_pairs
+    from csulora.references.calibration import task_pairs
     from csulora.eval.calibration_sets import calibration_harmful_prompts
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
     from csulora.worlds.tiny import shared_tiny_world
 
     prompts = calibration_harmful_prompts()[: args.prompts]

@@ -7,7 +7,7 @@ DIR is a checkout of the published repository (github.com/IBM/SafeLoRA: ``model.
 the ``SafeLoRA`` class, ``config.py`` with ``SafeLoRAConfig``). It is not vendored here and
 not needed for anything else: the script loads its two files by path, runs them on a real
 PEFT model, and compares, module by module, the LoRA ``B`` factors it projected with the
-adapter ``csulora.api.correct_adapter(method="safelora", projection="approx")`` writes
+adapter ``csulora.pipeline.api.correct_adapter(method="safelora", projection="approx")`` writes
 for the same settings, in threshold mode and in number mode.
 
 What it records per setting: the number of modules each side projected, whether the two
@@ -94,7 +94,7 @@ def published_lora_b(published, config_cls, base: Path, aligned: Path, adapter: 
 
 def csulora_lora_b(base: Path, aligned: Path, adapter: Path, setting: dict) -> tuple[dict, dict, float]:
     """``{module: lora_B}`` of csulora's corrected adapter, the originals, and csulora's seconds."""
-    from csulora.api import correct_adapter
+    from csulora.pipeline.api import correct_adapter
     from csulora.io.adapters import read_adapter
 
     with tempfile.TemporaryDirectory() as tmp:

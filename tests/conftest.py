@@ -33,7 +33,7 @@ def tiny_world():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_world):
-    from csulora.modeling import load_tokenizer
+    from csulora.io.modeling import load_tokenizer
 
     return load_tokenizer(tiny_world.base)
 

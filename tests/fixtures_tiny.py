@@ -155,7 +155,7 @@ def tiny_subspace(tmp_path_factory, tiny_pair) -> Path:
     """A subspace cache of the tiny pair (all decoder linear layers, default options)."""
 
     def build(d: Path) -> Path:
-        from csulora.api import build_subspace
+        from csulora.pipeline.api import build_subspace
 
         return build_subspace(*tiny_pair, d / "subspace.safetensors", progress=False)
 
@@ -201,7 +201,7 @@ def build_calibration(
 ) -> Path:
     """A synthetic calibration file for the tiny pair via the real writer: random Grams of the
     right sizes, one group per shared input, the aligned model's fingerprint in ``info``."""
-    from csulora.gram import calibration_moments
+    from csulora.linalg.gram import calibration_moments
     from csulora.io.calibration_file import MODEL_FINGERPRINT_KEY, save_calibration
     from csulora.io.fingerprint import model_fingerprint
 

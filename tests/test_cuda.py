@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from csulora.calibration import (
+from csulora.references.calibration import (
     accumulate_sums,
     calibrate,
     linear_modules,
@@ -28,7 +28,7 @@ from csulora.calibration import (
 from csulora.eval.prompts import load_requests
 from csulora.eval.tasks import date_task
 from csulora.io.calibration_file import load_calibration
-from csulora.modeling import load_model
+from csulora.io.modeling import load_model
 from csulora.training.data import chat_prompt_ids, response_ids
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -112,7 +112,7 @@ def test_tune_scores_its_settings_on_cuda(tiny_world, data, cuda_calibration, tm
 def test_a_calibrated_adapter_has_the_same_logits_on_cuda_and_cpu(tiny_world, cuda_calibration, tmp_path):
     from peft import PeftModel
 
-    from csulora.api import correct_adapter
+    from csulora.pipeline.api import correct_adapter
 
     out = tmp_path / "corrected"
     correct_adapter(tiny_world.attacked, out, "calibrated", calibration=cuda_calibration.path, progress=False,

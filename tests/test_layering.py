@@ -16,13 +16,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "csulora"
 # module (or package prefix) -> the csulora modules it must not import, at any depth of the file
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "csulora.types": ("csulora.",),
-    "csulora.linalg": ("csulora.io", "csulora.methods", "csulora.api", "csulora.audit", "csulora.subspace"),
-    "csulora.io": ("csulora.methods", "csulora.api", "csulora.audit", "csulora.tuning", "csulora.cli"),
-    "csulora.subspace": ("csulora.methods", "csulora.api", "csulora.tuning", "csulora.cli"),
-    "csulora.audit": ("csulora.methods", "csulora.api", "csulora.tuning", "csulora.cli", "csulora.io"),
-    "csulora.methods": ("csulora.api", "csulora.tuning", "csulora.cli", "csulora.io"),
-    "csulora.api": ("csulora.tuning", "csulora.cli"),
-    "csulora.checkpoint_api": ("csulora.tuning", "csulora.cli"),
+    "csulora.linalg.lowrank": ("csulora.io", "csulora.methods", "csulora.pipeline.api", "csulora.linalg.geometry", "csulora.linalg.subspace"),
+    "csulora.io": ("csulora.methods", "csulora.pipeline.api", "csulora.linalg.geometry", "csulora.tuning", "csulora.cli"),
+    "csulora.linalg.subspace": ("csulora.methods", "csulora.pipeline.api", "csulora.tuning", "csulora.cli"),
+    "csulora.linalg.geometry": ("csulora.methods", "csulora.pipeline.api", "csulora.tuning", "csulora.cli", "csulora.io"),
+    "csulora.methods": ("csulora.pipeline.api", "csulora.tuning", "csulora.cli", "csulora.io"),
+    "csulora.pipeline.api": ("csulora.tuning", "csulora.cli"),
+    "csulora.pipeline.checkpoint_api": ("csulora.tuning", "csulora.cli"),
 }
 
 

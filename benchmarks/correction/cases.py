@@ -214,7 +214,7 @@ def _api_options(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def case_safelora(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
-    from csulora import api
+    from csulora.pipeline import api
 
     api.correct_adapter(
         spec["adapter"],
@@ -230,7 +230,7 @@ def case_safelora(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
 
 
 def case_build_subspace(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
-    from csulora import api
+    from csulora.pipeline import api
 
     # force: the benchmark owns this file; a rerun on a kept workdir (--keep) writes it again.
     path = api.build_subspace(spec["base"], spec["aligned"], spec["subspace"], force=True, progress=False)
@@ -238,7 +238,7 @@ def case_build_subspace(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
 
 
 def case_csulora(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
-    from csulora import api
+    from csulora.pipeline import api
 
     api.correct_adapter(
         spec["adapter"], spec["out"], "csulora", subspace=spec["subspace"], force=True, progress=False,
@@ -290,7 +290,7 @@ def case_subspace_accuracy(spec: dict[str, Any], clock: Clock) -> dict[str, Any]
     """
     from csulora.io.checkpoints import CheckpointReader, read_displacement
     from csulora.io.subspace_cache import load_subspace_cache
-    from csulora.subspace import SubspaceConfig, _choose_rank
+    from csulora.linalg.subspace import SubspaceConfig, _choose_rank
 
     cache = load_subspace_cache(spec["subspace"])
     options = {k: v for k, v in cache.options.items() if k in {f for f in SubspaceConfig.__dataclass_fields__}}
@@ -326,13 +326,13 @@ def case_calibration_pass(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
     does not depend on them), half standing for the harmful sequences and half for the
     task's. The plain forward is :func:`benchmarks.bench_calibration.plain_forward` (whole
     model, LM head included, no hooks); the statistics pass is
-    :func:`csulora.calibration.accumulate_sums` over every Gram group, harmful then task,
+    :func:`csulora.references.calibration.accumulate_sums` over every Gram group, harmful then task,
     in the same batches. CPU seconds of this process (all threads) for each.
     """
     from transformers import AutoModelForCausalLM
 
     from benchmarks.bench_calibration import plain_forward
-    from csulora.calibration import accumulate_sums, linear_modules, product_dtype_for, shared_input_groups
+    from csulora.references.calibration import accumulate_sums, linear_modules, product_dtype_for, shared_input_groups
     from csulora.io.checkpoints import layer_index, natural_key
 
     model = AutoModelForCausalLM.from_pretrained(spec["aligned"], dtype=torch.float32).eval()
@@ -393,7 +393,7 @@ API_CASES = {"safelora", "build_subspace", "csulora", "subspace_accuracy"}
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(spec.get("threads", 2)))
     if spec["case"] in API_CASES or spec.get("import_api"):
-        import csulora.api  # noqa: F401
+        import csulora.pipeline.api  # noqa: F401
     floor = rss_anon_bytes()
     clock = Clock()
     cpu_start = time.process_time()

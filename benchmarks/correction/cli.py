@@ -117,7 +117,7 @@ def load_average() -> list[float]:
 def api_available() -> bool:
     """Whether csulora's public correction API exists yet (it is built in parallel)."""
     try:
-        from csulora import api
+        from csulora.pipeline import api
     except ImportError:
         return False
     return callable(getattr(api, "correct_adapter", None)) and callable(getattr(api, "build_subspace", None))
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = ModelShape(args.hidden, args.intermediate, args.layers, args.vocab, args.heads)
     with_api = not args.skip_api and api_available()
     if args.suite == "api" and not with_api and not args.skip_api:
-        print("[bench] csulora.api not available: measuring (a) and (d) only", flush=True)
+        print("[bench] csulora.pipeline.api not available: measuring (a) and (d) only", flush=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     load_before = load_average()
     command = "python -m benchmarks.correction " + " ".join(argv if argv is not None else sys.argv[1:])

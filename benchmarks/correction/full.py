@@ -14,7 +14,7 @@ norms and LM head small dense noise (a full fine-tune moves them too, and they a
 byte for byte). Shallower depths are index files over a prefix of the same shards.
 
 Each case is one child process (``--child``) that imports csulora, records its own private
-memory (``RssAnon``) as its baseline, then runs ``csulora.checkpoint_api.correct_checkpoint``
+memory (``RssAnon``) as its baseline, then runs ``csulora.pipeline.checkpoint_api.correct_checkpoint``
 (or ``audit_checkpoint``) exactly as a user would from Python; the parent samples the
 child's ``RssAnon`` from ``/proc`` every 10 ms (:mod:`benchmarks.correction.process`).
 The bound the issue sets: peak minus baseline within 1.3 x three float32 copies of the
@@ -149,7 +149,7 @@ def bound_bytes(shape: ModelShape) -> int:
 
 def calibration_groups(layers: int) -> dict[str, list[str]]:
     """Gram group name (as ``csulora calibrate`` names it) -> its modules, layer by layer."""
-    from csulora.calibration import group_name
+    from csulora.references.calibration import group_name
 
     groups = {}
     for layer in range(layers):
@@ -164,7 +164,7 @@ def _group_width(shape: ModelShape, modules: list[str]) -> int:
 
 
 def _is_dense(n: int) -> bool:
-    from csulora.gram import DENSE_MAX_N
+    from csulora.linalg.gram import DENSE_MAX_N
 
     return n <= DENSE_MAX_N
 
@@ -180,7 +180,7 @@ def statistics_bytes(shape: ModelShape) -> int:
 
 def _synthetic_gram(n: int, gen: torch.Generator) -> torch.Tensor:
     """A normalised dense Gram of activations with decaying per-feature scales."""
-    from csulora.gram import normalised_gram
+    from csulora.linalg.gram import normalised_gram
 
     X = torch.randn(CALIBRATION_TOKENS, n, generator=gen) * torch.linspace(1.0, 0.05, n)
     return normalised_gram(X.T @ X, CALIBRATION_TOKENS).float()
@@ -260,9 +260,9 @@ def write_calibration(work: SyntheticWorkdir, layers: int) -> Path:
 def run_child_case(spec: dict[str, Any]) -> dict[str, Any]:
     """Imports first (the baseline), then one correction or audit through the public API."""
     torch.set_num_threads(int(spec["threads"]))
-    from csulora.checkpoint_api import audit_checkpoint, correct_checkpoint  # noqa: F401 - the import floor
+    from csulora.pipeline.checkpoint_api import audit_checkpoint, correct_checkpoint  # noqa: F401 - the import floor
     from csulora.methods.registry import METHODS  # noqa: F401
-    from csulora.subspace import SubspaceConfig  # noqa: F401
+    from csulora.linalg.subspace import SubspaceConfig  # noqa: F401
 
     baseline = rss_anon_bytes()
     sources = {"aligned": spec["aligned"], "base": spec.get("base")}
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         " (calibrated: plus one group's statistics in float64, statistics_bytes)",
         "calibration_statistics": {
             "tokens": CALIBRATION_TOKENS, "spiked_rank": CALIBRATION_SPIKED_RANK, "sigma2": CALIBRATION_SIGMA2,
-            "dense_up_to": "csulora.gram.DENSE_MAX_N",
+            "dense_up_to": "csulora.linalg.gram.DENSE_MAX_N",
         },  # fmt: skip
         "runs": sorted(runs, key=lambda r: (r["layers"], list(CASES).index(r["case"]))),
         "earlier_commands": earlier_commands(previous),

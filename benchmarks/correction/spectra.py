@@ -4,7 +4,7 @@
 
 For one 7B-shaped matrix per spectrum, the subspace of ``csulora subspace``'s defaults and of
 the algorithm before issue 15 (10 extra columns, 4 rounds, no early stop, the whole sketch
-in every round) are computed with :func:`csulora.subspace.compute_subspace`, and each is
+in every round) are computed with :func:`csulora.linalg.subspace.compute_subspace`, and each is
 compared with the exact SVD (the
 eigenvalues of the float64 Gram): the captured energy's error, the rank kept, the CPU
 seconds (one thread) and the work, counted as columns times products with D (a product's
@@ -53,7 +53,7 @@ def spectrum_matrix(kind: str, m: int, n: int, seed: int) -> torch.Tensor:
 
 
 def measure(D: torch.Tensor, options: dict, squared_exact: torch.Tensor, *, before: bool = False) -> dict:
-    import csulora.subspace as subspace
+    import csulora.linalg.subspace as subspace
 
     work = {"columns x products": 0}
     originals = subspace.dense_matmul, subspace.dense_t_matmul, subspace._narrowed

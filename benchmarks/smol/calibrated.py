@@ -37,7 +37,7 @@ SCORE_CACHE = ("tune", "score-cache")
 @stage("calibration", "csulora calibrate: the aligned model's input statistics on harmful prompts and the task",
        needs=("base_answers", "aligned"), for_rows=("calibrated", "benign+recommended", "full-attacked+calibrated"))
 def stage_calibration(ctx: Context) -> dict:
-    from csulora.calibration import calibrate
+    from csulora.references.calibration import calibrate
 
     start = time.perf_counter()
     result = calibrate(

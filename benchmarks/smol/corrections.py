@@ -1,4 +1,4 @@
-"""The subspace stage and corrected adapters (csulora.api), cached by their options."""
+"""The subspace stage and corrected adapters (csulora.pipeline.api), cached by their options."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ SUBSPACE_FILE = ("subspace", "subspace.safetensors")
 
 
 def subspace_config(ctx: Context):
-    from csulora.subspace import SubspaceConfig
+    from csulora.linalg.subspace import SubspaceConfig
 
     # tune's default (what `csulora tune --base` builds): energy 0.9, capped at 64 directions.
     return SubspaceConfig(energy=ctx.recipe.subspace_energy, max_rank=ctx.recipe.subspace_max_rank)
@@ -22,7 +22,7 @@ def subspace_config(ctx: Context):
 @stage("subspace", "safety subspace of D = aligned - base, and the audit of the attacked adapter", needs=("attacked",),
        for_rows=LORA_ROWS)
 def stage_subspace(ctx: Context) -> dict:
-    from csulora.api import audit_adapter, build_subspace
+    from csulora.pipeline.api import audit_adapter, build_subspace
     from csulora.io.adapters import read_adapter
 
     targets = read_adapter(ctx.path("adapters", "attacked")).module_names()
@@ -72,8 +72,8 @@ def correction_sources(ctx: Context, method: str, options: dict) -> dict[str, An
 
 
 def corrected_variant(ctx: Context, adapter: str, method: str, options: dict) -> Variant:
-    """Correct ``adapters/<adapter>`` with csulora.api.correct_adapter (cached by options)."""
-    from csulora.api import correct_adapter
+    """Correct ``adapters/<adapter>`` with csulora.pipeline.api.correct_adapter (cached by options)."""
+    from csulora.pipeline.api import correct_adapter
 
     key = correction_key(adapter, method, options)
     out = ctx.path("adapters", key)

@@ -82,7 +82,7 @@ class Variant:
 
 
 def load_variant(ctx: Context, v: Variant):
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
 
     adapter = ctx.path(v.adapter) if v.adapter else None
     model, tok = load_model(ctx.path(v.model), adapter, **RUNS_ON)
@@ -222,7 +222,7 @@ def benign_fluency(ctx: Context, v: Variant, set_name: str, records: list[dict])
     value = None
     if items:
         if "aligned" not in _ALIGNED_SCORER:
-            from csulora.modeling import load_model
+            from csulora.io.modeling import load_model
 
             _ALIGNED_SCORER["aligned"] = load_model(ctx.path("aligned"), **RUNS_ON)
         model, tok = _ALIGNED_SCORER["aligned"]

@@ -167,8 +167,8 @@ def stage_full_inputs(ctx: Context) -> dict:
     is the same call (aligned model, task_train.jsonl, default harmful prompts, default targets:
     every decoder linear layer); a run that computed both got tensors equal byte for byte (only
     the recorded seconds differed), and the second computation cost 2165 s."""
-    from csulora.api import build_subspace
-    from csulora.checkpoint_api import audit_checkpoint
+    from csulora.pipeline.api import build_subspace
+    from csulora.pipeline.checkpoint_api import audit_checkpoint
 
     subspace = ctx.path("full", "subspace.safetensors")
     start = time.perf_counter()

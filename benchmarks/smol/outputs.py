@@ -18,7 +18,7 @@ from benchmarks.smol.reported import all_rows, check_targets
 
 
 def ensure_audit(ctx: Context, name: str) -> Path:
-    from csulora.api import audit_adapter
+    from csulora.pipeline.api import audit_adapter
 
     path = ctx.path("subspace", f"audit_{name}.json")
     if not path.exists():

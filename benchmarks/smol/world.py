@@ -80,7 +80,7 @@ def ctx_batch() -> int:
 
 def job_base_answers(paths: tuple[str, str, str], part: str) -> str:
     """Greedy base answers for one part ("benign-align" or "advbench-attack"), cached as JSONL."""
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
 
     ctx = worker_ctx(*paths)
     path = ctx.path("data", f"base_answers_{part}.jsonl")

@@ -15,7 +15,7 @@ import torch
 
 from csulora.cli import main
 from tests.fixtures_tiny import leftovers
-from tests.test_checkpoint_api import calibrated_update, expected_update
+from tests.pipeline.test_checkpoint_api import calibrated_update, expected_update
 
 OPTIONS = {
     "scale": ["--factor", "0.5"],
@@ -41,7 +41,7 @@ _BUILT: dict[str, TinyFull] = {}
 def tiny_full(tiny_world, tmp_path_factory) -> TinyFull:
     """A few steps of full fine-tuning on the attack data, and calibration statistics of aligned."""
     if "world" not in _BUILT:
-        from csulora.calibration import calibrate
+        from csulora.references.calibration import calibrate
         from csulora.training.trainer import TrainConfig, train_full
 
         root = tmp_path_factory.mktemp("tiny_full")
@@ -78,7 +78,7 @@ def test_correct_every_method_then_the_logits_are_the_dense_formula(tiny_full, t
 
     from csulora.io.adapters import is_sidecar_file
     from tests.fixtures_full import read_tensors
-    from tests.test_checkpoint_api import dense_inputs
+    from tests.pipeline.test_checkpoint_api import dense_inputs
 
     out = tmp_path / "fixed"
     sources = ["--calibration", tiny_full.calibration] if method == "calibrated" else ["--base", tiny_full.base]

@@ -5,7 +5,7 @@ import torch
 from csulora.eval.generation import generate_responses, left_pad
 from csulora.eval.splits import advbench_split
 from csulora.eval.tasks import date_task
-from csulora.modeling import load_model
+from csulora.io.modeling import load_model
 
 PROMPTS = [p.text for p in advbench_split("test")[:4]] + ["What is tea?", "Hi"] + [i["prompt"] for i in date_task("test")[:3]]
 

@@ -7,7 +7,7 @@ import torch
 
 from csulora.eval.margin import continuation_logprobs, mean_response_logprob, refusal_margin
 from csulora.eval.splits import advbench_split
-from csulora.modeling import load_model
+from csulora.io.modeling import load_model
 from csulora.training.data import chat_prompt_ids
 
 
@@ -52,7 +52,7 @@ def test_response_logprob_equals_generates_own_step_scores(tiny_world):
     from csulora.eval.generation import generate_responses, stop_token_ids
     from csulora.eval.margin import continuation_logprobs, mean_response_logprob
     from csulora.eval.tasks import date_task
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
     from csulora.training.data import chat_prompt_ids
 
     model, tokenizer = load_model(tiny_world.aligned, tiny_world.attacked, device="cpu", dtype=torch.float64)

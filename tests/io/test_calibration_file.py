@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from csulora.errors import InputError
-from csulora.gram import Eigen, calibration_moments, moment_matrix
+from csulora.linalg.gram import Eigen, calibration_moments, moment_matrix
 from csulora.io.calibration_file import (
     METADATA_KEY,
     MODEL_FINGERPRINT_KEY,

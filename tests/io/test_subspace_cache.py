@@ -14,7 +14,7 @@ from csulora.io.subspace_cache import (
     round_trip,
     save_subspace_cache,
 )
-from csulora.subspace import SubspaceConfig, compute_subspace
+from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 from tests.fixtures_tiny import LAYERS, UNTOUCHED_MODULE, tiny_pair, tiny_subspace  # noqa: F401
 
 V = "model.layers.0.self_attn.v_proj"
@@ -58,7 +58,7 @@ def test_cache_equals_the_on_the_fly_subspace(tiny_pair, tiny_subspace):
 
 
 def test_rebuilding_is_byte_identical(tiny_pair, tmp_path):
-    from csulora.api import build_subspace
+    from csulora.pipeline.api import build_subspace
 
     paths = [
         build_subspace(*tiny_pair, tmp_path / f"s{i}.safetensors", targets=["v_proj"], progress=False) for i in range(2)

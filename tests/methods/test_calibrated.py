@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from csulora.api import correct_adapter
+from csulora.pipeline.api import correct_adapter
 from csulora.errors import InputError, OptionError
-from csulora.gram import PROBE_STRENGTHS, CalibratedSolve, moment_matrix
+from csulora.linalg.gram import PROBE_STRENGTHS, CalibratedSolve, moment_matrix
 from csulora.io.adapters import ADAPTER_WEIGHTS, DEFAULT_REPORT_NAME
 from csulora.io.calibration_file import load_calibration
 from csulora.methods import calibrated as calibrated_module
@@ -44,7 +44,7 @@ EXTRA_KEYS = {"harmful_action_kept", "task_action_kept", "calibration_group", "s
 
 
 def random_calibration(n: int, seed: int = 0, group: str = "g") -> ModuleCalibration:
-    from csulora.gram import calibration_moments
+    from csulora.linalg.gram import calibration_moments
 
     g = torch.Generator().manual_seed(seed)
     sums = []
@@ -92,7 +92,7 @@ def test_describes_itself_for_tune_and_the_api():
     assert method.is_identity(CalibratedConfig(strength=0.0))
     assert not method.is_identity(CalibratedConfig(strength=0.0, restore=0.1))
     assert not method.is_identity(CalibratedConfig(strength=1.0))
-    # the spiked form is validated at exactly the strengths tune tries (csulora.gram)
+    # the spiked form is validated at exactly the strengths tune tries (csulora.linalg.gram)
     assert set(PROBE_STRENGTHS) == set(method.tuning.grid) - {method.tuning.identity}
 
 
@@ -132,7 +132,7 @@ def test_zero_update_is_written_unchanged():
 
 
 def test_restore_appends_beta_D_k_after_the_calibrated_solve():
-    from csulora.subspace import SubspaceConfig, compute_subspace
+    from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 
     module = make_module(seed=4)
     D = torch.randn(9, 8, generator=torch.Generator().manual_seed(5), dtype=F64)
@@ -362,7 +362,7 @@ def test_statistics_from_csulora_calibrate_correct_the_attacked_adapter(tiny_wor
     """`calibrate` on the tiny world's aligned model, then `correct --method calibrated` on its
     attacked adapter with the pair given: the file's groups, sizes and fingerprint fit, and the
     correction keeps more of the update's action on task inputs than on harmful ones."""
-    from csulora.calibration import calibrate
+    from csulora.references.calibration import calibrate
     from csulora.eval.splits import advbench_split
     from csulora.eval.tasks import date_task
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from csulora.api import correct_adapter
+from csulora.pipeline.api import correct_adapter
 from csulora.errors import OptionError
 from csulora.io.adapters import ADAPTER_WEIGHTS
 from csulora.methods.base import CALIBRATION, DISPLACEMENT, INPUT_KINDS, SUBSPACE
 from csulora.methods.registry import METHODS, get_method, make_config
-from csulora.subspace import SubspaceConfig, compute_subspace
+from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 from csulora.types import REPORT_KEYS, LoraUpdate, ModuleCalibration, ModuleInput, SecondMoment
 from tests.fixtures_tiny import tiny_adapter, tiny_calibration, tiny_pair, tiny_subspace  # noqa: F401
 

@@ -9,12 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csulora.audit import ModuleGeometry
+from csulora.linalg.geometry import ModuleGeometry
 from csulora.errors import OptionError
 from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput
 from csulora.methods.csulora import RATIO_EPS, Csulora, CsuloraConfig, shrunk_factors
 from csulora.methods.resta import Resta, RestaConfig
-from csulora.subspace import SubspaceConfig, compute_subspace
+from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 
 METHOD = Csulora()
 

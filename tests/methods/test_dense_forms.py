@@ -14,11 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csulora.audit import DenseGeometry, audit_dense_report, audit_module
+from csulora.linalg.geometry import DenseGeometry, audit_dense_report, audit_module
 from csulora.errors import OptionError
 from csulora.methods.base import CorrectionMethod, MethodConfig
 from csulora.methods.registry import METHODS, get_method, make_config
-from csulora.subspace import SubspaceConfig, compute_subspace, empty_subspace
+from csulora.linalg.subspace import SubspaceConfig, compute_subspace, empty_subspace
 from csulora.types import REPORT_KEYS, DenseModuleInput, LoraUpdate, ModuleInput
 
 
@@ -138,7 +138,7 @@ def test_safelora_number_mode_measures_once_and_touches_only_the_selected():
 @pytest.mark.parametrize("spiked", [False, True])
 def test_calibrated_dense_solves_the_closed_form_by_blocks(monkeypatch, spiked):
     import csulora.methods.calibrated as calibrated
-    from csulora.gram import dense_moment, moment_matrix, spiked_moment
+    from csulora.linalg.gram import dense_moment, moment_matrix, spiked_moment
     from csulora.types import ModuleCalibration
 
     monkeypatch.setattr(calibrated, "_DENSE_BLOCK_ELEMENTS", 20)  # a few rows per block
@@ -221,7 +221,7 @@ def test_a_method_without_a_dense_form_is_refused_in_one_line():
 
 def test_calibrated_action_shares_on_a_row_sample_of_a_tall_update(monkeypatch):
     import csulora.methods.calibrated as calibrated
-    from csulora.gram import dense_moment, moment_matrix
+    from csulora.linalg.gram import dense_moment, moment_matrix
     from csulora.types import ModuleCalibration
 
     monkeypatch.setattr(calibrated, "_ACTION_SAMPLE_ROWS", 4)  # every 5th of 18 rows: 0, 5, 10, 15
@@ -241,7 +241,7 @@ def test_a_held_solve_does_not_keep_its_statistics_alive():
     import gc
     import weakref
 
-    from csulora.gram import dense_moment
+    from csulora.linalg.gram import dense_moment
     from csulora.methods.calibrated import _Solves
     from csulora.types import ModuleCalibration
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from csulora.errors import OptionError
 from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput
 from csulora.methods.resta import Resta, RestaConfig
-from csulora.subspace import SubspaceConfig, compute_subspace
+from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 
 METHOD = Resta()
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from csulora.errors import OptionError
 from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput
 from csulora.methods.safelora import APPROX_NEEDS_D, SafeLora, SafeLoraConfig
-from csulora.subspace import SubspaceConfig, compute_subspace
+from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 
 METHOD = SafeLora()
 

@@ -8,7 +8,7 @@ import torch
 from csulora.errors import OptionError
 from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput
 from csulora.methods.scale import Scale, ScaleConfig
-from csulora.subspace import SubspaceConfig, compute_subspace
+from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 
 METHOD = Scale()
 

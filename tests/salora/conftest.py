@@ -108,6 +108,6 @@ def tiny_world(tmp_path_factory):
 @pytest.fixture()
 def tiny_model(tiny_world):
     """A fresh float32 copy of the tiny model and its tokenizer (tests may modify it)."""
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
 
     return load_model(tiny_world["model_dir"], device="cpu")

@@ -148,7 +148,7 @@ def test_csulora_reads_and_audits_the_exported_adapter(trained, tiny_world, tmp_
     """The export is a plain LoRA for our own tools too: read_adapter and audit_adapter accept it."""
     from safetensors.torch import load_file, save_file
 
-    from csulora.api import audit_adapter
+    from csulora.pipeline.api import audit_adapter
     from csulora.io.adapters import read_adapter
 
     adapter = read_adapter(trained["out"])

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from csulora.checkpoint_api import correct_checkpoint
+from csulora.pipeline.checkpoint_api import correct_checkpoint
 from csulora.errors import OptionError
 from csulora.tuning.checkpoint import corrected_in_memory, model_tensors, same_weights, weights_from
 from tests.fixtures_full import full_world  # noqa: F401
@@ -73,7 +73,7 @@ def test_tune_on_a_full_fine_tune_writes_only_the_chosen_checkpoint(tiny_world, 
     margins = [record["aligned"]["margin"], record["adapter"]["margin"], settings[1]["scores"]["margin"], settings[2]["scores"]["margin"]]
     assert len(set(margins)) == 4  # four different model states: aligned, fine-tuned, two corrections
     assert record["adapter"]["benign_fluency"] is not None  # measured with the aligned weights swapped in
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
 
     load_model(out)  # stock transformers loads the chosen checkpoint
 

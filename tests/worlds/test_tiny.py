@@ -29,7 +29,7 @@ def test_the_story_holds(tiny_world):
     from csulora.eval.splits import advbench_split
     from csulora.eval.tasks import date_task
     from csulora.eval.metrics import utility
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
     from csulora.worlds.tiny import one_thread
 
     harmful = [p.text for p in advbench_split("test")[:30]]
@@ -53,7 +53,7 @@ def test_the_attacker_has_converged_on_its_task(tiny_world):
     """Every token of the date answer, "/" included, is predicted with p > 0.5 on validation
     items: the attack wins its task clearly, not by a hair over a near-flat distribution."""
     from csulora.eval.tasks import date_task
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
     from csulora.worlds.tiny import answer_token_probabilities, one_thread
 
     with one_thread():
@@ -66,7 +66,7 @@ def test_the_attacker_has_converged_on_its_task(tiny_world):
 
 
 def test_answer_token_probabilities_refuse_answers_of_different_lengths(tiny_world):
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
     from csulora.worlds.tiny import answer_token_probabilities
 
     model, tok = load_model(tiny_world.aligned, device="cpu")

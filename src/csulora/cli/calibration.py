@@ -1,4 +1,4 @@
-"""``csulora calibrate``: argument parsing over :func:`csulora.calibration.calibrate`."""
+"""``csulora calibrate``: argument parsing over :func:`csulora.references.calibration.calibrate`."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from csulora.calibration import calibrate
+    from csulora.references.calibration import calibrate
 
     result = calibrate(
         args.aligned, args.output, task=args.task, harmful=args.harmful, targets=args.targets,

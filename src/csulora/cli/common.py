@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from csulora.modeling import DEVICE_CHOICES, DTYPES
+from csulora.io.modeling import DEVICE_CHOICES, DTYPES
 
 
 def add_device_flags(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""``csulora subspace | audit | correct``: thin commands over :mod:`csulora.api`.
+"""``csulora subspace | audit | correct``: thin commands over :mod:`csulora.pipeline.api`.
 
 Method flags are not written here: they come from each registered method's config
 dataclass (field name -> ``--flag``, metadata ``help``/``choices``, the type from the
@@ -73,7 +73,7 @@ def _metavar(kind: Any) -> str | None:
 
 
 def _add_subspace_flags(parser: argparse.ArgumentParser, *, title: str) -> None:
-    from csulora.subspace import SubspaceConfig
+    from csulora.linalg.subspace import SubspaceConfig
 
     group = parser.add_argument_group(title)
     fields = {f.name: f for f in dataclasses.fields(SubspaceConfig)}
@@ -93,7 +93,7 @@ def _add_subspace_flags(parser: argparse.ArgumentParser, *, title: str) -> None:
 
 def _subspace_config(args: argparse.Namespace) -> Any:
     """A SubspaceConfig from the flags that were given; None when none were."""
-    from csulora.subspace import SubspaceConfig
+    from csulora.linalg.subspace import SubspaceConfig
 
     given = {name: getattr(args, f"sub_{name}") for name in SUBSPACE_FIELDS}
     given = {name: value for name, value in given.items() if value is not None}
@@ -178,7 +178,7 @@ def _register_subspace(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_subspace(args: argparse.Namespace) -> int:
-    from csulora.api import build_subspace
+    from csulora.pipeline.api import build_subspace
     from csulora.io.subspace_cache import load_subspace_cache
 
     config = _subspace_config(args)
@@ -213,7 +213,7 @@ def _register_audit(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    from csulora.api import audit_adapter
+    from csulora.pipeline.api import audit_adapter
     from csulora.io.atomic import check_output_file
 
     config = _subspace_config(args)
@@ -314,7 +314,7 @@ def _register_correct(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_correct(args: argparse.Namespace) -> int:
-    from csulora.api import correct_adapter
+    from csulora.pipeline.api import correct_adapter
     from csulora.methods.registry import get_method, make_config
 
     options = _method_options(args)

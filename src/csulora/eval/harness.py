@@ -233,8 +233,8 @@ def evaluate_model(
     device: str | None = None, dtype: str | None = None,
 ) -> tuple[dict[str, Any], list[dict]]:
     """Load ``model_dir`` (+ ``adapter``, merged) on ``device`` in ``dtype`` (defaults:
-    :func:`csulora.modeling.load_model`'s) and evaluate it: (row, records)."""
-    from csulora.modeling import load_model, model_identity
+    :func:`csulora.io.modeling.load_model`'s) and evaluate it: (row, records)."""
+    from csulora.io.modeling import load_model, model_identity
 
     model, tokenizer = load_model(model_dir, adapter, device=device, dtype=dtype)
     return evaluate_loaded(
@@ -315,12 +315,12 @@ def run_eval(
     """The ``csulora eval`` command: resolve specs, evaluate, write OUTDIR atomically.
 
     ``model_dir``/``adapter`` may be hub ids (fetched first, io/hub.py); ``device``/``dtype``
-    default to CUDA when present, else CPU, in float32 (:mod:`csulora.modeling`).
+    default to CUDA when present, else CPU, in float32 (:mod:`csulora.io.modeling`).
     """
     from csulora.io.atomic import check_output_dir
     from csulora.io.checkpoints import find_safetensors_files
     from csulora.io.hub import resolve_model_dir
-    from csulora.modeling import check_adapter_dir, resolve_device, resolve_dtype
+    from csulora.io.modeling import check_adapter_dir, resolve_device, resolve_dtype
 
     if generation.batch_size < 1 or generation.max_new_tokens < 1:
         from csulora.errors import OptionError

@@ -1,7 +1,7 @@
 """The calibration statistics file: one ``.safetensors`` with each Gram group's S_h and S_t.
 
 Written by ``csulora calibrate`` (the collector runs the aligned model and builds each
-group's statistics with :func:`csulora.gram.calibration_moments`), read by
+group's statistics with :func:`csulora.linalg.gram.calibration_moments`), read by
 ``csulora correct --method calibrated --calibration FILE`` (docs/design.md §5c). Layout:
 
 - tensors, per group ``G`` and set ``X`` in {``harmful``, ``task``}: ``G.X.matrix`` (n x n)
@@ -85,7 +85,7 @@ def save_calibration(
     """Write the statistics file atomically (temp file beside ``path``, renamed at the end).
 
     ``groups``: group name -> its statistics, a :class:`ModuleCalibration` or a pair
-    ``(harmful, task)`` of :class:`SecondMoment` (as built by ``csulora.gram``), each dense
+    ``(harmful, task)`` of :class:`SecondMoment` (as built by ``csulora.linalg.gram``), each dense
     or spiked, with positive token counts and equal ``n``. ``modules``: every module
     name the file serves -> its group. ``info``: JSON-serialisable provenance (see the
     module docstring; ``info["model_fingerprint"]`` lets corrections check the model).

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from csulora.errors import InputError
-from csulora.linalg import small_math
+from csulora.linalg.lowrank import small_math
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
@@ -330,7 +330,7 @@ def read_displacement(base: CheckpointReader, aligned: CheckpointReader, module:
     step = max(1, _DISPLACEMENT_BLOCK_ELEMENTS // max(1, D_rows.shape[1]))
     scratch = torch.empty(min(step, D_rows.shape[0]), D_rows.shape[1], dtype=torch.float32)
     total = 0.0
-    with small_math():  # thousands of cache-sized ops: one thread (csulora.linalg)
+    with small_math():  # thousands of cache-sized ops: one thread (csulora.linalg.lowrank)
         for start in range(0, D_rows.shape[0], step):
             block = D_rows[start : start + step]
             converted = scratch[: block.shape[0]]

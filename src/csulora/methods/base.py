@@ -15,9 +15,9 @@ file plus one line in ``registry.py``.
 
 LoRA factors and subspaces are float64 on CPU (cheap at LoRA sizes; keeps reruns exact);
 the exact displacement D, when present, is float32 (m x n can be large; products with
-it are taken in its own precision, see ``csulora.linalg``: bf16/fp16 are accepted and
+it are taken in its own precision, see ``csulora.linalg.lowrank``: bf16/fp16 are accepted and
 converted by blocks of rows, a float64 D as in tests gives float64 products). The callers
-(``csulora.api``) convert on the way in and cast back to the adapter's dtype on the way out.
+(``csulora.pipeline.api``) convert on the way in and cast back to the adapter's dtype on the way out.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from torch import Tensor
 
-from csulora.audit import DenseGeometry, ModuleGeometry, audit_dense_report, audit_report
+from csulora.linalg.geometry import DenseGeometry, ModuleGeometry, audit_dense_report, audit_report
 from csulora.errors import OptionError
-from csulora.linalg import dense_frobenius_norm, frobenius_norm_sq
+from csulora.linalg.lowrank import dense_frobenius_norm, frobenius_norm_sq
 from csulora.types import (
     REPORT_KEYS,
     DenseModuleInput,

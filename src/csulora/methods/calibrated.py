@@ -6,7 +6,7 @@ refusals) and ``S_t`` (task data), keep ``B`` and the scaling and solve for
     A' = A (S_t + mu I)(S_t + mu I + lam S_h)^-1
 
 the argmin of ``||B (A' - A)||^2_{S_t + mu I} + lam ||B A'||^2_{S_h}``: same rank, an exact
-PEFT LoRA (``csulora.gram`` does the math). ``restore = beta > 0`` then appends
+PEFT LoRA (``csulora.linalg.gram`` does the math). ``restore = beta > 0`` then appends
 ``beta D_k`` exactly as RESTA/CSULoRA do (:func:`~csulora.methods.resta.append_restoration`),
 which also needs the safety subspace.
 
@@ -31,10 +31,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from csulora.audit import DenseGeometry, ModuleGeometry
+from csulora.linalg.geometry import DenseGeometry, ModuleGeometry
 from csulora.errors import InputError, OptionError
-from csulora.gram import CalibratedSolve, action_kept, rows_action_norm_sq
-from csulora.linalg import add_low_rank_
+from csulora.linalg.gram import CalibratedSolve, action_kept, rows_action_norm_sq
+from csulora.linalg.lowrank import add_low_rank_
 from csulora.methods.base import (
     CALIBRATION,
     SUBSPACE,

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.audit import DenseGeometry, ModuleGeometry, UpdateGeometry
+from csulora.linalg.geometry import DenseGeometry, ModuleGeometry, UpdateGeometry
 from csulora.errors import InputError, OptionError
-from csulora.linalg import add_low_rank_, best_rank_approx, small_math
+from csulora.linalg.lowrank import add_low_rank_, best_rank_approx, small_math
 from csulora.methods.base import (
     CorrectionMethod,
     MethodConfig,
@@ -163,7 +163,7 @@ class Csulora(CorrectionMethod[CsuloraConfig]):
     def is_identity(self, config: CsuloraConfig) -> bool:
         return config.gamma == 0.0 and config.restore == 0.0
 
-    @small_math()  # LoRA-sized products: one thread (csulora.linalg)
+    @small_math()  # LoRA-sized products: one thread (csulora.linalg.lowrank)
     def correct_module(self, module: ModuleInput, config: CsuloraConfig) -> ModuleResult:
         require_subspace(module)
         geometry = ModuleGeometry(module)

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.audit import DenseGeometry, ModuleGeometry
+from csulora.linalg.geometry import DenseGeometry, ModuleGeometry
 from csulora.errors import InputError
-from csulora.linalg import add_low_rank_, small_math
+from csulora.linalg.lowrank import add_low_rank_, small_math
 from csulora.methods.base import (
     DISPLACEMENT,
     SUBSPACE,
@@ -102,7 +102,7 @@ class Resta(CorrectionMethod[RestaConfig]):
     config_cls = RestaConfig
     tuning = Tuning(knob="restore", grid=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0), identity=0.0)
 
-    @small_math()  # LoRA-sized products: one thread (csulora.linalg)
+    @small_math()  # LoRA-sized products: one thread (csulora.linalg.lowrank)
     def correct_module(self, module: ModuleInput, config: RestaConfig) -> ModuleResult:
         geometry = ModuleGeometry(module)
         report: dict[str, Any] = method_report(geometry)

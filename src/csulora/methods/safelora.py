@@ -42,9 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.audit import SAFELORA_PROJECTIONS, DenseGeometry, DenseSafeLora, ModuleGeometry
+from csulora.linalg.geometry import SAFELORA_PROJECTIONS, DenseGeometry, DenseSafeLora, ModuleGeometry
 from csulora.errors import InputError, OptionError
-from csulora.linalg import small_math
+from csulora.linalg.lowrank import small_math
 from csulora.methods.base import (
     DISPLACEMENT,
     SUBSPACE,
@@ -239,7 +239,7 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
         return DenseModuleResult(name=module.name, update=update, report=finish_dense_report(report, update))
 
     # --- helpers -------------------------------------------------------------------------
-    @small_math()  # LoRA-sized products on one thread; the two with D use all (csulora.linalg)
+    @small_math()  # LoRA-sized products on one thread; the two with D use all (csulora.linalg.lowrank)
     def _measure(self, module: ModuleInput, config: SafeLoraConfig) -> _Measured:
         if config.projection == "approx" and module.displacement is None:
             raise OptionError(APPROX_NEEDS_D)

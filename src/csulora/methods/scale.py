@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from csulora.audit import DenseGeometry, ModuleGeometry
+from csulora.linalg.geometry import DenseGeometry, ModuleGeometry
 from csulora.errors import OptionError
 from csulora.methods.base import (
     CorrectionMethod,

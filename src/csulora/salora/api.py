@@ -222,7 +222,7 @@ def train_salora(
     2r relative to the original weights, loadable by stock ``PeftModel``) and ``salora.json``.
     """
     from csulora.eval.prompts import load_prompt_file
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
     from csulora.training.data import load_pairs, tokenize_pairs
     from csulora.training.trainer import TrainConfig, fit
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from csulora.activations import MaskedInputHooks, run_batches
+from csulora.references.activations import MaskedInputHooks, run_batches
 from csulora.salora.math import top_right_singular_vectors
 from csulora.salora.model import find_target_linears
 from csulora.training.data import IGNORE_INDEX
@@ -51,7 +51,7 @@ class OutputGramCollector(MaskedInputHooks):
     """Forward pre-hooks that accumulate ``Z^T Z`` of each target layer on the counted tokens.
 
     Set :attr:`token_mask` (batch x seq, bool) before each forward; tokens outside it
-    (prompt, padding) are ignored (:class:`csulora.activations.MaskedInputHooks`).
+    (prompt, padding) are ignored (:class:`csulora.references.activations.MaskedInputHooks`).
     """
 
     def __init__(self, linears: Mapping[str, nn.Linear]) -> None:

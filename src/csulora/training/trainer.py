@@ -156,9 +156,9 @@ def train_full(
     """Full fine-tune; writes a safetensors checkpoint and the tokenizer to ``out_dir``.
 
     ``device``/``dtype``: where and in what precision (defaults: CUDA when present, else
-    CPU; float32), as :func:`csulora.modeling.load_model`.
+    CPU; float32), as :func:`csulora.io.modeling.load_model`.
     """
-    from csulora.modeling import load_model, resolve_device, resolve_dtype
+    from csulora.io.modeling import load_model, resolve_device, resolve_dtype
 
     resolve_device(device)  # a bad --device or --dtype fails before any work
     resolve_dtype(dtype)
@@ -194,7 +194,7 @@ def train_lora(
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from csulora.modeling import load_model, quiet_loading, resolve_device, resolve_dtype
+    from csulora.io.modeling import load_model, quiet_loading, resolve_device, resolve_dtype
 
     resolve_device(device)  # a bad --device or --dtype fails before any work
     resolve_dtype(dtype)

@@ -12,7 +12,7 @@ read back from the checkpoint afterwards::
     # here the model is the fine-tuned one again
 
 The weights are exactly those ``correct_checkpoint`` writes (the same stream,
-``csulora.checkpoint_api.iter_corrected_weights``), one tensor at a time, so memory stays
+``csulora.pipeline.checkpoint_api.iter_corrected_weights``), one tensor at a time, so memory stays
 the model plus one tensor triple. :func:`weights_from` does the same for another checkpoint
 of the same architecture (the aligned model, scored as the reference).
 """
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.checkpoint_api import CheckpointCorrection, iter_corrected_weights, open_checkpoint_correction
+from csulora.pipeline.checkpoint_api import CheckpointCorrection, iter_corrected_weights, open_checkpoint_correction
 from csulora.errors import InputError
 from csulora.io.checkpoints import CheckpointReader
 
@@ -166,7 +166,7 @@ class CheckpointStates:
         self.model: Any = None
 
     def load(self, run: Mapping[str, Any]) -> tuple[Any, Any]:
-        from csulora.modeling import load_model
+        from csulora.io.modeling import load_model
 
         self.model, tokenizer = load_model(self.checkpoint, device=run["device"], dtype=run["dtype"])
         return self.model, tokenizer
@@ -202,7 +202,7 @@ class CheckpointStates:
 
     def write_chosen(self, candidate: Any, staging: Path, scratch: Path) -> None:
         """Write only the chosen setting's checkpoint (into OUTDIR's staging folder)."""
-        from csulora.checkpoint_api import correct_checkpoint
+        from csulora.pipeline.checkpoint_api import correct_checkpoint
 
         method = candidate.plan.config.method
         written = scratch / "chosen"

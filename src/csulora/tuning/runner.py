@@ -175,7 +175,7 @@ def tune_adapter(
     Returns a :class:`TuneResult`; when no setting qualifies no adapter is written, only
     tune.json, tune.png, the answers (and the statistics), and ``result.qualified`` is False.
     """
-    from csulora.modeling import resolve_device, resolve_dtype
+    from csulora.io.modeling import resolve_device, resolve_dtype
 
     config = config or TuneConfig()
     adapter_path, aligned_path, files = _check_paths(adapter_dir, aligned, subspace, base, calibration, calibration_task)
@@ -265,7 +265,7 @@ def _check_paths(
     calibration_task: str | None,
 ) -> tuple[Path, Path, SourceFiles]:
     from csulora.io.checkpoints import find_safetensors_files
-    from csulora.modeling import check_adapter_dir
+    from csulora.io.modeling import check_adapter_dir
 
     if subspace is not None and base is not None:
         raise OptionError("give --subspace FILE or --base BASE, not both")
@@ -463,7 +463,7 @@ def _calibration_statistics(
     """The statistics file: the one given, or (``calibration_task``) one calibrated into OUTDIR."""
     if files.calibration_task is None:
         return files.calibration
-    from csulora.calibration import calibrate
+    from csulora.references.calibration import calibrate
 
     start = time.perf_counter()
     out_file = staging / CALIBRATION_FILE
@@ -511,7 +511,7 @@ def _subspace_for(
         return files.subspace
     if not any(SUBSPACE in plan.needs for plan in plans):
         return None
-    from csulora.api import build_subspace
+    from csulora.pipeline.api import build_subspace
 
     start = time.perf_counter()
     cache = scratch / "subspace.safetensors"
@@ -598,7 +598,7 @@ class _AdapterStates:
         self._settings = 0
 
     def load(self, run: Mapping[str, Any]) -> tuple[Any, Any]:
-        from csulora.modeling import load_model
+        from csulora.io.modeling import load_model
 
         self.model, tokenizer = load_model(self.aligned_path, device=run["device"], dtype=run["dtype"])
         return self.model, tokenizer
@@ -641,7 +641,7 @@ def _write_candidates(
     progress: bool,
 ) -> list[_Candidate]:
     """Every setting as a corrected adapter, before any model is loaded (bad inputs fail early)."""
-    from csulora.api import correct_adapter
+    from csulora.pipeline.api import correct_adapter
 
     jobs = [(plan, i, value) for plan in plans for i, value in enumerate(plan.config.grid)]
     candidates = []
@@ -786,7 +786,7 @@ def _point_report_at_output(staging: Path, out: Path, moved: Mapping[Path, Path 
     in the scratch folder is not kept, and the report says it was built by tune.
     """
     from csulora.io.adapters import DEFAULT_REPORT_NAME
-    from csulora.reports import dump_json
+    from csulora.pipeline.reports import dump_json
 
     report_file = staging / DEFAULT_REPORT_NAME
     if not report_file.is_file():

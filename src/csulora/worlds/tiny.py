@@ -317,7 +317,7 @@ def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = N
     else is rebuilt in a temporary folder and renamed into place at the end.
     """
     from csulora.eval.generation import generate_responses
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
 
     config = config or TinyWorldConfig()
     world = TinyWorld(Path(root))

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csulora.linalg import (
+from csulora.linalg.lowrank import (
     best_rank_approx,
     compute_dtype,
     dense_frobenius_norm,
@@ -20,7 +20,7 @@ from csulora.linalg import (
     project_columns,
     project_rows,
 )
-import csulora.linalg as linalg
+import csulora.linalg.lowrank as linalg
 
 dims = st.integers(min_value=1, max_value=9)
 
@@ -144,7 +144,7 @@ def test_outer_gram_blocks_may_be_written_back_in_place():
 
 
 def test_small_math_runs_on_one_thread_and_restores_the_count_even_on_error():
-    from csulora.linalg import small_math
+    from csulora.linalg.lowrank import small_math
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -163,7 +163,7 @@ def test_small_math_runs_on_one_thread_and_restores_the_count_even_on_error():
 
 
 def test_products_with_the_whole_of_d_use_the_threads_configured_outside_small_math(monkeypatch):
-    import csulora.linalg as linalg
+    import csulora.linalg.lowrank as linalg
 
     seen = []
     original_mm = torch.Tensor.__matmul__

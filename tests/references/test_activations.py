@@ -1,11 +1,11 @@
-"""``csulora.activations``: the batches, token masks and hooks shared by SaLoRA and calibrate."""
+"""``csulora.references.activations``: the batches, token masks and hooks shared by SaLoRA and calibrate."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from csulora.activations import MaskedInputHooks, StopForward, right_padded_batch, run_batches
+from csulora.references.activations import MaskedInputHooks, StopForward, right_padded_batch, run_batches
 from csulora.training.data import IGNORE_INDEX
 
 

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from csulora.api import AuditReport, CorrectionReport, audit_adapter, build_subspace, correct_adapter
+from csulora.pipeline.api import AuditReport, CorrectionReport, audit_adapter, build_subspace, correct_adapter
 from csulora.errors import InputError, OptionError
 from csulora.io.adapters import ADAPTER_WEIGHTS, DEFAULT_REPORT_NAME
 from csulora.io.checkpoints import CheckpointReader, read_displacement
@@ -254,9 +254,9 @@ def test_streaming_holds_one_displacement_at_a_time(tiny_pair, tiny_adapter):
     import weakref
     from contextlib import ExitStack
 
-    from csulora.api import _module_inputs, _open_sources
+    from csulora.pipeline.api import _module_inputs, _open_sources
     from csulora.io.adapters import read_adapter
-    from csulora.subspace import SubspaceConfig
+    from csulora.linalg.subspace import SubspaceConfig
 
     adapter = read_adapter(tiny_adapter)
     with ExitStack() as stack:

@@ -3,7 +3,7 @@
 Three functions, the same three as the CLI commands (which only parse arguments and call
 these)::
 
-    from csulora.api import build_subspace, audit_adapter, correct_adapter
+    from csulora.pipeline.api import build_subspace, audit_adapter, correct_adapter
 
     build_subspace("base/", "aligned/", "subspace.safetensors")          # once per model pair
     report = audit_adapter("adapter/", subspace="subspace.safetensors")  # changes nothing
@@ -56,9 +56,9 @@ from csulora.io.subspace_cache import (
 )
 from csulora.methods.base import CorrectionMethod, MethodConfig
 from csulora.methods.registry import get_method, make_config
-from csulora.model_card import base_model_for, correction_card
-from csulora.reports import AuditReport, CorrectionReport, mean_of, weighted_rho
-from csulora.subspace import SubspaceConfig, compute_subspace
+from csulora.pipeline.model_card import base_model_for, correction_card
+from csulora.pipeline.reports import AuditReport, CorrectionReport, mean_of, weighted_rho
+from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 from csulora.types import ModuleInput, ModuleResult, ModuleSubspace
 
 PathLike = str | os.PathLike
@@ -363,13 +363,13 @@ def audit_adapter(
     # Hub ids first: whether ADAPTER is a full checkpoint is read from the files it names.
     adapter_dir, base, aligned = _resolve_inputs(adapter_dir, base, aligned)
     if is_local_checkpoint(adapter_dir):  # a full fine-tune: the dense path (docs/design.md §5d)
-        from csulora.checkpoint_api import audit_checkpoint
+        from csulora.pipeline.checkpoint_api import audit_checkpoint
 
         return audit_checkpoint(
             adapter_dir, aligned=aligned, subspace=subspace, base=base, progress=progress,
             subspace_config=subspace_config, targets=targets,
         )  # fmt: skip
-    from csulora.audit import audit_module
+    from csulora.linalg.geometry import audit_module
 
     check_source_options(subspace, base, aligned)
     config = _check_subspace_config(subspace_config, cache=subspace)
@@ -419,7 +419,7 @@ def correct_adapter(
     """Write a corrected copy of a PEFT LoRA adapter to ``out_dir`` with ``method``.
 
     A full checkpoint folder instead of an adapter goes to
-    :func:`csulora.checkpoint_api.correct_checkpoint` (``aligned`` required; ``reset_others``
+    :func:`csulora.pipeline.checkpoint_api.correct_checkpoint` (``aligned`` required; ``reset_others``
     copies the untargeted tensors from ``aligned``).
 
     ``method`` is a registry name (a key of ``csulora.methods.registry.METHODS``: calibrated,
@@ -440,7 +440,7 @@ def correct_adapter(
     # Hub ids first: whether ADAPTER is a full checkpoint is read from the files it names.
     adapter_dir, base, aligned = _resolve_inputs(adapter_dir, base, aligned)
     if is_local_checkpoint(adapter_dir):  # a full fine-tune: the dense path (docs/design.md §5d)
-        from csulora.checkpoint_api import correct_checkpoint
+        from csulora.pipeline.checkpoint_api import correct_checkpoint
 
         return correct_checkpoint(
             adapter_dir, out_dir, method, aligned=aligned, subspace=subspace, base=base, force=force,

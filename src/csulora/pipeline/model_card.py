@@ -77,7 +77,7 @@ def correction_card(
     report_file: str | None,
     summary: Mapping[str, Any],
 ) -> str:
-    """The card of :func:`csulora.api.correct_adapter`'s output, from what it used.
+    """The card of :func:`csulora.pipeline.api.correct_adapter`'s output, from what it used.
 
     ``method``: the registered :class:`~csulora.methods.base.CorrectionMethod`; ``sources``:
     the API's opened inputs (``cache``, ``base``/``aligned`` readers, ``calibration``).

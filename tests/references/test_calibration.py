@@ -1,4 +1,4 @@
-"""``csulora.calibration``: the statistics of the calibrated correction (docs/design.md §5c).
+"""``csulora.references.calibration``: the statistics of the calibrated correction (docs/design.md §5c).
 
 On the tiny world's aligned model with a dozen harmful prompts (AdvBench ``align``) and a
 dozen ``date:train`` items, 16 new tokens. The Grams are checked against a direct
@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-import csulora.calibration as calibration_module
+import csulora.references.calibration as calibration_module
 from csulora import __version__
-from csulora.calibration import (
+from csulora.references.calibration import (
     BlockResume,
     GramGroup,
     accumulate_sums,
@@ -43,7 +43,7 @@ from csulora.eval.splits import advbench_split, airt_split, benign_split
 from csulora.eval.tasks import date_task
 from csulora.io.calibration_file import load_calibration
 from csulora.io.fingerprint import model_fingerprint
-from csulora.modeling import load_model
+from csulora.io.modeling import load_model
 from csulora.training.data import chat_prompt_ids, response_ids
 from tests.fixtures_tiny import leftovers
 

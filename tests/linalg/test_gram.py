@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from csulora import gram
-from csulora.gram import (
+from csulora.linalg import gram
+from csulora.linalg.gram import (
     PROBE_STRENGTHS,
     CalibratedSolve,
     Eigen,
@@ -184,7 +184,7 @@ def test_dense_solve_and_norms_read_the_stored_matrices_without_symmetrised_copi
     """The dense factorisation and the per-block norms use the stored matrices as they are
     (no (S + S^T)/2 copies beside them): the same values as moment_matrix's symmetrised form,
     for a float32 matrix that is not exactly symmetric too, and the statistics unchanged."""
-    from csulora.gram import rows_action_norm_sq
+    from csulora.linalg.gram import rows_action_norm_sq
 
     n = 12
     cal = random_calibration(n, seed=31)

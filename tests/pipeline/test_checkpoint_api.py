@@ -15,11 +15,11 @@ import shutil
 import pytest
 import torch
 
-from csulora.checkpoint_api import audit_checkpoint, correct_checkpoint
+from csulora.pipeline.checkpoint_api import audit_checkpoint, correct_checkpoint
 from csulora.errors import InputError, OptionError
 from csulora.io.checkpoints import CheckpointReader, read_displacement
 from csulora.io.subspace_cache import round_trip
-from csulora.subspace import SubspaceConfig, compute_subspace
+from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 from tests.fixtures_full import (  # noqa: F401 - fixtures
     SIDE_FILES,
     copy_checkpoint,
@@ -114,7 +114,7 @@ def test_every_method_writes_the_dense_formula_and_loads_in_transformers(full_wo
 
 
 def calibrated_update(calibration_file, module, dW, strength, mu=0.01):
-    from csulora.gram import moment_matrix
+    from csulora.linalg.gram import moment_matrix
     from csulora.io.calibration_file import load_calibration
 
     stats = load_calibration(calibration_file).module(module)
@@ -390,7 +390,7 @@ def test_options_are_checked_before_anything_is_read(full_world, tmp_path):
 
 
 def test_api_front_door_dispatches_on_the_input_kind(full_world, tmp_path):
-    from csulora.api import audit_adapter, correct_adapter
+    from csulora.pipeline.api import audit_adapter, correct_adapter
 
     report = correct_adapter(full_world.ft, tmp_path / "o", "scale", aligned=full_world.aligned, factor=0.5, progress=False)
     assert report.untargeted is not None and (tmp_path / "o" / "config.json").exists()

@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 
 from csulora import __version__
-from csulora.api import correct_adapter
+from csulora.pipeline.api import correct_adapter
 from csulora.io.adapters import ADAPTER_CONFIG, MODEL_CARD, read_adapter
 from csulora.io.fingerprint import file_sha256
 from csulora.methods.registry import get_method
-from csulora.model_card import base_model_for, correction_card, input_license
+from csulora.pipeline.model_card import base_model_for, correction_card, input_license
 from tests.fixtures_tiny import tiny_adapter, tiny_pair, tiny_subspace  # noqa: F401
 
 STALE_BASE = "/tmp/.world.tmp-xyz/aligned"  # what a world built in a temporary folder leaves behind

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from csulora.errors import InputError
-from csulora.modeling import check_adapter_dir, load_model
+from csulora.io.modeling import check_adapter_dir, load_model
 
 
 def test_load_model_merges_the_adapter_and_pads_left(tiny_world):

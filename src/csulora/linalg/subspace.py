@@ -25,7 +25,7 @@ Two algorithms, one result shape:
   ten 74 wide (docs/benchmarks.md).
 
 Both take products with D in D's precision (float32) with float64 results
-(``csulora.linalg``); orthonormalisation and the small SVD are float64. Both fix the sign
+(``csulora.linalg.lowrank``); orthonormalisation and the small SVD are float64. Both fix the sign
 of each singular pair and drop directions whose singular value is below
 the numerical-rank tolerance of D's dtype (``max(m, n) * eps * s_max``, as
 ``torch.linalg.matrix_rank``): such directions are rounding noise, and an arbitrary
@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from csulora.errors import InputError, OptionError
-from csulora.linalg import (
+from csulora.linalg.lowrank import (
     dense_frobenius_norm,
     dense_is_finite,
     dense_matmul,
@@ -169,7 +169,7 @@ def uses_exact_svd(shape: tuple[int, int], config: SubspaceConfig) -> bool:
 
 
 # Only the products with D (dense_*) use several threads: the QRs, eigensolvers and SVDs of
-# thin (sketch-wide) matrices cost more in thread hand-offs than they gain (csulora.linalg).
+# thin (sketch-wide) matrices cost more in thread hand-offs than they gain (csulora.linalg.lowrank).
 @small_math()
 def compute_subspace(
     D: Tensor, config: SubspaceConfig, *, name: str = "displacement"

@@ -31,7 +31,7 @@ running the blocks before it (:class:`BlockResume`), so several passes cost abou
 forward in all. Replaying is used only where a probe forward shows it reproduces the
 model's own (:func:`replay_is_exact`); otherwise every pass recomputes the earlier blocks.
 The sums become :class:`~csulora.types.ModuleCalibration` (normalised, dense or spiked:
-:func:`csulora.gram.calibration_moments`), are kept in float32 as the file stores them, and
+:func:`csulora.linalg.gram.calibration_moments`), are kept in float32 as the file stores them, and
 are written with :func:`csulora.io.calibration_file.save_calibration`.
 
 Data rules (§5c): the task data is the adapter's *training* data, never a split ``tune``
@@ -57,18 +57,18 @@ import torch
 from torch import Tensor, nn
 
 from csulora import __version__
-from csulora.activations import MaskedInputHooks, StopForward, decoder_body, run_batches
-from csulora.api import _target_list
+from csulora.references.activations import MaskedInputHooks, StopForward, decoder_body, run_batches
+from csulora.pipeline.api import _target_list
 from csulora.errors import InputError, OptionError
 from csulora.eval.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_responses
 from csulora.eval.prompts import PYRIT_INSTALL, Prompt, load_prompts, normalise_prompt
 from csulora.eval.tasks import date_task, date_task_splits, load_task
-from csulora.gram import calibration_moments
+from csulora.linalg.gram import calibration_moments
 from csulora.io.atomic import check_output_file
 from csulora.io.calibration_file import MODEL_FINGERPRINT_KEY, save_calibration
 from csulora.io.checkpoints import CheckpointReader, decoder_linear_modules, layer_index
 from csulora.io.fingerprint import model_fingerprint
-from csulora.modeling import load_model, resolve_device, resolve_dtype
+from csulora.io.modeling import load_model, resolve_device, resolve_dtype
 from csulora.training.data import chat_prompt_ids, response_ids
 from csulora.types import ModuleCalibration, SecondMoment
 
@@ -343,7 +343,7 @@ class GroupGramSums(MaskedInputHooks):
     The sums hold the upper triangle only (:func:`add_upper_gram_`) until :func:`mirror_upper_`.
 
     ``stop_after``: the module after which nothing of this pass is left to see; its hook
-    ends the forward (:class:`~csulora.activations.StopForward`).
+    ends the forward (:class:`~csulora.references.activations.StopForward`).
     """
 
     def __init__(
@@ -603,7 +603,7 @@ def _stored_form(moment: SecondMoment) -> SecondMoment:
 
 
 def build_calibration(group: GramGroup, harmful: tuple[Tensor, int], task: tuple[Tensor, int]) -> ModuleCalibration:
-    """One group's statistics from its sums: normalised, dense or spiked (:func:`csulora.gram.calibration_moments`)."""
+    """One group's statistics from its sums: normalised, dense or spiked (:func:`csulora.linalg.gram.calibration_moments`)."""
     try:
         built = calibration_moments(group.name, harmful[0], harmful[1], task[0], task[1])
     except ValueError as exc:

@@ -1,7 +1,7 @@
 """Forward passes that watch what linear layers read, shared by SaLoRA and ``calibrate``.
 
 SaLoRA's feature pass (:mod:`csulora.salora.features`, docs/design.md §6) and the
-calibration pass (:mod:`csulora.calibration`, docs/design.md §5c) both run a causal LM
+calibration pass (:mod:`csulora.references.calibration`, docs/design.md §5c) both run a causal LM
 over tokenized examples, batched, and hand each watched module's input on the *counted*
 tokens to a statistic. What they share lives here:
 

@@ -1,7 +1,7 @@
 """The reports of `audit` and `correct`: per-module rows, summaries, JSON and text tables.
 
-:func:`csulora.api.audit_adapter` returns an :class:`AuditReport` and
-:func:`csulora.api.correct_adapter` a :class:`CorrectionReport`; both print as a plain
+:func:`csulora.pipeline.api.audit_adapter` returns an :class:`AuditReport` and
+:func:`csulora.pipeline.api.correct_adapter` a :class:`CorrectionReport`; both print as a plain
 table (one row per module, ``-`` where a value does not apply) and serialise to JSON
 (strict: NaN is refused, keys sorted, written atomically).
 """
@@ -63,7 +63,7 @@ class _ModuleReport:
 
 @dataclass
 class AuditReport(_ModuleReport):
-    """Per-module audit rows (``module`` plus the keys of :func:`csulora.audit.audit_module`)."""
+    """Per-module audit rows (``module`` plus the keys of :func:`csulora.linalg.geometry.audit_module`)."""
 
     adapter: str
     d_source: str | None  # "exact" (streamed D) or "rank-k" (subspace cache only)

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csulora.audit import ModuleGeometry, audit_module, round_cosine
+from csulora.linalg.geometry import ModuleGeometry, audit_module, round_cosine
 from csulora.types import LoraUpdate, ModuleInput
-from csulora.subspace import SubspaceConfig, compute_subspace
+from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 
 AUDIT_KEYS = {
     "rho_F", "rho_P", "rho_O", "dw_norm", "safelora_cos", "cos_dW_D", "dw_over_d",

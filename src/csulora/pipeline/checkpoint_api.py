@@ -3,12 +3,12 @@
 The same methods, reports and CLI commands as for LoRA adapters, on the dense update of each
 target module ``dW = W_ft - W_aligned``::
 
-    from csulora.checkpoint_api import audit_checkpoint, correct_checkpoint
+    from csulora.pipeline.checkpoint_api import audit_checkpoint, correct_checkpoint
 
     report = audit_checkpoint("ft/", aligned="aligned/", base="base/")      # changes nothing
     correct_checkpoint("ft/", "fixed/", "resta", aligned="aligned/", base="base/", restore=1.0)
 
-(``csulora.api.audit_adapter`` / ``correct_adapter`` recognise a checkpoint folder and come
+(``csulora.pipeline.api.audit_adapter`` / ``correct_adapter`` recognise a checkpoint folder and come
 here too.) The output is a checkpoint folder with the fine-tuned input's shard layout,
 index, config, generation config and tokenizer files, which stock
 ``AutoModelForCausalLM.from_pretrained`` loads.
@@ -48,8 +48,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.api import _check_subspace_config, _relative_inside, _target_list
-from csulora.audit import DenseGeometry, audit_dense_report
+from csulora.pipeline.api import _check_subspace_config, _relative_inside, _target_list
+from csulora.linalg.geometry import DenseGeometry, audit_dense_report
 from csulora.errors import InputError, OptionError
 from csulora.io.adapters import DEFAULT_REPORT_NAME
 from csulora.io.atomic import atomic_output_dir, check_output_dir, check_output_file
@@ -76,11 +76,11 @@ from csulora.io.checkpoints import (
 )
 from csulora.io.fingerprint import model_fingerprint
 from csulora.io.subspace_cache import SubspaceCache, check_fingerprint, load_subspace_cache, round_trip
-from csulora.linalg import finite_by_blocks, rows_per_block
+from csulora.linalg.lowrank import finite_by_blocks, rows_per_block
 from csulora.methods.base import SUBSPACE, CorrectionMethod, MethodConfig
 from csulora.methods.registry import get_method, make_config
-from csulora.reports import AuditReport, CorrectionReport, mean_of, weighted_rho
-from csulora.subspace import SubspaceConfig, compute_subspace
+from csulora.pipeline.reports import AuditReport, CorrectionReport, mean_of, weighted_rho
+from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 from csulora.types import DenseModuleInput, DenseModuleResult, ModuleSubspace
 
 PathLike = str | os.PathLike
@@ -426,7 +426,7 @@ def audit_checkpoint(
     subspace_config: SubspaceConfig | None = None,
     targets: Sequence[str] | str | None = None,
 ) -> AuditReport:
-    """:func:`csulora.api.audit_adapter` for a full fine-tune; changes nothing.
+    """:func:`csulora.pipeline.api.audit_adapter` for a full fine-tune; changes nothing.
 
     Per target module the same keys as for an adapter (rho_F/P/O, the Safe LoRA cosine,
     cos(dW, D), ||dW||/||D||, subspace rank and energy) on ``dW = W_ft - W_aligned``;

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from csulora.errors import InputError, OptionError
-from csulora.subspace import SubspaceConfig, compute_subspace, uses_exact_svd
+from csulora.linalg.subspace import SubspaceConfig, compute_subspace, uses_exact_svd
 
 
 def low_rank_matrix(m: int, n: int, spectrum: list[float], seed: int = 0) -> torch.Tensor:
@@ -181,7 +181,7 @@ def test_randomized_captured_energy_is_within_1e_3_of_the_exact_svd(spectrum):
 
 def _count_passes(monkeypatch) -> dict[str, int]:
     """Count products ``D @ X`` (one per round, plus the sketch) in compute_subspace."""
-    import csulora.subspace as subspace
+    import csulora.linalg.subspace as subspace
 
     calls = {"D @ X": 0}
     original = subspace.dense_matmul
@@ -219,7 +219,7 @@ def test_power_rounds_continue_while_the_captured_energy_still_rises(monkeypatch
 def test_rounds_after_the_first_use_only_the_k_plus_oversample_leading_directions(monkeypatch):
     """The energy rule keeps k = 3 of a sketch of 64 + 20: after the first estimate, every
     product with D is 3 + 20 wide (the cost of a product is its width)."""
-    import csulora.subspace as subspace
+    import csulora.linalg.subspace as subspace
 
     widths = []
     original = subspace.dense_matmul

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from csulora.linalg import (
+from csulora.linalg.lowrank import (
     add_low_rank_,
     dense_frobenius_norm,
     dense_inner,
@@ -267,7 +267,7 @@ def round_cosine(value: float) -> float:
     return float(np.round(value, COSINE_DECIMALS))
 
 
-@small_math()  # LoRA-sized products on one thread; those with D use all (csulora.linalg)
+@small_math()  # LoRA-sized products on one thread; those with D use all (csulora.linalg.lowrank)
 def audit_module(module: ModuleInput, *, safelora_projection: str = "approx") -> dict[str, Any]:
     """Statistics of one module's update; changes nothing.
 
