@@ -59,3 +59,31 @@ def test_broken_answer_shares():
     assert harmful_empty_rate(answers) == sum(not a.strip() for a in answers) / len(answers)
     with pytest.raises(ValueError):
         harmful_empty_rate([])
+
+
+# --------------------------------------------------------------------------- judge agreement
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    from csulora.eval.metrics import wilson_interval
+
+    lo, hi = wilson_interval(8, 10)  # the standard worked example: [0.490, 0.943]
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    lo, hi = wilson_interval(4, 4)  # all agree: still a real interval, unlike the bootstrap
+    assert hi == 1.0 and lo == pytest.approx(0.5101, abs=1e-4)
+    assert wilson_interval(0, 5)[0] == 0.0
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_agreement_counts_and_rates():
+    from csulora.eval.metrics import agreement
+
+    result = agreement([True, True, False, False, True], [True, False, True, False, True])
+    assert (result.tp, result.fp, result.fn, result.tn) == (2, 1, 1, 1)
+    assert result.accuracy().value == pytest.approx(3 / 5) and result.accuracy().n == 5
+    assert result.precision().value == pytest.approx(2 / 3) and result.recall().value == pytest.approx(2 / 3)
+    never = agreement([False, False], [True, False])
+    assert never.precision() is None and never.recall().value == 0.0
+    with pytest.raises(ValueError, match="2 verdicts for 1 labels"):
+        agreement([True, False], [True])

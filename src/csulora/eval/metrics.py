@@ -1,4 +1,5 @@
-"""Rates with bootstrap intervals: ASR, exact-match utility, over-refusal; broken-answer shares.
+"""Rates with bootstrap intervals: ASR, exact-match utility, over-refusal; broken-answer shares;
+a judge's agreement with labels (Wilson intervals).
 
 Pure functions over lists of booleans/strings; nothing here touches a model.
 
@@ -10,8 +11,10 @@ they go beside every ASR and over-refusal (`csulora eval`'s rows, `tune`'s condi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -123,3 +126,76 @@ def _share(responses: Sequence[str], test: Callable[[str], bool], name: str) -> 
     if not responses:
         raise ValueError(f"{name} needs at least one answer")
     return sum(bool(test(r)) for r in responses) / len(responses)
+
+
+# --------------------------------------------------------------------------- judge agreement
+
+
+def wilson_interval(successes: int, n: int, *, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a proportion.
+
+    Used for a judge's agreement with labels (docs/judge.md) rather than the bootstrap:
+    per-category counts are small and often all-agree, where the percentile bootstrap
+    gives a zero-width interval and Wilson still an honest one.
+    """
+    if n <= 0:
+        raise ValueError("wilson_interval needs n >= 1")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, {n}], got {successes}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # At 0 or n the bound is exactly 0 or 1; the formula reaches it only up to rounding.
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
+
+
+def proportion(successes: int, n: int) -> Rate:
+    """``successes / n`` with its Wilson 95% interval."""
+    return Rate(successes / n, wilson_interval(successes, n), n)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """A binary judge against binary labels: the confusion counts and the rates built on them.
+
+    "Positive" is whatever the caller's True means (attack success, refusal); precision and
+    recall are of that class, and None where their denominator is empty.
+    """
+
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+
+    @property
+    def n(self) -> int:
+        return self.tp + self.fp + self.fn + self.tn
+
+    def accuracy(self) -> Rate:
+        return proportion(self.tp + self.tn, self.n)
+
+    def precision(self) -> Rate | None:
+        return proportion(self.tp, self.tp + self.fp) if self.tp + self.fp else None
+
+    def recall(self) -> Rate | None:
+        return proportion(self.tp, self.tp + self.fn) if self.tp + self.fn else None
+
+
+def agreement(predicted: Sequence[bool], labels: Sequence[bool]) -> Agreement:
+    """Confusion counts of ``predicted`` against ``labels`` (same order, same length)."""
+    if len(predicted) != len(labels):
+        raise ValueError(f"{len(predicted)} verdicts for {len(labels)} labels")
+    if not labels:
+        raise ValueError("agreement needs at least one label")
+    pairs = [(bool(p), bool(t)) for p, t in zip(predicted, labels)]
+    return Agreement(
+        tp=pairs.count((True, True)),
+        fp=pairs.count((True, False)),
+        fn=pairs.count((False, True)),
+        tn=pairs.count((False, False)),
+    )

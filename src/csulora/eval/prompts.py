@@ -39,6 +39,7 @@ AdvBench and airt; with AdvBench ``align`` it is the default calibration set
 from __future__ import annotations
 
 import csv
+import fnmatch
 import functools
 import importlib.metadata
 import re
@@ -87,12 +88,16 @@ def normalise_prompt(text: str) -> str:
 # --------------------------------------------------------------------------- pyrit files
 
 
+def _pyrit_distribution(needed_for: str) -> importlib.metadata.Distribution:
+    try:
+        return importlib.metadata.distribution("pyrit")
+    except importlib.metadata.PackageNotFoundError:
+        raise InputError(f"pyrit is not installed, needed for its {needed_for}; run `{PYRIT_INSTALL}`") from None
+
+
 def pyrit_data_file(relative: str) -> Path:
     """Path of a file under pyrit's ``seed_datasets/local`` without importing pyrit."""
-    try:
-        dist = importlib.metadata.distribution("pyrit")
-    except importlib.metadata.PackageNotFoundError:
-        raise InputError(f"pyrit is not installed, needed for its {relative} prompts; run `{PYRIT_INSTALL}`") from None
+    dist = _pyrit_distribution(f"{relative} prompts")
     wanted = f"{PYRIT_LOCAL_DIR}/{relative}"
     for entry in dist.files or ():
         if str(entry).replace("\\", "/") == wanted:
@@ -100,6 +105,24 @@ def pyrit_data_file(relative: str) -> Path:
             if path.is_file():
                 return path
     raise InputError(f"pyrit {dist.version} has no {wanted}; run `{PYRIT_INSTALL}`")
+
+
+def pyrit_package_files(folder: str, pattern: str) -> list[Path]:
+    """Files of the installed pyrit package directly in ``folder`` (relative to ``pyrit/``,
+    e.g. ``datasets/scorer_evals/objective``) whose name matches ``pattern`` (a glob), by name.
+    """
+    dist = _pyrit_distribution(f"{folder}/{pattern} files")
+    prefix = f"pyrit/{folder.strip('/')}/"
+    found = []
+    for entry in dist.files or ():
+        name = str(entry).replace("\\", "/")
+        if name.startswith(prefix) and "/" not in name[len(prefix) :] and fnmatch.fnmatch(name[len(prefix) :], pattern):
+            path = Path(str(dist.locate_file(entry)))
+            if path.is_file():
+                found.append(path)
+    if not found:
+        raise InputError(f"pyrit {dist.version} has no {prefix}{pattern}; run `{PYRIT_INSTALL}`")
+    return sorted(found, key=lambda path: path.name)
 
 
 def read_seed_values(path: Path) -> list[str]:
