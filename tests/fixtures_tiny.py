@@ -12,6 +12,8 @@ linear layer except ``model.layers.1.self_attn.k_proj``, which alignment leaves 
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from pathlib import Path
 from typing import Any
@@ -79,9 +81,13 @@ def build_adapter(
     alpha_pattern: dict[str, int] | None = None,
     dtype: torch.dtype = torch.float32,
     seed: int = 7,
+    base_model: Path | None = None,
     **extra: Any,
 ) -> Path:
-    """A real PEFT LoRA adapter for the tiny Llama with random (non-zero) A and B."""
+    """A real PEFT LoRA adapter for the tiny Llama with random (non-zero) A and B.
+
+    ``base_model`` is recorded as its ``base_model_name_or_path`` (the model it was "trained" on),
+    as a real fine-tune of the aligned model records it."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -102,6 +108,11 @@ def build_adapter(
                 param.copy_(0.2 * torch.randn(param.shape, generator=generator))
     model = model.to(dtype)
     model.save_pretrained(out_dir)
+    if base_model is not None:
+        config_file = out_dir / "adapter_config.json"
+        recorded = json.loads(config_file.read_text())
+        recorded["base_model_name_or_path"] = str(base_model)
+        config_file.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n")
     return out_dir
 
 
@@ -137,11 +148,13 @@ def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def adapter_variant(tmp_path_factory, variant: str) -> Path:
-    """A session-cached adapter folder of one of :data:`ADAPTER_VARIANTS`."""
+    """A session-cached adapter folder of one of :data:`ADAPTER_VARIANTS`, recorded as trained on
+    the tiny pair's aligned model (so a calibration file can be checked against it)."""
+    aligned = _cached(("pair",), tmp_path_factory, lambda d: build_pair(d) and d) / "aligned"
     return _cached(
         ("adapter", variant),
         tmp_path_factory,
-        lambda d: build_adapter(d / "adapter", **ADAPTER_VARIANTS[variant]),
+        lambda d: build_adapter(d / "adapter", base_model=aligned, **ADAPTER_VARIANTS[variant]),
     )
 
 
@@ -155,7 +168,7 @@ def tiny_subspace(tmp_path_factory, tiny_pair) -> Path:
     """A subspace cache of the tiny pair (all decoder linear layers, default options)."""
 
     def build(d: Path) -> Path:
-        from csulora.pipeline.api import build_subspace
+        from csulora.references.subspace import build_subspace
 
         return build_subspace(*tiny_pair, d / "subspace.safetensors", progress=False)
 

@@ -214,7 +214,7 @@ def _api_options(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def case_safelora(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
-    from csulora.pipeline import api
+    import csulora as api
 
     api.correct_adapter(
         spec["adapter"],
@@ -230,7 +230,7 @@ def case_safelora(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
 
 
 def case_build_subspace(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
-    from csulora.pipeline import api
+    import csulora as api
 
     # force: the benchmark owns this file; a rerun on a kept workdir (--keep) writes it again.
     path = api.build_subspace(spec["base"], spec["aligned"], spec["subspace"], force=True, progress=False)
@@ -238,7 +238,7 @@ def case_build_subspace(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
 
 
 def case_csulora(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
-    from csulora.pipeline import api
+    import csulora as api
 
     api.correct_adapter(
         spec["adapter"], spec["out"], "csulora", subspace=spec["subspace"], force=True, progress=False,

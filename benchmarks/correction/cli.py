@@ -117,7 +117,7 @@ def load_average() -> list[float]:
 def api_available() -> bool:
     """Whether csulora's public correction API exists yet (it is built in parallel)."""
     try:
-        from csulora.pipeline import api
+        import csulora as api
     except ImportError:
         return False
     return callable(getattr(api, "correct_adapter", None)) and callable(getattr(api, "build_subspace", None))

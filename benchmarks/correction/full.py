@@ -260,7 +260,7 @@ def write_calibration(work: SyntheticWorkdir, layers: int) -> Path:
 def run_child_case(spec: dict[str, Any]) -> dict[str, Any]:
     """Imports first (the baseline), then one correction or audit through the public API."""
     torch.set_num_threads(int(spec["threads"]))
-    from csulora.pipeline.checkpoint_api import audit_checkpoint, correct_checkpoint  # noqa: F401 - the import floor
+    from csulora.pipeline.api import audit_adapter, correct_adapter  # noqa: F401 - the import floor
     from csulora.methods.registry import METHODS  # noqa: F401
     from csulora.linalg.subspace import SubspaceConfig  # noqa: F401
 
@@ -270,9 +270,9 @@ def run_child_case(spec: dict[str, Any]) -> dict[str, Any]:
         sources["calibration"] = spec["calibration"]
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     if spec["method"] is None:
-        report = audit_checkpoint(spec["finetuned"], progress=False, **sources)
+        report = audit_adapter(spec["finetuned"], progress=False, **sources)
     else:
-        report = correct_checkpoint(
+        report = correct_adapter(
             spec["finetuned"], spec["out"], spec["method"], force=True, progress=False, **sources, **spec["options"]
         )
     return {

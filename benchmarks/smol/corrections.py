@@ -22,7 +22,8 @@ def subspace_config(ctx: Context):
 @stage("subspace", "safety subspace of D = aligned - base, and the audit of the attacked adapter", needs=("attacked",),
        for_rows=LORA_ROWS)
 def stage_subspace(ctx: Context) -> dict:
-    from csulora.pipeline.api import audit_adapter, build_subspace
+    from csulora.references.subspace import build_subspace
+    from csulora.pipeline.api import audit_adapter
     from csulora.io.adapters import read_adapter
 
     targets = read_adapter(ctx.path("adapters", "attacked")).module_names()

@@ -167,13 +167,13 @@ def stage_full_inputs(ctx: Context) -> dict:
     is the same call (aligned model, task_train.jsonl, default harmful prompts, default targets:
     every decoder linear layer); a run that computed both got tensors equal byte for byte (only
     the recorded seconds differed), and the second computation cost 2165 s."""
-    from csulora.pipeline.api import build_subspace
-    from csulora.pipeline.checkpoint_api import audit_checkpoint
+    from csulora.references.subspace import build_subspace
+    from csulora.pipeline.api import audit_adapter
 
     subspace = ctx.path("full", "subspace.safetensors")
     start = time.perf_counter()
     build_subspace(ctx.path("base"), ctx.path("aligned"), subspace, config=subspace_config(ctx), force=True, progress=False)
-    audit = audit_checkpoint(ctx.path(attacked_dir(ctx)), aligned=ctx.path("aligned"), base=ctx.path("base"),
+    audit = audit_adapter(ctx.path(attacked_dir(ctx)), aligned=ctx.path("aligned"), base=ctx.path("base"),
                              subspace=subspace, progress=False)  # fmt: skip
     audit.to_json(ctx.path("full", "audit.json"))
     audit_s = time.perf_counter() - start

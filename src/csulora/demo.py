@@ -2,14 +2,14 @@
 
 1. Build (or reuse from the cache) the tiny world: base, aligned (full fine-tune), and
    the LoRA attack (:mod:`csulora.worlds.tiny`).
-2. Compute the safety subspace of the alignment (``csulora.pipeline.api.build_subspace``) and
+2. Compute the safety subspace of the alignment (``csulora.build_subspace``) and
    calibrate the aligned model once (``csulora.references.calibration.calibrate``, docs/design.md §5c):
    harmful inputs from the default calibration prompts (AdvBench ``align`` + ``requests``,
    disjoint from every scored set), task inputs from the attack's task training data
    (:data:`DEMO_TASK_TRAINING`), the adapter's modules, CPU float32.
 3. For each swept method (Safe LoRA's threshold, CSULoRA's gamma, the calibrated method's
    strength, ...): correct the attacked adapter at every grid value
-   (``csulora.pipeline.api.correct_adapter``), score each on ``csulora tune``'s default validation
+   (``csulora.correct_adapter``), score each on ``csulora tune``'s default validation
    data (AdvBench validation and airt-val, each source judged on its own; the benign
    validation half; the date task's validation split) with tune's own scoring
    (:func:`csulora.tuning.scoring.score_model`) and pick the knob with tune's rule
@@ -242,7 +242,7 @@ def score_validation(ctx: DemoContext, adapter: Path | None) -> SettingScores:
 def _correct(ctx: DemoContext, method: str, options: dict, tag: str) -> tuple[Path, Any]:
     """Correct the attacked adapter with what the method reads: the subspace always (the
     report's audit numbers), the exact D and the statistics when it needs them."""
-    from csulora.pipeline import api
+    import csulora as api
 
     impl = get_method(method)
     config = make_config(impl, options)
@@ -742,7 +742,7 @@ def run_demo(
     progress: bool = True,
 ) -> Path:
     """Build/reuse the tiny world, attack, correct, evaluate; write OUTDIR. Returns OUTDIR."""
-    from csulora.pipeline import api
+    import csulora as api
     from csulora.worlds.tiny import build_tiny_world, one_thread, shared_tiny_world
 
     check_output_dir(out_dir, force)

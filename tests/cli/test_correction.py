@@ -246,8 +246,11 @@ def test_bad_subspace_options(tiny_pair, outs, capsys, flags, pattern):
 
 def test_sources_must_be_complete(tiny_adapter, tiny_pair, outs, capsys):
     fails(["correct", tiny_adapter, "-o", outs / "o", "--base", tiny_pair[0], "--method", "resta"], capsys,
-          "--base and --aligned go together")
+          "--base needs --aligned ALIGNED too")
     fails(["audit", tiny_adapter], capsys, "give --subspace FILE or --base BASE --aligned ALIGNED")
+    # ALIGNED alone is no source of D (docs/design.md §10): a method that reads D still needs one.
+    fails(["correct", tiny_adapter, "-o", outs / "o", "--aligned", tiny_pair[1], "--method", "resta"], capsys,
+          "needs the safety subspace")
     assert_nothing_written(outs)
 
 

@@ -58,7 +58,7 @@ def test_cache_equals_the_on_the_fly_subspace(tiny_pair, tiny_subspace):
 
 
 def test_rebuilding_is_byte_identical(tiny_pair, tmp_path):
-    from csulora.pipeline.api import build_subspace
+    from csulora.references.subspace import build_subspace
 
     paths = [
         build_subspace(*tiny_pair, tmp_path / f"s{i}.safetensors", targets=["v_proj"], progress=False) for i in range(2)

@@ -34,7 +34,7 @@ def test_scales_the_update_by_scaling_lora_B(factor):
     assert result.update.scale == 4.0 and result.update.rank == 3
     assert torch.allclose(result.update.dense(), factor * module.update.dense())
     report = result.report
-    assert set(report) == set(REPORT_KEYS)
+    assert set(report) == set(REPORT_KEYS) | {"factor"}  # scale reports its c (report_columns)
     assert report["dw_norm_after"] == pytest.approx(factor * report["dw_norm_before"])
     assert report["rank_in"] == report["rank_out"] == 3
     assert report["rho_F"] is None and report["d_source"] is None  # no subspace given

@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from csulora.pipeline.api import AuditReport, CorrectionReport, audit_adapter, build_subspace, correct_adapter
+from csulora.references.subspace import build_subspace
+from csulora.pipeline.api import AuditReport, CorrectionReport, audit_adapter, correct_adapter
 from csulora.errors import InputError, OptionError
 from csulora.io.adapters import ADAPTER_WEIGHTS, DEFAULT_REPORT_NAME
 from csulora.io.checkpoints import CheckpointReader, read_displacement
@@ -230,7 +231,7 @@ def test_options_are_validated_before_anything_is_read(tmp_path):
         correct_adapter(missing, tmp_path / "o", "nope", subspace=missing)
     with pytest.raises(OptionError, match="exact D"):
         correct_adapter(missing, tmp_path / "o", "safelora", subspace=missing)
-    with pytest.raises(OptionError, match="--base and --aligned go together"):
+    with pytest.raises(OptionError, match="--base needs --aligned ALIGNED too"):
         correct_adapter(missing, tmp_path / "o", "resta", base=missing)
     assert list(tmp_path.iterdir()) == []
 
@@ -254,15 +255,12 @@ def test_streaming_holds_one_displacement_at_a_time(tiny_pair, tiny_adapter):
     import weakref
     from contextlib import ExitStack
 
-    from csulora.pipeline.api import _module_inputs, _open_sources
-    from csulora.io.adapters import read_adapter
-    from csulora.linalg.subspace import SubspaceConfig
+    from csulora.pipeline.correction import open_correction
+    from csulora.pipeline.options import SourcePaths
 
-    adapter = read_adapter(tiny_adapter)
     with ExitStack() as stack:
-        sources = _open_sources(stack, None, *tiny_pair)
-        stream = _module_inputs(adapter, adapter.module_names(), sources, need_subspace=True,
-                                subspace_config=SubspaceConfig(), progress=False, desc="t")
+        audit = open_correction(stack, tiny_adapter, None, paths=SourcePaths(base=tiny_pair[0], aligned=tiny_pair[1]))
+        stream = audit.inputs(audit.modules, progress=False, desc="t")
         first = next(stream)
         assert first.displacement is not None and first.subspace is not None
         ref = weakref.ref(first.displacement)

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from csulora.pipeline.checkpoint_api import audit_checkpoint, correct_checkpoint
+from csulora.pipeline.api import audit_adapter, correct_adapter
 from csulora.errors import InputError, OptionError
 from csulora.io.checkpoints import CheckpointReader, read_displacement
 from csulora.io.subspace_cache import round_trip
@@ -84,7 +84,7 @@ def expected_update(method, options, dW, D, sub):
 
 def corrected(world, tmp_path, method, **options):
     out = tmp_path / f"out-{method}"
-    report = correct_checkpoint(
+    report = correct_adapter(
         world.ft, out, method, aligned=world.aligned, base=world.base, progress=False, **options
     )
     return out, report
@@ -127,7 +127,7 @@ def test_calibrated_writes_its_dense_formula(full_world, tmp_path, tiny_calibrat
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "calibrated"
-    report = correct_checkpoint(
+    report = correct_adapter(
         full_world.ft, out, "calibrated", aligned=full_world.aligned, calibration=tiny_calibration,
         strength=10.0, progress=False,
     )  # fmt: skip
@@ -141,7 +141,7 @@ def test_calibrated_writes_its_dense_formula(full_world, tmp_path, tiny_calibrat
     assert 0.0 <= row["harmful_action_kept"] < row["task_action_kept"] <= 1.0
     assert report.sources["calibration"] == str(tiny_calibration)
     with pytest.raises(OptionError, match="must correct every linear layer"):
-        correct_checkpoint(full_world.ft, tmp_path / "o", "calibrated", aligned=full_world.aligned,
+        correct_adapter(full_world.ft, tmp_path / "o", "calibrated", aligned=full_world.aligned,
                            calibration=tiny_calibration, targets="q_proj", progress=False)  # fmt: skip
 
 
@@ -196,7 +196,7 @@ def _header(handle):
 
 def test_single_file_checkpoint_stays_single(full_world, tmp_path):
     out = tmp_path / "single"
-    correct_checkpoint(full_world.ft_single, out, "scale", aligned=full_world.aligned, factor=0.5, progress=False)
+    correct_adapter(full_world.ft_single, out, "scale", aligned=full_world.aligned, factor=0.5, progress=False)
     assert shard_names(out) == ["model.safetensors"] and not (out / "model.safetensors.index.json").exists()
 
 
@@ -222,7 +222,7 @@ def test_targets_restrict_the_correction(full_world, tmp_path):
 
 def test_bf16_checkpoint_keeps_its_dtype(full_world, tmp_path):
     out = tmp_path / "bf16"
-    correct_checkpoint(full_world.ft_bf16, out, "scale", aligned=full_world.aligned_bf16, factor=0.5, progress=False)
+    correct_adapter(full_world.ft_bf16, out, "scale", aligned=full_world.aligned_bf16, factor=0.5, progress=False)
     written, ft, al = read_tensors(out), read_tensors(full_world.ft_bf16), read_tensors(full_world.aligned_bf16)
     assert {t.dtype for t in written.values()} == {torch.bfloat16}
     name = "model.layers.0.mlp.up_proj.weight"
@@ -246,7 +246,7 @@ def test_safelora_number_mode_projects_the_lowest_cosines(full_world, tmp_path):
 
 # -- audit --------------------------------------------------------------------------------------
 def test_audit_numbers_match_the_dense_definitions(full_world):
-    report = audit_checkpoint(full_world.ft, aligned=full_world.aligned, base=full_world.base, progress=False)
+    report = audit_adapter(full_world.ft, aligned=full_world.aligned, base=full_world.base, progress=False)
     assert report.summary["safelora_projection"] == "approx" and report.d_source == "exact"
     for row in report.modules:
         dW, D, sub = dense_inputs(full_world, row["module"])
@@ -273,7 +273,7 @@ def test_audit_numbers_match_the_dense_definitions(full_world):
 
 
 def test_audit_from_a_subspace_cache_uses_the_rank_k_part(full_world, tiny_subspace):  # noqa: F811
-    report = audit_checkpoint(full_world.ft, aligned=full_world.aligned, subspace=tiny_subspace, progress=False)
+    report = audit_adapter(full_world.ft, aligned=full_world.aligned, subspace=tiny_subspace, progress=False)
     assert report.d_source == "rank-k" and report.summary["safelora_projection"] == "exact"
     row = next(r for r in report.modules if r["module"] == "model.layers.0.self_attn.q_proj")
     dW, _, sub = dense_inputs(full_world, row["module"])
@@ -285,7 +285,7 @@ def test_audit_from_a_subspace_cache_uses_the_rank_k_part(full_world, tiny_subsp
 
 def test_resta_from_a_cache_alone_adds_the_rank_k_part(full_world, tmp_path, tiny_subspace):  # noqa: F811
     out = tmp_path / "resta-k"
-    report = correct_checkpoint(
+    report = correct_adapter(
         full_world.ft, out, "resta", aligned=full_world.aligned, subspace=tiny_subspace, restore=1.0, progress=False
     )
     assert {row["restore_source"] for row in report.modules} == {"D_k"}
@@ -315,7 +315,7 @@ def _fails(world, ft, tmp_path, match, exc=InputError, **kwargs):
     out = tmp_path / "out"
     options = {"aligned": world.aligned, "base": world.base, "factor": 0.5, **kwargs}
     with pytest.raises(exc, match=match) as info:
-        correct_checkpoint(ft, out, "scale", progress=False, **options)
+        correct_adapter(ft, out, "scale", progress=False, **options)
     assert "\n" not in str(info.value)
     assert not out.exists() and leftovers(tmp_path) == []
     return str(info.value)
@@ -371,22 +371,24 @@ def test_existing_output_needs_force(full_world, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(InputError, match="exists and is not empty"):
-        correct_checkpoint(full_world.ft, out, "scale", aligned=full_world.aligned, factor=0.5, progress=False)
+        correct_adapter(full_world.ft, out, "scale", aligned=full_world.aligned, factor=0.5, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    correct_checkpoint(full_world.ft, out, "scale", aligned=full_world.aligned, factor=0.5, progress=False, force=True)
+    correct_adapter(full_world.ft, out, "scale", aligned=full_world.aligned, factor=0.5, progress=False, force=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
 
 
 def test_options_are_checked_before_anything_is_read(full_world, tmp_path):
     missing = tmp_path / "does-not-exist"
     with pytest.raises(OptionError, match=r"give --aligned ALIGNED"):
-        correct_checkpoint(full_world.ft, tmp_path / "o", "scale", aligned=None, factor=0.5)
+        correct_adapter(full_world.ft, tmp_path / "o", "scale", aligned=None, factor=0.5)
     with pytest.raises(OptionError, match="Safe LoRA approx needs the exact D"):
-        correct_checkpoint(missing, tmp_path / "o", "safelora", aligned=full_world.aligned)
+        correct_adapter(full_world.ft, tmp_path / "o", "safelora", aligned=full_world.aligned)
     with pytest.raises(OptionError, match="--rank-mode compress does not apply to a full checkpoint"):
-        correct_checkpoint(missing, tmp_path / "o", "csulora", aligned=full_world.aligned, base=missing, rank_mode="compress")
+        correct_adapter(full_world.ft, tmp_path / "o", "csulora", aligned=full_world.aligned, base=missing,
+                        rank_mode="compress")
     with pytest.raises(OptionError, match="give --subspace FILE or --base BASE"):
-        audit_checkpoint(missing, aligned=full_world.aligned)
+        audit_adapter(full_world.ft, aligned=full_world.aligned)
+    assert not (tmp_path / "o").exists()
 
 
 def test_api_front_door_dispatches_on_the_input_kind(full_world, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 
 from csulora import __version__
 from csulora.pipeline.api import correct_adapter
+from csulora.pipeline.updates import AdapterUpdate
 from csulora.io.adapters import ADAPTER_CONFIG, MODEL_CARD, read_adapter
 from csulora.io.fingerprint import file_sha256
 from csulora.methods.registry import get_method
@@ -47,7 +48,7 @@ def test_card_says_what_was_done(trained_adapter, tiny_subspace, tmp_path):
         f"sha256 `{file_sha256(tiny_subspace)}`",
         f"| csulora | {__version__} |",
         "`csulora_report.json` beside this file",
-        "`README.md`, `train_config.json`: they describe how the input adapter was made",
+        "`README.md`, `train_config.json`: they describe how the input was made",
         f"input adapter | `{trained_adapter}`",
     ):
         assert expected in card, expected
@@ -89,14 +90,22 @@ def test_base_model_for_keeps_hub_ids_and_resolves_folders(tmp_path, monkeypatch
 def test_calibration_info_is_in_the_card(tiny_adapter):
     """Given a calibration file (the `calibrated` method), the card shows its own info, fingerprints cut to digests."""
     info = {"model_fingerprint": {"digest": "d" * 64, "weights": {"model.safetensors": "e" * 64}}, "prompts": 256}
-    sources = SimpleNamespace(cache=None, base=None, aligned=None,
-                              calibration=SimpleNamespace(path=Path("calib.safetensors"), info=info))
+    info["harmful"] = {"specs": ["advbench:align", "requests"], "prompts": 400}
+    info["task"] = {"spec": "train.jsonl", "examples": 200}
+    info["generation"] = {"max_new_tokens": 64}
+    refs = SimpleNamespace(cache=None, base=None, aligned=None,
+                           calibration=SimpleNamespace(path=Path("calib.safetensors"), info=info))
     card = correction_card(
-        method=get_method("scale"), options={"factor": 0.5}, adapter=read_adapter(tiny_adapter), input_spec="in/",
-        corrected=["m"], base_model=None, sources=sources, report_file=None, summary={},
+        method=get_method("scale"), options={"factor": 0.5}, update=AdapterUpdate(read_adapter(tiny_adapter)),
+        input_spec="in/", corrected=["m"], base_model=None, refs=refs, report_file=None, summary={},
     )
-    assert f'| calibration | `calib.safetensors`, info `{{"model_fingerprint": {{"digest": "{"d" * 64}"}}, "prompts": 256}}` |' in card
-    assert "e" * 64 not in card
+    row = next(line for line in card.splitlines() if line.startswith("| calibration |"))
+    assert row == (
+        "| calibration | `calib.safetensors`: aligned model fingerprint `dddddddddddddddd`; 400 harmful prompts "
+        "(advbench:align, requests) with the model's own answers; 200 task examples (`train.jsonl`); answers of "
+        "at most 64 greedy tokens |"
+    )
+    assert "{" not in row and "e" * 64 not in card  # readable, not a JSON blob
 
 
 @pytest.mark.parametrize("text, expected", [

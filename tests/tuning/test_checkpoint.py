@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from csulora.pipeline.checkpoint_api import correct_checkpoint
+from csulora.pipeline.api import correct_adapter
 from csulora.errors import OptionError
 from csulora.tuning.checkpoint import corrected_in_memory, model_tensors, same_weights, weights_from
 from tests.fixtures_full import full_world  # noqa: F401
@@ -24,7 +24,7 @@ def load(folder):
 @pytest.mark.parametrize(("method", "options"), [("csulora", {"gamma": 2.0}), ("safelora", {"num_layers": 3})])
 def test_in_memory_weights_are_the_written_ones_and_are_restored(full_world, tmp_path, method, options):
     out = tmp_path / "written"
-    correct_checkpoint(full_world.ft, out, method, aligned=full_world.aligned, base=full_world.base, progress=False,
+    correct_adapter(full_world.ft, out, method, aligned=full_world.aligned, base=full_world.base, progress=False,
                        reset_others=True, **options)  # fmt: skip
     model = load(full_world.ft)
     with corrected_in_memory(

@@ -212,7 +212,8 @@ def test_none_qualifies_exits_1_and_writes_the_sweep_without_an_adapter(tiny_wor
 
 
 def test_swapped_adapters_score_like_a_fresh_merged_load(tiny_world, tune_data, tmp_path):
-    from csulora.pipeline.api import build_subspace, correct_adapter
+    from csulora.references.subspace import build_subspace
+    from csulora.pipeline.api import correct_adapter
     from csulora.eval.margin import mean_response_logprob
     from csulora.io.adapters import read_adapter
     from csulora.io.modeling import load_model

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from csulora.errors import OptionError
+from csulora.methods.base import flag_name
 
 # ADAPTER of audit/correct: either input kind (csulora.io.input_kind; docs/design.md §5d).
 INPUT_HELP = (
@@ -35,10 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 # -- flags from dataclasses ----------------------------------------------------------------------
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -86,7 +83,7 @@ def _add_subspace_flags(parser: argparse.ArgumentParser, *, title: str) -> None:
             help_text += f" (default {field.default})"
         target = exclusive if name in ("rank", "energy") else group
         target.add_argument(
-            _flag(name), dest=f"sub_{name}", type=kind, choices=choices, default=None,
+            flag_name(name), dest=f"sub_{name}", type=kind, choices=choices, default=None,
             metavar=None if choices else _metavar(kind), help=help_text,
         )
 
@@ -128,7 +125,7 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> list[str]:
         if defaults:
             help_text += f" (default {'; '.join(defaults)})"
         group.add_argument(
-            _flag(name), dest=f"opt_{name}", type=kind, choices=choices, default=None,
+            flag_name(name), dest=f"opt_{name}", type=kind, choices=choices, default=None,
             metavar=None if choices else _metavar(kind), help=help_text,
         )
     return list(owners)
@@ -178,7 +175,7 @@ def _register_subspace(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_subspace(args: argparse.Namespace) -> int:
-    from csulora.pipeline.api import build_subspace
+    from csulora.references.subspace import build_subspace
     from csulora.io.subspace_cache import load_subspace_cache
 
     config = _subspace_config(args)
@@ -231,53 +228,11 @@ def _run_audit(args: argparse.Namespace) -> int:
         report.to_json(args.json)
         print(f"wrote {args.json}")
     if args.plot is not None:
+        from csulora.pipeline.plots import plot_audit
+
         plot_audit(report.modules, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-def plot_audit(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Stacked bars of rho_F/rho_P/rho_O per decoder layer (energy-weighted over its modules)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from csulora.io.atomic import atomic_output_file
-    from csulora.io.checkpoints import layer_index
-
-    per_layer: dict[int, list[float]] = {}
-    for row in rows:
-        layer = layer_index(row["module"])
-        if layer is None or row.get("rho_F") is None:
-            continue
-        weight = (row.get("dw_norm") or 0.0) ** 2
-        sums = per_layer.setdefault(layer, [0.0, 0.0, 0.0, 0.0])
-        for i, key in enumerate(("rho_F", "rho_P", "rho_O")):
-            sums[i] += weight * row[key]
-        sums[3] += weight
-    layers = sorted(per_layer)
-    fractions = [[per_layer[layer][i] / per_layer[layer][3] if per_layer[layer][3] else 0.0 for layer in layers]
-                 for i in range(3)]
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.3 * len(layers) + 2.0), 3.4))
-    bottom = [0.0] * len(layers)
-    for values, label, color in zip(fractions, ("rho_F (aligned)", "rho_P (partial)", "rho_O (off)"),
-                                    ("#2b8cbe", "#a6bddb", "#e34a33")):
-        ax.bar(layers, values, bottom=bottom, label=label, color=color)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("share of ||dW||^2")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=3, frameon=False)
-    ax.set_title("adapter update vs safety subspace")
-    fig.tight_layout()
-    with atomic_output_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return Path(path)
 
 
 # -- correct --------------------------------------------------------------------------------------

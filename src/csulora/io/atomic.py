@@ -18,10 +18,12 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from csulora.errors import InputError
+
+PathLike = str | os.PathLike
 
 
 # -- modes ------------------------------------------------------------------------------------
@@ -81,6 +83,39 @@ def check_output_file(path: str | os.PathLike, force: bool = False, *, flag: str
     if out.exists() and not force:
         raise InputError(f"{where}: file exists (use --force to replace it)")
     return out
+
+
+# -- outputs never touch inputs ---------------------------------------------------------------
+def check_apart(outputs: Mapping[str, PathLike | None], inputs: Mapping[str, PathLike | None]) -> None:
+    """Refuse an output that is, contains, or lies inside an input -- ``--force`` or not.
+
+    ``outputs`` and ``inputs`` map the flag a path came from (``-o/--output``, ``--aligned``) to
+    the path (None: not given). Paths are compared as resolved real paths (symlinks followed; an
+    output that does not exist yet resolves through its existing parents), so a symlink or a
+    ``..`` cannot hide that ``-o A --force`` would replace the input adapter A, that
+    ``-o ALIGNED/calib.safetensors`` would write into the aligned model, or that ``-o PARENT``
+    would delete the input inside it.
+    """
+    for out_flag, out in outputs.items():
+        if out is None:
+            continue
+        target = Path(out).resolve()
+        for in_flag, given in inputs.items():
+            if given is None:
+                continue
+            source = Path(given).resolve()
+            if target == source:
+                why = "is"
+            elif source.is_relative_to(target):
+                why = "contains"
+            elif target.is_relative_to(source):
+                why = "lies inside"
+            else:
+                continue
+            raise InputError(
+                f"{out_flag} {out} {why} the input {in_flag} {given}: an output may never be, contain or lie "
+                "inside an input (nothing written); choose another output path"
+            )
 
 
 # -- writing ----------------------------------------------------------------------------------

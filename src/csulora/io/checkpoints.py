@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.errors import InputError
+from csulora.errors import InputError, OptionError
 from csulora.linalg.lowrank import small_math
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -223,6 +223,17 @@ class CheckpointReader:
 def weight_name(module: str) -> str:
     """Tensor name of a linear module's weight: ``model.layers.0.self_attn.q_proj.weight``."""
     return f"{module}.weight"
+
+
+def target_list(targets: Iterable[str] | str | None) -> list[str] | None:
+    """``--targets`` as a list; a comma-separated string (the CLI spelling) is accepted too."""
+    if targets is None:
+        return None
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    cleaned = [str(t).strip() for t in items if str(t).strip()]
+    if not cleaned:
+        raise OptionError("--targets is empty")
+    return cleaned
 
 
 def matches_target(module: str, targets: Iterable[str] | None) -> bool:

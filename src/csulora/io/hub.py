@@ -58,6 +58,26 @@ def resolve_model_dir(spec: str | os.PathLike, kind: str) -> Path:
     return download_snapshot(os.fspath(spec), kind)
 
 
+def cached_model_dir(spec: str | os.PathLike) -> Path | None:
+    """The local folder of ``spec`` without fetching anything: an existing folder, or a hub id's
+    snapshot already in the hub cache; None otherwise (e.g. an adapter's recorded base model
+    that this machine has never seen)."""
+    if os.path.isdir(spec):
+        return Path(spec)
+    if not looks_like_hub_id(spec):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(
+            os.fspath(spec), allow_patterns=list(HUB_PATTERNS), cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            local_files_only=True,
+        )  # fmt: skip
+    except Exception:  # noqa: BLE001 -- any miss means "not cached here"
+        return None
+    return Path(folder)
+
+
 def download_snapshot(repo_id: str, kind: str) -> Path:
     """``snapshot_download`` of :data:`HUB_PATTERNS`; every failure is one line naming the id."""
     from huggingface_hub import snapshot_download

@@ -136,6 +136,19 @@ class SubspaceConfig:
         return self.rank if self.rank is not None else self.max_rank
 
 
+def check_subspace_config(config: SubspaceConfig | None, *, cache: object | None = None) -> SubspaceConfig:
+    """The options for subspaces computed on the fly; refused beside a cache (it fixes them)."""
+    if config is None:
+        return SubspaceConfig()
+    if not isinstance(config, SubspaceConfig):
+        raise OptionError(f"subspace config must be a SubspaceConfig, got {type(config).__name__}")
+    if cache is not None:
+        raise OptionError(
+            f"subspace options (--rank, --energy, ...) do not apply with --subspace {cache}: the cache fixes them"
+        )
+    return config
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 

@@ -107,6 +107,9 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
     # True when the method's guarantee holds only if every adapted module is corrected (the
     # calibrated method, docs/design.md §5c): the API then refuses --targets that leave one out.
     corrects_every_module: ClassVar[bool] = False
+    # The method's own per-module report columns, shown after the common ones in `correct`'s
+    # table: (report key, column title, format). Every key must be in the method's reports.
+    report_columns: ClassVar[tuple[tuple[str, str, str], ...]] = ()
 
     # -- what the method needs ---------------------------------------------------------
     def needs(self, config: ConfigT) -> frozenset[str]:

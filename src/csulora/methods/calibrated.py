@@ -155,6 +155,12 @@ def _solve_dense_in_place(dW: Any, solve: CalibratedSolve, calibration: ModuleCa
 
 class Calibrated(CorrectionMethod[CalibratedConfig]):
     name = "calibrated"
+    # The shares of the update's action kept on harmful inputs (want ~0) and on task inputs (~1).
+    report_columns = (
+        ("harmful_action_kept", "kept harmful", ".3g"),
+        ("task_action_kept", "kept task", ".3g"),
+        ("restore_energy_added", "restore", ".3g"),
+    )
     pretty_name = "Calibrated closest safe update"
     paper_url = None  # ours: docs/design.md §5c
     config_cls = CalibratedConfig

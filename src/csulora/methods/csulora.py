@@ -154,6 +154,7 @@ def dense_closest_update_factors(
 
 
 class Csulora(CorrectionMethod[CsuloraConfig]):
+    report_columns = (("c_P", "c_P", ".3f"), ("c_O", "c_O", ".3f"), ("restore_energy_added", "restore", ".3g"))
     name = "csulora"
     pretty_name = "CSULoRA"
     paper_url = None  # the paper's equations are not public; docs/design.md §5 is our formulation

@@ -97,6 +97,7 @@ def restoration_energy_fraction(geometry: ModuleGeometry | DenseGeometry, beta: 
 
 class Resta(CorrectionMethod[RestaConfig]):
     name = "resta"
+    report_columns = (("restore_energy_added", "restore", ".3g"),)
     pretty_name = "RESTA (rank-k)"
     paper_url = "https://arxiv.org/abs/2402.11746"
     config_cls = RestaConfig

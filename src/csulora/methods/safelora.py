@@ -119,6 +119,7 @@ class _Measured:
 
 class SafeLora(CorrectionMethod[SafeLoraConfig]):
     name = "safelora"
+    report_columns = (("safelora_cos", "cos_SL", ".4f"), ("projected", "proj", ""))
     pretty_name = "Safe LoRA"
     paper_url = "https://arxiv.org/abs/2405.16833"
     config_cls = SafeLoraConfig

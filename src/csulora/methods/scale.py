@@ -41,6 +41,7 @@ class ScaleConfig(MethodConfig):
 
 class Scale(CorrectionMethod[ScaleConfig]):
     name = "scale"
+    report_columns = (("factor", "c", ".3g"),)
     pretty_name = "Uniform scaling"
     paper_url = None
     config_cls = ScaleConfig
@@ -57,6 +58,7 @@ class Scale(CorrectionMethod[ScaleConfig]):
         geometry = ModuleGeometry(module)
         report: dict[str, Any] = method_report(geometry)
         factor = float(config.factor)  # type: ignore[arg-type]
+        report["factor"] = factor
         if factor == 1.0:
             update = module.update
         else:
@@ -67,5 +69,6 @@ class Scale(CorrectionMethod[ScaleConfig]):
         """``X = c dW``, scaled in dW's own buffer; c = 1 leaves the fine-tuned weight as is."""
         report = dense_method_report(DenseGeometry(module))
         factor = float(config.factor)  # type: ignore[arg-type]
+        report["factor"] = factor
         update = None if factor == 1.0 else module.update.mul_(factor)
         return DenseModuleResult(name=module.name, update=update, report=finish_dense_report(report, update))

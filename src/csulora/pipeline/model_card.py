@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from csulora import __version__
-from csulora.io.adapters import MODEL_CARD, LoraAdapter, files_not_copied
+from csulora.io.adapters import MODEL_CARD, files_not_copied
 from csulora.io.fingerprint import file_sha256
 from csulora.io.hub import looks_like_hub_id
 
@@ -33,18 +33,19 @@ _LICENSE_LINE = re.compile(r"^license:\s*(?P<value>[^#\n]+?)\s*$", re.MULTILINE)
 
 @dataclass(frozen=True)
 class CorrectionCardFacts:
-    """Everything the card says, as plain data (the API fills it in)."""
+    """Everything the card says, as plain data (the pipeline fills it in)."""
 
     method: str
     method_title: str  # e.g. "RESTA (rank-k)"
     paper_url: str | None
     options: Mapping[str, Any]
-    input_adapter: str  # as the user gave it: a folder or a hub id
-    input_base_model: str | None  # the input's base_model_name_or_path
-    base_model: str | None  # the written base_model_name_or_path
+    input_kind: str  # "adapter" or "checkpoint" (csulora.io.input_kind)
+    input_path: str  # as the user gave it: a folder or a hub id
+    input_base_model: str | None  # an adapter's base_model_name_or_path; a checkpoint's ALIGNED
+    base_model: str | None  # the written base_model_name_or_path (an adapter's) or ALIGNED
     corrected_modules: Sequence[str]
     total_modules: int
-    report_file: str | None  # relative to the adapter folder, or None when written elsewhere
+    report_file: str | None  # relative to the output folder, or None when written elsewhere
     subspace: Mapping[str, Any] | None = None  # {"file", "sha256", "options", "built_from"}
     displacement: Mapping[str, str] | None = None  # {"base", "aligned"}: D streamed exactly
     calibration: Mapping[str, Any] | None = None  # {"file", "info"}
@@ -52,6 +53,10 @@ class CorrectionCardFacts:
     not_copied: Sequence[str] = ()
     license: str | None = None
     version: str = __version__
+
+    @property
+    def is_checkpoint(self) -> bool:
+        return self.input_kind == "checkpoint"
 
 
 def base_model_for(aligned: str | os.PathLike | None) -> str | None:
@@ -69,43 +74,54 @@ def correction_card(
     *,
     method: Any,
     options: Mapping[str, Any],
-    adapter: LoraAdapter,
+    update: Any,
     input_spec: str | os.PathLike,
     corrected: Sequence[str],
     base_model: str | None,
-    sources: Any,
+    refs: Any,
     report_file: str | None,
     summary: Mapping[str, Any],
 ) -> str:
-    """The card of :func:`csulora.pipeline.api.correct_adapter`'s output, from what it used.
+    """The card of a corrected output, from what the pipeline used.
 
-    ``method``: the registered :class:`~csulora.methods.base.CorrectionMethod`; ``sources``:
-    the API's opened inputs (``cache``, ``base``/``aligned`` readers, ``calibration``).
+    ``method``: the registered :class:`~csulora.methods.base.CorrectionMethod`; ``update``: the
+    opened :class:`~csulora.pipeline.updates.Update`; ``refs``: its
+    :class:`~csulora.pipeline.references.References`.
     """
-    input_card = adapter.path / MODEL_CARD
+    input_card = update.path / MODEL_CARD
+    recorded = getattr(update, "recorded_base", None)
     facts = CorrectionCardFacts(
         method=method.name,
         method_title=method.pretty_name,
         paper_url=method.paper_url,
         options=options,
-        input_adapter=os.fspath(input_spec),
-        input_base_model=adapter.config.get("base_model_name_or_path"),
-        base_model=base_model if base_model is not None else adapter.config.get("base_model_name_or_path"),
+        input_kind=update.kind,
+        input_path=os.fspath(input_spec),
+        input_base_model=recorded,
+        base_model=base_model if base_model is not None else recorded,
         corrected_modules=list(corrected),
-        total_modules=len(adapter.modules),
+        total_modules=len(update.modules()),
         report_file=report_file,
-        subspace=_subspace_facts(sources),
-        displacement=_displacement_facts(sources),
-        calibration=_calibration_facts(sources),
+        subspace=_subspace_facts(refs),
+        displacement=_displacement_facts(refs),
+        calibration=_calibration_facts(refs),
         summary=summary,
-        not_copied=files_not_copied(adapter.path),
+        not_copied=_not_copied(update),
         license=input_license(input_card.read_text(encoding="utf-8", errors="replace") if input_card.is_file() else None),
     )
     return render_correction_card(facts)
 
 
-def _subspace_facts(sources: Any) -> dict[str, Any] | None:
-    cache = getattr(sources, "cache", None)
+def _not_copied(update: Any) -> list[str]:
+    from csulora.io import checkpoint_writer
+
+    if update.kind == "checkpoint":
+        return checkpoint_writer.files_not_copied(update.path)
+    return files_not_copied(update.path)
+
+
+def _subspace_facts(refs: Any) -> dict[str, Any] | None:
+    cache = getattr(refs, "cache", None)
     if cache is None:
         return None
     return {
@@ -116,15 +132,15 @@ def _subspace_facts(sources: Any) -> dict[str, Any] | None:
     }
 
 
-def _displacement_facts(sources: Any) -> dict[str, str] | None:
-    base, aligned = getattr(sources, "base", None), getattr(sources, "aligned", None)
+def _displacement_facts(refs: Any) -> dict[str, str] | None:
+    base, aligned = getattr(refs, "base", None), getattr(refs, "aligned", None)
     if base is None or aligned is None:
         return None
     return {"base": str(base.folder), "aligned": str(aligned.folder)}
 
 
-def _calibration_facts(sources: Any) -> dict[str, Any] | None:
-    calibration = getattr(sources, "calibration", None)
+def _calibration_facts(refs: Any) -> dict[str, Any] | None:
+    calibration = getattr(refs, "calibration", None)
     if calibration is None:
         return None
     return {"file": str(calibration.path), "info": dict(calibration.info)}
@@ -142,13 +158,63 @@ def input_license(card_text: str | None) -> str | None:
 
 
 def render_correction_card(facts: CorrectionCardFacts) -> str:
-    """The README.md text of a corrected adapter folder."""
-    lines = ["---", *_front_matter(facts), "---", "", f"# Safety-corrected LoRA adapter ({facts.method})", ""]
+    """The README.md text of a corrected adapter or checkpoint folder."""
+    what = "full checkpoint" if facts.is_checkpoint else "LoRA adapter"
+    lines = ["---", *_front_matter(facts), "---", "", f"# Safety-corrected {what} ({facts.method})", ""]
     lines += [
-        f"A corrected copy of the LoRA adapter `{facts.input_adapter}`, written by csulora {facts.version} to "
-        "restore the refusals of the aligned model it was trained on while keeping the adapter's task gains. "
+        f"A corrected copy of the {what} `{facts.input_path}`, written by csulora {facts.version} to "
+        "restore the refusals of the aligned model it was trained on while keeping the fine-tune's task gains. "
         "Nothing was retrained: each corrected module's update was rewritten in closed form.",
         "",
+        *_loading(facts),
+        "## What was done",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| method | `{facts.method}`: {facts.method_title}" + (f" ({facts.paper_url})" if facts.paper_url else "") + " |",
+        f"| options | {_options(facts.options)} |",
+        f"| modules corrected | {_modules(facts)} |",
+    ]
+    lines += _source_rows(facts)
+    lines += _input_rows(facts)
+    summary = _summary(facts.summary)
+    if summary:
+        lines += ["Update-wide: " + summary + ".", ""]
+    if facts.report_file is not None:
+        lines += [
+            f"Per-module numbers (energy split rho_F/P/O, cosines, norms before and after, the method's own): "
+            f"`{facts.report_file}` beside this file.",
+            "",
+        ]
+    if facts.not_copied:
+        names = ", ".join(f"`{name}`" for name in facts.not_copied)
+        lines += [
+            "## Not copied from the input",
+            "",
+            f"{names}: they describe how the input was made (its model card, training record), "
+            "not this correction; they are still in the input folder.",
+            "",
+        ]
+    lines += [
+        "Whether the correction worked is measured, not assumed: `csulora eval` gives attack success "
+        "rate, over-refusal and task utility with 95% intervals (see the csulora README).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _loading(facts: CorrectionCardFacts) -> list[str]:
+    if facts.is_checkpoint:
+        return [
+            "It is a checkpoint folder with the input's shard layout:",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+            "```",
+            "",
+        ]
+    return [
         "It is a plain PEFT LoRA folder:",
         "",
         "```python",
@@ -159,45 +225,19 @@ def render_correction_card(facts: CorrectionCardFacts) -> str:
         'model = PeftModel.from_pretrained(model, "path/to/this/folder")',
         "```",
         "",
-        "## What was done",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| method | `{facts.method}`: {facts.method_title}" + (f" ({facts.paper_url})" if facts.paper_url else "") + " |",
-        f"| options | {_options(facts.options)} |",
-        f"| modules corrected | {_modules(facts)} |",
     ]
-    lines += _source_rows(facts)
-    lines += [
-        f"| input adapter | `{facts.input_adapter}` |",
-        f"| input's base model | {_code(facts.input_base_model)} |",
-        f"| base model (this folder) | {_code(facts.base_model)}{_missing_note(facts.base_model)} |",
-        f"| csulora | {facts.version} |",
-        "",
-    ]
-    summary = _summary(facts.summary)
-    if summary:
-        lines += ["Adapter-wide: " + summary + ".", ""]
-    if facts.report_file is not None:
-        lines += [
-            f"Per-module numbers (energy split rho_F/P/O, cosines, norms before and after, ranks): "
-            f"`{facts.report_file}` beside this file.",
-            "",
+
+
+def _input_rows(facts: CorrectionCardFacts) -> list[str]:
+    if facts.is_checkpoint:
+        rows = [f"| input checkpoint | `{facts.input_path}` |", f"| aligned model (dW = W_ft - W_aligned) | {_code(facts.base_model)} |"]
+    else:
+        rows = [
+            f"| input adapter | `{facts.input_path}` |",
+            f"| input's base model | {_code(facts.input_base_model)} |",
+            f"| base model (this folder) | {_code(facts.base_model)}{_missing_note(facts.base_model)} |",
         ]
-    if facts.not_copied:
-        names = ", ".join(f"`{name}`" for name in facts.not_copied)
-        lines += [
-            "## Not copied from the input",
-            "",
-            f"{names}: they describe how the input adapter was made (its model card, training record), "
-            "not this correction; they are still in the input folder.",
-            "",
-        ]
-    lines += [
-        "Whether the correction worked is measured, not assumed: `csulora eval` gives attack success "
-        "rate, over-refusal and task utility with 95% intervals (see the csulora README).",
-    ]
-    return "\n".join(lines) + "\n"
+    return rows + [f"| csulora | {facts.version} |", ""]
 
 
 def _front_matter(facts: CorrectionCardFacts) -> list[str]:
@@ -226,20 +266,29 @@ def _source_rows(facts: CorrectionCardFacts) -> list[str]:
             f"aligned {_code(facts.displacement.get('aligned'))} |"
         )
     if facts.calibration is not None:
-        info = json.dumps(_brief_info(facts.calibration.get("info") or {}), sort_keys=True)
-        rows.append(f"| calibration | `{facts.calibration['file']}`, info `{info}` |")
+        rows.append(f"| calibration | `{facts.calibration['file']}`: {_calibration_text(facts.calibration.get('info') or {})} |")
     return rows
 
 
-def _brief_info(info: Mapping[str, Any]) -> dict[str, Any]:
-    """The calibration info with each nested fingerprint record cut to its digest."""
-    brief = {}
-    for key, value in info.items():
-        if isinstance(value, Mapping) and "digest" in value:
-            brief[key] = {"digest": value["digest"]}
-        else:
-            brief[key] = value
-    return brief
+def _calibration_text(info: Mapping[str, Any]) -> str:
+    """The calibration file's record in words: which model, which data, how generated."""
+    parts = []
+    fingerprint = info.get("model_fingerprint") or {}
+    if isinstance(fingerprint, Mapping) and fingerprint.get("digest"):
+        parts.append(f"aligned model fingerprint `{str(fingerprint['digest'])[:16]}`")
+    harmful = info.get("harmful") or {}
+    if harmful:
+        specs = ", ".join(str(s) for s in harmful.get("specs") or [])
+        parts.append(f"{harmful.get('prompts', '?')} harmful prompts ({specs}) with the model's own answers")
+    task = info.get("task") or {}
+    if task:
+        parts.append(f"{task.get('examples', '?')} task examples (`{task.get('spec')}`)")
+    generation = info.get("generation") or {}
+    if generation.get("max_new_tokens") is not None:
+        parts.append(f"answers of at most {generation['max_new_tokens']} greedy tokens")
+    if info.get("dtype") or info.get("device"):
+        parts.append(f"{info.get('dtype', '?')} on {info.get('device', '?')}")
+    return "; ".join(parts) or "no record"
 
 
 def _options(options: Mapping[str, Any]) -> str:

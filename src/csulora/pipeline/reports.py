@@ -94,13 +94,15 @@ class CorrectionReport(_ModuleReport):
     modules: list[dict[str, Any]]
     summary: dict[str, Any] = field(default_factory=dict)
     untargeted: list[dict[str, Any]] | None = None  # as in AuditReport
+    # The method's own per-module columns (``CorrectionMethod.report_columns``), after the common ones.
+    columns: tuple[tuple[str, str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         # out_dir/report_path are left out on purpose: the file is the same wherever it lands.
         return self._report_dict("correction", method=self.method, options=self.options)
 
     def _columns(self) -> tuple[tuple[str, str, str], ...]:
-        return CORRECTION_COLUMNS
+        return CORRECTION_COLUMNS + tuple(self.columns)
 
 
 def with_untargeted(data: dict[str, Any], untargeted: list[dict[str, Any]] | None) -> dict[str, Any]:
@@ -129,19 +131,15 @@ AUDIT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("subspace_rank", "k", "d"),
     ("subspace_energy", "energy", ".3f"),
 )
+# What every correction reports; each method adds its own columns (CorrectionMethod.report_columns).
 CORRECTION_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("rho_F", "rho_F", ".3f"),
     ("rho_P", "rho_P", ".3f"),
     ("rho_O", "rho_O", ".3f"),
-    ("safelora_cos", "cos_SL", ".4f"),
-    ("projected", "proj", ""),
-    ("c_P", "c_P", ".3f"),
-    ("c_O", "c_O", ".3f"),
     ("dw_norm_before", "|dW|", ".3g"),
     ("dw_norm_after", "|X|", ".3g"),
     ("rank_in", "r", "d"),
     ("rank_out", "r'", "d"),
-    ("restore_energy_added", "restore", ".3g"),
 )
 
 
@@ -204,3 +202,35 @@ def weighted_rho(rows: Sequence[dict[str, Any]], norm_key: str) -> dict[str, flo
 def mean_of(values: Iterable[Any]) -> float | None:
     kept = [float(v) for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
+
+
+def untargeted_summary(others: Sequence[dict[str, Any]], *, reset_others: bool) -> dict[str, Any]:
+    """How many untargeted tensors a full fine-tune changed, the largest change, and what it means."""
+    changed = [o for o in others if o["changed"]]
+    largest = max((o for o in changed if o["rel_change"] is not None), key=lambda o: o["rel_change"], default=None)
+    out: dict[str, Any] = {
+        "untargeted_tensors": len(others),
+        "untargeted_changed": len(changed),
+        "largest_untargeted_change": None if largest is None else f"{largest['tensor']} {largest['rel_change']:.3g}",
+    }
+    if changed and not reset_others:
+        # docs/design.md §5c/§5d: a changed module left uncorrected carries part of the update.
+        out["note"] = (
+            f"{len(changed)} untargeted tensors differ from the aligned model and are not corrected "
+            "(they carry part of the fine-tune's update); --reset-others copies them from ALIGNED"
+        )
+    return out
+
+
+def correction_summary(method: Any, options: Any, results: Sequence[Any], rows: Sequence[dict[str, Any]],
+                       untargeted: Sequence[dict[str, Any]] | None, *, reset_others: bool) -> dict[str, Any]:  # fmt: skip
+    """The update-wide summary: the method's own fields, the input's energy split, the untargeted tensors."""
+    summary = {
+        "modules": len(rows),
+        **method.summary(results, options),
+        **{f"input_{k}": v for k, v in weighted_rho(rows, "dw_norm_before").items()},
+        "mean_cos_dW_D": mean_of(row.get("cos_dW_D") for row in rows),
+    }
+    if untargeted is not None:
+        summary.update(untargeted_summary(untargeted, reset_others=reset_others))
+    return summary

@@ -58,7 +58,6 @@ from torch import Tensor, nn
 
 from csulora import __version__
 from csulora.references.activations import MaskedInputHooks, StopForward, decoder_body, run_batches
-from csulora.pipeline.api import _target_list
 from csulora.errors import InputError, OptionError
 from csulora.eval.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_responses
 from csulora.eval.prompts import PYRIT_INSTALL, Prompt, load_prompts, normalise_prompt
@@ -66,7 +65,7 @@ from csulora.eval.tasks import date_task, date_task_splits, load_task
 from csulora.linalg.gram import calibration_moments
 from csulora.io.atomic import check_output_file
 from csulora.io.calibration_file import MODEL_FINGERPRINT_KEY, save_calibration
-from csulora.io.checkpoints import CheckpointReader, decoder_linear_modules, layer_index
+from csulora.io.checkpoints import CheckpointReader, decoder_linear_modules, layer_index, target_list
 from csulora.io.fingerprint import model_fingerprint
 from csulora.io.modeling import load_model, resolve_device, resolve_dtype
 from csulora.training.data import chat_prompt_ids, response_ids
@@ -201,13 +200,13 @@ def _check_task_not_held_out(pairs: Sequence[dict], file: Path) -> None:
 
 def target_modules(aligned: str | os.PathLike, targets: Iterable[str] | str | None) -> list[str]:
     """The decoder linear layers to calibrate (names as in the checkpoint), from its header only."""
-    target_list = _target_list(targets)
+    wanted = target_list(targets)
     with CheckpointReader(aligned) as reader:
-        modules = decoder_linear_modules(reader, target_list)
+        modules = decoder_linear_modules(reader, wanted)
     if not modules:
-        if target_list is None:
+        if wanted is None:
             raise InputError(f"{aligned}: no linear layers in decoder blocks")
-        raise OptionError(f"--targets {','.join(target_list)} matches no linear layer of {aligned}'s decoder blocks")
+        raise OptionError(f"--targets {','.join(wanted)} matches no linear layer of {aligned}'s decoder blocks")
     return modules
 
 
@@ -789,7 +788,7 @@ def calibrate(
         "csulora_version": __version__,
         MODEL_FINGERPRINT_KEY: fingerprint,
         "aligned": str(Path(aligned).resolve()),
-        "targets": _target_list(targets),
+        "targets": target_list(targets),
         "modules": len(module_groups),
         "groups": len(groups),
         "generation": {

@@ -11,8 +11,8 @@ read back from the checkpoint afterwards::
         ...  # score the corrected model
     # here the model is the fine-tuned one again
 
-The weights are exactly those ``correct_checkpoint`` writes (the same stream,
-``csulora.pipeline.checkpoint_api.iter_corrected_weights``), one tensor at a time, so memory stays
+The weights are exactly those ``correct_adapter`` writes for a checkpoint (the same stream,
+``csulora.pipeline.correction.Correction.weights``), one tensor at a time, so memory stays
 the model plus one tensor triple. :func:`weights_from` does the same for another checkpoint
 of the same architecture (the aligned model, scored as the reference).
 """
@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.pipeline.checkpoint_api import CheckpointCorrection, iter_corrected_weights, open_checkpoint_correction
+from csulora.pipeline.correction import Correction, open_correction
+from csulora.pipeline.options import SourcePaths
 from csulora.errors import InputError
 from csulora.io.checkpoints import CheckpointReader
 
@@ -81,28 +82,35 @@ def corrected_in_memory(
     reset_others: bool = False,
     progress: bool = False,
     **method_options: Any,
-) -> Iterator[CheckpointCorrection]:
+) -> Iterator[Correction]:
     """``model`` (loaded from ``checkpoint``) with one setting's corrected weights, restored on exit.
 
     Yields the opened correction: its ``results`` hold each module's report. Options and
-    inputs are checked as by ``correct_checkpoint`` before any weight of the model changes.
+    inputs are checked as by ``correct_adapter`` before any weight of the model changes.
     """
     changed: list[str] = []
     try:
         with ExitStack() as stack:
-            correction = open_checkpoint_correction(
-                stack, checkpoint, method, aligned=aligned, subspace=subspace, base=base, targets=targets,
-                reset_others=reset_others, progress=progress, method_options=method_options, calibration=calibration,
-            )  # fmt: skip
+            correction = _opened(stack, checkpoint, method, aligned=aligned, subspace=subspace, base=base,
+                                 calibration=calibration, targets=targets, reset_others=reset_others,
+                                 progress=progress, method_options=method_options)  # fmt: skip
             _apply(model, correction, checkpoint, changed)
             yield correction
     finally:
         _read_back(model, checkpoint, changed)
 
 
-def _apply(model: Any, correction: CheckpointCorrection, checkpoint: PathLike, changed: list[str]) -> list[str]:
+def _opened(stack: ExitStack, checkpoint: PathLike, method: str, *, aligned: PathLike, subspace: PathLike | None,
+            base: PathLike | None, calibration: PathLike | None, targets: Any, reset_others: bool, progress: bool,
+            method_options: Any) -> Correction:  # fmt: skip
+    paths = SourcePaths(subspace=subspace, base=base, aligned=aligned, calibration=calibration)
+    return open_correction(stack, Path(checkpoint), method, paths=paths, targets=targets, reset_others=reset_others,
+                           method_options=method_options, progress=progress)  # fmt: skip
+
+
+def _apply(model: Any, correction: Correction, checkpoint: PathLike, changed: list[str]) -> list[str]:
     def tracked() -> Iterator[tuple[str, Tensor]]:
-        for name, tensor in iter_corrected_weights(correction):
+        for name, tensor in correction.weights():
             changed.append(name)  # recorded before the copy: a failure half-way still restores it
             yield name, tensor
 
@@ -117,8 +125,11 @@ def correct_loaded_model(model: Any, checkpoint: PathLike, method: str, **kwargs
     setting without writing a checkpoint (the SmolLM2 pipeline's rows).
     """
     options = {k: kwargs.pop(k) for k in list(kwargs) if k not in _SOURCE_KWARGS}
+    kwargs.setdefault("progress", False)
     with ExitStack() as stack:
-        correction = open_checkpoint_correction(stack, checkpoint, method, method_options=options, **kwargs)
+        sources = {k: kwargs.get(k) for k in ("subspace", "base", "calibration", "targets")}
+        correction = _opened(stack, checkpoint, method, aligned=kwargs["aligned"], reset_others=kwargs.get("reset_others", False),
+                             progress=kwargs["progress"], method_options=options, **sources)  # fmt: skip
         _apply(model, correction, checkpoint, [])
         return {name: result.report for name, result in correction.results.items()}
 
@@ -196,16 +207,16 @@ class CheckpointStates:
             def aligned_view() -> Iterator[None]:
                 with self._aligned_weights():
                     yield
-                copy_into(self.model, iter_corrected_weights(correction), source=self.checkpoint)  # the setting again
+                copy_into(self.model, correction.weights(), source=self.checkpoint)  # the setting again
 
             yield aligned_view
 
     def write_chosen(self, candidate: Any, staging: Path, scratch: Path) -> None:
         """Write only the chosen setting's checkpoint (into OUTDIR's staging folder)."""
-        from csulora.pipeline.checkpoint_api import correct_checkpoint
+        from csulora.pipeline.api import correct_adapter
 
         method = candidate.plan.config.method
         written = scratch / "chosen"
-        correct_checkpoint(self.checkpoint, written, method, progress=False, **self._kwargs(candidate))
+        correct_adapter(self.checkpoint, written, method, progress=False, **self._kwargs(candidate))
         for item in sorted(written.iterdir()):
             shutil.move(str(item), staging / item.name)  # one filesystem: renames, no copy

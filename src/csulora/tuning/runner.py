@@ -511,7 +511,7 @@ def _subspace_for(
         return files.subspace
     if not any(SUBSPACE in plan.needs for plan in plans):
         return None
-    from csulora.pipeline.api import build_subspace
+    from csulora.references.subspace import build_subspace
 
     start = time.perf_counter()
     cache = scratch / "subspace.safetensors"

@@ -1,0 +1,133 @@
+"""The references a correction reads beside the update, opened once and checked before any weight.
+
+- a **subspace cache** (``csulora subspace``), or the **base/aligned pair** whose exact
+  ``D = W_aligned - W_base`` is streamed module by module (subspaces then computed on the fly,
+  through the cache's float32 round trip so both routes give identical corrections, §3);
+- the **aligned model** alone (a full checkpoint's ``dW`` needs it; an adapter's calibration file
+  is checked against it);
+- a **calibration file** (``csulora calibrate``, §5c), checked against the model it must come
+  from: ALIGNED when given, else the adapter's recorded ``base_model_name_or_path`` when that
+  resolves to a local folder or a cached hub id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor
+
+from csulora.errors import InputError
+from csulora.io.calibration_file import CalibrationFile, load_calibration
+from csulora.io.checkpoints import CheckpointReader, check_same_architecture, read_displacement, weight_name
+from csulora.io.fingerprint import model_fingerprint
+from csulora.io.subspace_cache import SubspaceCache, check_fingerprint, load_subspace_cache, round_trip
+from csulora.linalg.subspace import SubspaceConfig, compute_subspace
+from csulora.pipeline.options import SourcePaths
+from csulora.types import ModuleCalibration, ModuleSubspace
+
+
+@dataclass
+class References:
+    """The opened references (closed by the caller's ExitStack); any may be None."""
+
+    cache: SubspaceCache | None = None
+    base: CheckpointReader | None = None
+    aligned: CheckpointReader | None = None
+    calibration: CalibrationFile | None = None  # activation statistics (docs/design.md §5c)
+
+    @property
+    def has_displacement(self) -> bool:
+        return self.base is not None and self.aligned is not None
+
+    @property
+    def d_source(self) -> str:
+        return "exact" if self.has_displacement else "rank-k"
+
+    def describe(self) -> dict[str, str | None]:
+        described = {
+            "subspace": str(self.cache.path) if self.cache else None,
+            "base": str(self.base.folder) if self.base else None,
+            "aligned": str(self.aligned.folder) if self.aligned else None,
+        }
+        if self.calibration is not None:  # only then: other methods' reports keep their bytes
+            described["calibration"] = str(self.calibration.path)
+        return described
+
+    # --- per module ------------------------------------------------------------------------
+    def displacement(self, module: str) -> Tensor | None:
+        """The exact D of one module (float32), or None without the pair."""
+        if not self.has_displacement:
+            return None
+        return read_displacement(self.base, self.aligned, module)  # type: ignore[arg-type]
+
+    def subspace(self, module: str, D: Tensor | None, config: SubspaceConfig) -> ModuleSubspace | None:
+        """The cached subspace (checked against D when both exist), or one computed from D."""
+        if self.cache is not None:
+            if D is not None:
+                check_fingerprint(self.cache, module, D)
+            return self.cache.get(module)
+        if D is None:
+            return None
+        label = f"{self.aligned.folder}: {weight_name(module)}"  # type: ignore[union-attr]
+        return round_trip(compute_subspace(D, config, name=label))
+
+    def statistics(self, module: str) -> ModuleCalibration | None:
+        return self.calibration.module(module) if self.calibration is not None else None
+
+    # --- checks before any weight is read ---------------------------------------------------
+    def check_modules(self, shapes: Mapping[str, tuple[int, int]], where: Callable[[str], str]) -> None:
+        """Every target exists with the update's shape in each reference (headers and metadata only).
+
+        ``where(module)`` names the update's file for the message.
+        """
+        names = list(shapes)
+        if self.has_displacement:
+            check_same_architecture(self.base, self.aligned, names)  # type: ignore[arg-type]
+            for name in names:
+                _check_shape(name, shapes[name], self.base.shape(weight_name(name)), where,  # type: ignore[union-attr]
+                             f"{self.base.folder}: tensor {weight_name(name)}")  # type: ignore[union-attr]
+        if self.cache is not None:
+            for name in names:
+                _check_shape(name, shapes[name], self.cache.entry(name).shape, where, f"{self.cache.path}: module {name}")
+        if self.calibration is not None:
+            self.calibration.check_modules(dict(shapes), where(names[0]) if names else "")
+
+    def check_calibration_model(self, model: Path | None) -> None:
+        """The calibration file comes from ``model`` (its fingerprint, docs/design.md §5c)."""
+        if self.calibration is None:
+            return
+        if model is None:
+            raise InputError(
+                f"{self.calibration.path}: cannot check which model these statistics come from: give --aligned "
+                "ALIGNED (the model the adapter was trained on)"
+            )
+        self.calibration.check_model(model_fingerprint(model)["digest"], model)
+
+
+def _check_shape(name: str, expected: tuple[int, int], found, where: Callable[[str], str], other: str) -> None:
+    if tuple(found) != tuple(expected):
+        raise InputError(f"{where(name)}: module {name} updates a {list(expected)} weight but {other} has shape {list(found)}")
+
+
+def open_references(stack: ExitStack, paths: SourcePaths, *, calibration_groups: int | None = None) -> References:
+    """Open every reference given (memory maps and headers only; closed with ``stack``).
+
+    ``calibration_groups``: how many groups' statistics the file keeps in memory at once
+    (a full checkpoint's dense solve holds one, docs/design.md §5d).
+    """
+    refs = References()
+    if paths.calibration is not None:
+        kwargs = {} if calibration_groups is None else {"groups_in_memory": calibration_groups}
+        refs.calibration = load_calibration(paths.calibration, **kwargs)
+        stack.callback(refs.calibration.close)
+    if paths.subspace is not None:
+        refs.cache = load_subspace_cache(paths.subspace)
+        stack.callback(refs.cache.close)
+    if paths.aligned is not None:
+        refs.aligned = stack.enter_context(CheckpointReader(paths.aligned))
+    if paths.base is not None:
+        refs.base = stack.enter_context(CheckpointReader(paths.base))
+    return refs
