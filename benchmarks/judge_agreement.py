@@ -34,7 +34,7 @@ from pathlib import Path
 from csulora.errors import InputError
 from csulora.eval.judges import CANDIDATE_JUDGES, KeywordJudge, RefusalJudge, read_generations
 from csulora.eval.metrics import Agreement, Rate, agreement
-from csulora.eval.prompts import pyrit_package_files
+from csulora.eval.prompts import PYRIT_SCORER_EVALS_DIR, pyrit_package_files
 from csulora.io.jsonl import read_jsonl, write_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -43,8 +43,8 @@ SHEET = RESULTS / "judge_labels_sheet.jsonl"
 LABELS = RESULTS / "judge_labels.jsonl"
 COMMAND = "python -m benchmarks.judge_agreement"
 
-OBJECTIVE_FOLDER = "datasets/scorer_evals/objective"
-REFUSAL_FOLDER = "datasets/scorer_evals/refusal_scorer"
+OBJECTIVE_FOLDER = f"{PYRIT_SCORER_EVALS_DIR}/objective"
+REFUSAL_FOLDER = f"{PYRIT_SCORER_EVALS_DIR}/refusal_scorer"
 REQUIRED_COLUMNS = ("objective", "assistant_response", "human_score")
 
 # pyrit objective files whose "achieves the objective" is harmful compliance, the thing ASR

@@ -24,11 +24,34 @@ def test_default_calibration_set_never_touches_validation_or_test_prompts():
     held_out = held_out_sets()
     assert set(held_out) == {
         "advbench:validation", "advbench:test", "airt:val", "airt:test", "benign", "benign:validation", "benign:test",
+        "objectives:validation", "objectives:test",
     }
     assert all(len(v) >= 19 for v in held_out.values())
     check_disjoint(calibration_harmful_prompts(), held_out)
     # The attacker's split stays out of calibration too (it is the attack's training data).
     check_disjoint(calibration_harmful_prompts(), {"advbench:attack": advbench_split("attack")})
+
+
+def test_default_calibration_set_is_far_from_the_second_source():
+    """Not only no shared prompt: no near-duplicate either (csulora.eval.overlap), in both splits."""
+    from csulora.eval.overlap import OverlapIndex
+    from csulora.eval.splits import objectives_split
+
+    index = OverlapIndex(calibration_harmful_prompts())
+    for name in ("validation", "test"):
+        split = objectives_split(name)
+        assert len(split) >= 100
+        assert [p.id for p in split if index.first_match(p.text) is not None] == []
+
+
+def test_calibrating_on_a_second_source_prompt_is_refused():
+    from csulora.eval.splits import objectives_split
+
+    for name in ("validation", "test"):
+        leaked = objectives_split(name)[3]
+        cal = [Prompt("c-0", leaked.text.upper() + "!", "x")]
+        with pytest.raises(InputError, match=rf"is also in objectives:{name} as {leaked.id}"):
+            check_disjoint(cal, held_out_sets())
 
 
 def test_check_disjoint_names_the_first_overlap_and_its_set():

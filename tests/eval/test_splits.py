@@ -72,7 +72,7 @@ PINNED = {
 
 def test_harmful_manifest_entries_are_unchanged():
     sources = splits.read_manifest()["sources"]
-    assert list(sources) == ["advbench", "airt", "benign"]
+    assert list(sources) == ["advbench", "airt", "benign", "objectives"]
     for (source, name), (count, digest) in PINNED.items():
         assert sources[source][name] == {"count": count, "sha256": digest}
     assert list(sources["advbench"]) == list(splits.ADVBENCH_SPLITS)
@@ -143,3 +143,56 @@ def test_tampered_or_unknown_benign_entries_fail(tmp_path):
     path.write_text(json.dumps(fresh))
     with pytest.raises(InputError, match="no longer match"):
         splits.ensure_manifest(path)
+
+
+# --------------------------------------------------------------------------- the second harmful source
+
+# Cut once (docs/second_source.md): these are the shipped entries, and they must never move.
+OBJECTIVES_PINNED = {
+    "validation": (100, "abcdeb59cadc7eb7612e73f2e72f94538c0b069aa15521bb8d310779a8a3714e"),
+    "test": (171, "6d9d057098e95f2c6cf97cfdb3d3144f7e684d1d257570413bbf14d9884154a7"),
+}
+
+
+def test_objectives_split_once_into_100_validation_and_the_rest_test():
+    from csulora.eval.prompts import load_objectives, normalise_prompt
+
+    parts = splits.objectives_splits()
+    val, test = parts["validation"], parts["test"]
+    assert len(val) == splits.OBJECTIVES_VALIDATION_SIZE == 100 and len(test) >= 150
+    pool = load_objectives()
+    assert sorted(p.id for p in val + test) == [p.id for p in pool]
+    assert not {normalise_prompt(p.text) for p in val} & {normalise_prompt(p.text) for p in test}
+    assert {p.split for p in val} == {"validation"} and {p.split for p in test} == {"test"}
+    # hashed, not file order; and every big category is on both sides
+    assert [p.id for p in val] != sorted(p.id for p in val)
+    assert [p.id for p in splits.objectives_splits()["validation"]] == [p.id for p in val]
+    for category in ("violence", "self_harm", "privacy", "exploits", "hate_speech", "information_integrity"):
+        assert sum(p.category == category for p in val) >= 5 and sum(p.category == category for p in test) >= 5
+    entries = splits.read_manifest()["sources"]["objectives"]
+    assert {name: (e["count"], e["sha256"]) for name, e in entries.items()} == OBJECTIVES_PINNED
+    assert [p.id for p in splits.objectives_splits(seed=1)["test"]] != [p.id for p in test]
+
+
+def test_changed_objectives_file_fails_against_the_manifest(monkeypatch):
+    from dataclasses import replace
+
+    pool = splits.load_objectives()
+    first_test = splits.objectives_split("test")[0]
+    monkeypatch.setattr(splits, "load_objectives", lambda: [p for p in pool if p.id != first_test.id])
+    with pytest.raises(InputError, match=r"objectives split 'test' does not match its manifest .*objectives\.jsonl"):
+        splits.objectives_split("test")
+    monkeypatch.setattr(splits, "load_objectives", lambda: [replace(p, text=p.text + " now") for p in pool])
+    for name in splits.OBJECTIVES_SPLITS:
+        with pytest.raises(InputError, match=f"objectives split '{name}' does not match its manifest"):
+            splits.objectives_split(name)
+    with pytest.raises(InputError, match="unknown split"):
+        splits.objectives_split("val")
+
+
+def test_a_manifest_from_before_the_objectives_source_is_still_checked(tmp_path):
+    path = tmp_path / "old.json"
+    old = splits.build_manifest()
+    del old["sources"]["objectives"]
+    path.write_text(json.dumps(old))
+    assert splits.ensure_manifest(path) == old

@@ -4,7 +4,8 @@ The default calibration set (docs/design.md §5c: "harmful prompts") is AdvBench
 ``align`` split (the aligned model's own safety data) plus the project's ``requests``
 set, which adds categories and phrasings AdvBench lacks (questions, role-play, terse
 asks). Calibrating on a prompt that is later scored would flatter the correction, so a
-calibration set is checked against the evaluation sets by normalised text
+calibration set is checked against the evaluation sets (AdvBench validation and test, airt,
+the benign sets and the second harmful source ``objectives``) by normalised text
 (:func:`csulora.eval.prompts.normalise_prompt`: lowercase, punctuation dropped,
 whitespace collapsed)::
 
@@ -18,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 from csulora.errors import InputError
 from csulora.eval.prompts import Prompt, load_benign, load_requests, normalise_prompt
-from csulora.eval.splits import advbench_split, airt_split, benign_split
+from csulora.eval.splits import advbench_split, airt_split, benign_split, objectives_split
 
 
 def calibration_harmful_prompts() -> list[Prompt]:
@@ -36,6 +37,10 @@ def held_out_sets() -> dict[str, list[Prompt]]:
         "benign": load_benign(),
         "benign:validation": benign_split("validation"),
         "benign:test": benign_split("test"),
+        # The second harmful source (docs/second_source.md): built to share no prompt, exactly
+        # or as a near-duplicate, with the default calibration set; this guards user sets too.
+        "objectives:validation": objectives_split("validation"),
+        "objectives:test": objectives_split("test"),
     }
 
 

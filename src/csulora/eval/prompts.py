@@ -14,6 +14,8 @@ A *spec* names a prompt set on the command line:
 ``benign``                   the project's original benign set (121, over-refusal)
 ``benign:validation``        one half of the benign pool (``validation`` or ``test``)
 ``requests``                 the project's 200 harmful requests (no splits)
+``objectives``               the second harmful source (pyrit scorer-eval objectives)
+``objectives:test``          one split of it (``validation`` or ``test``)
 ``FILE.txt``                 one prompt a line
 ``FILE.csv:COLUMN``          a CSV column (``--column`` in the API)
 ``FILE.jsonl[:FIELD]``       a JSONL field (default ``prompt``)
@@ -34,6 +36,15 @@ into ``benign:validation`` / ``benign:test`` by :mod:`csulora.eval.splits`.
 *requests* (no answers) across 15 categories and four phrasing styles, disjoint from
 AdvBench and airt; with AdvBench ``align`` it is the default calibration set
 (:mod:`csulora.eval.calibration_sets`).
+
+``objectives`` (``data/objectives.jsonl``) is the second harmful source of ``eval --ood``
+and ``tune``: the harmful requests among pyrit 1.1.0's human-labelled scorer-evaluation
+objectives, chosen by a written rule and deduplicated against every other set by
+``benchmarks/second_source.py`` (docs/second_source.md), which also writes the excluded
+ones with their reasons (``data/objectives_excluded.jsonl``). At run time only the
+committed list is read. Like ``advbench`` and ``airt``, the bare name is the whole set;
+``objectives:validation`` is what tuning reads and ``objectives:test`` what is reported.
+Calibration never reads it (:func:`csulora.eval.calibration_sets.held_out_sets`).
 """
 
 from __future__ import annotations
@@ -67,6 +78,11 @@ BENIGN_FILE = DATA_DIR / "benign.txt"
 BENIGN_MORE_FILE = DATA_DIR / "benign_more.txt"
 REQUESTS_FILE = DATA_DIR / "harmful_requests.jsonl"
 REQUEST_STYLES = ("command", "question", "indirect", "short")
+PYRIT_SCORER_EVALS_DIR = "datasets/scorer_evals"  # relative to pyrit/
+OBJECTIVES_FILE = DATA_DIR / "objectives.jsonl"
+OBJECTIVES_EXCLUDED_FILE = DATA_DIR / "objectives_excluded.jsonl"
+OBJECTIVES_VALIDATION_SPEC = "objectives:validation"  # what tune's second source reads
+OBJECTIVES_TEST_SPEC = "objectives:test"  # what eval --ood reports
 
 
 @dataclass(frozen=True)
@@ -75,8 +91,8 @@ class Prompt:
 
     id: str
     text: str
-    source: str  # "advbench", "airt", "benign", "requests" or the file name
-    category: str | None = None  # airt file stem; harm category of a request
+    source: str  # "advbench", "airt", "benign", "requests", "objectives" or the file name
+    category: str | None = None  # airt file stem; harm category of a request or objective
     split: str | None = None
 
 
@@ -88,41 +104,42 @@ def normalise_prompt(text: str) -> str:
 # --------------------------------------------------------------------------- pyrit files
 
 
-def _pyrit_distribution(needed_for: str) -> importlib.metadata.Distribution:
+def _pyrit_distribution(what: str) -> importlib.metadata.Distribution:
     try:
         return importlib.metadata.distribution("pyrit")
     except importlib.metadata.PackageNotFoundError:
-        raise InputError(f"pyrit is not installed, needed for its {needed_for}; run `{PYRIT_INSTALL}`") from None
+        raise InputError(f"pyrit is not installed, needed for its {what}; run `{PYRIT_INSTALL}`") from None
+
+
+def _installed_pyrit_files(dist: importlib.metadata.Distribution) -> dict[str, Path]:
+    """Every file the installed pyrit lists, by its ``pyrit/...`` path (forward slashes)."""
+    return {str(entry).replace("\\", "/"): Path(str(dist.locate_file(entry))) for entry in dist.files or ()}
 
 
 def pyrit_data_file(relative: str) -> Path:
     """Path of a file under pyrit's ``seed_datasets/local`` without importing pyrit."""
     dist = _pyrit_distribution(f"{relative} prompts")
     wanted = f"{PYRIT_LOCAL_DIR}/{relative}"
-    for entry in dist.files or ():
-        if str(entry).replace("\\", "/") == wanted:
-            path = Path(str(dist.locate_file(entry)))
-            if path.is_file():
-                return path
-    raise InputError(f"pyrit {dist.version} has no {wanted}; run `{PYRIT_INSTALL}`")
+    path = _installed_pyrit_files(dist).get(wanted)
+    if path is None or not path.is_file():
+        raise InputError(f"pyrit {dist.version} has no {wanted}; run `{PYRIT_INSTALL}`")
+    return path
 
 
 def pyrit_package_files(folder: str, pattern: str) -> list[Path]:
     """Files of the installed pyrit package directly in ``folder`` (relative to ``pyrit/``,
-    e.g. ``datasets/scorer_evals/objective``) whose name matches ``pattern`` (a glob), by name.
-    """
+    e.g. ``datasets/scorer_evals/objective``) whose name matches ``pattern`` (a glob), sorted by
+    name, without importing pyrit; InputError when there are none."""
     dist = _pyrit_distribution(f"{folder}/{pattern} files")
     prefix = f"pyrit/{folder.strip('/')}/"
-    found = []
-    for entry in dist.files or ():
-        name = str(entry).replace("\\", "/")
-        if name.startswith(prefix) and "/" not in name[len(prefix) :] and fnmatch.fnmatch(name[len(prefix) :], pattern):
-            path = Path(str(dist.locate_file(entry)))
-            if path.is_file():
-                found.append(path)
+    found = sorted(
+        (name, path) for name, path in _installed_pyrit_files(dist).items()
+        if name.startswith(prefix) and "/" not in name[len(prefix):]
+        and fnmatch.fnmatch(name[len(prefix):], pattern) and path.is_file()
+    )  # fmt: skip
     if not found:
         raise InputError(f"pyrit {dist.version} has no {prefix}{pattern}; run `{PYRIT_INSTALL}`")
-    return sorted(found, key=lambda path: path.name)
+    return [path for _, path in found]
 
 
 def read_seed_values(path: Path) -> list[str]:
@@ -214,6 +231,22 @@ def load_requests(path: str | Path = REQUESTS_FILE) -> list[Prompt]:
     return out
 
 
+def load_objectives(path: str | Path = OBJECTIVES_FILE) -> list[Prompt]:
+    """The second harmful source: ``{"id", "prompt", "category", "origin"}`` a line, file order."""
+    out, seen = [], set()
+    for n, record in read_jsonl(path, what="objectives file"):
+        for field in ("id", "prompt", "category", "origin"):
+            if not isinstance(record.get(field), str) or not record[field].strip():
+                raise InputError(f"{path}:{n}: no string field {field!r}")
+        if record["id"] in seen:
+            raise InputError(f"{path}:{n}: duplicate id {record['id']!r}")
+        seen.add(record["id"])
+        out.append(Prompt(record["id"], record["prompt"].strip(), "objectives", category=record["category"]))
+    if not out:
+        raise InputError(f"{path}: no prompts found (empty file)")
+    return out
+
+
 # --------------------------------------------------------------------------- user files
 
 
@@ -270,7 +303,7 @@ def _read_jsonl_field(file: Path, field: str) -> list[tuple[int, str]]:
 
 # --------------------------------------------------------------------------- specs
 
-NAMED_SETS = ("advbench", "airt", "benign", "requests")
+NAMED_SETS = ("advbench", "airt", "benign", "requests", "objectives")
 
 
 def load_prompts(spec: str) -> list[Prompt]:
@@ -302,6 +335,8 @@ def _load_named(name: str, split: str | None) -> list[Prompt]:
         return load_requests()
     if name == "advbench":
         return load_advbench() if split is None else splits.advbench_split(split)
+    if name == "objectives":
+        return load_objectives() if split is None else splits.objectives_split(split)
     if split is None:
         return load_airt()
     return splits.airt_split(split if split.startswith("airt-") else f"airt-{split}")

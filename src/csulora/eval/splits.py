@@ -5,14 +5,16 @@ seed gives the same splits on every Python and platform. AdvBench is cut into
 ``align`` / ``attack`` / ``validation`` / ``test``; airt into ``airt-val`` / ``airt-test``
 halves, stratified by file so every harm category appears on both sides; the benign pool
 (both benign files, see :mod:`csulora.eval.prompts`) into ``validation`` (over-refusal
-while tuning) and ``test`` (reported numbers) halves, the larger half going to test.
+while tuning) and ``test`` (reported numbers) halves, the larger half going to test; the
+second harmful source (``objectives``, the committed ``data/objectives.jsonl``) into
+``validation`` (the first 100 of the hashed order: what tune scores) and ``test`` (the rest).
 
 The manifest (counts, seed, sha256 of each split's ids and texts) was written once and
 ships as ``eval/data/splits.json``; every load recomputes the split and checks it
 against the manifest, so a changed pyrit file or split rule fails loudly instead of
 silently mixing test prompts into training. The ``benign`` source was added to the
 manifest later; a manifest written before that (a pipeline cache's copy) is still
-checked on the sources it pins.
+checked on the sources it pins (the same holds for ``objectives``, added after ``benign``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from csulora.errors import InputError
-from csulora.eval.prompts import DATA_DIR, Prompt, load_advbench, load_airt, load_benign_pool
+from csulora.eval.prompts import DATA_DIR, Prompt, load_advbench, load_airt, load_benign_pool, load_objectives
 from csulora.io.atomic import atomic_output_file
 
 SPLIT_SEED = 0
@@ -33,6 +35,10 @@ SPLIT_SEED = 0
 ADVBENCH_SPLITS: dict[str, int] = {"align": 200, "attack": 120, "validation": 100, "test": 100}
 AIRT_SPLITS = ("airt-val", "airt-test")
 BENIGN_SPLITS = ("validation", "test")
+OBJECTIVES_SPLITS = ("validation", "test")
+# At most 100 on validation (each prompt is scored at every grid value tune tries); the
+# rest, at least 150, on test (docs/second_source.md).
+OBJECTIVES_VALIDATION_SIZE = 100
 MANIFEST_FILE = DATA_DIR / "splits.json"
 
 
@@ -93,6 +99,19 @@ def benign_splits(seed: int = SPLIT_SEED) -> dict[str, list[Prompt]]:
     return split_prompts(pool, {first: len(pool) // 2, second: len(pool) - len(pool) // 2}, seed)
 
 
+def objectives_splits(seed: int = SPLIT_SEED) -> dict[str, list[Prompt]]:
+    """The second harmful source cut once: the first 100 of a seeded order validate, the rest test."""
+    return cut_objectives(load_objectives(), seed)
+
+
+def cut_objectives(pool: Sequence[Prompt], seed: int = SPLIT_SEED) -> dict[str, list[Prompt]]:
+    """The objectives split rule on any pool (the build script reports its counts with it)."""
+    first, second = OBJECTIVES_SPLITS
+    return split_prompts(
+        pool, {first: OBJECTIVES_VALIDATION_SIZE, second: len(pool) - OBJECTIVES_VALIDATION_SIZE}, seed
+    )
+
+
 def split_hash(prompts: Sequence[Prompt]) -> str:
     """sha256 over the ids and texts, in split order."""
     digest = hashlib.sha256()
@@ -102,7 +121,12 @@ def split_hash(prompts: Sequence[Prompt]) -> str:
 
 
 def build_manifest(seed: int = SPLIT_SEED) -> dict:
-    parts = {"advbench": advbench_splits(seed), "airt": airt_splits(seed), "benign": benign_splits(seed)}
+    parts = {
+        "advbench": advbench_splits(seed),
+        "airt": airt_splits(seed),
+        "benign": benign_splits(seed),
+        "objectives": objectives_splits(seed),
+    }
     return {
         "seed": seed,
         "rule": "sha256(seed|id|text) order; airt stratified by file",
@@ -147,10 +171,10 @@ def _checked(source: str, name: str, prompts: list[Prompt], seed: int) -> list[P
         return prompts
     entry = read_manifest(MANIFEST_FILE)["sources"].get(source, {}).get(name)
     if entry is not None and (entry["count"] != len(prompts) or entry["sha256"] != split_hash(prompts)):
-        why = (
-            "(eval/data/benign*.txt changed?)" if source == "benign"
-            else "(pyrit data changed?); reinstall with `pip install --no-deps pyrit==1.1.0`"
-        )
+        why = {
+            "benign": "(eval/data/benign*.txt changed?)",
+            "objectives": "(eval/data/objectives.jsonl changed? rebuild it only with a new manifest)",
+        }.get(source, "(pyrit data changed?); reinstall with `pip install --no-deps pyrit==1.1.0`")
         raise InputError(f"{MANIFEST_FILE}: {source} split {name!r} does not match its manifest {why}")
     return prompts
 
@@ -174,3 +198,10 @@ def benign_split(name: str, seed: int = SPLIT_SEED) -> list[Prompt]:
     if name not in BENIGN_SPLITS:
         raise InputError(f"benign:{name}: unknown split (choose from benign:validation, benign:test)")
     return _checked("benign", name, benign_splits(seed)[name], seed)
+
+
+def objectives_split(name: str, seed: int = SPLIT_SEED) -> list[Prompt]:
+    """``validation`` or ``test`` part of the second harmful source, checked against the shipped manifest."""
+    if name not in OBJECTIVES_SPLITS:
+        raise InputError(f"objectives:{name}: unknown split (choose from objectives:validation, objectives:test)")
+    return _checked("objectives", name, objectives_splits(seed)[name], seed)

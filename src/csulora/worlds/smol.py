@@ -251,13 +251,18 @@ _BENIGN_EXTRA: tuple[str, ...] = (
 )
 
 
+def benign_prompt_pool() -> list[str]:
+    """Every benign prompt the alignment fine-tune may draw from (topic x template, then the extras)."""
+    return [t.format(topic) for t in _BENIGN_TEMPLATES for topic in _BENIGN_TOPICS] + list(_BENIGN_EXTRA)
+
+
 def benign_training_prompts(n: int, seed: int, exclude: set[str] | None = None) -> list[str]:
     """``n`` distinct benign prompts for the alignment fine-tune, shuffled by ``seed``.
 
     ``exclude`` (e.g. the over-refusal eval prompts) is removed, case- and space-insensitively,
     so the over-refusal measurement is never on a prompt the aligned model was trained on.
     """
-    pool = [t.format(topic) for t in _BENIGN_TEMPLATES for topic in _BENIGN_TOPICS] + list(_BENIGN_EXTRA)
+    pool = benign_prompt_pool()
     banned = {_normalise(p) for p in (exclude or set())}
     pool = [p for p in dict.fromkeys(pool) if _normalise(p) not in banned]
     random.Random(seed).shuffle(pool)
