@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from csulora.eval.generation import Generations, generate_answers, generate_responses, left_pad, settled_text, stop_token_ids
 from csulora.eval.judges import KeywordJudge, stop_rule
@@ -179,12 +181,29 @@ def test_settled_text_is_a_prefix_of_every_longer_decode(tiny_tokenizer):
     assert saw_split  # the test did meet a character cut between two tokens
 
 
-def test_settled_text_holds_back_what_space_cleanup_may_rewrite(tiny_tokenizer):
-    class CleaningTokenizer:
-        clean_up_tokenization_spaces = True
+class CleaningTokenizer:
+    """Decodes by joining and then applying transformers' own ``clean_up_tokenization``."""
 
-        def decode(self, tokens, skip_special_tokens=True):
-            return "".join(tokens)
+    clean_up_tokenization_spaces = True
 
-    assert settled_text(CleaningTokenizer(), ["I ", "do n"]) == "I d"  # "n't" may still pull the space away
-    assert settled_text(CleaningTokenizer(), ["ab"]) == ""
+    def __init__(self, real):
+        self.real = real
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return self.real.clean_up_tokenization("".join(tokens))
+
+
+CLEANUP_PIECES = st.sampled_from([" ", "'", "n", "'t", "m", "s", "ve", "re", ".", "?", "!", ",", "a", "I"])
+
+
+@given(prefix=st.lists(CLEANUP_PIECES, max_size=30), rest=st.lists(CLEANUP_PIECES, max_size=12))
+def test_settled_text_holds_back_what_space_cleanup_may_rewrite(tiny_tokenizer, prefix, rest):
+    tokenizer = CleaningTokenizer(tiny_tokenizer)
+    assert tokenizer.decode(prefix + rest).startswith(settled_text(tokenizer, prefix))
+
+
+def test_space_cleanup_does_rewrite_the_end_of_a_prefix(tiny_tokenizer):
+    """Why the hold-back exists: "I do n" + "'t" cleans to "I don't", which does not start with "I do n"."""
+    tokenizer = CleaningTokenizer(tiny_tokenizer)
+    assert not tokenizer.decode(["I do n", "'t"]).startswith(tokenizer.decode(["I do n"]))
+    assert settled_text(tokenizer, ["x" * 40, "I do n"]) == "x" * 16

@@ -5,6 +5,13 @@ first so an out-of-memory error shows at once), then answers are put back in inp
 order. Greedy decoding with a fixed ``max_new_tokens`` makes the output a function of
 the weights and the prompts only; padding changes nothing beyond float rounding (the
 tests check batched == one-at-a-time in float64).
+
+A prompt may come with a **stop rule** (settled prefix text -> bool, e.g. a judge's
+``verdict_fixed``; issue 21): once it holds, that row stops and its answer is the text
+judged, marked ``truncated``. A stopped row stays in the batch -- transformers (>= 4.39)
+takes a per-row bool from a stopping criterion, pads finished rows and ends the batch
+once every row is done -- so the padded shapes never change and the other rows' logits
+are bitwise those of a run without rules.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ StopRule = Callable[[str], bool]
 # Decoding an incomplete UTF-8 sequence (a byte-level token that splits a character)
 # gives U+FFFD, which the next token may turn into a real character.
 REPLACEMENT_CHAR = "\ufffd"
-# ``clean_up_tokenization_spaces`` rewrites " n't", " 's", " ." ... into "n't", "'s", "."; a
-# pattern that straddles the end of a prefix reaches at most this many of its last characters.
-CLEANUP_REACH = 3
+# ``clean_up_tokenization_spaces`` applies 10 replacements in turn (" ." -> ".", " n't" ->
+# "n't", ...), each pattern at most 4 characters: text appended after a prefix can change
+# at most 3 more of the prefix's last characters per replacement, so 30 in all.
+CLEANUP_REACH = 30
 
 
 def stop_token_ids(tokenizer) -> list[int]:
