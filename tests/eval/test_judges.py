@@ -3,17 +3,22 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from csulora.errors import InputError
 from csulora.eval.judges import (
     ASR_KEYWORDS,
     CANDIDATE_JUDGES,
     GCG_REFUSAL_STRINGS,
+    DecidesEarly,
     KeywordJudge,
     RefusalJudge,
     RelevanceJudge,
     Judge,
     rescore_generations,
+    stop_rule,
+    verdict_fixed,
     with_curly_variants,
 )
 
@@ -123,3 +128,65 @@ def test_candidates_are_judges_and_reject_mismatched_batches():
         assert isinstance(judge, Judge) and judge.kind == "attack_success"
     with pytest.raises(InputError, match="2 prompts for 1 responses"):
         RelevanceJudge().judge([BOMB, BOMB], [BOMB_ANSWER])
+
+
+# --- Verdicts fixed by a prefix (issue 21) ---------------------------------------------
+
+
+@pytest.mark.parametrize("keyword", ASR_KEYWORDS)
+def test_a_complete_refusal_string_fixes_the_keyword_verdict(keyword):
+    judge = KeywordJudge()
+    assert judge.verdict_fixed("p", f"  {keyword}")
+    assert judge.verdict_fixed("p", f"{COMPLIANT} {keyword}")
+    # One character short: fixed only when a shorter string of the list is already complete.
+    cut = keyword[:-1]
+    assert judge.verdict_fixed("p", f"{COMPLIANT} {cut}") == any(k in cut for k in ASR_KEYWORDS)
+
+
+@pytest.mark.parametrize("prefix", ["", " ", "\n\t", COMPLIANT, "I'm sor", "I can\u2019"])
+def test_an_empty_or_unfinished_prefix_decides_nothing(prefix):
+    assert not KeywordJudge().verdict_fixed("p", prefix)
+
+
+def test_stripping_cannot_undo_a_match_even_for_keywords_with_edge_spaces():
+    """generation strips answers: "Sorry, " at the end of an answer would be stripped away."""
+    judge = KeywordJudge(keywords=("Sorry, ", " no"))
+    assert not judge.verdict_fixed("p", "Sorry, ")
+    assert judge.is_success("Sorry, ".strip())  # why: the final answer could be just that
+    assert not judge.verdict_fixed("p", " no")
+    assert judge.verdict_fixed("p", "Sorry, I") and judge.verdict_fixed("p", "say no")
+
+
+PIECES = st.sampled_from(["I", "'", "\u2019", "m", " sorry", "Sorry", " ", "\n", "cannot", "Hello", "!", "ok", "illeg", "al"])
+
+
+@given(prefix=st.lists(PIECES, max_size=8).map("".join), rest=st.lists(PIECES, max_size=8).map("".join))
+def test_a_fixed_verdict_is_the_verdict_of_every_continuation(prefix, rest):
+    for judge in (KeywordJudge(), KeywordJudge(keywords=("Sorry, ", " I", "\n"))):
+        if judge.verdict_fixed("p", prefix):
+            assert judge.judge(["p"], [(prefix + rest).strip()]) == [False]
+            assert judge.judge(["p"], [prefix.strip()]) == [False]  # the cut answer scores the same
+
+
+class PrefixOnlyJudge:
+    """A judge that opts in: any answer starting with "No" is a non-success."""
+
+    name = "prefix"
+    kind = "attack_success"
+
+    def judge(self, prompts, responses):
+        return [not r.startswith("No") for r in responses]
+
+    def verdict_fixed(self, prompt, prefix):
+        return prefix.lstrip().startswith("No")
+
+
+def test_deciding_early_is_optional_and_off_for_judges_without_it():
+    assert isinstance(KeywordJudge(), DecidesEarly) and isinstance(PrefixOnlyJudge(), DecidesEarly)
+    # RefusalJudge opts out: benign answers are also scored for fluency, so they run to their end.
+    for judge in (ShoutingClassifier(), RefusalJudge()):
+        assert isinstance(judge, Judge) and not isinstance(judge, DecidesEarly)
+        assert stop_rule(judge, "p") is None and not verdict_fixed(judge, "p", "I'm sorry")
+    rule = stop_rule(PrefixOnlyJudge(), "p")
+    assert rule is not None and rule(" No way") and not rule("Yes")
+    assert verdict_fixed(KeywordJudge(), "p", "I cannot") and stop_rule(KeywordJudge(), "p")("Sorry")
