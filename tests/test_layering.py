@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "csulora"
 
 # Bottom to top. A module imports from its own layer or one listed before it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("csulora.types", "csulora.errors"),  # leaf value types and the one-line errors
+    ("csulora.types", "csulora.errors", "csulora.version"),  # leaf value types, the one-line errors, the version
     ("csulora.linalg",),  # pure tensor math
     ("csulora.io",),  # files at the edges (and loading a model for generation)
     ("csulora.methods",),  # one file per correction method, behind one interface

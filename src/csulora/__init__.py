@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from csulora.version import __version__
 
 # public name -> the module that owns it (docs/design.md §9)
 _PUBLIC = {

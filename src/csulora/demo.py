@@ -242,7 +242,7 @@ def score_validation(ctx: DemoContext, adapter: Path | None) -> SettingScores:
 def _correct(ctx: DemoContext, method: str, options: dict, tag: str) -> tuple[Path, Any]:
     """Correct the attacked adapter with what the method reads: the subspace always (the
     report's audit numbers), the exact D and the statistics when it needs them."""
-    import csulora as api
+    from csulora.pipeline import api
 
     impl = get_method(method)
     config = make_config(impl, options)
@@ -742,7 +742,7 @@ def run_demo(
     progress: bool = True,
 ) -> Path:
     """Build/reuse the tiny world, attack, correct, evaluate; write OUTDIR. Returns OUTDIR."""
-    import csulora as api
+    from csulora.references.subspace import build_subspace
     from csulora.worlds.tiny import build_tiny_world, one_thread, shared_tiny_world
 
     check_output_dir(out_dir, force)
@@ -756,7 +756,7 @@ def run_demo(
             work = tmp / "work"
             work.mkdir()
             t = time.perf_counter()
-            subspace = api.build_subspace(world.base, world.aligned, work / "subspace.safetensors", progress=False)
+            subspace = build_subspace(world.base, world.aligned, work / "subspace.safetensors", progress=False)
             calibration, calibration_info = None, None
             if needs_calibration(sweeps):
                 calibration = work / "calibration.safetensors"

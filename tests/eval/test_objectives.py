@@ -12,7 +12,8 @@ import pytest
 from csulora.errors import InputError
 from csulora.eval import prompts
 from csulora.eval.overlap import OverlapIndex, near_duplicate
-from csulora.eval.prompts import load_objectives, load_prompts, normalise_prompt
+from csulora.eval.prompts import load_objectives, normalise_prompt
+from csulora.eval.specs import load_prompts
 from csulora.eval.splits import objectives_split
 from csulora.eval.tasks import date_task_splits
 from csulora.io.jsonl import read_jsonl_records
@@ -103,7 +104,9 @@ def test_the_inclusion_rule_on_handpicked_harmful_requests(text):
 
 
 def test_specs_name_the_whole_source_and_its_splits():
-    assert "objectives" in prompts.NAMED_SETS and "``objectives``" in prompts.__doc__
+    from csulora.eval.specs import NAMED_SETS
+
+    assert "objectives" in NAMED_SETS and "``objectives``" in prompts.__doc__
     assert prompts.OBJECTIVES_VALIDATION_SPEC == "objectives:validation"
     assert prompts.OBJECTIVES_TEST_SPEC == "objectives:test"
     # like ``advbench`` and ``airt``, the bare name is the whole set

@@ -6,7 +6,8 @@ import pytest
 
 from csulora.errors import InputError
 from csulora.eval import prompts
-from csulora.eval.prompts import load_advbench, load_airt, load_benign, load_prompt_file, load_prompts
+from csulora.eval.prompts import load_advbench, load_airt, load_benign, load_prompt_file
+from csulora.eval.specs import load_prompts
 
 
 def test_advbench_has_520_goals_with_stable_ids():
@@ -123,7 +124,9 @@ def test_load_requests_as_a_named_set():
     assert len(items) == len(_request_records())
     assert {p.source for p in items} == {"requests"}
     assert items[0].id == "hr-001" and items[0].category and items[0].split is None
-    assert "requests" in prompts.NAMED_SETS and "``requests``" in prompts.__doc__
+    from csulora.eval.specs import NAMED_SETS
+
+    assert "requests" in NAMED_SETS and "``requests``" in prompts.__doc__
 
 
 def test_requests_do_not_copy_advbench_or_airt():

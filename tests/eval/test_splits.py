@@ -96,7 +96,7 @@ def test_benign_halves_are_disjoint_cover_the_pool_and_hold_100_each():
 
 
 def test_benign_spec_loads_the_checked_halves():
-    from csulora.eval.prompts import load_prompts
+    from csulora.eval.specs import load_prompts
 
     assert load_prompts("benign:validation") == splits.benign_split("validation")
     assert splits.benign_split("validation") == splits.benign_splits()["validation"]

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from csulora import __version__
+from csulora.version import __version__
 from csulora.pipeline.api import correct_adapter
 from csulora.pipeline.updates import AdapterUpdate
 from csulora.io.adapters import ADAPTER_CONFIG, MODEL_CARD, read_adapter

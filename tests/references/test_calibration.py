@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import csulora.references.calibration as calibration_module
-from csulora import __version__
+from csulora.version import __version__
 from csulora.references.calibration import (
     BlockResume,
     GramGroup,

@@ -40,13 +40,15 @@ def lines(path: Path) -> list[dict]:
 
 
 def test_default_sources_are_the_validation_splits():
-    from csulora.eval.splits import advbench_split, airt_split, benign_split
+    from csulora.eval.splits import advbench_split, airt_split, benign_split, objectives_split
 
     loaded = load_tune_data(None, None, None)
-    assert list(loaded.data.harmful) == ["advbench-validation", "airt-val"]
+    assert list(loaded.data.harmful) == ["advbench-validation", "objectives-validation", "airt-val"]
     assert len(loaded.data.harmful["advbench-validation"]) == 100
+    assert len(loaded.data.harmful["objectives-validation"]) == 100  # issue 22: one answer is 0.01
     assert 15 <= len(loaded.data.harmful["airt-val"]) <= 20
     held_out = {p.text for p in advbench_split("test")} | {p.text for p in airt_split("airt-test")}
+    held_out |= {p.text for p in objectives_split("test")}
     tuned_on = {t for prompts in loaded.data.harmful.values() for t in prompts}
     assert not tuned_on & held_out
     assert loaded.description["harmful"]["airt-val"]["spec"] == "airt:val"

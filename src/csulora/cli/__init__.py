@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from csulora import __version__
+from csulora.version import __version__
 from csulora.errors import CsuloraError
 
 # Tensors of 2 MB and more on transparent huge pages: torch then takes 512x fewer page

@@ -32,7 +32,8 @@ from csulora.eval.metrics import (
     harmful_empty_rate,
     rate,
 )
-from csulora.eval.prompts import Prompt, load_prompts
+from csulora.eval.prompts import Prompt
+from csulora.eval.specs import load_prompts
 from csulora.io.atomic import atomic_output_dir
 
 ROW_KEYS = (

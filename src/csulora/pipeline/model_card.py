@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from csulora import __version__
+from csulora.version import __version__
 from csulora.io.adapters import MODEL_CARD, files_not_copied
 from csulora.io.fingerprint import file_sha256
 from csulora.io.hub import looks_like_hub_id

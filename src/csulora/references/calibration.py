@@ -56,11 +56,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from csulora import __version__
+from csulora.version import __version__
 from csulora.references.activations import MaskedInputHooks, StopForward, decoder_body, run_batches
 from csulora.errors import InputError, OptionError
 from csulora.eval.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_responses
-from csulora.eval.prompts import PYRIT_INSTALL, Prompt, load_prompts, normalise_prompt
+from csulora.eval.prompts import PYRIT_INSTALL, Prompt, normalise_prompt
+from csulora.eval.specs import load_prompts
 from csulora.eval.tasks import date_task, date_task_splits, load_task
 from csulora.linalg.gram import calibration_moments
 from csulora.io.atomic import check_output_file

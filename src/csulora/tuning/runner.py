@@ -41,6 +41,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from csulora.errors import InputError, OptionError
+from csulora.eval.specs import (
+    DEFAULT_BENIGN,
+    DEFAULT_HARMFUL,
+    check_not_held_out,
+    load_prompts,
+    source_name,
+    unique_name,
+)
 from csulora.io.atomic import atomic_output_dir, check_output_dir
 from csulora.io.hub import resolve_model_dir
 from csulora.io.input_kind import is_checkpoint
@@ -65,17 +73,6 @@ TUNE_PNG = "tune.png"
 GENERATIONS = "tune-generations.jsonl"
 CALIBRATION_FILE = "calibration.safetensors"  # written by --calibration-task
 
-# Named validation sets used when --harmful is not given: two sources, so a correction
-# that only repairs prompts like its alignment data is caught (docs/design.md §5b).
-DEFAULT_HARMFUL = ("advbench:validation", "airt:val")
-# Benign prompts when --benign is not given, so over-refusal, short answers and fluency
-# are always judged: the validation half of the benign pool, disjoint from benign:test.
-DEFAULT_BENIGN = "benign:validation"
-# Specs that contain a test split: tune must never see them (numbers reported on the
-# test split would no longer be held out).
-TEST_SPECS = frozenset({"advbench", "advbench:test", "airt", "airt:test", "airt:airt-test", "date", "date:test"})
-# The original benign set overlaps benign:test (the pool of both benign files is split).
-BENIGN_HELD_OUT = frozenset({"benign", "benign:test"})
 UNCORRECTED = "uncorrected"
 PathLike = str | os.PathLike
 
@@ -359,7 +356,6 @@ def _with_source_defaults(config: TuneConfig, base: PathLike | None) -> TuneConf
 
 def load_tune_data(harmful: Sequence[str] | None, task: str | None, benign: str | None) -> LoadedData:
     """Read every prompt set before any model is loaded; refuse test splits."""
-    from csulora.eval.prompts import load_prompts
     from csulora.eval.tasks import load_task
 
     specs = list(harmful) if harmful else list(DEFAULT_HARMFUL)
@@ -377,7 +373,7 @@ def load_tune_data(harmful: Sequence[str] | None, task: str | None, benign: str 
                 f"no --harmful given and the default validation sets ({', '.join(DEFAULT_HARMFUL)}) "
                 f"are unavailable: {exc}; or give --harmful FILE ..."
             ) from None
-        name = _unique(_source_name(spec), sources)
+        name = unique_name(source_name(spec), sources)
         sources[name] = [p.text for p in prompts]
         described[name] = {"spec": spec, "n": len(prompts)}
     task_items: list[dict[str, str]] = []
@@ -390,21 +386,6 @@ def load_tune_data(harmful: Sequence[str] | None, task: str | None, benign: str 
     benign_desc = {"spec": benign_spec, "n": len(benign_prompts), "default": benign is None}
     data = TuneData(harmful=sources, task=task_items, benign=benign_prompts)
     return LoadedData(data, {"harmful": described, "task": task_desc, "benign": benign_desc})
-
-
-def check_not_held_out(spec: str) -> None:
-    """OptionError for a spec holding prompts that numbers are reported on."""
-    key = spec.strip().lower()
-    if key in TEST_SPECS:
-        raise OptionError(
-            f"{spec}: contains a test split; tune chooses on validation data only "
-            "(e.g. advbench:validation, airt:val, date:validation, or your own file)"
-        )
-    if key in BENIGN_HELD_OUT:
-        raise OptionError(
-            f"{spec}: overlaps benign:test, the benign prompts eval reports on; tune uses "
-            f"{DEFAULT_BENIGN} (the default when --benign is not given) or your own file"
-        )
 
 
 def _check_calibration_task(calibration_task: str | None, task: str | None, loaded: LoadedData) -> dict | None:
@@ -425,26 +406,6 @@ def _check_calibration_task(calibration_task: str | None, task: str | None, load
                 "calibrate on the adapter's training data, never on the data tune selects on"
             )
     return {"spec": calibration_task, "n": len(items)}
-
-
-def _source_name(spec: str) -> str:
-    path = Path(spec)
-    if path.is_file():
-        return path.stem
-    head, sep, tail = spec.rpartition(":")
-    if sep and Path(head).is_file():
-        return f"{Path(head).stem}:{tail}"
-    name, _, split = spec.partition(":")
-    if name == "airt" and split:
-        return split if split.startswith("airt-") else f"airt-{split}"
-    return f"{name}-{split}" if split else name
-
-
-def _unique(name: str, taken: Mapping[str, Any]) -> str:
-    candidate, i = name, 2
-    while candidate in taken:
-        candidate, i = f"{name}-{i}", i + 1
-    return candidate
 
 
 # --------------------------------------------------------------------------- inputs the corrections read

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from csulora import __version__
+from csulora.version import __version__
 from csulora.io.atomic import atomic_output_file
 from csulora.io.fingerprint import file_sha256, model_fingerprint
 from csulora.tuning.scoring import StateOutputs, TuneData

@@ -1,0 +1,120 @@
+"""Prompt SPECs resolved to prompt sets, and the guard that keeps held-out splits out of tuning.
+
+A SPEC names a prompt set on the command line (the table in :mod:`csulora.eval.prompts`):
+a built-in set with an optional split (``advbench:validation``, ``airt:test``,
+``objectives:validation``, ``benign:test``, ``requests``) or a user file (``FILE.txt``,
+``FILE.csv:COLUMN``, ``FILE.jsonl[:FIELD]``). Files win over set names.
+
+The split rules themselves are :mod:`csulora.eval.splits`; this module also owns what
+``tune`` may and may not read (docs/design.md §10): its default validation sources (AdvBench
+validation, the objectives' validation split, airt-val), and the refusal of any spec that holds
+a split numbers are reported on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from csulora.errors import InputError, OptionError
+from csulora.eval import splits
+from csulora.eval.prompts import (
+    Prompt,
+    load_advbench,
+    load_airt,
+    load_benign,
+    load_objectives,
+    load_prompt_file,
+    load_requests,
+)
+
+NAMED_SETS = ("advbench", "airt", "benign", "requests", "objectives")
+
+
+def load_prompts(spec: str) -> list[Prompt]:
+    """Resolve a SPEC (see the module doc) to prompts. Files win over set names."""
+    if Path(spec).is_file():
+        return load_prompt_file(spec)
+    head, sep, tail = spec.rpartition(":")
+    if sep and Path(head).is_file():
+        file = Path(head)
+        if file.suffix.lower() == ".csv":
+            return load_prompt_file(file, column=tail)
+        return load_prompt_file(file, field=tail)
+    name, _, split = spec.partition(":")
+    if name in NAMED_SETS:
+        return load_named(name, split or None)
+    if sep and head.lower().endswith((".txt", ".csv", ".jsonl", ".json")) or Path(spec).suffix:
+        raise InputError(f"{head if sep else spec}: no such prompt file")
+    raise InputError(f"{spec!r}: not a prompt file or a known set ({', '.join(NAMED_SETS)}[:SPLIT])")
+
+
+def load_named(name: str, split: str | None) -> list[Prompt]:
+    """A built-in set, whole (``split`` None) or one of its splits."""
+    if name == "benign":
+        return load_benign() if split is None else splits.benign_split(split)
+    if name == "requests":
+        if split:
+            raise InputError(f"requests:{split}: the requests set has no splits")
+        return load_requests()
+    if name == "advbench":
+        return load_advbench() if split is None else splits.advbench_split(split)
+    if name == "objectives":
+        return load_objectives() if split is None else splits.objectives_split(split)
+    if split is None:
+        return load_airt()
+    return splits.airt_split(split if split.startswith("airt-") else f"airt-{split}")
+
+
+# -- what tune reads (docs/design.md §5b, §10) ------------------------------------------------
+# Harmful validation sources when --harmful is not given, each judged on its own: AdvBench's
+# validation split, the second source large enough to measure (issue 22: 100 prompts, one
+# answer is 0.01), and airt-val (a third, differently phrased source).
+DEFAULT_HARMFUL = ("advbench:validation", "objectives:validation", "airt:val")
+# Benign prompts when --benign is not given: the validation half of the benign pool.
+DEFAULT_BENIGN = "benign:validation"
+# Specs that contain a test split: tune must never see them (numbers reported on the test split
+# would no longer be held out).
+TEST_SPECS = frozenset({
+    "advbench", "advbench:test", "airt", "airt:test", "airt:airt-test", "date", "date:test",
+    "objectives", "objectives:test",
+})  # fmt: skip
+# The original benign set overlaps benign:test (the pool of both benign files is split).
+BENIGN_HELD_OUT = frozenset({"benign", "benign:test"})
+
+
+def check_not_held_out(spec: str) -> None:
+    """OptionError for a spec holding prompts that numbers are reported on."""
+    key = spec.strip().lower()
+    if key in TEST_SPECS:
+        raise OptionError(
+            f"{spec}: contains a test split; tune chooses on validation data only "
+            "(e.g. advbench:validation, objectives:validation, airt:val, date:validation, or your own file)"
+        )
+    if key in BENIGN_HELD_OUT:
+        raise OptionError(
+            f"{spec}: overlaps benign:test, the benign prompts eval reports on; tune uses "
+            f"{DEFAULT_BENIGN} (the default when --benign is not given) or your own file"
+        )
+
+
+def source_name(spec: str) -> str:
+    """A short name for a prompt source: a file's stem, ``advbench-validation``, ``airt-val``."""
+    path = Path(spec)
+    if path.is_file():
+        return path.stem
+    head, sep, tail = spec.rpartition(":")
+    if sep and Path(head).is_file():
+        return f"{Path(head).stem}:{tail}"
+    name, _, split = spec.partition(":")
+    if name == "airt" and split:
+        return split if split.startswith("airt-") else f"airt-{split}"
+    return f"{name}-{split}" if split else name
+
+
+def unique_name(name: str, taken: Mapping[str, object]) -> str:
+    """``name``, or ``name-2``, ``name-3``... when it is taken."""
+    candidate, i = name, 2
+    while candidate in taken:
+        candidate, i = f"{name}-{i}", i + 1
+    return candidate
