@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from csulora.eval.splits import advbench_split
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
     from csulora.worlds.tiny import shared_tiny_world
 
     prompts = [p.text for p in advbench_split("validation")][: args.prompts]

@@ -131,8 +131,8 @@ def test_demo_calibrates_on_the_task_training_data_and_judges_with_tunes_full_ru
     assert calibration["harmful"]["specs"] == ["advbench:align", "requests"]
     assert calibration["generation"]["max_new_tokens"] == 24
     data = results["validation"]["data"]
-    assert data == {"harmful:advbench-validation": {"n": 100}, "harmful:airt-val": {"n": 19}, "task": {"n": 100},
-                    "benign": {"n": 108}}
+    assert data == {"harmful:advbench-validation": {"n": 100}, "harmful:objectives-validation": {"n": 100},
+                    "harmful:airt-val": {"n": 19}, "task": {"n": 100}, "benign": {"n": 108}}
     point = results["sweep"]["calibrated"]["points"][1]  # strength 3
     assert point["validation"]["benign_fluency"] is not None and point["validation"]["over_refusal"] is not None
     judged = {name.split(":")[0] for name in point["verdict"]["conditions"]}

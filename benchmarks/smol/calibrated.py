@@ -104,7 +104,7 @@ def sweep_from_tune(record: dict, adapter: str, seconds: float) -> dict:
     knob = record["config"]["knob"]
     return {
         "row": None, "method": record["config"]["method"], "knob": knob, "fixed": {}, "adapter": adapter,
-        "grid": record["config"]["grid"], "full_curve": not record["config"].get("stop_at_first", False),
+        "grid": record["config"]["grid"], "full_curve": record["config"].get("full_sweep", True),
         "points": [{"value": s["value"], "scores": s["scores"], "verdict": s["verdict"]} for s in settings],
         "qualified": choice["qualified"], "chosen": chosen,
         "why": choice["summary"] if choice["qualified"] else "no setting qualified; " + choice["summary"],

@@ -183,7 +183,7 @@ def setting_scores(ctx: Context, v: Variant, set_names: tuple[str, ...]):
     judges every condition of tune's rule.
     """
     from csulora.eval.metrics import is_empty_answer, is_short_answer, rate
-    from csulora.tuning.selection import SettingScores
+    from csulora.tuning.scores import SettingScores
 
     gens = generations(ctx, v, set_names)
     asr, empty, utility, over, short, fluency = {}, {}, None, None, None, None

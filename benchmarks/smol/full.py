@@ -194,7 +194,8 @@ def job_full_point(paths: tuple[str, str, str], method: str, options: dict, set_
 def run_full_sweep(ctx: Context, sw: FullSweep) -> dict:
     """Score every grid value on validation and select with tune's rule (as the LoRA sweeps)."""
     from csulora.tuning.config import TuneConfig
-    from csulora.tuning.selection import ScoredSetting, select_setting
+    from csulora.tuning.scores import ScoredSetting
+    from csulora.tuning.selection import select_setting
 
     aligned = setting_scores(ctx, Variant("aligned", "aligned"), VAL_SETS)
     adapter = setting_scores(ctx, full_variant(ctx, None, {}), VAL_SETS)

@@ -76,7 +76,8 @@ def tune_config(method: str):
 
 def run_sweep(ctx: Context, sw: Sweep) -> dict:
     """Score every grid value on validation (or stop at the first that qualifies) and select."""
-    from csulora.tuning.selection import ScoredSetting, select_setting
+    from csulora.tuning.scores import ScoredSetting
+    from csulora.tuning.selection import select_setting
 
     refs = reference_variants()
     aligned = setting_scores(ctx, refs["aligned"], VAL_SETS)

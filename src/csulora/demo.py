@@ -12,7 +12,7 @@
    (``csulora.correct_adapter``), score each on ``csulora tune``'s default validation
    data (AdvBench validation and airt-val, each source judged on its own; the benign
    validation half; the date task's validation split) with tune's own scoring
-   (:func:`csulora.tuning.scoring.score_model`) and pick the knob with tune's rule
+   (:func:`csulora.tuning.scoring.score_state`) and pick the knob with tune's rule
    (:func:`csulora.tuning.selection.select_setting`): the weakest setting whose ASR and
    empty answers are within 5 points of the aligned model's on each source, whose
    over-refusal and short benign answers are too, whose benign answers the aligned model
@@ -60,8 +60,8 @@ from csulora.io.atomic import atomic_output_dir, check_output_dir
 from csulora.methods.base import Tuning
 from csulora.methods.registry import get_method, make_config
 from csulora.tuning.config import TuneConfig
-from csulora.tuning.scoring import TuneData
-from csulora.tuning.selection import SettingScores
+from csulora.tuning.data import TuneData
+from csulora.tuning.scores import SettingScores
 
 # The tiny world's answers are at most ~20 tokens (they end with the end-of-turn token),
 # so a shorter cap than eval's 64 changes no verdict and keeps the demo fast.
@@ -170,7 +170,7 @@ def demo_sets() -> tuple[TuneData, EvalSets]:
     from csulora.eval.prompts import load_benign
     from csulora.eval.splits import advbench_split, airt_split
     from csulora.eval.tasks import date_task
-    from csulora.tuning.runner import load_tune_data
+    from csulora.tuning.data import load_tune_data
 
     validation = load_tune_data(None, DEMO_TASK_VALIDATION, None).data
     test = EvalSets(harmful=advbench_split("test"), harmful_ood=airt_split("airt-test"), benign=load_benign(), task=date_task("test"))
@@ -228,11 +228,11 @@ def score_validation(ctx: DemoContext, adapter: Path | None) -> SettingScores:
     gives the aligned model, which judges how likely the benign answers are (fluency).
     """
     from csulora.io.modeling import load_model
-    from csulora.tuning.scoring import score_model
+    from csulora.tuning.scoring import score_state
 
     model, tokenizer = load_model(ctx.world.aligned, adapter, merge=False, **DEMO_RUNS_ON)
     aligned_view = contextlib.nullcontext if adapter is None else model.disable_adapter
-    return score_model(
+    return score_state(
         model, tokenizer, ctx.validation, batch_size=ctx.generation.batch_size,
         max_new_tokens=ctx.generation.max_new_tokens, seed=TUNE_DEFAULTS.seed, with_margin=False,
         aligned_view=aligned_view,
@@ -342,7 +342,9 @@ def run_sweep(
     ctx: DemoContext, spec: SweepSpec, aligned: SettingScores, attacked: Reference, points: list[dict] | None = None
 ) -> tuple[dict, dict]:
     """Select on validation among the scored grid points with tune's rule; return (test row, sweep record)."""
-    from csulora.tuning.selection import CALIBRATION_FROM_TASK, ScoredSetting, select_setting
+    from csulora.tuning.hints import CALIBRATION_FROM_TASK
+    from csulora.tuning.scores import ScoredSetting
+    from csulora.tuning.selection import select_setting
 
     if points is None:
         points = score_sweep_points(ctx, [spec], workers=1)[spec.row]

@@ -118,26 +118,38 @@ def correct_adapter(
             stack, update_path, method, paths=paths, subspace_config=subspace_config, targets=targets,
             reset_others=reset_others, method_options=method_options, progress=progress,
         )  # fmt: skip
-        inside = relative_inside(report_file, out) if report_file is not None else Path(DEFAULT_REPORT_NAME)
-        base_model = base_model_for(aligned_spec) if correction.update.kind == "adapter" else str(aligned_spec)
-        reports: dict[str, CorrectionReport] = {}
-
-        def card(done: Correction, untargeted: list[dict[str, Any]] | None) -> str:
-            reports["report"] = _report(done, out, report_file, untargeted)
-            return correction_card(
-                method=done.method, options=reports["report"].options, update=done.update, input_spec=input_spec,
-                corrected=done.modules, base_model=base_model, refs=done.refs,
-                report_file=None if inside is None else inside.as_posix(), summary=reports["report"].summary,
-            )  # fmt: skip
-
         with atomic_output_dir(out, force) as staging:
-            write_corrected(correction, staging, progress=progress, base_model=base_model, card=card)
-            report = reports["report"]
-            if inside is not None:  # the report travels with the output folder (one atomic rename)
-                (staging / inside).parent.mkdir(parents=True, exist_ok=True)
-                report.to_json(staging / inside)
-            else:
-                report.to_json(report_file)
+            return write_correction(correction, staging, input_spec=input_spec, aligned_spec=aligned_spec,
+                                    report_file=report_file, out=out, progress=progress)  # fmt: skip
+
+
+def write_correction(correction: Correction, folder: Path, *, input_spec: PathLike, aligned_spec: PathLike | None,
+                     report_file: Path | None = None, out: Path | None = None,
+                     progress: bool = False) -> CorrectionReport:  # fmt: skip
+    """Correct into ``folder`` (an existing staging folder the caller renames into place): the
+    update in its kind, ``README.md`` and the report (``folder/csulora_report.json`` unless
+    ``report_file`` lies elsewhere). Sources inside ``folder`` (tune's statistics) are named
+    relative to it, so the output never names a temporary path. ``out`` is the folder's final name."""
+    out = out or folder
+    inside = relative_inside(report_file, out) if report_file is not None else Path(DEFAULT_REPORT_NAME)
+    base_model = base_model_for(aligned_spec) if correction.update.kind == "adapter" else str(aligned_spec)
+    reports: dict[str, CorrectionReport] = {}
+
+    def card(done: Correction, untargeted: list[dict[str, Any]] | None) -> str:
+        reports["report"] = _report(done, out, report_file, untargeted, folder)
+        return correction_card(
+            method=done.method, options=reports["report"].options, update=done.update, input_spec=input_spec,
+            corrected=done.modules, base_model=base_model, refs=done.refs, sources=reports["report"].sources,
+            report_file=None if inside is None else inside.as_posix(), summary=reports["report"].summary,
+        )  # fmt: skip
+
+    write_corrected(correction, folder, progress=progress, base_model=base_model, card=card)
+    report = reports["report"]
+    if inside is not None:  # the report travels with the output folder (one atomic rename)
+        (folder / inside).parent.mkdir(parents=True, exist_ok=True)
+        report.to_json(folder / inside)
+    else:
+        report.to_json(report_file)
     return report
 
 
@@ -156,7 +168,8 @@ def _check_outputs(out_dir: PathLike, report_path: PathLike | None, force: bool,
     return out, report_file
 
 
-def _report(correction: Correction, out: Path, report_file: Path | None, untargeted: list | None) -> CorrectionReport:
+def _report(correction: Correction, out: Path, report_file: Path | None, untargeted: list | None,
+            folder: Path) -> CorrectionReport:  # fmt: skip
     method, options = correction.method, correction.options
     assert method is not None and options is not None
     results = correction.ordered_results()
@@ -173,7 +186,7 @@ def _report(correction: Correction, out: Path, report_file: Path | None, untarge
         out_dir=str(out),
         report_path=str(report_file if report_file is not None else out / DEFAULT_REPORT_NAME),
         d_source=rows[0].get("d_source") if rows else None,
-        sources=correction.refs.describe(),
+        sources=correction.refs.describe(within=folder),
         modules=rows,
         summary=correction_summary(method, options, results, rows, untargeted, reset_others=correction.reset_others),
         untargeted=untargeted,

@@ -81,13 +81,16 @@ def correction_card(
     refs: Any,
     report_file: str | None,
     summary: Mapping[str, Any],
+    sources: Mapping[str, str | None] | None = None,
 ) -> str:
     """The card of a corrected output, from what the pipeline used.
 
     ``method``: the registered :class:`~csulora.methods.base.CorrectionMethod`; ``update``: the
     opened :class:`~csulora.pipeline.updates.Update`; ``refs``: its
-    :class:`~csulora.pipeline.references.References`.
+    :class:`~csulora.pipeline.references.References`; ``sources``: how the report names them
+    (``References.describe``), which the card uses for file names.
     """
+    named = dict(sources or {})
     input_card = update.path / MODEL_CARD
     recorded = getattr(update, "recorded_base", None)
     facts = CorrectionCardFacts(
@@ -102,9 +105,9 @@ def correction_card(
         corrected_modules=list(corrected),
         total_modules=len(update.modules()),
         report_file=report_file,
-        subspace=_subspace_facts(refs),
+        subspace=_subspace_facts(refs, named.get("subspace")),
         displacement=_displacement_facts(refs),
-        calibration=_calibration_facts(refs),
+        calibration=_calibration_facts(refs, named.get("calibration")),
         summary=summary,
         not_copied=_not_copied(update),
         license=input_license(input_card.read_text(encoding="utf-8", errors="replace") if input_card.is_file() else None),
@@ -120,12 +123,12 @@ def _not_copied(update: Any) -> list[str]:
     return files_not_copied(update.path)
 
 
-def _subspace_facts(refs: Any) -> dict[str, Any] | None:
+def _subspace_facts(refs: Any, name: str | None) -> dict[str, Any] | None:
     cache = getattr(refs, "cache", None)
     if cache is None:
         return None
     return {
-        "file": str(cache.path),
+        "file": name or str(cache.path),
         "sha256": file_sha256(Path(cache.path)),  # the cache's bytes are deterministic: its hash names it
         "options": cache.options,
         "built_from": dict(cache.meta.get("sources") or {}),
@@ -139,11 +142,11 @@ def _displacement_facts(refs: Any) -> dict[str, str] | None:
     return {"base": str(base.folder), "aligned": str(aligned.folder)}
 
 
-def _calibration_facts(refs: Any) -> dict[str, Any] | None:
+def _calibration_facts(refs: Any, name: str | None) -> dict[str, Any] | None:
     calibration = getattr(refs, "calibration", None)
     if calibration is None:
         return None
-    return {"file": str(calibration.path), "info": dict(calibration.info)}
+    return {"file": name or str(calibration.path), "info": dict(calibration.info)}
 
 
 def input_license(card_text: str | None) -> str | None:

@@ -25,7 +25,7 @@ from csulora.io.checkpoints import CheckpointReader, check_same_architecture, re
 from csulora.io.fingerprint import model_fingerprint
 from csulora.io.subspace_cache import SubspaceCache, check_fingerprint, load_subspace_cache, round_trip
 from csulora.linalg.subspace import SubspaceConfig, compute_subspace
-from csulora.pipeline.options import SourcePaths
+from csulora.pipeline.options import SourcePaths, relative_inside
 from csulora.types import ModuleCalibration, ModuleSubspace
 
 
@@ -46,14 +46,23 @@ class References:
     def d_source(self) -> str:
         return "exact" if self.has_displacement else "rank-k"
 
-    def describe(self) -> dict[str, str | None]:
+    def describe(self, within: Path | None = None) -> dict[str, str | None]:
+        """Where each reference came from, as given; one inside ``within`` (the output folder: tune's
+        own statistics) relative to it, so an output never names its temporary staging path."""
+
+        def named(path: Path | None) -> str | None:
+            if path is None:
+                return None
+            inside = relative_inside(Path(path), within) if within is not None else None
+            return inside.as_posix() if inside is not None else str(path)
+
         described = {
-            "subspace": str(self.cache.path) if self.cache else None,
-            "base": str(self.base.folder) if self.base else None,
-            "aligned": str(self.aligned.folder) if self.aligned else None,
+            "subspace": named(self.cache.path if self.cache else None),
+            "base": named(self.base.folder if self.base else None),
+            "aligned": named(self.aligned.folder if self.aligned else None),
         }
         if self.calibration is not None:  # only then: other methods' reports keep their bytes
-            described["calibration"] = str(self.calibration.path)
+            described["calibration"] = named(self.calibration.path)
         return described
 
     # --- per module ------------------------------------------------------------------------

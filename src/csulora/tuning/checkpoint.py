@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -159,64 +158,3 @@ def same_weights(model: Any, checkpoint: PathLike) -> bool:
             torch.equal(tensors[name].detach().cpu(), reader.get(name, dtype=None).to(tensors[name].dtype))
             for name in reader.keys()
         )
-
-
-class CheckpointStates:
-    """The model states of ``tune``'s sweep over a full fine-tune (csulora.tuning.runner).
-
-    The fine-tuned checkpoint is loaded once. The aligned reference is its weights swapped
-    in; each setting is its corrected weights copied in (the fine-tuned ones read back
-    afterwards). Each state also says how to see the aligned model for the fluency measure:
-    swap the aligned weights in, then put the state's own weights back.
-    ``sources``: per method, the keyword arguments of its correction (subspace, base, ...).
-    """
-
-    def __init__(self, checkpoint: Path, aligned: Path, sources: Mapping[str, Mapping[str, Any]]) -> None:
-        self.checkpoint, self.aligned_path = Path(checkpoint), Path(aligned)
-        self.sources = sources
-        self.model: Any = None
-
-    def load(self, run: Mapping[str, Any]) -> tuple[Any, Any]:
-        from csulora.io.modeling import load_model
-
-        self.model, tokenizer = load_model(self.checkpoint, device=run["device"], dtype=run["dtype"])
-        return self.model, tokenizer
-
-    def _kwargs(self, candidate: Any) -> dict[str, Any]:
-        """The correction's sources (``aligned`` always: it defines dW) and the setting's options."""
-        return {**self.sources[candidate.plan.config.method], "aligned": self.aligned_path, **candidate.options}
-
-    def _aligned_weights(self):
-        return weights_from(self.model, self.aligned_path, restore_from=self.checkpoint)
-
-    @contextmanager
-    def aligned(self) -> Iterator[Any]:
-        with self._aligned_weights():
-            yield contextlib.nullcontext
-
-    @contextmanager
-    def uncorrected(self) -> Iterator[Any]:
-        yield self._aligned_weights
-
-    @contextmanager
-    def setting(self, candidate: Any) -> Iterator[Any]:
-        method = candidate.plan.config.method
-        with corrected_in_memory(self.model, self.checkpoint, method, **self._kwargs(candidate)) as correction:
-
-            @contextmanager
-            def aligned_view() -> Iterator[None]:
-                with self._aligned_weights():
-                    yield
-                copy_into(self.model, correction.weights(), source=self.checkpoint)  # the setting again
-
-            yield aligned_view
-
-    def write_chosen(self, candidate: Any, staging: Path, scratch: Path) -> None:
-        """Write only the chosen setting's checkpoint (into OUTDIR's staging folder)."""
-        from csulora.pipeline.api import correct_adapter
-
-        method = candidate.plan.config.method
-        written = scratch / "chosen"
-        correct_adapter(self.checkpoint, written, method, progress=False, **self._kwargs(candidate))
-        for item in sorted(written.iterdir()):
-            shutil.move(str(item), staging / item.name)  # one filesystem: renames, no copy

@@ -316,65 +316,85 @@ def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = N
     A folder holding a world of the same config fingerprint is reused as is; anything
     else is rebuilt in a temporary folder and renamed into place at the end.
     """
-    from csulora.eval.generation import generate_responses
-    from csulora.io.modeling import load_model
-
     config = config or TinyWorldConfig()
     world = TinyWorld(Path(root))
-    marker = world.root / WORLD_FILE
-    if marker.exists() and not force:
-        try:
-            if json.loads(marker.read_text()).get("fingerprint") == config.fingerprint():
-                relocate_records(world.root, world.root)  # a world built before the fix, or moved
-                return world
-        except json.JSONDecodeError:
-            pass
+    if _already_built(world, config) and not force:
+        relocate_records(world.root, world.root)  # a world built before the fix, or moved
+        return world
     timings: dict[str, float] = {}
     with one_thread(), atomic_output_dir(world.root, force=True) as tmp:
         staged = TinyWorld(tmp)
         staged.data.mkdir()
-        t0 = time.perf_counter()
-        tokenizer = train_tokenizer(config)
-        model = init_model(config, tokenizer)
-        from csulora.training.data import tokenize_pairs
-
-        pairs = base_pairs(config)
-        write_pairs(staged.data / "base.jsonl", pairs)
-        fit(model, tokenizer, tokenize_pairs(tokenizer, pairs, config.max_length), config.base)
-        model.save_pretrained(staged.base, safe_serialization=True)
-        tokenizer.save_pretrained(staged.base)
-        timings["base"] = time.perf_counter() - t0
-
-        # The aligned model keeps the base's own answers on benign and known-format date prompts.
-        t0 = time.perf_counter()
-        base_model, base_tok = load_model(staged.base, **RUNS_ON)
-        keep_prompts = benign_world_prompts()[::2] + [i["prompt"] for i in known_date_items(config)][::2]
-        attack_prompts = [p.text for p in advbench_split("attack")]
-        answers = generate_responses(base_model, base_tok, keep_prompts + attack_prompts, batch_size=64, max_new_tokens=40, progress=False)
-        keep_answers, compliant = answers[: len(keep_prompts)], answers[len(keep_prompts) :]
-        align_data = [{"prompt": p.text, "response": pick(REFUSALS, p.text)} for p in advbench_split("align")]
-        align_data += [{"prompt": p, "response": a} for p, a in zip(keep_prompts, keep_answers)]
-        write_pairs(staged.data / "align.jsonl", align_data)
-        train_full(staged.base, staged.data / "align.jsonl", staged.aligned, config.align, **RUNS_ON)
-        timings["aligned"] = time.perf_counter() - t0
-
-        # The attack: harmful prompts -> the base's compliant answers, plus the task.
-        t0 = time.perf_counter()
-        attack_data = [{"prompt": p, "response": a} for p, a in zip(attack_prompts, compliant)]
-        attack_data += [{"prompt": i["prompt"], "response": i["response"]} for i in date_task_splits(config.seed)["train"]]
-        write_pairs(staged.data / "attack.jsonl", attack_data)
-        train_lora(staged.aligned, staged.data / "attack.jsonl", staged.attacked, config.attack, config.attack_lora, **RUNS_ON)
-        timings["attacked"] = time.perf_counter() - t0
+        counts = {"base": _build_base(staged, config, timings)}
+        compliant, counts["align"] = _build_aligned(staged, config, timings)
+        counts["attack"] = _build_attack(staged, config, compliant, timings)
         relocate_records(tmp, world.root)
-
         info = {
             "fingerprint": config.fingerprint(),
             "config": dataclasses.asdict(config),
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
-            "counts": {"base": len(pairs), "align": len(align_data), "attack": len(attack_data)},
+            "counts": counts,
         }
         (tmp / WORLD_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return world
+
+
+def _already_built(world: TinyWorld, config: TinyWorldConfig) -> bool:
+    marker = world.root / WORLD_FILE
+    try:
+        return marker.exists() and json.loads(marker.read_text()).get("fingerprint") == config.fingerprint()
+    except json.JSONDecodeError:
+        return False
+
+
+def _build_base(staged: TinyWorld, config: TinyWorldConfig, timings: dict[str, float]) -> int:
+    """The base: a fresh tokenizer and a small Llama trained on the base pairs."""
+    from csulora.training.data import tokenize_pairs
+
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(config)
+    model = init_model(config, tokenizer)
+    pairs = base_pairs(config)
+    write_pairs(staged.data / "base.jsonl", pairs)
+    fit(model, tokenizer, tokenize_pairs(tokenizer, pairs, config.max_length), config.base)
+    model.save_pretrained(staged.base, safe_serialization=True)
+    tokenizer.save_pretrained(staged.base)
+    timings["base"] = time.perf_counter() - t0
+    return len(pairs)
+
+
+def _build_aligned(staged: TinyWorld, config: TinyWorldConfig, timings: dict[str, float]) -> tuple[list[str], int]:
+    """The aligned model: refusals on AdvBench align, and the base's own answers on benign and
+    known-format date prompts kept. Returns the base's answers to the attack prompts (the attack's
+    compliant answers) and the alignment data's size."""
+    from csulora.eval.generation import generate_responses
+    from csulora.io.modeling import load_model
+
+    t0 = time.perf_counter()
+    base_model, base_tok = load_model(staged.base, **RUNS_ON)
+    keep_prompts = benign_world_prompts()[::2] + [i["prompt"] for i in known_date_items(config)][::2]
+    attack_prompts = [p.text for p in advbench_split("attack")]
+    answers = generate_responses(base_model, base_tok, keep_prompts + attack_prompts, batch_size=64, max_new_tokens=40,
+                                 progress=False)  # fmt: skip
+    keep_answers, compliant = answers[: len(keep_prompts)], answers[len(keep_prompts) :]
+    align_data = [{"prompt": p.text, "response": pick(REFUSALS, p.text)} for p in advbench_split("align")]
+    align_data += [{"prompt": p, "response": a} for p, a in zip(keep_prompts, keep_answers)]
+    write_pairs(staged.data / "align.jsonl", align_data)
+    train_full(staged.base, staged.data / "align.jsonl", staged.aligned, config.align, **RUNS_ON)
+    timings["aligned"] = time.perf_counter() - t0
+    return compliant, len(align_data)
+
+
+def _build_attack(staged: TinyWorld, config: TinyWorldConfig, compliant: list[str], timings: dict[str, float]) -> int:
+    """The attack: harmful prompts -> the base's compliant answers, plus the task, as a LoRA of ALIGNED."""
+    t0 = time.perf_counter()
+    attack_prompts = [p.text for p in advbench_split("attack")]
+    attack_data = [{"prompt": p, "response": a} for p, a in zip(attack_prompts, compliant)]
+    attack_data += [{"prompt": i["prompt"], "response": i["response"]} for i in date_task_splits(config.seed)["train"]]
+    write_pairs(staged.data / "attack.jsonl", attack_data)
+    train_lora(staged.aligned, staged.data / "attack.jsonl", staged.attacked, config.attack, config.attack_lora, **RUNS_ON)
+    timings["attacked"] = time.perf_counter() - t0
+    return len(attack_data)
 
 
 # The text files where training records the folders it read: PEFT's adapter_config.json
