@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from csulora.methods.base import CorrectionMethod, MethodConfig, Tuning, finish_report, require_number
+from csulora.methods.base import CorrectionMethod, MethodConfig, Tuning, require_number
+from csulora.methods.common import finish_report
 from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput, ModuleResult
 
 

@@ -13,7 +13,6 @@ import dataclasses
 import sys
 import types
 import typing
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 

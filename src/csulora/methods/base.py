@@ -31,19 +31,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Generic, TypeVar
 
-from torch import Tensor
 
-from csulora.linalg.geometry import DenseGeometry, ModuleGeometry, audit_dense_report, audit_report
 from csulora.errors import OptionError
-from csulora.linalg.lowrank import dense_frobenius_norm, frobenius_norm_sq
 from csulora.types import (
-    REPORT_KEYS,
     DenseModuleInput,
     DenseModuleResult,
-    LoraUpdate,
     ModuleInput,
     ModuleResult,
-    as_float64,
 )
 
 # What a method may need besides the adapter (``CorrectionMethod.inputs``).
@@ -90,6 +84,21 @@ class Tuning:
         return tuple(sorted(values, reverse=not self.weaker_when_smaller))
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named variant of a method, declared once by the method itself: the rows beside its own
+    sweep that the demo and the benchmark tables show (docs/design.md §9).
+
+    ``options`` are held fixed; ``swept`` True sweeps the method's knob with them (CSULoRA with
+    the alignment restored), False is one fixed setting (Safe LoRA's published default).
+    """
+
+    name: str  # the row's name, e.g. "safelora-default"
+    options: Mapping[str, Any]
+    swept: bool = True
+    help: str = ""
+
+
 ConfigT = TypeVar("ConfigT", bound=MethodConfig)
 
 
@@ -110,6 +119,8 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
     # The method's own per-module report columns, shown after the common ones in `correct`'s
     # table: (report key, column title, format). Every key must be in the method's reports.
     report_columns: ClassVar[tuple[tuple[str, str, str], ...]] = ()
+    # Named variants shown beside the method's own sweep (:class:`Preset`).
+    presets: ClassVar[tuple[Preset, ...]] = ()
 
     # -- what the method needs ---------------------------------------------------------
     def needs(self, config: ConfigT) -> frozenset[str]:
@@ -221,67 +232,6 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
         number mode), or state shared across modules (the calibrated method's factorisations).
         """
         return config
-
-
-def method_report(geometry: ModuleGeometry, *, safelora_projection: str = "approx") -> dict[str, Any]:
-    """A correction report (every key of ``REPORT_KEYS``) pre-filled with the audit numbers.
-
-    Methods fill in their own keys (lam/c, projected, norms after, ranks, ...) on top.
-    """
-    audit = audit_report(geometry, safelora_projection=safelora_projection)
-    report: dict[str, Any] = dict.fromkeys(REPORT_KEYS)
-    for key in ("rho_F", "rho_P", "rho_O", "safelora_cos", "cos_dW_D", "dw_over_d"):
-        report[key] = audit[key]
-    for key in ("subspace_rank", "subspace_energy", "d_source"):
-        report[key] = audit[key]
-    report["dw_norm_before"] = audit["dw_norm"]
-    report["rank_in"] = geometry.module.update.rank
-    return report
-
-
-def dense_method_report(geometry: DenseGeometry, *, safelora_projection: str | None = None) -> dict[str, Any]:
-    """:func:`method_report` for a dense update (ranks do not apply: None).
-
-    ``safelora_cos`` is left None unless a projection is named: on a dense update it costs
-    ``2 m n min(m, n)`` flops (audit and Safe LoRA compute it; the other methods do not).
-    """
-    report: dict[str, Any] = dict.fromkeys(REPORT_KEYS)
-    rho: tuple[float | None, ...] = (None, None, None)
-    if geometry.has_subspace:
-        rho = geometry.part_energies.fractions()
-    subspace = geometry.subspace
-    report.update(
-        rho_F=rho[0],
-        rho_P=rho[1],
-        rho_O=rho[2],
-        cos_dW_D=geometry.cos_dw_d(),
-        dw_over_d=geometry.dw_over_d(),
-        subspace_rank=subspace.rank if subspace is not None else None,
-        subspace_energy=float(subspace.energy) if subspace is not None else None,
-        d_source=geometry.d_source,
-        dw_norm_before=geometry.dw_norm,
-    )
-    if safelora_projection is not None:
-        report["safelora_cos"] = audit_dense_report(geometry, safelora_projection=safelora_projection)["safelora_cos"]
-    return report
-
-
-def finish_dense_report(report: dict[str, Any], update: Tensor | None) -> dict[str, Any]:
-    """The norm after of a dense result (``update is None``: unchanged, the norm before)."""
-    after = report["dw_norm_before"] if update is None else dense_frobenius_norm(update)
-    report.update(dw_norm_after=after)
-    return report
-
-
-def finish_report(report: dict[str, Any], update: LoraUpdate) -> dict[str, Any]:
-    """Fill the keys every method reports about what it wrote: norm and rank after."""
-    report.update(dw_norm_after=update_norm(update.B, update.A, update.scale), rank_out=update.rank)
-    return report
-
-
-def update_norm(B: Tensor, A: Tensor, scale: float) -> float:
-    """``||s B A||_F`` in factored form."""
-    return abs(scale) * float(frobenius_norm_sq(as_float64(B), as_float64(A))) ** 0.5
 
 
 def flag_name(field_name: str) -> str:
