@@ -257,6 +257,11 @@ def _register_correct(subparsers: argparse._SubParsersAction) -> None:
         help="checkpoint input: copy the tensors outside the targets (embeddings, norms, LM head, ...) from "
         "ALIGNED instead of the fine-tuned checkpoint",
     )  # fmt: skip
+    parser.add_argument(
+        "--lora-rank", type=int, metavar="R",
+        help="adapter input, method with only a dense form (e.g. safedelta): write the corrected update as its "
+        "best rank-R LoRA (the report gives the energy dropped) instead of the corrected model",
+    )  # fmt: skip
     _add_source_flags(parser, calibration=True)
     parser.add_argument("--method", required=True, choices=list(METHODS), help="correction method")
     parser.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
@@ -287,6 +292,7 @@ def _run_correct(args: argparse.Namespace) -> int:
         targets=args.targets,
         calibration=args.calibration,
         reset_others=args.reset_others,
+        lora_rank=args.lora_rank,
         **options,
     )
     print(report.format_table())

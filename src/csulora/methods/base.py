@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -170,9 +170,16 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
         return {}
 
     # -- the correction -----------------------------------------------------------------
-    @abstractmethod
+    @property
+    def has_factored_form(self) -> bool:
+        """Whether the method corrects LoRA factors (``correct_module``/``correct``); a method with only
+        a dense form (Safe Delta) corrects an adapter as the dense update ``s B A`` it makes."""
+        cls = type(self)
+        return cls.correct_module is not CorrectionMethod.correct_module or cls.correct is not CorrectionMethod.correct
+
     def correct_module(self, module: ModuleInput, config: ConfigT) -> ModuleResult:
-        """Correct one module independently of the others."""
+        """Correct one module independently of the others (the factored form)."""
+        raise OptionError(f"--method {self.name} ({self.pretty_name}) has no factored form")
 
     def correct(self, modules: Iterable[ModuleInput], config: ConfigT) -> Iterator[ModuleResult]:
         """Correct a stream of modules; override for methods with a global decision."""

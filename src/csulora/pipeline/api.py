@@ -38,6 +38,7 @@ from csulora.pipeline.model_card import base_model_for, correction_card
 from csulora.pipeline.options import SourcePaths, relative_inside
 from csulora.pipeline.outputs import write_corrected
 from csulora.pipeline.reports import AuditReport, CorrectionReport, correction_summary
+from csulora.pipeline.updates import AdapterUpdate
 
 PathLike = str | os.PathLike
 
@@ -92,6 +93,7 @@ def correct_adapter(
     targets: Sequence[str] | str | None = None,
     calibration: PathLike | None = None,
     reset_others: bool = False,
+    lora_rank: int | None = None,
     **method_options: Any,
 ) -> CorrectionReport:
     """Write a corrected copy of an update (PEFT adapter or full checkpoint) to ``out_dir``.
@@ -105,7 +107,9 @@ def correct_adapter(
     ``out_dir/csulora_report.json``), the model card to ``out_dir/README.md``. ``targets``
     restricts the correction to some modules (refused for a method that must correct every
     module, such as ``calibrated``). ``calibration`` (``csulora calibrate``'s statistics) is
-    checked against ``aligned``, else against the adapter's recorded base model.
+    checked against ``aligned``, else against the adapter's recorded base model. A method with only
+    a dense form (Safe Delta) corrects an adapter's ``s B A`` and writes the corrected model, or with
+    ``lora_rank`` its best rank-r LoRA (the report gives the energy dropped).
     """
     get_method(method)
     make_config(method, method_options)  # bad options fail before a hub id is fetched
@@ -116,7 +120,7 @@ def correct_adapter(
     with ExitStack() as stack:
         correction = open_correction(
             stack, update_path, method, paths=paths, subspace_config=subspace_config, targets=targets,
-            reset_others=reset_others, method_options=method_options, progress=progress,
+            reset_others=reset_others, method_options=method_options, progress=progress, lora_rank=lora_rank,
         )  # fmt: skip
         with atomic_output_dir(out, force) as staging:
             return write_correction(correction, staging, input_spec=input_spec, aligned_spec=aligned_spec,
@@ -133,6 +137,7 @@ def write_correction(correction: Correction, folder: Path, *, input_spec: PathLi
     out = out or folder
     inside = relative_inside(report_file, out) if report_file is not None else Path(DEFAULT_REPORT_NAME)
     base_model = base_model_for(aligned_spec) if correction.update.kind == "adapter" else str(aligned_spec)
+    output_kind = "adapter" if isinstance(correction.update, AdapterUpdate) or correction.lora_rank else "checkpoint"
     reports: dict[str, CorrectionReport] = {}
 
     def card(done: Correction, untargeted: list[dict[str, Any]] | None) -> str:
@@ -141,6 +146,7 @@ def write_correction(correction: Correction, folder: Path, *, input_spec: PathLi
             method=done.method, options=reports["report"].options, update=done.update, input_spec=input_spec,
             corrected=done.modules, base_model=base_model, refs=done.refs, sources=reports["report"].sources,
             report_file=None if inside is None else inside.as_posix(), summary=reports["report"].summary,
+            output_kind=output_kind,
         )  # fmt: skip
 
     write_corrected(correction, folder, progress=progress, base_model=base_model, card=card)

@@ -40,6 +40,7 @@ class CorrectionCardFacts:
     paper_url: str | None
     options: Mapping[str, Any]
     input_kind: str  # "adapter" or "checkpoint" (csulora.io.input_kind)
+    output_kind: str  # what was written: "adapter" or "checkpoint" (a dense correction of an adapter)
     input_path: str  # as the user gave it: a folder or a hub id
     input_base_model: str | None  # an adapter's base_model_name_or_path; a checkpoint's ALIGNED
     base_model: str | None  # the written base_model_name_or_path (an adapter's) or ALIGNED
@@ -56,7 +57,8 @@ class CorrectionCardFacts:
 
     @property
     def is_checkpoint(self) -> bool:
-        return self.input_kind == "checkpoint"
+        """Whether the output is a full checkpoint (a full fine-tune's, or an adapter corrected densely)."""
+        return self.output_kind == "checkpoint"
 
 
 def base_model_for(aligned: str | os.PathLike | None) -> str | None:
@@ -82,6 +84,7 @@ def correction_card(
     report_file: str | None,
     summary: Mapping[str, Any],
     sources: Mapping[str, str | None] | None = None,
+    output_kind: str | None = None,
 ) -> str:
     """The card of a corrected output, from what the pipeline used.
 
@@ -99,6 +102,7 @@ def correction_card(
         paper_url=method.paper_url,
         options=options,
         input_kind=update.kind,
+        output_kind=output_kind or update.kind,
         input_path=os.fspath(input_spec),
         input_base_model=recorded,
         base_model=base_model if base_model is not None else recorded,
@@ -163,9 +167,13 @@ def input_license(card_text: str | None) -> str | None:
 def render_correction_card(facts: CorrectionCardFacts) -> str:
     """The README.md text of a corrected adapter or checkpoint folder."""
     what = "full checkpoint" if facts.is_checkpoint else "LoRA adapter"
+    source = "LoRA adapter" if facts.input_kind == "adapter" else "full checkpoint"
     lines = ["---", *_front_matter(facts), "---", "", f"# Safety-corrected {what} ({facts.method})", ""]
+    if facts.input_kind == "adapter" and facts.is_checkpoint:
+        lines += [f"The method `{facts.method}` corrects the adapter's dense update, so this folder is "
+                  "the corrected model, no longer a LoRA (`--lora-rank R` writes its best rank-R LoRA instead).", ""]
     lines += [
-        f"A corrected copy of the {what} `{facts.input_path}`, written by csulora {facts.version} to "
+        f"A corrected copy of the {source} `{facts.input_path}`, written by csulora {facts.version} to "
         "restore the refusals of the aligned model it was trained on while keeping the fine-tune's task gains. "
         "Nothing was retrained: each corrected module's update was rewritten in closed form.",
         "",
@@ -232,7 +240,7 @@ def _loading(facts: CorrectionCardFacts) -> list[str]:
 
 
 def _input_rows(facts: CorrectionCardFacts) -> list[str]:
-    if facts.is_checkpoint:
+    if facts.input_kind == "checkpoint":
         rows = [f"| input checkpoint | `{facts.input_path}` |", f"| aligned model (dW = W_ft - W_aligned) | {_code(facts.base_model)} |"]
     else:
         rows = [

@@ -74,8 +74,13 @@ def check_sources(
             raise OptionError("give --subspace FILE or --base BASE --aligned ALIGNED")
         return
     impl, config = method
-    if kind == CHECKPOINT:
+    if kind == CHECKPOINT or not impl.has_factored_form:
         impl.check_dense_options(config)
+    if kind == ADAPTER and not impl.has_factored_form and paths.aligned is None:
+        raise OptionError(
+            f"--method {impl.name} corrects the adapter's dense update s B A and writes the corrected model "
+            "(or, with --lora-rank R, its best rank-R LoRA): give --aligned ALIGNED, the model the adapter was trained on"
+        )
     if paths.calibration is not None and not impl.needs_calibration(config):
         raise OptionError(f"--calibration does not apply to --method {impl.name} (it reads no activation statistics)")
     impl.check_sources(
