@@ -69,6 +69,7 @@ from torch import Tensor
 from csulora.audit import DenseGeometry
 from csulora.errors import InputError, OptionError
 from csulora.gram import moment_matrix
+from csulora.linalg import small_math
 from csulora.methods.base import (
     CALIBRATION,
     CorrectionMethod,
@@ -267,15 +268,18 @@ def _sweep_block_(target: Tensor, X: Tensor, mask: Tensor, U: Tensor, d: Tensor)
     count = target.shape[1]
     for c1 in range(0, count, _CHUNK_COLUMNS):
         c2 = min(c1 + _CHUNK_COLUMNS, count)
-        for g1 in range(c1, c2, SUB_BLOCK_COLUMNS):
-            g2 = min(g1 + SUB_BLOCK_COLUMNS, c2)
-            current = X[:, g1:g2]
-            value = torch.where(mask[:, g1:g2], target[:, g1:g2], current)
-            error = (current - value) / d[g1:g2]
-            target[:, g1:g2] = value
-            current.copy_(error)
-            if g2 < c2:
-                X[:, g2:c2].addmm_(error, U[g1:g2, g2:c2], alpha=-1.0)
+        # Products of 4 columns are too small for several threads: on a busy machine the thread
+        # hand-offs cost 100x the arithmetic (5 s instead of 0.04 s for a 128 x 2560 update).
+        with small_math():
+            for g1 in range(c1, c2, SUB_BLOCK_COLUMNS):
+                g2 = min(g1 + SUB_BLOCK_COLUMNS, c2)
+                current = X[:, g1:g2]
+                value = torch.where(mask[:, g1:g2], target[:, g1:g2], current)
+                error = (current - value) / d[g1:g2]
+                target[:, g1:g2] = value
+                current.copy_(error)
+                if g2 < c2:
+                    X[:, g2:c2].addmm_(error, U[g1:g2, g2:c2], alpha=-1.0)
         if c2 < count:
             X[:, c2:].addmm_(X[:, c1:c2], U[c1:c2, c2:], alpha=-1.0)
 
