@@ -2,6 +2,7 @@
 
     python -m benchmarks.peers_parity --safedelta DIR --antidote DIR [--shapes small 7b] \
         [--out benchmarks/results/peers_parity.json]
+    python -m benchmarks.peers_parity --table benchmarks/results/peers_parity.json   # docs' tables
 
 ``--safedelta DIR``: a checkout of github.com/ColinLu50/SafeDelta (``llama2/safedelta/safedelta_runner.py``,
 class ``SafeDeltaRunner``); ``--antidote DIR``: a checkout of github.com/git-disl/Antidote (``utils.py``,
@@ -202,7 +203,9 @@ def safedelta_rows(runner_cls: type, case: SafeDeltaCase) -> list[dict]:
             theirs, seconds = _published_safedelta(runner_cls, W_aligned, W_ft, H_published, s, stable)
             row = {"case": case.name, "shape": [case.m, case.n], "s": s, "published_ties": "stable" if stable else "as published"}
             row.update(compare_updates(ours, theirs, ours == W_ft - W_aligned, theirs == W_ft - W_aligned, "kept"))
-            row.update(seconds_published=round(seconds, 2), seconds_csulora=round(ours_seconds, 2))
+            # ours: the factor (float64, once per Gram) and the sweep; the published call does both
+            row.update(seconds_published=round(seconds, 2), seconds_csulora=round(ours_seconds, 2),
+                       seconds_csulora_factor=round(factor_seconds, 2))  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -315,11 +318,20 @@ def _antidote_full(prune, case: AntidoteCase, x, ratio, g) -> list[dict]:
         ours = tuned[p] - aligned[p]
         start = time.perf_counter()
         antidote_dense_(ours, aligned[p], q, ratio)
-        ours_seconds = statistics_seconds + time.perf_counter() - start
+        ours_seconds = time.perf_counter() - start
+        nonzero = tuned[p] != 0  # bfloat16 sums cancel to exact zeros now and then: not pruned
         row = {"module": p, "shape": [case.m, case.n], "kind": "full fine-tune"}
-        row.update(compare_updates(ours, theirs, (aligned[p] + ours) == 0, (aligned[p] + theirs) == 0, "pruned"))
-        rows.append({**row, "seconds_published": round(seconds, 2), "seconds_csulora": round(ours_seconds, 2)})
+        row.update(compare_updates(ours, theirs, ((aligned[p] + ours) == 0) & nonzero, ((aligned[p] + theirs) == 0) & nonzero,
+                                   "pruned"))  # fmt: skip
+        rows.append({**row, **_seconds(seconds, ours_seconds, statistics_seconds)})
     return rows
+
+
+def _seconds(published: float, ours: float, ours_statistics: float) -> dict:
+    """Wall seconds. The published pruning includes its statistics pass (forwards through the
+    stand-in layer); ours is timed apart from forming its statistics from the activations."""
+    return {"seconds_published": round(published, 2), "seconds_csulora": round(ours, 2),
+            "seconds_csulora_statistics": round(ours_statistics, 2)}  # fmt: skip
 
 
 def _antidote_lora(prune, case: AntidoteCase, x, ratio, g) -> list[dict]:
@@ -336,13 +348,13 @@ def _antidote_lora(prune, case: AntidoteCase, x, ratio, g) -> list[dict]:
     for p, (A, B) in factors.items():
         start = time.perf_counter()
         ours = antidote_factors(A, B, inputs, ratio)
-        ours_seconds = gram_seconds + time.perf_counter() - start
+        ours_seconds = time.perf_counter() - start
         prefix = f"base_model.model.model.layers.0.self_attn.{p}"
         for factor, before, after in (("lora_A", A, ours.A), ("lora_B", B, ours.B)):
             theirs = before * (1 - masks[f"{prefix}.{factor}.default.weight"])
             row = {"module": f"{p}.{factor}", "shape": list(before.shape), "kind": f"adapter, rank {r}"}
             row.update(compare_updates(after.float(), theirs, (after == 0) & (before != 0), (theirs == 0) & (before != 0), "pruned"))
-            rows.append({**row, "seconds_published": round(seconds, 2), "seconds_csulora": round(ours_seconds, 2)})
+            rows.append({**row, **_seconds(seconds, ours_seconds, gram_seconds)})
     return rows
 
 
@@ -388,13 +400,42 @@ SHAPES: dict[str, tuple[list[SafeDeltaCase], list[AntidoteCase]]] = {
 }
 
 
+def markdown_table(report: dict) -> str:
+    """The docs' tables (docs/peers.md) from a result file: one row per setting and module."""
+    lines = ["| Safe Delta case | m x n | s | published ties | kept (ours) | kept (published) | agreement | "
+             "entries differing | max abs diff | rel diff | max abs X | s published / ours (factor) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["safedelta"]:
+        lines.append(
+            f"| {r['case']} | {r['shape'][0]} x {r['shape'][1]} | {r['s']} | {r['published_ties']} | {r['kept_csulora']} | "
+            f"{r['kept_published']} | {r['kept_agreement']:.6f} | {r['kept_differing']} | {r['max_abs_diff']:.2e} | "
+            f"{r['rel_diff']:.2e} | {r['max_abs_update']:.2e} | {r['seconds_published']} / {r['seconds_csulora']} "
+            f"({r['seconds_csulora_factor']}) |"
+        )
+    lines += ["", "| Antidote case | module | shape | dense_ratio | pruned (ours) | pruned (published) | agreement | "
+              "max abs diff | s published / ours (+ statistics) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["antidote"]:
+        lines.append(
+            f"| {r['case']} | {r['module']} | {r['shape'][0]} x {r['shape'][1]} | {r['dense_ratio']} | {r['pruned_csulora']} | "
+            f"{r['pruned_published']} | {r['pruned_agreement']:.6f} | {r['max_abs_diff']:.2e} | "
+            f"{r['seconds_published']} / {r['seconds_csulora']} (+{r['seconds_csulora_statistics']}) |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--safedelta", type=Path, required=True, help="checkout of github.com/ColinLu50/SafeDelta")
-    parser.add_argument("--antidote", type=Path, required=True, help="checkout of github.com/git-disl/Antidote")
+    parser.add_argument("--safedelta", type=Path, help="checkout of github.com/ColinLu50/SafeDelta")
+    parser.add_argument("--antidote", type=Path, help="checkout of github.com/git-disl/Antidote")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["small", "7b"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/peers_parity.json"))
+    parser.add_argument("--table", type=Path, help="only print the markdown tables of this result file")
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
+    if args.safedelta is None or args.antidote is None:
+        parser.error("--safedelta and --antidote are required (or --table FILE)")
     runner_cls, prune = load_safedelta(args.safedelta), load_antidote(args.antidote)
     report: dict[str, Any] = {"safedelta": [], "antidote": []}
     for shape in args.shapes:

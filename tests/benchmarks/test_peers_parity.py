@@ -129,3 +129,14 @@ def test_a_missing_checkout_is_a_clear_exit(tmp_path):
         parity.load_safedelta(tmp_path)
     with pytest.raises(SystemExit, match="utils.py: not found"):
         parity.load_antidote(tmp_path)
+
+
+def test_the_tables_come_from_the_result_file(checkouts, tmp_path, capsys):
+    safedelta, antidote = checkouts
+    out = tmp_path / "parity.json"
+    parity.main(["--safedelta", str(safedelta), "--antidote", str(antidote), "--shapes", "toy", "--out", str(out)])
+    capsys.readouterr()
+    assert parity.main(["--table", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("| toy |") for line in lines) == 4
+    assert sum(line.startswith("| toy full |") or line.startswith("| toy adapter |") for line in lines) == 4

@@ -35,7 +35,7 @@ before any is applied). Which weights:
 **Not registered**, and no :class:`~csulora.methods.base.CorrectionMethod` subclass here: the
 statistics come from a pass over the fine-tuned model, which the current interface does not
 carry (``ModuleInput.calibration`` holds the aligned model's), and the dense form needs
-``W_aligned`` beside ``dW``. The lead wires both after the pipeline refactor (issue 22 §1).
+``W_aligned`` beside ``dW``. The lead wires both after the pipeline refactor (issue 22, part 1).
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ class AntidoteConfig(MethodConfig):
     prune: str = field(
         default="qkv",
         metadata={
-            "help": "on a full fine-tune, the weights pruned: qkv (q/k/v_proj, as published) or all (every targeted linear)",
+            "help": "on a full fine-tune, the weights pruned: qkv (q/k/v_proj, as published) "
+            "or all (every targeted linear)",
             "choices": PRUNE_CHOICES,
         },
     )
