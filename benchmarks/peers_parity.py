@@ -199,10 +199,16 @@ def safedelta_rows(runner_cls: type, case: SafeDeltaCase) -> list[dict]:
         start = time.perf_counter()
         safe_delta_(ours, factor, s)
         ours_seconds = factor_seconds + time.perf_counter() - start
+        as_published = None
         for stable in (False, True):
             theirs, seconds = _published_safedelta(runner_cls, W_aligned, W_ft, H_published, s, stable)
             row = {"case": case.name, "shape": [case.m, case.n], "s": s, "published_ties": "stable" if stable else "as published"}
             row.update(compare_updates(ours, theirs, ours == W_ft - W_aligned, theirs == W_ft - W_aligned, "kept"))
+            if as_published is None:
+                as_published = theirs
+            else:  # how far the published result moves with nothing but its sort's tie order
+                moved = float((theirs - as_published).norm() / as_published.norm())
+                row["rel_diff_published_stable_vs_as_published"] = moved
             # ours: the factor (float64, once per Gram) and the sweep; the published call does both
             row.update(seconds_published=round(seconds, 2), seconds_csulora=round(ours_seconds, 2),
                        seconds_csulora_factor=round(factor_seconds, 2))  # fmt: skip
@@ -400,16 +406,21 @@ SHAPES: dict[str, tuple[list[SafeDeltaCase], list[AntidoteCase]]] = {
 }
 
 
+def _optional(value: float | None) -> str:
+    return "" if value is None else f"{value:.2e}"
+
+
 def markdown_table(report: dict) -> str:
     """The docs' tables (docs/peers.md) from a result file: one row per setting and module."""
     lines = ["| Safe Delta case | m x n | s | published ties | kept (ours) | kept (published) | agreement | "
-             "entries differing | max abs diff | rel diff | max abs X | s published / ours (factor) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "entries differing | max abs diff | rel diff | published: stable vs as is | max abs X | s published / ours (factor) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["safedelta"]:
         lines.append(
             f"| {r['case']} | {r['shape'][0]} x {r['shape'][1]} | {r['s']} | {r['published_ties']} | {r['kept_csulora']} | "
             f"{r['kept_published']} | {r['kept_agreement']:.6f} | {r['kept_differing']} | {r['max_abs_diff']:.2e} | "
-            f"{r['rel_diff']:.2e} | {r['max_abs_update']:.2e} | {r['seconds_published']} / {r['seconds_csulora']} "
+            f"{r['rel_diff']:.2e} | {_optional(r.get('rel_diff_published_stable_vs_as_published'))} | "
+            f"{r['max_abs_update']:.2e} | {r['seconds_published']} / {r['seconds_csulora']} "
             f"({r['seconds_csulora_factor']}) |"
         )
     lines += ["", "| Antidote case | module | shape | dense_ratio | pruned (ours) | pruned (published) | agreement | "

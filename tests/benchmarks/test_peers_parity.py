@@ -108,6 +108,8 @@ def test_toy_parity_runs_the_checkouts_and_agrees_with_the_references(checkouts,
     for row in report["safedelta"]:
         assert row["kept_agreement"] == 1.0 and row["rel_diff"] < 1e-5
         assert 0 < row["kept_csulora"] < row["entries"]
+        if row["published_ties"] == "stable":  # the stand-in's ties are stable either way
+            assert row["rel_diff_published_stable_vs_as_published"] == 0.0
     kinds = {row["kind"] for row in report["antidote"]}
     assert kinds == {"full fine-tune", "adapter, rank 3"} and len(report["antidote"]) == 4
     for row in report["antidote"]:
