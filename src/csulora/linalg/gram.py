@@ -396,6 +396,14 @@ def row_gram(A: Tensor, moment: SecondMoment) -> Tensor:
     return (AU * (L.to(A.device) - moment.sigma2)) @ AU.T + moment.sigma2 * (A @ A.T)
 
 
+def moment_diagonal(moment: SecondMoment) -> Tensor:
+    """``diag(S)`` (n, float64): each input's mean square, without building S for the spiked form."""
+    if moment.matrix is not None:
+        return moment.matrix.diagonal().to(torch.float64).clone()
+    U, L = _spikes(moment)
+    return (U.square() * (L - moment.sigma2)).sum(1) + moment.sigma2
+
+
 def action_norm_sq(B: Tensor, A: Tensor, moment: SecondMoment) -> float:
     """``||B A||^2_S = tr(B A S A^T B^T) = sum((B^T B) * (A S A^T))`` from r x r Grams; >= 0."""
     B = B.to(torch.float64)
