@@ -28,7 +28,7 @@ Patches applied at run time, nothing else changed (their files are never edited)
   adapter). The masks are applied as ``train.py`` applies them, ``weight *= 1 - mask``.
 
 Statistics: Safe Delta's ``H`` is accumulated by the runner's own ``add_batch`` from activations on
-the small shape (ours: :func:`csulora.gram.normalised_gram` of the same activations, so the scale
+the small shape (ours: :func:`csulora.linalg.gram.normalised_gram` of the same activations, so the scale
 mapping is exercised), and set directly on the 7B-like shapes (a diagonal plus rank-64 Gram;
 accumulating n = 11008 activations would take minutes). Antidote's statistics always come from
 its hooks over the activations (ours: the diagonal, or for ``lora_B`` the Gram, of the same
@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from csulora.gram import normalised_gram
+from csulora.linalg.gram import normalised_gram
 from csulora.methods.antidote import antidote_dense_, antidote_factors
 from csulora.methods.safedelta import safe_delta_, safety_factor
 from csulora.types import SecondMoment

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from csulora.errors import OptionError
-from csulora.gram import Eigen, moment_diagonal, normalised_gram
+from csulora.linalg.gram import Eigen, moment_diagonal, normalised_gram
 from csulora.methods.antidote import (
     ANTIDOTE_TUNING,
     PUBLISHED_DENSE_RATIO_ADAPTER,

@@ -67,3 +67,12 @@ def test_lora_rank_writes_the_best_rank_r_lora(dense_method, tiny_adapter, tiny_
         else:
             assert lost > 0 and row["rank_out"] == rank
     assert json.loads((out / "csulora_report.json").read_text())["modules"][0]["lora_rank"] == rank
+
+
+def test_a_module_the_method_leaves_as_it_was_is_the_adapter_merged(dense_method, tiny_adapter, tiny_pair, tmp_path):
+    """Strength 0 changes nothing: the corrected model is the aligned one with the adapter merged
+    (a densified adapter has no fine-tuned tensor to copy)."""
+    correct_adapter(tiny_adapter, tmp_path / "o", dense_method, aligned=tiny_pair[1], strength=0.0, progress=False)
+    written, merged = merged_weights(tmp_path / "o"), merged_weights(tiny_pair[1], tiny_adapter)
+    for name in read_adapter(tiny_adapter).modules:
+        torch.testing.assert_close(written[name], merged[name], atol=1e-6, rtol=1e-5)

@@ -146,7 +146,12 @@ def _add_source_flags(parser: argparse.ArgumentParser, *, calibration: bool = Fa
     if calibration:
         group.add_argument(
             "--calibration", metavar="FILE",
-            help="activation statistics written by `csulora calibrate` (docs/design.md §5c)",
+            help="the aligned model's activation statistics written by `csulora calibrate` (calibrated, safedelta)",
+        )
+        group.add_argument(
+            "--update-statistics", metavar="FILE",
+            help="the fine-tuned model's activation statistics, from `csulora calibrate ... --update-statistics` "
+            "(antidote)",
         )
 
 
@@ -293,6 +298,7 @@ def _run_correct(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         reset_others=args.reset_others,
         lora_rank=args.lora_rank,
+        update_statistics=args.update_statistics,
         **options,
     )
     print(report.format_table())

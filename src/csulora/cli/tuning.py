@@ -92,6 +92,10 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     statistics.add_argument(
         "--calibration", metavar="FILE", help="activation statistics from `csulora calibrate` (for calibrated methods)"
     )
+    p.add_argument(
+        "--update-statistics", metavar="FILE",
+        help="the fine-tuned model's activation statistics (`csulora calibrate ... --update-statistics`), for antidote",
+    )  # fmt: skip
     statistics.add_argument(
         "--calibration-task",
         metavar="FILE.jsonl",
@@ -250,6 +254,7 @@ def run_tune(args: argparse.Namespace) -> int:
         benign=args.benign,
         force=args.force,
         score_cache=args.score_cache,
+        update_statistics=args.update_statistics,
         **device_options(args),
     )
     print(format_sweep(result.record))

@@ -8,7 +8,7 @@ its file plus one line here (docs/design.md §9).
 
 from __future__ import annotations
 
-from csulora.methods import csulora, safelora, scale, resta, calibrated  # noqa: F401 - each registers itself
+from csulora.methods import csulora, safelora, scale, resta, calibrated, safedelta, antidote  # noqa: F401 - each registers itself
 from csulora.methods.base import CorrectionMethod, MethodConfig, Preset, Tuning
 from csulora.methods.registry import METHODS, get_method, make_config, option_names, register, tunable_methods
 

@@ -32,10 +32,10 @@ before any is applied). Which weights:
   ``dense_ratio = 0.00001`` (``script/finetune/antidote_poison_ratio_full.sh``): one weight per
   row at width 4096.
 
-**Not registered**, and no :class:`~csulora.methods.base.CorrectionMethod` subclass here: the
-statistics come from a pass over the fine-tuned model, which the current interface does not
-carry (``ModuleInput.calibration`` holds the aligned model's), and the dense form needs
-``W_aligned`` beside ``dW``. The lead wires both after the pipeline refactor (issue 22, part 1).
+The statistics are the fine-tuned model's: ``csulora calibrate`` run on it (the aligned model with
+the adapter, or the full fine-tune) with ``--update-statistics`` writes them (its "harmful" Gram
+is read here), and ``correct``/``tune`` take the file as ``--update-statistics FILE``
+(``UPDATE_STATISTICS``). The dense form also reads ``W_aligned`` (``ALIGNED_WEIGHT``).
 """
 
 from __future__ import annotations
@@ -45,9 +45,29 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from csulora.gram import moment_diagonal, row_gram
-from csulora.methods.base import MethodConfig, Tuning, require_choice, require_number
-from csulora.types import SecondMoment
+from csulora.errors import InputError
+from csulora.linalg.geometry import DenseGeometry, ModuleGeometry
+from csulora.linalg.gram import moment_diagonal, row_gram
+from csulora.methods.base import (
+    ALIGNED_WEIGHT,
+    UPDATE_STATISTICS,
+    CorrectionMethod,
+    MethodConfig,
+    Tuning,
+    require_choice,
+    require_number,
+)
+from csulora.methods.common import finish_dense_report, finish_report, method_report
+from csulora.methods.registry import register
+from csulora.types import (
+    DenseModuleInput,
+    DenseModuleResult,
+    LoraUpdate,
+    ModuleCalibration,
+    ModuleInput,
+    ModuleResult,
+    SecondMoment,
+)
 
 PUBLISHED_DENSE_RATIO_ADAPTER = 0.1  # train.py --dense_ratio default; script/finetune/antidote_*.sh
 PUBLISHED_DENSE_RATIO_FULL = 1e-5  # script/finetune/antidote_poison_ratio_full.sh: dense_ratio=0.00001
@@ -180,3 +200,66 @@ class AntidoteConfig(MethodConfig):
 # Weakest first; 0 prunes nothing (the identity). The grid spans both published defaults (1e-5 on
 # full weights, 0.1 on LoRA factors).
 ANTIDOTE_TUNING = Tuning(knob="dense_ratio", grid=(0.0, 1e-5, 0.01, 0.03, 0.1, 0.2, 0.3), identity=0.0)
+
+
+class Antidote(CorrectionMethod[AntidoteConfig]):
+    """Antidote: prune, per row, the weights the fine-tuned model's harmful inputs use most."""
+
+    name = "antidote"
+    pretty_name = "Antidote (one-shot pruning)"
+    paper_url = "https://arxiv.org/abs/2408.09600"
+    config_cls = AntidoteConfig
+    inputs = frozenset({UPDATE_STATISTICS})
+    tuning = ANTIDOTE_TUNING
+    report_columns = (("pruned_share", "pruned", ".3g"),)
+
+    def is_identity(self, config: AntidoteConfig) -> bool:
+        return config.dense_ratio == 0.0
+
+    def dense_inputs(self, config: AntidoteConfig, *, has_displacement: bool) -> frozenset[str]:
+        return frozenset({UPDATE_STATISTICS, ALIGNED_WEIGHT})
+
+    def correct_module(self, module: ModuleInput, config: AntidoteConfig) -> ModuleResult:
+        """Prune the LoRA factors themselves: the output stays a LoRA of the same rank."""
+        stats = _statistics_of(module, module.update.shape[1])
+        geometry = ModuleGeometry(module)
+        report = method_report(geometry)
+        ratio = config.ratio(full_fine_tune=False)
+        if ratio == 0.0:
+            update, pruned, entries = module.update, 0, 0  # the identity: the input bytes
+        else:
+            factors = antidote_factors(geometry.A, geometry.B, stats.harmful, ratio)
+            update = LoraUpdate(A=factors.A, B=factors.B, scale=module.update.scale)
+            pruned, entries = factors.pruned_A + factors.pruned_B, factors.A.numel() + factors.B.numel()
+        report.update(dense_ratio=ratio, pruned_share=pruned / entries if entries else 0.0)
+        return ModuleResult(name=module.name, update=update, report=finish_report(report, update))
+
+    def correct_dense(self, module: DenseModuleInput, config: AntidoteConfig) -> DenseModuleResult:
+        """Prune ``W_ft = W_aligned + dW`` of the pruned modules (q/k/v as published); the update
+        becomes ``W_ft * (1 - mask) - W_aligned``, in dW's own buffer."""
+        report = method_report(DenseGeometry(module))  # before dW is overwritten
+        ratio = config.ratio(full_fine_tune=True)
+        pruned = 0
+        if config.prunes(module.name) and ratio > 0.0:
+            stats = _statistics_of(module, module.shape[1])
+            if module.aligned_weight is None:
+                raise InputError(f"{module.name}: Antidote's dense form needs W_aligned beside dW")
+            pruned = antidote_dense_(module.update, module.aligned_weight, moment_diagonal(stats.harmful), ratio)
+        update = module.update if pruned else None
+        report.update(dense_ratio=ratio, pruned_share=pruned / module.update.numel())
+        return DenseModuleResult(name=module.name, update=update, report=finish_dense_report(report, update))
+
+
+def _statistics_of(module: ModuleInput | DenseModuleInput, n: int) -> ModuleCalibration:
+    stats = module.update_statistics
+    if stats is None:
+        raise InputError(f"{module.name}: Antidote needs the fine-tuned model's activation statistics")
+    if stats.n != n:
+        raise InputError(
+            f"{module.name}: the fine-tuned model's statistics (group {stats.group}) are for inputs of size {stats.n} "
+            f"but the update has {n} columns"
+        )
+    return stats
+
+
+register(Antidote())

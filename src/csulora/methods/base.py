@@ -43,8 +43,12 @@ from csulora.types import (
 # What a method may need besides the adapter (``CorrectionMethod.inputs``).
 SUBSPACE = "subspace"  # the top-k safety subspace of D (a cache, or computed from base/aligned)
 DISPLACEMENT = "displacement"  # the exact, full D (streamed from --base/--aligned)
-CALIBRATION = "calibration"  # activation statistics from `csulora calibrate`
-INPUT_KINDS = (SUBSPACE, DISPLACEMENT, CALIBRATION)
+CALIBRATION = "calibration"  # activation statistics of the aligned model, from `csulora calibrate`
+# Activation statistics of the fine-tuned model (the update applied) on harmful prompts followed by
+# harmful answers, from `csulora calibrate FINETUNED --update-statistics` (Antidote's, issue 22).
+UPDATE_STATISTICS = "update_statistics"
+ALIGNED_WEIGHT = "aligned_weight"  # W_aligned beside a dense dW (Antidote prunes W_ft itself)
+INPUT_KINDS = (SUBSPACE, DISPLACEMENT, CALIBRATION, UPDATE_STATISTICS, ALIGNED_WEIGHT)
 
 
 @dataclass(frozen=True)
@@ -136,15 +140,26 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
     def needs_calibration(self, config: ConfigT) -> bool:
         return CALIBRATION in self.needs(config)
 
+    def needs_update_statistics(self, config: ConfigT) -> bool:
+        return UPDATE_STATISTICS in self.needs(config)
+
     def check_sources(
-        self, config: ConfigT, *, has_displacement: bool, has_subspace: bool, has_calibration: bool = False
+        self, config: ConfigT, *, has_displacement: bool, has_subspace: bool, has_calibration: bool = False,
+        has_update_statistics: bool = False,
     ) -> None:
         """Raise OptionError (before any tensor is read) when an input the config needs is missing.
 
         ``has_displacement``: the exact D will be streamed (--base/--aligned given);
         ``has_subspace``: a subspace will be available (a cache, or computed from base/aligned);
-        ``has_calibration``: a calibration file was given.
+        ``has_calibration``: a calibration file was given; ``has_update_statistics``: statistics of
+        the fine-tuned model were given.
         """
+        if self.needs_update_statistics(config) and not has_update_statistics:
+            raise OptionError(
+                f"{self.pretty_name} needs the fine-tuned model's activation statistics: give --update-statistics "
+                "FILE (written by `csulora calibrate ALIGNED --adapter ADAPTER --update-statistics ...`, or on the "
+                "full fine-tune itself)"
+            )
         if self.needs_displacement(config) and not has_displacement:
             raise OptionError(f"{self.pretty_name} needs the exact D: give --base/--aligned")
         if self.needs_subspace(config) and not has_subspace:

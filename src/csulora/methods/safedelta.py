@@ -52,9 +52,9 @@ to the columns not yet swept (m x (n - 2048), in dW's dtype), ``U`` (n x n, in d
 block-sized temporaries. Factorising ``H`` takes two n x n float64 matrices at a time
 (1.9 GB at n = 11008); see :func:`safety_factor`.
 
-**Not registered** in ``methods/registry.py``: the lead wires it after the pipeline refactor
-(issue 22, part 1). :class:`SafeDelta` below implements the dense form against the current
-interface; its adapter form (a dense output) is not written yet.
+The method has only a dense form: on a full fine-tune it writes ``W_aligned + X``; on a LoRA
+adapter the pipeline hands it ``s B A`` and writes the corrected model, or with ``--lora-rank R``
+its best rank-R LoRA (docs/design.md §9, issue 22).
 """
 
 from __future__ import annotations
@@ -66,20 +66,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.audit import DenseGeometry
-from csulora.errors import InputError, OptionError
-from csulora.gram import moment_matrix
-from csulora.linalg import small_math
+from csulora.linalg.geometry import DenseGeometry
+from csulora.errors import InputError
+from csulora.linalg.gram import moment_matrix
+from csulora.linalg.lowrank import small_math
 from csulora.methods.base import (
     CALIBRATION,
     CorrectionMethod,
     MethodConfig,
     Tuning,
-    dense_method_report,
-    finish_dense_report,
     require_number,
 )
-from csulora.types import DenseModuleInput, DenseModuleResult, ModuleCalibration, ModuleInput, ModuleResult
+from csulora.methods.common import finish_dense_report, method_report
+from csulora.methods.registry import register
+from csulora.types import DenseModuleInput, DenseModuleResult, ModuleCalibration
 
 # -- the published constants (safedelta_runner.py / run_safedelta.py) -----------------------------
 PUBLISHED_S = 0.1  # run_safedelta.main(scale=0.1); scripts/purebad_safedelta.sh uses 0.11
@@ -313,7 +313,7 @@ class SafeDeltaConfig(MethodConfig):
 SAFEDELTA_TUNING = Tuning(knob="s", grid=(1.0, 0.3, 0.1, 0.03, 0.01, 0.0), weaker_when_smaller=False, identity=None)
 
 
-# -- the method (UNREGISTERED: wired by the lead after the pipeline refactor, issue 22, part 1) --------
+# -- the method ------------------------------------------------------------------------------------
 @dataclass
 class _Factors:
     """The factor of the last Gram group seen (q/k/v share one); held while the group's statistics live."""
@@ -338,7 +338,7 @@ class DenseRun:
 
 
 class SafeDelta(CorrectionMethod[SafeDeltaConfig]):
-    """Safe Delta on a full fine-tune's modules (dense form). NOT REGISTERED (issue 22, part 1)."""
+    """Safe Delta (dense form only: an adapter is corrected as ``s B A``, docs/design.md §9)."""
 
     name = "safedelta"
     pretty_name = "Safe Delta"
@@ -346,13 +346,7 @@ class SafeDelta(CorrectionMethod[SafeDeltaConfig]):
     config_cls = SafeDeltaConfig
     inputs = frozenset({CALIBRATION})
     tuning = SAFEDELTA_TUNING
-
-    def correct_module(self, module: ModuleInput, config: SafeDeltaConfig) -> ModuleResult:
-        # Safe Delta's result is dense: an adapter's output is a checkpoint (or a refactored LoRA),
-        # which the pipeline refactor adds. Refused in one line until then.
-        raise OptionError(
-            "--method safedelta writes a dense update: adapters are not supported yet, give a full fine-tune"
-        )
+    report_columns = (("kept_share", "kept", ".3f"),)
 
     def dense_run(self, config: SafeDeltaConfig, measures: Any = None) -> DenseRun:
         return DenseRun(config=config, factors=_Factors())
@@ -368,7 +362,7 @@ class SafeDelta(CorrectionMethod[SafeDeltaConfig]):
                 f"{calibration.n} but the update has {module.shape[1]} columns"
             )
         geometry = DenseGeometry(module)
-        report: dict[str, Any] = dense_method_report(geometry)  # before dW is overwritten
+        report: dict[str, Any] = method_report(geometry)  # before dW is overwritten
         dW = module.update
         if geometry.dw_is_zero:
             stats, update = SafeDeltaStats(kept=0, entries=dW.numel()), None
@@ -377,3 +371,6 @@ class SafeDelta(CorrectionMethod[SafeDeltaConfig]):
             update = dW
         report.update(s=run.config.s, kept_share=stats.kept_share, calibration_group=calibration.group)
         return DenseModuleResult(name=module.name, update=update, report=finish_dense_report(report, update))
+
+
+register(SafeDelta())

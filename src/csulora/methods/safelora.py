@@ -263,12 +263,14 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
         return frozenset({DISPLACEMENT if config.projection == "approx" else SUBSPACE})
 
     def check_sources(
-        self, config: SafeLoraConfig, *, has_displacement: bool, has_subspace: bool, has_calibration: bool = False
+        self, config: SafeLoraConfig, *, has_displacement: bool, has_subspace: bool, has_calibration: bool = False,
+        has_update_statistics: bool = False,
     ) -> None:
         if self.needs_displacement(config) and not has_displacement:
             raise OptionError(APPROX_NEEDS_D)
         super().check_sources(
-            config, has_displacement=has_displacement, has_subspace=has_subspace, has_calibration=has_calibration
+            config, has_displacement=has_displacement, has_subspace=has_subspace, has_calibration=has_calibration,
+            has_update_statistics=has_update_statistics,
         )
 
     def tune_options(self, *, has_displacement: bool) -> dict[str, Any]:

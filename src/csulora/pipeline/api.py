@@ -94,6 +94,7 @@ def correct_adapter(
     calibration: PathLike | None = None,
     reset_others: bool = False,
     lora_rank: int | None = None,
+    update_statistics: PathLike | None = None,
     **method_options: Any,
 ) -> CorrectionReport:
     """Write a corrected copy of an update (PEFT adapter or full checkpoint) to ``out_dir``.
@@ -115,7 +116,8 @@ def correct_adapter(
     make_config(method, method_options)  # bad options fail before a hub id is fetched
     input_spec, aligned_spec = adapter_dir, aligned  # as given: hub ids stay ids in the card and config
     update_path, base, aligned = resolve_inputs(adapter_dir, base, aligned)
-    paths = SourcePaths(subspace=subspace, base=base, aligned=aligned, calibration=calibration)
+    paths = SourcePaths(subspace=subspace, base=base, aligned=aligned, calibration=calibration,
+                        update_statistics=update_statistics)  # fmt: skip
     out, report_file = _check_outputs(out_dir, report_path, force, update_path, paths)
     with ExitStack() as stack:
         correction = open_correction(
@@ -167,7 +169,8 @@ def _check_outputs(out_dir: PathLike, report_path: PathLike | None, force: bool,
     if report_file is not None and report_file.is_dir():
         raise InputError(f"{report_file}: is a folder; give the report's file name")
     inputs = {"ADAPTER": update_path, "--subspace": paths.subspace, "--base": paths.base,
-              "--aligned": paths.aligned, "--calibration": paths.calibration}  # fmt: skip
+              "--aligned": paths.aligned, "--calibration": paths.calibration,
+              "--update-statistics": paths.update_statistics}  # fmt: skip
     check_apart({"-o/--output": out, "--report": report_file}, inputs)
     if report_file is not None and relative_inside(report_file, out) is None:
         check_output_file(report_file, force, flag="--report")  # a file of its own: same rule as OUTDIR

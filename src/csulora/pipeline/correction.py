@@ -34,7 +34,7 @@ from csulora.io.hub import resolve_model_dir
 from csulora.io.input_kind import ADAPTER, is_local_checkpoint
 from csulora.linalg.lowrank import finite_by_blocks, rows_per_block
 from csulora.linalg.subspace import SubspaceConfig, check_subspace_config, compute_subspace
-from csulora.methods.base import SUBSPACE, CorrectionMethod, MethodConfig
+from csulora.methods.base import ALIGNED_WEIGHT, SUBSPACE, CorrectionMethod, MethodConfig
 from csulora.methods.registry import get_method, make_config
 from csulora.pipeline.options import CHECKPOINT, SourcePaths, check_sources
 from csulora.pipeline.references import References, open_references
@@ -56,6 +56,7 @@ class Correction:
     run: Any = None  # what the dense form receives: the options, or a first pass's plan
     subspace_config: SubspaceConfig = field(default_factory=SubspaceConfig)
     need_subspace: bool = True
+    need_aligned_weight: bool = False
     reset_others: bool = False
     lora_rank: int | None = None  # a dense correction of an adapter written back as a rank-r LoRA
     results: dict[str, Result] = field(default_factory=dict)  # reports of the modules corrected so far
@@ -72,9 +73,14 @@ class Correction:
         subspace = None
         if self.need_subspace or self.refs.cache is not None:
             subspace = self.refs.subspace(module, D, self.subspace_config)
-        cls = DenseModuleInput if self.update.form == DENSE else ModuleInput
-        return cls(name=module, update=self.update.read(module), subspace=subspace, displacement=D,
-                   calibration=self.refs.statistics(module))  # fmt: skip
+        common = {"name": module, "update": self.update.read(module), "subspace": subspace, "displacement": D,
+                  "calibration": self.refs.statistics(module), "update_statistics": self.refs.update_statistics_of(module)}  # fmt: skip
+        if self.update.form != DENSE:
+            return ModuleInput(**common)
+        aligned = None
+        if self.need_aligned_weight:  # a view of the memory map (Antidote prunes W_ft = W_aligned + dW)
+            aligned = self.update.aligned.get(weight_name(module), dtype=None, finite_check=False)  # type: ignore[attr-defined]
+        return DenseModuleInput(**common, aligned_weight=aligned)
 
     def inputs(self, order: Sequence[str], *, progress: bool, desc: str) -> Iterator[ModuleInput | DenseModuleInput]:
         """Stream ``order``'s modules: one weight pair and one D in memory at a time."""
@@ -132,9 +138,10 @@ class Correction:
         the aligned model's other tensors. One tensor alive at a time (tune's in-memory states)."""
         assert isinstance(self.update, CheckpointUpdate)
         for result in self.corrected():
-            if result.update is not None:
-                yield weight_name(result.name), self.output_weight(result.name, result.update)  # type: ignore[arg-type]
-            del result
+            X = result.update if result.update is not None else self.update.unchanged(result.name)
+            if X is not None:
+                yield weight_name(result.name), self.output_weight(result.name, X)  # type: ignore[arg-type]
+            del result, X
         if self.reset_others:
             for name in self.update.untargeted_names(self.modules):
                 yield name, self.update.aligned.get(name, dtype=None)
@@ -210,6 +217,7 @@ def open_correction(
     correction = Correction(
         update=update, refs=refs, modules=modules, method=impl, options=options, subspace_config=sub_config,
         need_subspace=_needs_subspace(impl, options, update, refs), reset_others=reset_others, lora_rank=lora_rank,
+        need_aligned_weight=_needs(ALIGNED_WEIGHT, impl, options, update, refs),
     )  # fmt: skip
     if impl is not None:
         correction.prepare_run(progress)
@@ -257,9 +265,16 @@ def _method_and_options(
 def _needs_subspace(impl: CorrectionMethod | None, options: Any, update: Update, refs: References) -> bool:
     if impl is None:
         return True  # the audit reports against the subspace
+    return _needs(SUBSPACE, impl, options, update, refs)
+
+
+def _needs(kind: str, impl: CorrectionMethod | None, options: Any, update: Update, refs: References) -> bool:
+    """Whether the method reads ``kind`` for this update's form."""
+    if impl is None:
+        return False
     if update.form == DENSE:
-        return SUBSPACE in impl.dense_inputs(options, has_displacement=refs.has_displacement)
-    return impl.needs_subspace(options)
+        return kind in impl.dense_inputs(options, has_displacement=refs.has_displacement)
+    return kind in impl.needs(options)
 
 
 def _check_corrects_every_module(impl: CorrectionMethod, update: Update, modules: Sequence[str]) -> None:

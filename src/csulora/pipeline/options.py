@@ -47,6 +47,7 @@ class SourcePaths:
     base: PathLike | None = None
     aligned: PathLike | None = None
     calibration: PathLike | None = None
+    update_statistics: PathLike | None = None  # the fine-tuned model's statistics (Antidote)
 
     @property
     def has_displacement(self) -> bool:
@@ -83,9 +84,12 @@ def check_sources(
         )
     if paths.calibration is not None and not impl.needs_calibration(config):
         raise OptionError(f"--calibration does not apply to --method {impl.name} (it reads no activation statistics)")
+    if paths.update_statistics is not None and not impl.needs_update_statistics(config):
+        raise OptionError(f"--update-statistics does not apply to --method {impl.name} (it reads none)")
     impl.check_sources(
         config,
         has_displacement=paths.has_displacement,
         has_subspace=paths.has_subspace,
         has_calibration=paths.calibration is not None,
+        has_update_statistics=paths.update_statistics is not None,
     )

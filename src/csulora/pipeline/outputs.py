@@ -115,10 +115,11 @@ def _write_one(correction: Correction, writer: ShardWriter, shard: ShardLayout, 
     if name in correction.targets:
         result = next(results)
         assert weight_name(result.name) == name, f"stream order: expected {name}, got {result.name}"
-        if result.update is None:
+        X = result.update if result.update is not None else update.unchanged(result.name)
+        if X is None:
             writer.copy_tensor(name, shard, entry)  # unchanged: W_ft byte for byte
         else:
-            writer.write_tensor(name, correction.output_weight(result.name, result.update))  # type: ignore[arg-type]
+            writer.write_tensor(name, correction.output_weight(result.name, X))  # type: ignore[arg-type]
         del result
         return
     written_from = "aligned" if correction.reset_others else "fine-tuned"

@@ -37,6 +37,7 @@ class References:
     base: CheckpointReader | None = None
     aligned: CheckpointReader | None = None
     calibration: CalibrationFile | None = None  # activation statistics (docs/design.md §5c)
+    update_statistics: CalibrationFile | None = None  # the fine-tuned model's (Antidote, issue 22)
 
     @property
     def has_displacement(self) -> bool:
@@ -63,6 +64,8 @@ class References:
         }
         if self.calibration is not None:  # only then: other methods' reports keep their bytes
             described["calibration"] = named(self.calibration.path)
+        if self.update_statistics is not None:
+            described["update_statistics"] = named(self.update_statistics.path)
         return described
 
     # --- per module ------------------------------------------------------------------------
@@ -86,6 +89,9 @@ class References:
     def statistics(self, module: str) -> ModuleCalibration | None:
         return self.calibration.module(module) if self.calibration is not None else None
 
+    def update_statistics_of(self, module: str) -> ModuleCalibration | None:
+        return self.update_statistics.module(module) if self.update_statistics is not None else None
+
     # --- checks before any weight is read ---------------------------------------------------
     def check_modules(self, shapes: Mapping[str, tuple[int, int]], where: Callable[[str], str]) -> None:
         """Every target exists with the update's shape in each reference (headers and metadata only).
@@ -101,8 +107,9 @@ class References:
         if self.cache is not None:
             for name in names:
                 _check_shape(name, shapes[name], self.cache.entry(name).shape, where, f"{self.cache.path}: module {name}")
-        if self.calibration is not None:
-            self.calibration.check_modules(dict(shapes), where(names[0]) if names else "")
+        for stats in (self.calibration, self.update_statistics):
+            if stats is not None:
+                stats.check_modules(dict(shapes), where(names[0]) if names else "")
 
     def check_calibration_model(self, model: Path | None) -> None:
         """The calibration file comes from ``model`` (its fingerprint, docs/design.md §5c)."""
@@ -128,10 +135,13 @@ def open_references(stack: ExitStack, paths: SourcePaths, *, calibration_groups:
     (a full checkpoint's dense solve holds one, docs/design.md §5d).
     """
     refs = References()
+    kwargs = {} if calibration_groups is None else {"groups_in_memory": calibration_groups}
     if paths.calibration is not None:
-        kwargs = {} if calibration_groups is None else {"groups_in_memory": calibration_groups}
         refs.calibration = load_calibration(paths.calibration, **kwargs)
         stack.callback(refs.calibration.close)
+    if paths.update_statistics is not None:
+        refs.update_statistics = load_calibration(paths.update_statistics, **kwargs)
+        stack.callback(refs.update_statistics.close)
     if paths.subspace is not None:
         refs.cache = load_subspace_cache(paths.subspace)
         stack.callback(refs.cache.close)

@@ -146,6 +146,11 @@ class CheckpointUpdate(Update):
         wanted = {weight_name(m): m for m in modules}
         return [wanted[name] for name in self.layout.tensor_names() if name in wanted]
 
+    def unchanged(self, module: str) -> Tensor | None:
+        """The update to write where a method left a module as it was: None, the fine-tuned tensor's
+        own bytes are copied (a densified adapter has none: its ``s B A`` is formed again)."""
+        return None
+
     def untargeted_names(self, modules: Sequence[str]) -> list[str]:
         targets = {weight_name(m) for m in modules}
         return [name for name in self.layout.tensor_names() if name not in targets]
@@ -235,6 +240,9 @@ class DensifiedAdapter(CheckpointUpdate):
                     f"{self.adapter.weights_file}: module {module} updates a {list(self.shape(module))} weight but "
                     f"{self.aligned.files[name]} has {list(self.aligned.shape(name))}"
                 )
+
+    def unchanged(self, module: str) -> Tensor:
+        return self.read(module)  # W_aligned + s B A: the adapter merged, as the method left it
 
     def untargeted(self, name: str) -> dict[str, Any]:
         """The aligned model's other tensors are copied as they are: unchanged by the adapter."""

@@ -37,9 +37,16 @@ PathLike = str | os.PathLike
 
 
 def model_tensors(model: Any) -> dict[str, Tensor]:
-    """The model's parameters and buffers by their checkpoint names (tied weights once)."""
+    """The model's parameters and buffers by their checkpoint names (tied weights once).
+
+    A layer PEFT has wrapped keeps its weight as ``<module>.base_layer.weight``; it is listed under
+    the checkpoint's name ``<module>.weight`` too, so a correction reaches it in a model that has
+    adapters attached (a dense correction of an adapter, scored by tune with the adapters off)."""
     tensors = dict(model.named_buffers())
     tensors.update(dict(model.named_parameters()))
+    for name, tensor in list(tensors.items()):
+        if ".base_layer." in name:
+            tensors.setdefault(name.replace(".base_layer.", "."), tensor)
     return tensors
 
 
@@ -69,10 +76,11 @@ def _read_back(model: Any, checkpoint: PathLike, names: list[str]) -> None:
 @contextmanager
 def corrected_in_memory(
     model: Any,
-    checkpoint: PathLike,
+    update: PathLike,
     method: str,
     *,
     aligned: PathLike,
+    restore_from: PathLike | None = None,
     subspace: PathLike | None = None,
     base: PathLike | None = None,
     calibration: PathLike | None = None,
@@ -81,21 +89,25 @@ def corrected_in_memory(
     progress: bool = False,
     **method_options: Any,
 ) -> Iterator[Correction]:
-    """``model`` (loaded from ``checkpoint``) with one setting's corrected weights, restored on exit.
+    """``model`` with one setting's corrected weights, restored on exit from ``restore_from``.
 
-    Yields the opened correction: its ``results`` hold each module's report. Options and
-    inputs are checked as by ``correct_adapter`` before any weight of the model changes.
+    ``update``: a full checkpoint (the model was loaded from it: ``restore_from`` defaults to it),
+    or an adapter corrected by a dense-only method (``s B A``; the model is the aligned one, with
+    its adapters off, and ``restore_from`` is ALIGNED). Yields the opened correction: its
+    ``results`` hold each module's report. Options and inputs are checked as by
+    ``correct_adapter`` before any weight of the model changes.
     """
+    restore_from = update if restore_from is None else restore_from
     changed: list[str] = []
     try:
         with ExitStack() as stack:
-            correction = _opened(stack, checkpoint, method, aligned=aligned, subspace=subspace, base=base,
+            correction = _opened(stack, update, method, aligned=aligned, subspace=subspace, base=base,
                                  calibration=calibration, targets=targets, reset_others=reset_others,
                                  progress=progress, method_options=method_options)  # fmt: skip
-            _apply(model, correction, checkpoint, changed)
+            _apply(model, correction, restore_from, changed)
             yield correction
     finally:
-        _read_back(model, checkpoint, changed)
+        _read_back(model, restore_from, changed)
 
 
 def _opened(stack: ExitStack, checkpoint: PathLike, method: str, *, aligned: PathLike, subspace: PathLike | None,

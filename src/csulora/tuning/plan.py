@@ -17,7 +17,7 @@ from typing import Any
 from csulora.errors import InputError, OptionError
 from csulora.io.hub import resolve_model_dir
 from csulora.io.input_kind import is_checkpoint
-from csulora.methods.base import CALIBRATION, DISPLACEMENT, SUBSPACE
+from csulora.methods.base import CALIBRATION, DISPLACEMENT, SUBSPACE, UPDATE_STATISTICS
 from csulora.methods.registry import get_method
 from csulora.tuning.config import TuneConfig, build_method_config
 from csulora.tuning.hints import CALIBRATION_FROM_TASK, CALIBRATION_GIVEN
@@ -33,6 +33,7 @@ class SourceFiles:
     base: Path | None = None
     calibration: Path | None = None  # --calibration FILE
     calibration_task: str | None = None  # --calibration-task FILE: calibrate first
+    update_statistics: Path | None = None  # --update-statistics FILE: the fine-tuned model's (Antidote)
 
     @property
     def has_calibration(self) -> bool:
@@ -60,6 +61,7 @@ def check_paths(
     base: PathLike | None,
     calibration: PathLike | None,
     calibration_task: str | None,
+    update_statistics: PathLike | None = None,
 ) -> tuple[Path, Path, SourceFiles]:
     from csulora.io.checkpoints import find_safetensors_files
     from csulora.io.modeling import check_adapter_dir
@@ -83,18 +85,24 @@ def check_paths(
         raise InputError(f"{subspace}: no such subspace file")
     if base is not None:
         find_safetensors_files(base)
-    if calibration is not None:
-        if not Path(calibration).is_file():
-            raise InputError(f"{calibration}: no such calibration file (write one with `csulora calibrate`)")
-        if Path(calibration).suffix != ".safetensors":
-            raise InputError(f"{calibration}: calibration statistics must be a .safetensors file from `csulora calibrate`")
     files = SourceFiles(
         subspace=Path(subspace) if subspace is not None else None,
         base=Path(base) if base is not None else None,
-        calibration=Path(calibration) if calibration is not None else None,
+        calibration=_statistics_file(calibration, "--calibration"),
         calibration_task=str(calibration_task) if calibration_task is not None else None,
+        update_statistics=_statistics_file(update_statistics, "--update-statistics"),
     )
     return adapter_path, Path(aligned), files
+
+
+def _statistics_file(path: PathLike | None, flag: str) -> Path | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise InputError(f"{flag} {path}: no such statistics file (write one with `csulora calibrate`)")
+    if Path(path).suffix != ".safetensors":
+        raise InputError(f"{flag} {path}: statistics must be a .safetensors file from `csulora calibrate`")
+    return Path(path)
 
 
 def plan_methods(
@@ -122,6 +130,7 @@ def plan_methods(
                 has_displacement=files.base is not None,
                 has_subspace=files.base is not None or files.subspace is not None,
                 has_calibration=files.has_calibration,
+                has_update_statistics=files.update_statistics is not None,
             )
         except OptionError as exc:
             if not config.is_all:
@@ -167,6 +176,8 @@ def correction_sources(
         sources["subspace"] = subspace
     if CALIBRATION in plan.needs:
         sources["calibration"] = calibration
+    if UPDATE_STATISTICS in plan.needs:
+        sources["update_statistics"] = files.update_statistics
     if not sources:
         if files.subspace is not None:
             sources["subspace"] = files.subspace

@@ -111,6 +111,7 @@ def tune_adapter(
     force: bool = False,
     progress: bool = True,
     score_cache: PathLike | None = None,
+    update_statistics: PathLike | None = None,
 ) -> TuneResult:
     """Sweep ``config.method``'s knob (or every method's, ``method="all"``) and write the chosen correction.
 
@@ -122,12 +123,14 @@ def tune_adapter(
     validation split and airt-val); ``task``: validation task data for the utility check;
     ``benign``: prompts for over-refusal, short answers and fluency (default ``benign:validation``).
     ``device``/``dtype``: where and in what precision the model runs. ``score_cache``: a folder
-    keeping every scored state (:mod:`csulora.tuning.score_cache`). When no setting qualifies no
-    correction is written, only tune.json, tune.png, the answers and the run record.
+    keeping every scored state (:mod:`csulora.tuning.score_cache`). ``update_statistics``: the
+    fine-tuned model's statistics, for the methods that read them (Antidote). When no setting
+    qualifies no correction is written, only tune.json, tune.png, the answers and the run record.
     """
     config = config or TuneConfig()
-    inputs = check_inputs(adapter_dir, aligned, subspace, base, calibration, calibration_task, config,
-                          harmful, task, benign, device, dtype)  # fmt: skip
+    sources = {"subspace": subspace, "base": base, "calibration": calibration, "calibration_task": calibration_task,
+               "update_statistics": update_statistics}  # fmt: skip
+    inputs = check_inputs(adapter_dir, aligned, sources, config, harmful, task, benign, device, dtype)
     out = check_output_dir(out_dir, force)
     check_apart({"-o/--output": out, "--score-cache": score_cache}, _input_paths(inputs, harmful, task, benign))
     started = time.perf_counter()
@@ -149,14 +152,14 @@ def tune_adapter(
     return TuneResult(out, selection, record, run)
 
 
-def check_inputs(adapter_dir: PathLike, aligned: PathLike, subspace: PathLike | None, base: PathLike | None,
-                 calibration: PathLike | None, calibration_task: str | None, config: TuneConfig,
+def check_inputs(adapter_dir: PathLike, aligned: PathLike, sources: Mapping[str, Any], config: TuneConfig,
                  harmful: Sequence[str] | None, task: str | None, benign: str | None, device: str | None,
                  dtype: str | None) -> TuneInputs:  # fmt: skip
-    """Every check that needs no model: paths, plans, data, the calibration's provenance."""
+    """Every check that needs no model: paths, plans, data, the calibration's provenance.
+    ``sources``: subspace, base, calibration, calibration_task, update_statistics."""
     from csulora.io.modeling import resolve_device, resolve_dtype
 
-    update, aligned_path, files = check_paths(adapter_dir, aligned, subspace, base, calibration, calibration_task)
+    update, aligned_path, files = check_paths(adapter_dir, aligned, **sources)
     plans, skipped = plan_methods(config, files, dense=_is_checkpoint(update))
     loaded = load_tune_data(harmful, task, benign)
     if config.is_all and not loaded.data.task:
@@ -180,7 +183,7 @@ def _input_paths(inputs: TuneInputs, harmful: Sequence[str] | None, task: str | 
     paths: dict[str, PathLike | None] = {
         "ADAPTER": inputs.update, "--aligned": inputs.aligned, "--subspace": files.subspace, "--base": files.base,
         "--calibration": files.calibration, "--calibration-task": files.calibration_task, "--task": task,
-        "--benign": benign,
+        "--benign": benign, "--update-statistics": files.update_statistics,
     }  # fmt: skip
     for i, spec in enumerate(harmful or ()):
         paths[f"--harmful {i + 1}"] = spec
@@ -286,9 +289,22 @@ def _record(config: TuneConfig, sweep: SweepResult, selection: Selection, inputs
     for row, candidate in zip(record["settings"], sweep.candidates, strict=True):
         row["same_as_adapter"] = candidate.identity
     record["not_scored"] = sweep.not_scored
+    record["output"] = _output_kind(selection, inputs)
     record["skipped_methods"] = dict(inputs.skipped)
     record["warnings"] = _warnings(inputs.loaded)
     return record
+
+
+def _output_kind(selection: Selection, inputs: TuneInputs) -> str | None:
+    """What OUTDIR holds: an adapter, or a checkpoint (a full fine-tune's; or an adapter corrected by a
+    method with only a dense form, whose corrected update is no LoRA any more); None if nothing qualified."""
+    if selection.method is None:
+        return None
+    from csulora.methods.registry import get_method
+
+    if _is_checkpoint(inputs.update) or not get_method(selection.method).has_factored_form:
+        return "checkpoint"
+    return "adapter"
 
 
 def _calibration_input(files: SourceFiles, task_desc: dict | None) -> dict[str, Any] | None:

@@ -62,7 +62,6 @@ class ModelStates(ABC):
 
     model: Any
     update_path: Path
-    cached = True  # whether states have files a score cache key can read (checkpoint settings do not)
 
     def __init__(self, update_path: Path, aligned: Path, sources: Mapping[str, Mapping[str, Any]]) -> None:
         self.update_path, self.aligned_path, self.sources = Path(update_path), Path(aligned), sources
@@ -88,9 +87,10 @@ class ModelStates(ABC):
         """The candidates, with whatever must exist before the model is loaded."""
         return list(candidates)
 
-    def cache_files(self, candidate: Candidate | None) -> Path | None:
-        """The adapter folder a setting's score cache key reads (``candidate`` None: the update itself)."""
-        return None
+    def cache_files(self, candidate: Candidate | None) -> Path | None | bool:
+        """The adapter folder a state's score cache key reads (``candidate`` None: the update itself);
+        False: a state with no files of its own (applied in memory), never cached."""
+        return False
 
     def kwargs(self, candidate: Candidate) -> dict[str, Any]:
         """The correction's sources (``aligned`` always) and the setting's options."""
@@ -134,6 +134,10 @@ class AdapterStates(ModelStates):
 
     @contextmanager
     def setting(self, candidate: Candidate) -> Iterator[AlignedView]:
+        if candidate.folder is None:  # a method with only a dense form: its correction applied in memory
+            with self._dense_setting(candidate) as view:
+                yield view
+            return
         name = f"setting-{self._settings:03d}"
         self._settings += 1
         self.model.load_adapter(str(candidate.folder), adapter_name=name)
@@ -145,30 +149,52 @@ class AdapterStates(ModelStates):
             self.model.set_adapter(UNCORRECTED)
             self.model.delete_adapter(name)
 
+    @contextmanager
+    def _dense_setting(self, candidate: Candidate) -> Iterator[AlignedView]:
+        """The aligned model with ``W_aligned + X`` on the adapter's modules (adapters off); its aligned
+        view reads the aligned weights back, then puts the setting's in again."""
+        with self.model.disable_adapter():
+            base = self.model.get_base_model()
+            with corrected_in_memory(base, self.update_path, candidate.method, restore_from=self.aligned_path,
+                                     **self.kwargs(candidate)) as correction:  # fmt: skip
+
+                @contextmanager
+                def aligned_view() -> Iterator[None]:
+                    with weights_from(base, self.aligned_path, restore_from=self.aligned_path):
+                        yield
+                    copy_into(base, correction.weights(), source=self.update_path)  # the setting again
+
+                yield aligned_view
+
     def prepare(self, candidates: Sequence[Candidate], scratch: Path, progress: bool) -> list[Candidate]:
-        """Every setting as a corrected adapter, before any model is loaded (bad inputs fail early)."""
+        """Every setting as a corrected adapter, before any model is loaded (bad inputs fail early);
+        a dense-only method's settings are corrected in memory when scored (their output is no LoRA)."""
         from dataclasses import replace
 
+        from csulora.methods.registry import get_method
         from csulora.pipeline.api import correct_adapter
 
         written = []
         for candidate in tqdm(candidates, desc="write settings", unit="setting", disable=None if progress else True):
+            if not get_method(candidate.method).has_factored_form:
+                written.append(candidate)
+                continue
             folder = scratch / f"{candidate.method}-{candidate.index:02d}"
             options = {**self.sources[candidate.method], **candidate.options}
             correct_adapter(self.update_path, folder, candidate.method, progress=False, **options)
             written.append(replace(candidate, folder=folder))
         return written
 
-    def cache_files(self, candidate: Candidate | None) -> Path | None:
-        return self.update_path if candidate is None else candidate.folder
+    def cache_files(self, candidate: Candidate | None) -> Path | None | bool:
+        if candidate is None:
+            return self.update_path
+        return candidate.folder if candidate.folder is not None else False
 
 
 class CheckpointStates(ModelStates):
     """A full fine-tune's states: its weights loaded once; the aligned model and each setting
     swapped in and out. The aligned view swaps the aligned weights in, then the state's back.
     Its settings have no files of their own, so they are never cached."""
-
-    cached = False
 
     def load(self, run: Mapping[str, Any]) -> tuple[Any, Any]:
         from csulora.io.modeling import load_model

@@ -69,7 +69,7 @@ class Sweep:
             with self.states.aligned() as view:
                 aligned = self.score("aligned", {}, view, None, StateScorer.complete)
             with self.states.uncorrected() as view:
-                adapter = self.score(UNCORRECTED, {}, view, self.states.update_path, StateScorer.complete)
+                adapter = self.score(UNCORRECTED, {}, view, self.states.cache_files(None), StateScorer.complete)
             return self._methods(aligned, adapter)
         finally:
             self.bar.close()
@@ -101,11 +101,11 @@ class Sweep:
         with self.states.setting(candidate) as view:
             return self.score(candidate.state, where, view, self.states.cache_files(candidate), how)
 
-    def score(self, state: str, where: Mapping[str, Any], view: AlignedView, files: Path | None,
+    def score(self, state: str, where: Mapping[str, Any], view: AlignedView, files: Path | None | bool,
               how: Callable[[StateScorer], StateOutputs]) -> SettingScores:  # fmt: skip
-        """Score one state (``files``: what its cache key reads, None for the aligned model)."""
+        """Score one state (``files``: what its cache key reads, None for the aligned model; False: not cached)."""
         started = time.perf_counter()
-        key = self.cache.key(files) if self.cache is not None and self.states.cached else None
+        key = self.cache.key(files) if self.cache is not None and files is not False else None  # type: ignore[arg-type]
         record = self.cache.load(key, state) if key is not None else None
         persist = (lambda r: self.cache.save(key, r, state)) if key is not None else None  # type: ignore[union-attr]
         scorer = StateScorer(self.model, self.tokenizer, self.data, self.plan, self.generation, seed=self.config.seed,
