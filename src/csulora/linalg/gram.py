@@ -435,3 +435,22 @@ def action_kept(B: Tensor, A: Tensor, A_new: Tensor, moment: SecondMoment) -> fl
     if before <= 0.0:
         return None
     return action_norm_sq(B, A_new, moment) / before
+
+
+def isotropic_kept(calibration: ModuleCalibration, strength: float, mu: float = DEFAULT_MU) -> tuple[float, float]:
+    """The group's **separability** at ``strength`` (issue 24): for an update that acts equally on
+    every input direction (``A = I``), the share of its action the calibrated correction keeps on
+    task inputs and on harmful inputs, ``tr(C S C^T) / tr(S)`` with
+    ``C = (S_t + mu I)(S_t + mu I + lam S_h)^-1`` and each ``S`` normalised as stored (§5c).
+
+    Update-independent: it reads the statistics alone, so it says before any adapter exists how
+    well the calibrated correction can keep a task apart from harm on this model. Returns
+    ``(task_kept, harmful_kept)``; a task that sits next to harm keeps little of both.
+    """
+    solve = CalibratedSolve(calibration, strength, mu)
+    C = solve.apply(torch.eye(solve.n, dtype=torch.float64))
+    shares = []
+    for moment in (calibration.task, calibration.harmful):
+        trace = rows_action_norm_sq(torch.eye(solve.n, dtype=torch.float64), moment)
+        shares.append(rows_action_norm_sq(C, moment) / trace if trace > 0 else float("nan"))
+    return shares[0], shares[1]
