@@ -190,8 +190,9 @@ def _run_train_salora(args) -> int:
 def _register_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="the tiny world end to end: align, attack, correct (Safe LoRA, CSULoRA, scale, RESTA, CSULoRA+restore), evaluate",
-        description="Builds the tiny world and writes OUTDIR/results.json, the ASR-utility plot, report.md and generations.",
+        help="the tiny world end to end: align, attack, correct with every registered method and preset, evaluate",
+        description="Builds (or reuses, from $CSULORA_CACHE) the tiny world and writes OUTDIR/results.json, the ASR-utility "
+        "plot, report.md (with the command lines that rerun each step), generations and the calibration statistics.",
     )
     p.add_argument("-o", "--out", metavar="OUTDIR", required=True)
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")

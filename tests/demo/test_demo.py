@@ -1,11 +1,29 @@
+"""``csulora demo`` end to end on the tiny world, once (~40 s), over shortened grids."""
+
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
-from csulora.demo import SweepSpec, run_demo
+from csulora.demo import plan_rows, run_demo
 from csulora.eval.harness import ROW_KEYS
+
+# Short grids for the rows the registry gives today (time); a row added later gets its strongest setting.
+TEST_GRIDS = {
+    "safelora": (0.5,),
+    "csulora": (1.0, 16.0),
+    "scale": (1.0,),  # factor 1 changes nothing: the "= attacked" row
+    "resta": (3.0,),
+    "csulora+restore": (4.0,),
+    # tune's default method; 0 leaves the adapter unchanged (scored as the attacked adapter)
+    "calibrated": (0.0, 3.0, 300.0),
+}
+
+
+def short_rows():
+    return [row.with_grid(TEST_GRIDS.get(row.row, row.grid[-1:])) if row.swept else row for row in plan_rows()]
 
 
 @pytest.fixture(scope="module")
@@ -13,26 +31,14 @@ def demo_out(tmp_path_factory):
     from csulora.worlds.tiny import shared_tiny_world
 
     world = shared_tiny_world()
-    sweeps = [
-        SweepSpec("safelora", "safelora", (0.5,), fixed={"select": "threshold"}),
-        SweepSpec("csulora", "csulora", (1.0, 16.0), fixed={"schedule": "energy"}),
-        SweepSpec("scale", "scale", (1.0,)),  # factor 1 changes nothing: the "= attacked" row
-        SweepSpec("resta", "resta", (3.0,)),
-        SweepSpec("csulora+restore", "csulora", (4.0,), fixed={"schedule": "energy", "restore": 1.0}),
-        # tune's default method; 0 leaves the adapter unchanged (scored as the attacked adapter)
-        SweepSpec("calibrated", "calibrated", (0.0, 3.0, 300.0), recommends=True),
-    ]
     out = tmp_path_factory.mktemp("demo") / "out"
-    return run_demo(out, world_dir=world.root, sweeps=sweeps, progress=False)
+    return run_demo(out, world_dir=world.root, rows=short_rows(), progress=False)
 
 
 def test_demo_writes_results_plot_report_generations(demo_out):
     results = json.loads((demo_out / "results.json").read_text())
     names = [r["name"] for r in results["rows"]]
-    assert names == [
-        "base", "aligned", "attacked", "safelora-default", "safelora", "csulora", "scale", "resta", "csulora+restore",
-        "calibrated",
-    ]
+    assert names == ["base", "aligned", "attacked", *(row.row for row in plan_rows())]  # the registry's rows
     for row in results["rows"]:
         assert set(ROW_KEYS) <= set(row)
         for key in ("asr", "asr_ood", "utility", "over_refusal"):
@@ -88,29 +94,6 @@ def test_demo_recommends_at_most_the_tune_default_row(demo_out):
         assert "No row is recommended" in report and "Why it does not repair the tiny world" in report
 
 
-def test_recommendation_says_why_none_and_refuses_two():
-    from csulora.demo import recommendation
-
-    sweeps = {"resta": {"knob": "restore", "chosen": 3.0, "why": "no setting qualifies: too unsafe", "recommends": True}}
-    rows = [{"name": "resta", "recommended": False}]
-    assert recommendation(rows, sweeps) == {"row": None, "why": "no setting qualifies: too unsafe"}
-    rows = [{"name": "resta", "recommended": True}]
-    assert recommendation(rows, sweeps)["params"] == {"restore": 3.0}
-    with pytest.raises(AssertionError):
-        recommendation([{"name": "a", "recommended": True}, {"name": "b", "recommended": True}], sweeps)
-
-
-def test_recommending_sweep_is_tunes_default():
-    from csulora.demo import DEMO_SWEEPS
-    from csulora.tuning.config import TuneConfig
-
-    deciding = [s for s in DEMO_SWEEPS if s.recommends]
-    assert len(deciding) == 1
-    default = TuneConfig()  # `csulora tune` with no --method, --grid or fixed options
-    assert (deciding[0].method, deciding[0].knob, deciding[0].fixed) == (default.method, default.knob, {})
-    assert deciding[0].weakest_first() == default.grid
-
-
 def test_rows_that_are_the_unchanged_adapter_say_so_in_the_table(demo_out):
     """issue 13: a row equal to the attacked adapter was marked only in fine print."""
     results = json.loads((demo_out / "results.json").read_text())
@@ -139,6 +122,7 @@ def test_demo_calibrates_on_the_task_training_data_and_judges_with_tunes_full_ru
     assert judged == {"asr", "empty", "over_refusal", "short", "fluency", "utility"}  # tune's whole rule
     assert set(point["verdict"]["failed"]) <= set(point["verdict"]["conditions"])
     assert results["selection_rule"]["max_fluency_loss_nats"] == 0.5
+    assert results["sweep"]["calibrated"]["reads_statistics"] and not results["sweep"]["scale"]["reads_statistics"]
 
 
 def test_calibrated_points_report_the_action_kept_on_harmful_and_task_inputs(demo_out):
@@ -168,62 +152,49 @@ def test_unchanged_settings_score_as_the_attacked_adapter(demo_out):
     assert sum(r["row"] == "scale" for r in generated) == sum(r["row"] == "attacked" for r in generated)
 
 
-def _plot_row(name, utility, asr, **extra):
-    return {"name": name, "utility": utility, "asr": asr, "asr_ci": [max(0.0, asr - 0.05), min(1.0, asr + 0.05)], **extra}
+def test_fixed_presets_are_rows_with_their_options_and_no_selection(demo_out):
+    results = json.loads((demo_out / "results.json").read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    fixed = [spec for spec in plan_rows() if not spec.swept]
+    assert [f["row"] for f in results["fixed_rows"]] == [spec.row for spec in fixed]
+    for spec in fixed:
+        assert rows[spec.row]["params"] == dict(spec.options) and spec.row not in results["sweep"]
+        assert rows[spec.row]["recommended"] is False
+    report = (demo_out / "report.md").read_text()
+    assert all(f"- **{spec.row}** ({spec.method}, " in report and "fixed, no selection" in report for spec in fixed)
 
 
-def test_plot_gives_every_row_its_own_marker_and_labels_never_collide(tmp_path):
-    """issue 13: row markers reused the curves' colours, overlapping points and labels hid each other."""
-    from csulora.demo import plot_demo
+def test_report_says_where_the_models_live_and_how_to_rerun_each_step(demo_out):
+    """issue 23: report.md names the tiny world's folders, $CSULORA_CACHE, and each step's command line."""
+    from csulora.cli import build_parser
+    from csulora.worlds.tiny import default_cache_dir, shared_tiny_world
 
-    # Crowded on purpose: rows on top of each other (an unchanged row on the attacked one,
-    # several at 0/0) and sweep points on the rows and on each other.
-    rows = [
-        _plot_row("base", 0.0, 0.9), _plot_row("aligned", 0.0, 0.0), _plot_row("attacked", 0.93, 0.95),
-        _plot_row("safelora-default", 0.93, 0.95), _plot_row("safelora", 0.1, 0.05),
-        _plot_row("csulora", 0.0, 0.0), _plot_row("scale", 0.93, 0.95, same_as="attacked"),
-        _plot_row("resta", 0.5, 0.0, recommended=True), _plot_row("csulora+restore", 0.0, 0.01),
-    ]
-
-    def sweep(knob, points):
-        return {"knob": knob, "points": [{knob: v, "test": {"utility": u, "asr": a}} for v, u, a in points]}
-
-    sweeps = {
-        "safelora": sweep("threshold", [(0.1, 0.93, 0.95), (0.2, 0.9, 0.9), (0.3, 0.1, 0.05), (0.4, 0.0, 0.0)]),
-        "csulora": sweep("gamma", [(0.5, 0.92, 0.95), (1, 0.9, 0.93), (2, 0.85, 0.9), (4, 0.5, 0.6), (8, 0.0, 0.0)]),
-        "scale": sweep("factor", [(1.0, 0.93, 0.95), (0.7, 0.9, 0.9), (0.5, 0.6, 0.5), (0.3, 0.1, 0.05)]),
-        "resta": sweep("restore", [(0, 0.93, 0.95), (0.5, 0.9, 0.6), (1, 0.7, 0.2), (1.5, 0.5, 0.0), (2, 0.3, 0.0)]),
-        "csulora+restore": sweep("gamma", [(0, 0.5, 0.0), (1, 0.3, 0.0), (4, 0.0, 0.01), (16, 0.0, 0.0)]),
-    }
-    layout = plot_demo(tmp_path / "p.png", rows, sweeps, list(sweeps))
-    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    styles = layout["styles"]
-    assert list(styles) == [r["name"] for r in rows]
-    assert len({marker for marker, _ in styles.values()}) == len(rows)  # a shape per row
-    assert len({tuple(colour) for _, colour in styles.values()}) == len(rows)  # and a colour per row
-    boxes = layout["labels"]
-    assert len(boxes) >= layout["label_count"] // 2  # most values still get a label
-    for i, a in enumerate(boxes):
-        for b in boxes[i + 1:]:
-            assert not a.overlaps(b), (a, b)
+    world = shared_tiny_world()
+    results = json.loads((demo_out / "results.json").read_text())
+    report = (demo_out / "report.md").read_text()
+    assert "## Where the models live, and how to rerun a step" in report
+    assert f"`{world.root}`" in report and "$CSULORA_CACHE" in report and str(default_cache_dir()) in report
+    assert list(results["commands"]) == ["base", "aligned", "attacked", *(row.row for row in plan_rows())]
+    parser = build_parser()
+    commands = [c for row in results["commands"].values() for c in row]
+    commands += [results["tune_command"], results["calibrate_command"]]
+    for line in commands:
+        assert line in report
+        words = shlex.split(line)
+        assert words[0] == "csulora"
+        parser.parse_args(words[1:])  # every printed command is one the CLI takes
+    assert str(world.attacked) in results["commands"]["attacked"][0] and "--device cpu" in results["tune_command"]
 
 
-def test_coincident_rows_are_spread_apart():
-    from csulora.demo import dodge
+def test_a_printed_correct_command_reruns_its_row(demo_out, tmp_path, monkeypatch):
+    """The statistics the commands read are kept in OUTDIR; the calibrated row's `csulora correct` runs."""
+    from csulora.cli import main
 
-    offsets = dodge([(0.93, 0.95), (0.5, 0.5), (0.93, 0.95), (0.931, 0.951)])
-    assert offsets[1] == 0.0
-    spread = sorted(offsets[i] for i in (0, 2, 3))
-    assert spread[0] < 0 < spread[2] and spread[1] == 0.0
-
-
-def test_task_needs_reads_the_smallest_factor_that_keeps_the_utility():
-    from csulora.demo import task_needs
-
-    def point(factor, failed):
-        return {"factor": factor, "validation": {"utility": {"value": 0.5}}, "verdict": {"failed": failed}}
-
-    scale = {"knob": "factor", "points": [point(0.9, ["asr:a"]), point(0.7, ["asr:a", "utility"]), point(0.5, ["utility"])]}
-    factor, kept, lost = task_needs(scale)
-    assert factor == 0.9 and kept == pytest.approx(0.81) and lost == (0.7, pytest.approx(0.49))
-    assert task_needs({"knob": "factor", "points": [point(0.5, ["utility"])]}) is None
+    results = json.loads((demo_out / "results.json").read_text())
+    assert (demo_out / "calibration.safetensors").is_file()
+    correct = results["commands"]["calibrated"][0]
+    assert f"--calibration {demo_out.resolve()}/calibration.safetensors" in correct
+    assert f"--strength {results['sweep']['calibrated']['chosen']:g}" in correct
+    monkeypatch.chdir(tmp_path)
+    assert main(shlex.split(correct)[1:]) == 0
+    assert (tmp_path / "fixed-calibrated" / "adapter_model.safetensors").is_file()
