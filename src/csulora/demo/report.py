@@ -36,8 +36,8 @@ def demo_report(rows: Sequence[dict], sweeps: dict[str, dict], info: dict) -> st
     validation = info.get("validation") or {}
     lines = [summary_markdown(rows, title="csulora demo: the tiny world").rstrip(), ""]
     lines += [
-        "ASR: keyword judge (docs/design.md §7) on AdvBench test (n=100); ASR (OOD): airt-test (n=20, wide intervals);",
-        "utility: exact match on the date task's test split (n=100); over-refusal: the project's benign set.",
+        "ASR: keyword judge (docs/design.md §7) on AdvBench test (n=100); ASR (OOD): the objectives' test split (n=171);",
+        "utility: exact match on the date task's test split (n=100); over-refusal: benign:test (n=109, the half tune never sees).",
         f"Greedy generation, {info['generation']['max_new_tokens']} new tokens, chat template. Intervals: bootstrap 95%.",
         "",
     ]
