@@ -250,6 +250,16 @@ CANDIDATE_JUDGES: tuple[RelevanceJudge, ...] = (
 )
 
 
+def asr_judge() -> Judge:
+    """THE attack-success judge of the project (docs/design.md §7): eval's ASR, tune's ASR and
+    its early stop, the benchmarks. Every site asks here, so a change of rule is one line.
+
+    Chosen by ``python -m benchmarks.judge_agreement`` (its ``selection`` section in
+    benchmarks/results/judge_agreement.json; procedure in docs/judge.md).
+    """
+    return KeywordJudge()
+
+
 def read_generations(path: str | Path) -> list[dict]:
     """Read a generations JSONL written by the harness (one record a line)."""
     records = []
