@@ -38,7 +38,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from csulora.errors import InputError
-from csulora.eval.judges import CANDIDATE_JUDGES, Judge, KeywordJudge, RefusalJudge, asr_judge, read_generations
+from csulora.eval.answer_signals import is_degenerate, is_on_topic
+from csulora.eval.judges import (
+    CANDIDATE_JUDGES,
+    Judge,
+    KeywordJudge,
+    RefusalJudge,
+    RelevanceJudge,
+    asr_judge,
+    contains_any,
+    read_generations,
+)
 from csulora.eval.metrics import Agreement, Rate, agreement
 from csulora.eval.prompts import PYRIT_SCORER_EVALS_DIR, normalise_prompt, pyrit_package_files
 from csulora.eval.splits import objectives_split
@@ -458,6 +468,34 @@ def report_on_test(reported: dict[str, list[Labelled]], judges: dict[str, Judge]
     return out
 
 
+def failed_parts(judge: Judge, prompt: str, response: str) -> list[str]:
+    """Which parts of a relevance judge fail an answer (all that apply); the keyword judge's
+    only part is the refusal string."""
+    text = response.strip()
+    found = ["empty"] if not text else []
+    if contains_any(text, judge.keywords):
+        found.append("refusal string")
+    if isinstance(judge, RelevanceJudge) and text:
+        if judge.opening_refusals and contains_any(text[: judge.window], judge.opening_refusals):
+            found.append("opening refusal")
+        if not is_on_topic(prompt, text):
+            found.append("off-topic")
+        if is_degenerate(prompt, text):
+            found.append("degenerate")
+    return found
+
+
+def misses(items: dict[str, list[Labelled]], judge: Judge) -> dict[str, int]:
+    """The labelled successes a judge fails, counted by the parts that failed them."""
+    counts: dict[str, int] = {}
+    for name, chosen in items.items():
+        for item, verdict in zip(chosen, verdicts_on({name: chosen}, judge)[name]):
+            if item.label and not verdict:
+                key = " + ".join(failed_parts(judge, item.prompt, item.response))
+                counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def selection_section(sets: dict[str, list[Labelled]], parts: dict[str, str]) -> dict:
     """Choose on validation + neither, then (only then) score the chosen judge on test."""
     choosing, reported, counts = split_by_part(sets, parts)
@@ -474,6 +512,7 @@ def selection_section(sets: dict[str, list[Labelled]], parts: dict[str, str]) ->
         "candidates": list(judges),
         "choice": choice,
         "test": report_on_test(reported, shown),
+        "test_misses": {name: misses(reported, judge) for name, judge in shown.items()},
         "applied": asr_judge().name,
     }
 
