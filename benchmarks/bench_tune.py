@@ -5,8 +5,9 @@ empty score cache: the default (lazy: a method stops at its first qualifying set
 its first failed condition, harmful answers once their verdict is fixed) and ``--full-sweep``
 (every setting scored completely, full answers: the behaviour before issue 21). It records wall
 and CPU seconds, peak memory and the machine's load, and checks exactness: the same chosen
-setting, the chosen setting's scores identical, and the same keyword verdict for every harmful
-prompt of every state both runs answered.
+setting, the chosen setting's scores identical, and the same ASR verdict (``asr_judge``; the
+keyword judge's before the judge changed, docs/judge.md) for every harmful prompt of every
+state both runs answered.
 
     python -m benchmarks.bench_tune --world .cache/smol --json benchmarks/results/tune_cost.json
     python -m benchmarks.bench_tune --world .cache/smol --method all --base .cache/smol/base \\
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from csulora.eval.judges import KeywordJudge
+from csulora.eval.judges import asr_judge
 
 MODES = {"default": [], "full-sweep": ["--full-sweep"]}
 
@@ -64,8 +65,8 @@ def run_one(command: list[str], log: Path) -> dict[str, Any]:
 
 
 def verdicts(out: Path) -> dict[tuple[str, str, str], bool]:
-    """The keyword verdict of every harmful answer a run read, by (state, set, prompt)."""
-    judge, found = KeywordJudge(), {}
+    """The ASR verdict (tune's judge) of every harmful answer a run read, by (state, set, prompt)."""
+    judge, found = asr_judge(), {}
     for line in (out / "tune-generations.jsonl").read_text().splitlines():
         r = json.loads(line)
         if r["set"].startswith("harmful:"):

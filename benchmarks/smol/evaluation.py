@@ -153,15 +153,14 @@ def generations(ctx: Context, v: Variant, set_names: tuple[str, ...], loaded: tu
 
 def verdicts(records: list[dict]) -> list[bool]:
     """Per record: attack success (harmful), refusal (benign), exact match (task)."""
-    from csulora.eval.judges import KeywordJudge, RefusalJudge
+    from csulora.eval.judges import RefusalJudge, asr_judge
     from csulora.eval.metrics import exact_match
 
     if not records:
         return []
     kind = records[0]["kind"]
-    if kind == HARMFUL:
-        judge = KeywordJudge()
-        return [judge.is_success(r["response"]) for r in records]
+    if kind == HARMFUL:  # the project's ASR judge (docs/judge.md): it reads the prompt too
+        return asr_judge().judge([r["prompt"] for r in records], [r["response"] for r in records])
     if kind == BENIGN:
         judge = RefusalJudge()
         return [judge.is_refusal(r["response"]) for r in records]
@@ -270,7 +269,7 @@ def test_row(ctx: Context, name: str, spec: dict, margin_from_cache_only: bool =
         "utility": util.value, "utility_ci": list(util.ci), "utility_n": util.n,
         "over_refusal": over.value, "over_refusal_ci": list(over.ci), "over_refusal_n": over.n,
         # Beside the ASRs and the over-refusal: a correction that breaks generation looks "safe"
-        # to the keyword judge (an empty answer is no attack success) and not over-refusing.
+        # to the ASR judge (an empty answer is no attack success) and not over-refusing.
         # The empty share here pools both harmful test sources.
         "benign_short_answer_rate": benign_short_answer_rate([r["response"] for r in gens["benign"]]),
         "harmful_empty_rate": harmful_empty_rate([r["response"] for r in gens["advbench-test"] + gens["airt-test"]]),

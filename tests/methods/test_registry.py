@@ -95,6 +95,7 @@ def toy_method():
         METHODS.pop(method.name)
 
 
+@pytest.mark.usefixtures("keyword_asr")  # the tiny attack shows only to keywords
 def test_a_registered_toy_method_is_tuned_without_touching_tuning(toy_method, tiny_world, tune_data, tmp_path):
     from csulora.tuning.config import TuneConfig
     from csulora.tuning.runner import tune_adapter

@@ -132,6 +132,7 @@ def test_all_with_nothing_runnable_is_one_line(monkeypatch):
 # --------------------------------------------------------------------------- the tiny world
 
 
+@pytest.mark.usefixtures("keyword_asr")  # the tiny attack shows only to keywords
 def test_tune_on_the_tiny_world_picks_the_weakest_qualifying_setting(tiny_world, tune_data, tmp_path, capsys):
     w, d = tiny_world, tune_data
     out = tmp_path / "tuned"
@@ -190,6 +191,7 @@ def test_tune_on_the_tiny_world_picks_the_weakest_qualifying_setting(tiny_world,
     assert not any(".candidates-" in str(v) or ".tmp-" in str(v) for v in report["sources"].values())
 
 
+@pytest.mark.usefixtures("keyword_asr")  # the tiny attack shows only to keywords
 def test_none_qualifies_exits_1_and_writes_the_sweep_without_an_adapter(tiny_world, tune_data, tmp_path, capsys):
     w, d = tiny_world, tune_data
     out = tmp_path / "tuned"
@@ -255,6 +257,7 @@ def test_swapped_adapters_score_like_a_fresh_merged_load(tiny_world, tune_data, 
     assert result.record["settings"][0]["scores"]["task_loglik"] == pytest.approx(fresh, abs=1e-4)
 
 
+@pytest.mark.usefixtures("keyword_asr")  # the tiny attack shows only to keywords
 def test_all_sweeps_every_method_it_can_and_recommends_the_best(toy_registry, tiny_world, tune_data, tmp_path):
     w, d = tiny_world, tune_data
     config = TuneConfig(method="all", max_new_tokens=16, max_utility_drop=1.0)
@@ -340,6 +343,7 @@ def test_calibration_task_writes_the_statistics_inside_outdir(tiny_world, tune_d
     assert leftovers(out.parent) == []
 
 
+@pytest.mark.usefixtures("keyword_asr")  # the tiny attack shows only to keywords
 def test_hub_ids_are_resolved_for_adapter_aligned_and_base(tiny_world, tune_data, tmp_path, monkeypatch):
     """ADAPTER/ALIGNED/BASE as hub ids, as the API takes them (they were refused as missing folders)."""
     from tests.io.test_hub import use_fake_hub

@@ -63,6 +63,7 @@ def test_a_rerun_reads_every_state_back_and_writes_the_same_bytes(tiny_world, tu
     assert json.loads((tmp_path / "two" / RUN_RECORD).read_text())["score_cache"] == second.run["score_cache"]
 
 
+@pytest.mark.usefixtures("keyword_asr")  # the tiny attack shows only to keywords
 def test_a_lazily_scored_state_asked_for_completely_scores_only_what_is_missing(tiny_world, tune_data, tmp_path,
                                                                                 monkeypatch):  # fmt: skip
     """A setting stopped early keeps the answers it has; a later run that needs the rest (here a

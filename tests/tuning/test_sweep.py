@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from csulora.eval.judges import KeywordJudge
+from csulora.eval import judges
+from csulora.eval.judges import KeywordJudge, asr_judge
 from csulora.eval.metrics import Rate
 from csulora.tuning.config import TuneConfig
 from csulora.tuning.runner import GENERATIONS, tune_adapter
@@ -26,8 +27,8 @@ def tune(world, data, out, *, full_sweep: bool, grid=(1.0, 0.9, 0.6, 0.3, 0.0), 
     )  # fmt: skip
 
 
-def verdicts(out) -> dict[tuple[str, str, str], bool]:
-    judge = KeywordJudge()
+def verdicts(out, judge=None) -> dict[tuple[str, str, str], bool]:
+    judge = judge or KeywordJudge()
     found = {}
     for line in (out / GENERATIONS).read_text().splitlines():
         r = json.loads(line)
@@ -36,11 +37,33 @@ def verdicts(out) -> dict[tuple[str, str, str], bool]:
     return found
 
 
+def lazy_and_full(world, data, root):
+    return (tune(world, data, root / "lazy", full_sweep=False),
+            tune(world, data, root / "full", full_sweep=True))  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def both(tiny_world, tune_data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweeps")
-    return (tune(tiny_world, tune_data, root / "lazy", full_sweep=False),
-            tune(tiny_world, tune_data, root / "full", full_sweep=True))  # fmt: skip
+    # Judged by keywords (tests/conftest.py: keyword_asr): only there does the tiny attack show,
+    # so that weaker settings are rejected and the lazy sweep has something to stop.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(judges, "ASR_JUDGE", KeywordJudge())
+        return lazy_and_full(tiny_world, tune_data, tmp_path_factory.mktemp("sweeps"))
+
+
+def test_under_the_project_judge_the_early_stop_changes_no_verdict(tiny_world, tune_data, tmp_path):
+    """tune's own judge (asr_judge) stops answers at its own fixed verdicts: the same verdict
+    for every prompt both runs answered, and every cut answer a fixed non-success."""
+    judge = asr_judge()
+    assert judge.name == "relevance+opening"
+    lazy, full = lazy_and_full(tiny_world, tune_data, tmp_path)
+    mine, theirs = verdicts(lazy.out_dir, judge), verdicts(full.out_dir, judge)
+    shared = mine.keys() & theirs.keys()
+    assert shared and {k: mine[k] for k in shared} == {k: theirs[k] for k in shared}
+    assert (lazy.chosen_method, lazy.chosen_params) == (full.chosen_method, full.chosen_params)
+    cut = [json.loads(line) for line in (lazy.out_dir / GENERATIONS).read_text().splitlines()]
+    cut = [r for r in cut if r["truncated"]]
+    assert cut and all(judge.verdict_fixed(r["prompt"], r["response"]) for r in cut)
 
 
 def test_lazy_and_full_sweeps_agree_on_every_shared_prompt_and_on_the_pick(both):

@@ -29,7 +29,8 @@ def _register_eval(subparsers) -> None:
         help="measure ASR, over-refusal and task utility of a model (+ adapter)",
         description=(
             "Generate greedy answers (batched, chat template) to harmful, benign and task prompts and "
-            "judge them: keyword ASR, over-refusal, exact-match utility, each with a bootstrap 95% interval. "
+            "judge them: ASR (docs/judge.md: no GCG refusal string, no opening refusal, on-topic, not degenerate), "
+            "over-refusal, exact-match utility, each with a bootstrap 95% interval. "
             "SPEC: advbench[:align|attack|validation|test], airt[:val|test], benign, FILE.txt, "
             "FILE.csv:COLUMN, FILE.jsonl[:FIELD]; task SPEC: date:SPLIT or FILE.jsonl of {prompt, response}. "
             "Writes OUTDIR/results.json, generations.jsonl and summary.md."

@@ -38,7 +38,7 @@ def _default_grids() -> str:
 
 DESCRIPTION = (
     "Sweep one knob of a correction method (or, with --method all, every method) from weakest to "
-    "strongest and score every setting on validation data. A setting qualifies when its keyword ASR "
+    "strongest and score every setting on validation data. A setting qualifies when its ASR "
     "on each harmful source, its share of empty harmful answers, its over-refusal and share of empty "
     "or short benign answers are within --max-asr-gap of the aligned model's, the aligned model finds "
     "its benign answers about as likely as its own (fluency), and its utility drop is within "

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from csulora.eval.generation import generate_answers
-from csulora.eval.judges import KeywordJudge, RefusalJudge, stop_rule
+from csulora.eval.judges import RefusalJudge, asr_judge, stop_rule
 from csulora.eval.margin import mean_response_logprob, refusal_margin
 from csulora.eval.metrics import exact_match, is_empty_answer, is_short_answer, rate
 from csulora.training.data import chat_prompt_ids
@@ -122,7 +122,7 @@ class StateScorer:
         self.record = record or StateRecord()
         self.persist = persist or (lambda record: None)
         self.desc = desc
-        self.keyword = KeywordJudge()
+        self.keyword = asr_judge()  # the project's ASR judge (its verdicts and its early stop)
         self.prompts = dict(data.prompt_sets())
         self.used: dict[str, set[int]] = {}  # the answers this scoring read: the only ones it reports
 
