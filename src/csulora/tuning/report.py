@@ -149,7 +149,7 @@ def _plot_one_method(ax, colors: Sequence[str], sweep: MethodSweep, aligned: Set
     chosen = f"chosen: {config.knob}={selection.chosen:g} (star)" if selection.chosen is not None else "no setting qualifies"
     ax.set_title(f"csulora tune: {config.method} {config.knob} sweep; {chosen}", fontsize=10)
     ax.set_xlabel(x_label)
-    ax.set_ylabel("keyword ASR (dashed: aligned model; x: uncorrected adapter)", fontsize=9)
+    ax.set_ylabel("ASR (dashed: aligned model; x: uncorrected adapter)", fontsize=9)
 
 
 def _plot_methods(ax, colors: Sequence[str], sweeps: Sequence[MethodSweep], aligned: SettingScores,
@@ -177,7 +177,7 @@ def _plot_methods(ax, colors: Sequence[str], sweeps: Sequence[MethodSweep], alig
         chosen = "no setting qualifies"
     ax.set_title(f"csulora tune: every method; {chosen}", fontsize=10)
     ax.set_xlabel(x_label)
-    ax.set_ylabel("worst-source keyword ASR (dashed: aligned; x: adapter)", fontsize=9)
+    ax.set_ylabel("worst-source ASR (dashed: aligned; x: adapter)", fontsize=9)
 
 
 def _labels_by_point(

@@ -50,7 +50,7 @@ class SettingScores:
     evaluated (None: every kind, a complete state).
     """
 
-    asr: Mapping[str, Rate]  # keyword ASR per harmful source, by source name
+    asr: Mapping[str, Rate]  # ASR (the project's judge, eval.judges.asr_judge) per harmful source
     utility: Rate | None = None  # exact match on the task (None without --task)
     task_loglik: float | None = None  # mean per-token log-likelihood of the reference responses
     over_refusal: Rate | None = None  # refusal rate on benign prompts (None without benign data)

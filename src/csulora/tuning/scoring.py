@@ -14,7 +14,7 @@ generated now: the answers two runs share are computed identically (docs/design.
   setting that passes everything is then completed (its harmful answers and the margin), so a
   chosen setting is always scored completely.
 
-With ``stop_early`` a harmful answer also stops inside generation once the keyword verdict is
+With ``stop_early`` a harmful answer also stops inside generation once the ASR judge's verdict is
 fixed (a refusal phrase is complete): its text is truncated and marked so, its verdict the same.
 Benign and task answers always run to the end (fluency and exact match read all of them).
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from csulora.eval.generation import generate_answers
-from csulora.eval.judges import RefusalJudge, asr_judge, stop_rule
+from csulora.eval.judges import Judge, RefusalJudge, asr_judge, stop_rule
 from csulora.eval.margin import mean_response_logprob, refusal_margin
 from csulora.eval.metrics import exact_match, is_empty_answer, is_short_answer, rate
 from csulora.training.data import chat_prompt_ids
@@ -116,13 +116,13 @@ class StateScorer:
     def __init__(self, model: Any, tokenizer: Any, data: TuneData, plan: BatchPlan, generation: Generation, *,
                  seed: int = 0, aligned_view: AlignedView | None = contextlib.nullcontext,
                  record: StateRecord | None = None, persist: Callable[[StateRecord], None] | None = None,
-                 desc: str = "generate") -> None:  # fmt: skip
+                 desc: str = "generate", judge: Judge | None = None) -> None:  # fmt: skip
         self.model, self.tokenizer, self.data, self.plan = model, tokenizer, data, plan
         self.generation, self.seed, self.aligned_view = generation, seed, aligned_view
         self.record = record or StateRecord()
         self.persist = persist or (lambda record: None)
         self.desc = desc
-        self.keyword = asr_judge()  # the project's ASR judge (its verdicts and its early stop)
+        self.judge = judge or asr_judge()  # the project's ASR judge: its verdicts and its early stop
         self.prompts = dict(data.prompt_sets())
         self.used: dict[str, set[int]] = {}  # the answers this scoring read: the only ones it reports
 
@@ -139,7 +139,7 @@ class StateScorer:
         prompts = [self.prompts[set_name][i] for i in batch]
         rules = None
         if self.generation.stop_early and set_name.startswith("harmful:"):
-            rules = [stop_rule(self.keyword, p) for p in prompts]
+            rules = [stop_rule(self.judge, p) for p in prompts]
         out = generate_answers(
             self.model, self.tokenizer, prompts, stop_rules=rules, batch_size=len(batch),
             max_new_tokens=self.generation.max_new_tokens, progress=False, desc=self.desc,
@@ -202,7 +202,7 @@ class StateScorer:
         for batch in self.plan.batches[set_name]:
             answers = self.answer(set_name, batch)
             prompts = [self.prompts[set_name][i] for i in batch]
-            compliant += sum(self.keyword.judge(prompts, answers))
+            compliant += sum(self.judge.judge(prompts, answers))
             empty += sum(is_empty_answer(a) for a in answers)
             seen += len(batch)
             remaining = n - seen
@@ -231,7 +231,7 @@ class StateScorer:
             seen = self._seen(f"harmful:{source}")
             if seen:
                 answers = [self.record.answers[f"harmful:{source}"][i] for i in seen]
-                asr[source] = rate(self.keyword.judge([prompts[i] for i in seen], answers), seed=self.seed)
+                asr[source] = rate(self.judge.judge([prompts[i] for i in seen], answers), seed=self.seed)
                 empty[source] = rate([is_empty_answer(a) for a in answers], seed=self.seed)
         scores = SettingScores(asr=asr, harmful_empty=empty, early=dict(early), reached=reached,
                                **self._task_scores(), **self._benign_scores(reached))  # fmt: skip
@@ -296,9 +296,9 @@ def _with(scores: SettingScores, **changes: Any) -> SettingScores:
 
 def score_state(model: Any, tokenizer: Any, data: TuneData, *, batch_size: int, max_new_tokens: int, seed: int = 0,
                 aligned_view: AlignedView | None = contextlib.nullcontext, with_margin: bool = True,
-                stop_early: bool = False) -> StateOutputs:  # fmt: skip
+                stop_early: bool = False, judge: Judge | None = None) -> StateOutputs:  # fmt: skip
     """One state scored completely, as `tune` scores its references (the demo's and the benchmarks' rows)."""
     plan = BatchPlan.of(tokenizer, data, batch_size)
     scorer = StateScorer(model, tokenizer, data, plan, Generation(batch_size, max_new_tokens, stop_early=stop_early),
-                         seed=seed, aligned_view=aligned_view)  # fmt: skip
+                         seed=seed, aligned_view=aligned_view, judge=judge)  # fmt: skip
     return scorer.complete(with_margin=with_margin)

@@ -4,7 +4,7 @@ A setting **qualifies** (docs/design.md §5b, §10) when, on validation data, ea
 within ``max_asr_gap`` of the aligned model's value on the same prompts (never finer than one
 prompt of that set, :func:`gap_bound`):
 
-- the keyword ASR on **each** harmful source, and its share of empty answers;
+- the ASR (:func:`csulora.eval.judges.asr_judge`) on **each** harmful source, and its share of empty answers;
 - the over-refusal and the share of empty or short benign answers;
 
 and when the aligned model's log-likelihood of its benign answers is at most
