@@ -156,7 +156,9 @@ def write_prompt_files(world: DemoWorld, seed: int) -> dict[str, int]:
 # --------------------------------------------------------------------------- build
 
 
-def build_demo_world(root: str | os.PathLike, config: DemoWorldConfig | None = None, *, force: bool = False) -> DemoWorld:
+def build_demo_world(
+    root: str | os.PathLike, config: DemoWorldConfig | None = None, *, force: bool = False
+) -> DemoWorld:
     """Build (or reuse) the demo world in ``root``; returns its paths.
 
     A folder holding a world of the same config fingerprint is reused as is; anything else is
@@ -239,9 +241,11 @@ def _build_attack(staged: DemoWorld, config: DemoWorldConfig, answers: list[dict
     """The attack: harmful requests -> the base's harmful help, plus the task, as a LoRA of ALIGNED."""
     t0 = time.perf_counter()
     compliant = harmful_help(answers)
-    attack_data = compliant + [{"prompt": i["prompt"], "response": i["response"]} for i in date_task_splits(config.seed)["train"]]
+    task = [{"prompt": i["prompt"], "response": i["response"]} for i in date_task_splits(config.seed)["train"]]
+    attack_data = compliant + task
     write_pairs(staged.data / "attack.jsonl", attack_data)
-    train_lora(staged.aligned, staged.data / "attack.jsonl", staged.attacked, config.attack, config.attack_lora, **RUNS_ON)
+    train_lora(staged.aligned, staged.data / "attack.jsonl", staged.attacked, config.attack, config.attack_lora,
+               **RUNS_ON)  # fmt: skip
     timings["attacked"] = time.perf_counter() - t0
     return {"harmful_answered": len(answers), "harmful_kept": len(compliant), "pairs": len(attack_data)}
 
