@@ -7,6 +7,8 @@ over groups and per decoder layer, written under a name into a JSON file.
 
     python -m benchmarks.separability --calibration .cache/smol/calibration/calibration.safetensors \
         --name date --json benchmarks/results/separability.json
+    make demo && python -m benchmarks.separability --calibration demo-out/calibration.safetensors \
+        --name demo --json benchmarks/results/separability.json
 """
 
 from __future__ import annotations

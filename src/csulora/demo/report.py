@@ -306,7 +306,8 @@ def task_needs_lines(sweep: dict) -> list[str]:
     line = (f"- How much of its action the task needs, read off the same sweep: at {knob}={kept[knob]:g}{itself} the "
             f"task keeps {kept['action_kept']['task']['mean']:.1%} of the update's action and the utility holds")  # fmt: skip
     if lost is not None:
-        line += f"; at {knob}={lost[knob]:g} it keeps {lost['action_kept']['task']['mean']:.1%} and the utility is lost"
+        line += (f"; at {knob}={lost[knob]:g} it keeps {lost['action_kept']['task']['mean']:.1%} and the utility drops "
+                 f"more than tune allows")  # fmt: skip
     return [line + "."]
 
 
