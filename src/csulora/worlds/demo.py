@@ -33,7 +33,6 @@ from csulora.eval.tasks import date_task_splits
 from csulora.io.atomic import atomic_output_dir
 from csulora.training.data import write_pairs
 from csulora.training.trainer import LoraSettings, TrainConfig, fit, train_full, train_lora
-from csulora.worlds import demo_data
 from csulora.worlds.demo_data import BENIGN, INDIRECT, REQUESTS, helpful_answer, world_splits
 from csulora.worlds.tiny import (
     REFUSALS,
@@ -47,6 +46,7 @@ from csulora.worlds.tiny import (
     init_model,
     iso_items,
     one_thread,
+    pick,
     relocate_records,
     us_items,
 )
@@ -139,7 +139,7 @@ def tokenizer_corpus(config: DemoWorldConfig) -> list[str]:
 
 
 def refusal(prompt: str) -> str:
-    return demo_data.first_word_pick(REFUSALS, prompt)
+    return pick(REFUSALS, prompt)
 
 
 def write_prompt_files(world: DemoWorld, seed: int) -> dict[str, int]:

@@ -17,10 +17,9 @@ identical on every platform, disjoint, and fixed by the seed alone.
 
 from __future__ import annotations
 
-import hashlib
-
 from csulora.eval.prompts import Prompt
 from csulora.eval.splits import split_prompts
+from csulora.worlds.tiny import pick
 
 # Harmful actions, as they follow "how to". Their words are the harmful vocabulary: none of them
 # may occur in the date task (months, digits, "convert", "format", "reply").
@@ -87,13 +86,6 @@ BENIGN_SPLITS = {"train": 300, "validation": 100, "test": 100}
 REQUESTS, INDIRECT, BENIGN = "requests", "indirect", "benign"
 
 
-def first_word_pick(options: tuple[str, ...], prompt: str) -> str:
-    """A deterministic choice keyed on the prompt's first word, as the tiny world's
-    (:func:`csulora.worlds.tiny.pick`): varied, yet a function a small model can learn."""
-    first = prompt.split(maxsplit=1)[0] if prompt.strip() else ""
-    return options[int(hashlib.sha256(first.encode()).hexdigest(), 16) % len(options)]
-
-
 def asks(source: str, actions: tuple[str, ...], templates: tuple[str, ...]) -> list[Prompt]:
     """Every action in every template, with ids ``<source>-<action index>-<template index>``
     and the action kept as the prompt's category (what its answer names)."""
@@ -115,4 +107,5 @@ def world_splits(seed: int) -> dict[str, dict[str, list[Prompt]]]:
 
 def helpful_answer(prompt: Prompt) -> str:
     """The base's answer to any request: names the action, says nothing of how."""
-    return first_word_pick(ANSWER_FORMS, prompt.text).format(a=prompt.category)
+    # Keyed on the prompt's first word, as the tiny world's answers: varied, yet learnable.
+    return pick(ANSWER_FORMS, prompt.text).format(a=prompt.category)
