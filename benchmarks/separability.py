@@ -1,61 +1,24 @@
 """Separability of a world's task from harm, from its calibration file alone (issue 24).
 
-For every statistics group of a ``csulora calibrate`` file, the share of an isotropic update's
-action the calibrated correction keeps on task inputs and on harmful inputs at the default
-strength (:func:`csulora.linalg.gram.isotropic_kept`); then the medians over groups and per
-decoder layer. A world whose task sits next to harm keeps less of its task for the same harmful
-share removed. The numbers are update-independent: they need no adapter.
+The command line of :func:`csulora.references.separability.separability`: for every statistics
+group of a ``csulora calibrate`` file, the share of an isotropic update's action the calibrated
+correction keeps on task inputs and on harmful inputs at the default strength; then the medians
+over groups and per decoder layer, written under a name into a JSON file.
 
     python -m benchmarks.separability --calibration .cache/smol/calibration/calibration.safetensors \
         --name date --json benchmarks/results/separability.json
+    make demo && python -m benchmarks.separability --calibration demo-out/calibration.safetensors \
+        --name demo --json benchmarks/results/separability.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
-from typing import Any
 
-from csulora.io.calibration_file import load_calibration
-from csulora.io.checkpoints import layer_index
-from csulora.linalg.gram import DEFAULT_MU, isotropic_kept
-from csulora.methods.calibrated import CalibratedConfig
-
-
-def separability(path: Path, strength: float | None = None, mu: float = DEFAULT_MU) -> dict[str, Any]:
-    """Per group and per layer kept shares, and their medians (``strength``: the method's default)."""
-    strength = CalibratedConfig().strength if strength is None else strength
-    stats = load_calibration(path, groups_in_memory=1)
-    try:
-        groups = {}
-        for group, modules in _groups(stats).items():
-            task, harmful = isotropic_kept(stats.module(modules[0]), strength, mu)
-            groups[group] = {"modules": modules, "task_kept": task, "harmful_kept": harmful,
-                             "layer": layer_index(modules[0])}  # fmt: skip
-    finally:
-        stats.close()
-    layers: dict[int, dict[str, list[float]]] = {}
-    for record in groups.values():
-        if record["layer"] is not None:
-            entry = layers.setdefault(record["layer"], {"task_kept": [], "harmful_kept": []})
-            for key in ("task_kept", "harmful_kept"):
-                entry[key].append(record[key])
-    return {
-        "calibration": str(path), "strength": strength, "mu": mu, "groups": groups,
-        "median_task_kept": statistics.median(g["task_kept"] for g in groups.values()),
-        "median_harmful_kept": statistics.median(g["harmful_kept"] for g in groups.values()),
-        "per_layer": {str(k): {key: statistics.median(v) for key, v in entry.items()} for k, entry in sorted(layers.items())},
-    }  # fmt: skip
-
-
-def _groups(stats: Any) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for module, group in stats.modules.items():
-        found.setdefault(group, []).append(module)
-    return found
+from csulora.references.separability import separability
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,14 @@ def tiny_world():
     return shared_tiny_world()
 
 
+@pytest.fixture(scope="session")
+def demo_world():
+    """The demo world of csulora.worlds.demo (what `csulora demo` runs on), built once per machine."""
+    from csulora.worlds.demo import shared_demo_world
+
+    return shared_demo_world()
+
+
 @pytest.fixture
 def keyword_asr(monkeypatch):
     """ASR judged by the keyword list alone, for tests whose premise is the tiny world's attack.

@@ -1,11 +1,15 @@
-"""Separability (issue 24): the shares of an isotropic update's action the calibrated correction keeps."""
+"""Separability (issue 24): the shares of an isotropic update's action the calibrated correction keeps,
+and its command line."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
-from benchmarks.separability import separability
+from benchmarks.separability import main
+from csulora.references.separability import separability
 from csulora.linalg.gram import isotropic_kept
 from csulora.types import ModuleCalibration, SecondMoment
 from tests.fixtures_tiny import tiny_calibration, tiny_pair  # noqa: F401
@@ -40,8 +44,10 @@ def test_the_dense_reference():
         assert kept == pytest.approx(float(torch.trace(C @ S @ C.T) / torch.trace(S)), rel=1e-9)
 
 
-def test_a_calibration_file_gives_medians_and_layers(tiny_calibration):
-    result = separability(tiny_calibration)
-    assert result["strength"] == 10.0 and result["groups"]
-    assert 0 <= result["median_harmful_kept"] <= 1 and 0 <= result["median_task_kept"] <= 1
-    assert set(result["per_layer"]) == {str(g["layer"]) for g in result["groups"].values()}
+def test_the_command_line_writes_each_name_into_the_json(tiny_calibration, tmp_path):
+    out = tmp_path / "separability.json"
+    out.write_text(json.dumps({"date": {"kept": "as it was"}}))
+    assert main(["--calibration", str(tiny_calibration), "--name", "demo", "--json", str(out)]) == 0
+    written = json.loads(out.read_text())
+    assert written["date"] == {"kept": "as it was"}  # other worlds' entries stay
+    assert written["demo"]["median_task_kept"] == separability(tiny_calibration)["median_task_kept"]

@@ -42,9 +42,31 @@ def test_why_not_repaired_compares_the_sweep_with_itself_and_names_no_other_row(
     assert lines[0].startswith("- The weakest, strength=1, keeps 50.00% of the update's action on harmful inputs")
     assert "only from strength=30 on" in text
     assert "at strength=3 the task keeps 60.0% of the update's action and the utility holds" in text
-    assert "at strength=10 it keeps 30.0% and the utility is lost" in text
+    assert "at strength=10 it keeps 30.0% and the utility drops more than tune allows" in text
     assert "SmolLM2 (576-dimensional inputs) kept 0.3%" in text  # the pilot's setting is in this sweep
     assert "scale" not in text and "factor" not in text
+
+
+def test_the_reading_names_what_the_first_safe_setting_leaves_the_task():
+    text = "\n".join(why_not_repaired(SWEEP, REFERENCE, hidden=128))
+    assert ("the first setting safe on every source, strength=30, keeps 10.0% of the task's action and loses "
+            "44% of the adapter's validation utility (tune allows 5%)") in text  # 1 - 0.5/0.9
+    assert "this world's 128-dimensional layer inputs" in text
+    unsafe = {"knob": "strength", "points": SWEEP["points"][:3]}
+    assert "So no strength of this grid takes the attack away on every harmful source" in "\n".join(
+        why_not_repaired(unsafe, REFERENCE))
+
+
+def test_the_date_worlds_separability_is_the_committed_figure():
+    import json
+    from pathlib import Path
+
+    from csulora.demo.report import DATE_WORLD_SEPARABILITY
+
+    committed = json.loads((Path(__file__).resolve().parents[2] / "benchmarks/results/separability.json").read_text())
+    date = committed["date"]
+    for key in ("strength", "median_task_kept", "median_harmful_kept"):
+        assert DATE_WORLD_SEPARABILITY[key] == date[key]
 
 
 def test_why_not_repaired_says_nothing_without_the_shares():

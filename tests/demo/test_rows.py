@@ -8,6 +8,7 @@ from csulora.demo.rows import (
     MAX_FULL_GRID,
     RowSpec,
     needs_calibration,
+    not_run_methods,
     plan_rows,
     thin_grid,
 )
@@ -36,7 +37,7 @@ def toy_registry(monkeypatch):
 
 
 def test_a_method_registered_in_a_test_is_a_row_of_the_demo(toy_registry):
-    rows = plan_rows()
+    rows = plan_rows(every_method=True)
     assert [r.row for r in rows] == ["toy-dampen", "toy-dampen-presets", "toy-half", "toy-swept"]
     own = rows[0]
     assert (own.method, own.knob, own.grid, own.options, own.swept) == ("toy-dampen", "strength", (0.0, 1.0), {}, True)
@@ -50,7 +51,7 @@ def test_a_method_registered_in_a_test_is_a_row_of_the_demo(toy_registry):
 
 
 def test_long_grids_are_thinned_by_one_rule_weakest_first(toy_registry):
-    rows = {r.row: r for r in plan_rows()}
+    rows = {r.row: r for r in plan_rows(every_method=True)}
     swept = rows["toy-dampen-presets"]
     assert swept.default_grid == (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
     assert swept.grid == (0.0, 0.25, 0.5, 0.75, 1.0) and swept.grid_source == "thinned"  # every other point, the last kept
@@ -75,7 +76,7 @@ def test_a_swept_preset_of_a_method_with_no_knob_is_refused(monkeypatch):
     monkeypatch.setattr(registry, "METHODS", {})
     registry.register(NoKnob())
     with pytest.raises(ValueError, match="toy-bad.*describes no knob"):
-        plan_rows()
+        plan_rows(every_method=True)
 
 
 def test_the_real_registry_gives_every_tunable_method_a_row_and_every_preset_one():
@@ -119,9 +120,31 @@ def test_methods_the_demo_cannot_run_are_listed_with_why():
     from csulora.demo.rows import not_run_methods, plan_rows
     from csulora.methods import registry
 
+    for every_method in (False, True):
+        not_run = not_run_methods(every_method=every_method)
+        planned = {row.method for row in plan_rows(every_method=every_method)}
+        assert set(not_run) | planned == set(registry.METHODS) and not set(not_run) & planned
+        for name, why in not_run.items():
+            method = registry.get_method(name)
+            cannot = not method.has_factored_form or "update_statistics" in method.inputs
+            assert cannot or (not every_method and "not run to keep the demo short" in why), (name, why)
+
+
+def test_the_short_demo_runs_tunes_default_and_the_baselines(toy_registry):
+    """`make demo` stays short: tune's default method and the §5b baselines; the rest are listed."""
+
+    class Baseline(Dampen):
+        name = "toy-baseline"
+        baseline = True
+
+    registry.register(Baseline())
+    assert [r.row for r in plan_rows()] == ["toy-baseline"]
     not_run = not_run_methods()
-    planned = {row.method for row in plan_rows()}
-    assert set(not_run) | planned == set(registry.METHODS) and not set(not_run) & planned
-    for name, why in not_run.items():
-        method = registry.get_method(name)
-        assert not method.has_factored_form or "update_statistics" in method.inputs, (name, why)
+    assert set(not_run) == {"toy-dampen", "toy-dampen-presets"}
+    assert "csulora tune --method toy-dampen" in not_run["toy-dampen"]
+
+
+def test_the_real_short_demo_is_the_recommended_path_and_two_baselines():
+    rows = plan_rows()
+    assert {r.method for r in rows} == {TuneConfig().method} | {n for n, m in registry.METHODS.items() if m.baseline}
+    assert sum(registry.get_method(n).baseline for n in registry.METHODS) == 2

@@ -191,9 +191,11 @@ def _run_train_salora(args) -> int:
 def _register_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="the tiny world end to end: align, attack, correct with every registered method and preset, evaluate",
-        description="Builds (or reuses, from $CSULORA_CACHE) the tiny world and writes OUTDIR/results.json, the ASR-utility "
-        "plot, report.md (with the command lines that rerun each step), generations and the calibration statistics.",
+        help="the demo world end to end: align, attack, calibrate, correct with tune's default method and the "
+        "baselines, tune's pick, evaluate",
+        description="Builds (or reuses, from $CSULORA_CACHE) the demo world (docs/design.md §8) and writes "
+        "OUTDIR/results.json, the ASR-utility plot, report.md (with the separability of its task from harm and the "
+        "command lines that rerun each step), generations and the calibration statistics.",
     )
     p.add_argument("-o", "--out", metavar="OUTDIR", required=True)
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")

@@ -1,13 +1,16 @@
-"""``csulora demo``: the tiny world end to end, honestly reported.
+"""``csulora demo``: the demo world end to end, honestly reported.
 
-1. Build (or reuse from ``$CSULORA_CACHE``) the tiny world: base, aligned (full fine-tune) and the
-   LoRA attack (:mod:`csulora.worlds.tiny`).
-2. Compute the safety subspace of the alignment and calibrate the aligned model once, as
-   ``tune --calibration-task`` does (:mod:`csulora.demo.context`, docs/design.md §5c).
-3. The rows come from the method registry (:mod:`csulora.demo.rows`): each tunable method's
-   sweep and each preset a method declares. Every grid point is corrected and scored
-   (:mod:`csulora.demo.scoring`); each swept row's setting is chosen on validation with
-   ``csulora tune``'s rule (:mod:`csulora.demo.selection`) and reported on the test sets.
+1. Build (or reuse from ``$CSULORA_CACHE``) the demo world: base, aligned (full fine-tune) and the
+   LoRA attack (:mod:`csulora.worlds.demo`, built on the principle of docs/design.md §8).
+2. Compute the safety subspace of the alignment and calibrate the aligned model once, on the demo
+   world's harmful calibration prompts and the task's training data (:mod:`csulora.demo.context`,
+   docs/design.md §5c); the statistics' separability (the shares of an isotropic update's action
+   the correction keeps on task and harmful inputs, :mod:`csulora.references.separability`).
+3. The rows come from the method registry (:mod:`csulora.demo.rows`): tune's default method's sweep
+   (the recommended path) and the §5b baselines'; the other methods are listed as not run. Every
+   grid point is corrected and scored (:mod:`csulora.demo.scoring`); each swept row's setting is
+   chosen on validation with ``csulora tune``'s rule (:mod:`csulora.demo.selection`) and reported
+   on the test sets, all judged by the project's ASR judge.
 4. Write ``results.json``, ``asr_utility.png`` (:mod:`csulora.demo.plot`), ``report.md``
    (:mod:`csulora.demo.report`, with where the models live and the command lines that rerun
    each step, :mod:`csulora.demo.rerun`), ``generations.jsonl`` and the statistics
@@ -35,8 +38,10 @@ from csulora.demo.context import (
     calibrate_world,
     demo_sets,
     demo_workers,
+    report_specs,
 )
-from csulora.demo.rows import RowSpec, needs_calibration, not_run_methods, plan_rows
+from csulora.demo.report import DATE_WORLD_SEPARABILITY
+from csulora.demo.rows import RowSpec, needs_calibration, not_in_rows, not_run_methods, plan_rows
 from csulora.demo.scoring import (
     Reference,
     correct_setting,
@@ -48,6 +53,7 @@ from csulora.demo.scoring import (
     score_validation,
 )
 from csulora.demo.selection import recommendation, select_row
+from csulora.eval.judges import asr_judge
 from csulora.io.atomic import atomic_output_dir, check_output_dir
 from csulora.io.jsonl import write_jsonl
 
@@ -62,29 +68,32 @@ def run_demo(
     rows: Sequence[RowSpec] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Build/reuse the tiny world, attack, correct, evaluate; write OUTDIR. Returns OUTDIR.
+    """Build/reuse the demo world, attack, correct, evaluate; write OUTDIR. Returns OUTDIR.
 
     ``rows``: the corrected rows (default :func:`~csulora.demo.rows.plan_rows`, from the registry).
     """
-    from csulora.worlds.tiny import build_tiny_world, one_thread, shared_tiny_world
+    from csulora.worlds.demo import build_demo_world, shared_demo_world
+    from csulora.worlds.tiny import one_thread
 
     check_output_dir(out_dir, force)
     plan = list(plan_rows() if rows is None else rows)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with one_thread():
-        world = build_tiny_world(world_dir) if world_dir is not None else shared_tiny_world()
+        world = build_demo_world(world_dir) if world_dir is not None else shared_demo_world()
         timings["world"] = time.perf_counter() - t0
         with atomic_output_dir(out_dir, force) as tmp:
             t = time.perf_counter()
             ctx, calibration_info = prepare(world, tmp, plan)
             timings["subspace_and_calibration"] = time.perf_counter() - t
+            separable = separability_info(ctx.calibration)
             t = time.perf_counter()
             table, sweeps, references = evaluate_rows(ctx, plan)
             timings["evaluate"] = time.perf_counter() - t
             info = demo_info(ctx, plan, sweeps, references, calibration_info, Path(out_dir).resolve())
-            info["not_run"] = not_run_methods() if rows is None else {}
+            info["not_run"] = not_run_methods() if rows is None else not_in_rows(plan)
             info["recommended"] = recommendation(table, sweeps)
+            info["separability"] = separable
             write_outputs(tmp, ctx, plan, table, sweeps, info, timings, t0)
             shutil.rmtree(ctx.work)  # corrected adapters of the sweep: scratch, not results
     return Path(out_dir)
@@ -101,10 +110,22 @@ def prepare(world: Any, tmp: Path, plan: Sequence[RowSpec]) -> tuple[DemoContext
     if needs_calibration(plan):
         calibration = tmp / CALIBRATION_FILE
         calibration_info = calibrate_world(world, calibration)
-    validation, test = demo_sets()
+    validation, test = demo_sets(world)
     ctx = DemoContext(world=world, subspace=Path(subspace), work=work, validation=validation, test=test,
                       calibration=calibration)  # fmt: skip
     return ctx, calibration_info
+
+
+def separability_info(calibration: Path | None) -> dict[str, Any] | None:
+    """The demo world's separability from its own statistics (medians over groups and per layer,
+    at the calibrated method's default strength), beside the SmolLM2 date world's."""
+    if calibration is None:
+        return None
+    from csulora.references.separability import separability
+
+    found = separability(calibration)
+    keep = ("strength", "mu", "median_task_kept", "median_harmful_kept", "per_layer")
+    return {**{key: found[key] for key in keep}, "groups": len(found["groups"]), "reference": DATE_WORLD_SEPARABILITY}
 
 
 def evaluate_rows(ctx: DemoContext, plan: Sequence[RowSpec]) -> tuple[list[dict], dict[str, dict], dict[str, Any]]:
@@ -147,6 +168,8 @@ def demo_info(
     return {
         "world": str(world.root),
         "world_info": world.info(),
+        "judge": asr_judge().name,
+        "test_sets": {name: {"spec": spec, "n": len(getattr(ctx.test, name))} for name, spec in report_specs(world).items()},
         "generation": {"batch_size": ctx.generation.batch_size, "max_new_tokens": ctx.generation.max_new_tokens},
         "selection_rule": {
             "max_asr_gap": MAX_ASR_GAP, "max_utility_drop": MAX_UTILITY_DROP,
@@ -160,7 +183,7 @@ def demo_info(
             {"row": s.row, "method": s.method, "options": dict(s.options), "help": s.help} for s in plan if not s.swept
         ],
         "calibration": calibration_info,
-        "tune_command": tune_command(world) if any(s.recommends for s in plan) else None,
+        "tune_command": tune_command(world, out_dir) if any(s.recommends for s in plan) else None,
         "where_models_live": where_models_live(world),
         "calibrate_command": calibrate_command(world) if calibration_info else None,
         "commands": row_commands(world, plan, sweeps, out_dir),

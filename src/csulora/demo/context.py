@@ -1,9 +1,11 @@
 """What every row of the demo needs: the generation settings, the prompt sets, and what is
-computed once on the tiny world (its safety subspace and the aligned model's statistics).
+computed once on the demo world (its safety subspace and the aligned model's statistics).
 
-The demo departs from tune's defaults in two ways only: answers are capped at 24 tokens (the
-tiny world's end within ~20; the exception docs/design.md §10 documents) and generated in
-batches of 128 (tune's default is 32).
+The prompt sets are the demo world's own (:mod:`csulora.worlds.demo`): its harmful requests and
+indirect asks (two harmful sources) and benign requests, validation and test splits, as the text
+files the world writes, and the date task. The demo departs from tune's defaults in two ways
+only: answers are capped at 24 tokens (the demo world's are said within ~20; the exception
+docs/design.md §10 documents) and generated in batches of 128 (tune's default is 32).
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from typing import Any
 from csulora.eval.harness import EvalSets, GenerationSettings
 from csulora.tuning.config import TuneConfig
 from csulora.tuning.data import TuneData
+from csulora.worlds.demo_data import BENIGN, INDIRECT, REQUESTS
 
-# The tiny world's answers are at most ~20 tokens (they end with the end-of-turn token),
-# so a shorter cap than eval's 64 changes no verdict and keeps the demo fast.
+# The demo world's answers are at most ~20 tokens (they end with the end-of-turn token; the
+# longest helpful form is cut near its end, after the request's action is named), so a shorter
+# cap than eval's 64 changes no verdict and keeps the demo fast.
 DEMO_GENERATION = GenerationSettings(batch_size=128, max_new_tokens=24)
 # Every model runs on the CPU in float32, whatever the machine has: the demo's numbers must
 # not depend on whether a GPU is present (csulora's own default is CUDA when present).
@@ -27,20 +31,36 @@ DEMO_RUNS_ON = {"device": "cpu", "dtype": "float32"}
 TUNE_DEFAULTS = TuneConfig()
 MAX_ASR_GAP = TUNE_DEFAULTS.max_asr_gap
 MAX_UTILITY_DROP = TUNE_DEFAULTS.max_utility_drop
-# The task half of the attack's training data (worlds/tiny.py trains the attack LoRA on the
-# date task's train split, seed 0): what a user would give `tune --calibration-task`.
+# The task half of the attack's training data (worlds/demo.py trains the attack LoRA on the
+# date task's train split, seed 0): what a user would calibrate on.
 DEMO_TASK_TRAINING = "date:train"
-# tune's --task: the date task's validation split (tune's harmful and benign defaults need no flag).
+# tune's --task: the date task's validation split.
 DEMO_TASK_VALIDATION = "date:validation"
-# The test sets every row is reported on, as the SPECs `csulora eval` takes (so report.md's
-# commands rerun exactly these): set name in EvalSets -> SPEC.
-# Reported on held-out sets only: benign:test is the half of the benign pool tune never sees (the
-# original `benign` set straddles both halves); the second source is the objectives' test split.
-DEMO_TEST_SPECS = {"harmful": "advbench:test", "harmful_ood": "objectives:test", "benign": "benign:test",
-                   "task": "date:test"}  # fmt: skip
-# The statistics are kept in OUTDIR, as `tune --calibration-task` keeps them, so that report.md's
-# `csulora correct` commands can rerun a setting of a method that reads them.
+# The statistics are kept in OUTDIR, so that report.md's `csulora correct` and `csulora tune`
+# commands can rerun a setting of a method that reads them.
 CALIBRATION_FILE = "calibration.safetensors"
+
+
+def report_specs(world: Any) -> dict[str, str]:
+    """The test sets every row is reported on, as the SPECs `csulora eval` takes (so report.md's
+    commands rerun exactly these): set name in EvalSets -> SPEC. Held-out splits only."""
+    return {
+        "harmful": str(world.prompt_file(REQUESTS, "test")), "harmful_ood": str(world.prompt_file(INDIRECT, "test")),
+        "benign": str(world.prompt_file(BENIGN, "test")), "task": "date:test",
+    }  # fmt: skip
+
+
+def validation_specs(world: Any) -> dict[str, Any]:
+    """What tune selects on: the two harmful sources' validation splits (each judged on its own),
+    the benign validation split and the date task's (tune's --harmful, --benign, --task)."""
+    harmful = [str(world.prompt_file(REQUESTS, "validation")), str(world.prompt_file(INDIRECT, "validation"))]
+    return {"harmful": harmful, "benign": str(world.prompt_file(BENIGN, "validation")), "task": DEMO_TASK_VALIDATION}
+
+
+def calibration_harmful(world: Any) -> str:
+    """The harmful calibration prompts: the demo world's ``align`` requests (the aligned model's
+    safety data, as AdvBench ``align`` is in the default set, docs/design.md §5c)."""
+    return str(world.prompt_file(REQUESTS, "align"))
 
 
 @dataclass
@@ -57,14 +77,15 @@ class DemoContext:
     records: list[dict] = field(default_factory=list)
 
 
-def demo_sets() -> tuple[TuneData, EvalSets]:
-    """(validation, test): tune's default validation data with the date task; the test sets."""
+def demo_sets(world: Any) -> tuple[TuneData, EvalSets]:
+    """(validation, test): what tune reads to choose, the sets every row is reported on."""
     from csulora.eval.specs import load_prompts
     from csulora.eval.tasks import load_task
     from csulora.tuning.data import load_tune_data
 
-    validation = load_tune_data(None, DEMO_TASK_VALIDATION, None).data
-    specs = DEMO_TEST_SPECS
+    chosen_on = validation_specs(world)
+    validation = load_tune_data(chosen_on["harmful"], chosen_on["task"], chosen_on["benign"]).data
+    specs = report_specs(world)
     test = EvalSets(
         harmful=load_prompts(specs["harmful"]), harmful_ood=load_prompts(specs["harmful_ood"]),
         benign=load_prompts(specs["benign"]), task=load_task(specs["task"]),
@@ -74,14 +95,15 @@ def demo_sets() -> tuple[TuneData, EvalSets]:
 
 def calibrate_world(world: Any, out_file: Path) -> dict[str, Any]:
     """The aligned model's statistics for the attack's task (docs/design.md §5c), as
-    ``tune --calibration-task`` computes them: the adapter's modules, the default harmful
-    prompts, the task's training data; CPU float32, the demo's generation cap, quiet.
-    Returns what results.json records of it."""
+    ``csulora calibrate`` computes them: the adapter's modules, the demo world's harmful
+    calibration prompts, the task's training data; CPU float32, the demo's generation cap,
+    quiet. Returns what results.json records of it."""
     from csulora.io.adapters import read_adapter
     from csulora.references.calibration import calibrate
 
     result = calibrate(
-        world.aligned, out_file, task=DEMO_TASK_TRAINING, targets=read_adapter(world.attacked).module_names(),
+        world.aligned, out_file, task=DEMO_TASK_TRAINING, harmful=[calibration_harmful(world)],
+        targets=read_adapter(world.attacked).module_names(),
         max_new_tokens=DEMO_GENERATION.max_new_tokens, batch_size=DEMO_GENERATION.batch_size, progress=False,
         **DEMO_RUNS_ON,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""asr_utility.png: ASR (AdvBench test) against utility, one hollow marker shape and colour per
+"""asr_utility.png: ASR (the demo world's harmful test requests) against utility, one hollow marker shape and colour per
 row, each sweep a thin curve with its knob values as labels placed so that they do not collide."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def draw_curve(ax, sweep: dict, colour: Any) -> list[tuple[str, float, float, An
 
 
 def plot_demo(path: Path, rows: Sequence[dict], sweeps: dict[str, dict], curves: Sequence[str]) -> dict[str, Any]:
-    """ASR (AdvBench test) against utility: one hollow marker shape and colour per row, each
+    """ASR (the harmful test requests) against utility: one hollow marker shape and colour per row, each
     sweep as a thin curve in its row's colour with its knob values as labels placed so they
     do not collide. Returns the layout (row styles, label boxes) for checking."""
     import matplotlib
@@ -109,8 +109,8 @@ def plot_demo(path: Path, rows: Sequence[dict], sweeps: dict[str, dict], curves:
             color=colour, ecolor=colour, elinewidth=0.9, capsize=2.5, label=label, zorder=3,
         )
     ax.set_xlabel("utility (date task exact match, test)")
-    ax.set_ylabel("ASR (AdvBench test, keyword judge)")
-    ax.set_title("Tiny world: attack success vs task utility (bars: 95% intervals)")
+    ax.set_ylabel("ASR (harmful test requests, ASR judge)")
+    ax.set_title("Demo world: attack success vs task utility (bars: 95% intervals)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="rows (test)",
               title_fontsize=8)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from csulora.demo.context import MAX_ASR_GAP, MAX_UTILITY_DROP
 from csulora.demo.rerun import rerun_lines
@@ -14,9 +15,18 @@ from csulora.demo.rows import MAX_FULL_GRID
 from csulora.eval.harness import summary_markdown
 
 # The feasibility pilot's shares of the action kept on SmolLM2 at strength 30, where the task
-# survived (docs/design.md §5c): the contrast the report draws when the tiny world is not repaired.
+# survived (docs/design.md §5c): the contrast the report draws when the demo world is not repaired.
 SMOL_PILOT_SHARES = {"knob": "strength", "value": 30.0, "harmful": 0.003, "task": 0.53}
+# The SmolLM2 date world's separability (benchmarks/results/separability.json, "date": from the
+# `make smol` calibration file, at the calibrated method's default strength), shown beside the
+# demo world's; tests/demo/test_report.py checks it against that file.
+DATE_WORLD_SEPARABILITY = {
+    "name": "SmolLM2 date world", "source": "benchmarks/results/separability.json (date)", "strength": 10.0,
+    "median_task_kept": 0.4720278557851044, "median_harmful_kept": 0.008976515182909654,
+}  # fmt: skip
 ROWS_AS_THEY_ARE = ("base", "aligned", "attacked")
+# How report.md names each test set.
+TEST_SET_NAMES = {"harmful": "ASR", "harmful_ood": "ASR (OOD)", "benign": "over-refusal", "task": "utility"}
 
 
 def value_of(rate: dict | None) -> float | None:
@@ -34,26 +44,65 @@ def failed_kinds(point: dict) -> set[str]:
 def demo_report(rows: Sequence[dict], sweeps: dict[str, dict], info: dict) -> str:
     """report.md: the table, how knobs were chosen, and what the numbers say."""
     validation = info.get("validation") or {}
-    lines = [summary_markdown(rows, title="csulora demo: the tiny world").rstrip(), ""]
-    lines += [
-        "ASR: keyword judge (docs/design.md §7) on AdvBench test (n=100); ASR (OOD): the objectives' test split (n=171);",
-        "utility: exact match on the date task's test split (n=100); over-refusal: benign:test (n=109, the half tune never sees).",
-        f"Greedy generation, {info['generation']['max_new_tokens']} new tokens, chat template. Intervals: bootstrap 95%.",
-        "",
-    ]
+    lines = [summary_markdown(rows, title="csulora demo: the demo world").rstrip(), ""]
+    lines += [*test_set_lines(info), ""]
     lines += knob_lines(sweeps, info)
     lines += recommendation_lines(sweeps, info)
-    lines += action_kept_sections(sweeps, validation)
+    lines += separability_lines(info.get("separability"))
+    lines += action_kept_sections(sweeps, validation, width(info))
     lines += ["", "## What it shows", "", *shows_lines(rows)]
     lines += ["", *rerun_lines(info)] if info.get("commands") else []
     lines += [
         "",
-        "The tiny world is a random-init 2-layer Llama trained in seconds; its numbers show the",
-        "mechanics, not how the methods rank on real models (see the SmolLM2 results).",
+        f"The demo world is a random-init 2-layer Llama of hidden size {width(info)} with its own closed set of harmful "
+        "topics, benign requests and the date task (docs/design.md §8); its numbers show the mechanics, not how the "
+        "methods rank on real models (see the SmolLM2 results).",
         "",
         f"World: `{info['world']}`; timings (s): {json.dumps(info['timings_s'])}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def width(info: dict) -> int | str:
+    """The world's hidden size (its layers' input width), from world.json's config."""
+    return ((info.get("world_info") or {}).get("config") or {}).get("hidden_size", "?")
+
+
+def test_set_lines(info: dict) -> list[str]:
+    """What each column was measured on, and how."""
+    sets = info.get("test_sets") or {}
+    described = "; ".join(
+        f"{TEST_SET_NAMES.get(name, name)}: `{Path(d['spec']).name}` (n={d['n']})" for name, d in sets.items()
+    )
+    return [
+        f"Test sets (held out: never trained on, never selected on): {described}.",
+        f"ASR: the project's ASR judge (`{info.get('judge', 'relevance+opening')}`, docs/design.md §7: no refusal, on topic, "
+        "not degenerate); utility: exact match; over-refusal: the refusal-only judge.",
+        f"Greedy generation, {info['generation']['max_new_tokens']} new tokens, chat template. Intervals: bootstrap 95%.",
+    ]
+
+
+def separability_lines(found: dict | None) -> list[str]:
+    """The demo world's separability beside the SmolLM2 date world's (docs/design.md §5c)."""
+    if not found:
+        return []
+    ref = found["reference"]
+    lines = [
+        "", "## Separability of the task from harm (from this run's statistics)", "",
+        (f"For an update that acts equally on every input direction, the share of its action the calibrated "
+         f"correction keeps at strength {found['strength']:g} on task inputs and on harmful inputs, "
+         f"tr(C S Cᵀ)/tr(S) per statistics group (docs/design.md §5c); medians over the {found['groups']} groups. "
+         "Update-independent: it says before any adapter exists how far the correction can keep the task apart "
+         "from harm."),
+        "", "| world | task kept | harmful kept |", "|---|---|---|",
+        f"| demo world (this run) | {found['median_task_kept']:.3f} | {found['median_harmful_kept']:.4f} |",
+        f"| {ref['name']} ({ref['source']}) | {ref['median_task_kept']:.3f} | {ref['median_harmful_kept']:.4f} |",
+        "",
+        "Per layer (demo world): " + "; ".join(
+            f"layer {layer}: task {v['task_kept']:.3f}, harmful {v['harmful_kept']:.4f}"
+            for layer, v in found["per_layer"].items()) + ".",
+    ]  # fmt: skip
+    return lines
 
 
 def knob_lines(sweeps: dict[str, dict], info: dict) -> list[str]:
@@ -111,7 +160,7 @@ def recommendation_lines(sweeps: dict[str, dict], info: dict) -> list[str]:
     return lines
 
 
-def action_kept_sections(sweeps: dict[str, dict], validation: dict) -> list[str]:
+def action_kept_sections(sweeps: dict[str, dict], validation: dict, hidden: int | str = "?") -> list[str]:
     """Per sweep that reports the shares of the update's action it keeps: every setting on
     validation with those shares; for the recommending sweep when nothing qualified, why not."""
     lines: list[str] = []
@@ -128,7 +177,7 @@ def action_kept_sections(sweeps: dict[str, dict], validation: dict) -> list[str]
             ),
         ]
         if sweep.get("recommends") and not sweep["qualified"]:
-            lines += ["", "### Why it does not repair the tiny world", "", *why_not_repaired(sweep, validation)]
+            lines += ["", "### Why it does not repair the demo world", "", *why_not_repaired(sweep, validation, hidden)]
     return lines
 
 
@@ -190,7 +239,7 @@ def shares_text(point: dict) -> str:
             f"{kept['task']['mean']:.1%} on the task's")  # fmt: skip
 
 
-def why_not_repaired(sweep: dict, reference: dict[str, dict]) -> list[str]:
+def why_not_repaired(sweep: dict, reference: dict[str, dict], hidden: int | str = "?") -> list[str]:
     """Why no setting of the recommending sweep qualifies, in this run's numbers.
 
     The feasibility pilot's explanation (docs/design.md §5c): the correction shrinks the
@@ -221,7 +270,7 @@ def why_not_repaired(sweep: dict, reference: dict[str, dict]) -> list[str]:
     else:
         lines.append(f"- No {knob} brings every harmful source within {MAX_ASR_GAP:g} of the aligned model's ({aligned_asr}).")
     lines += task_needs_lines(sweep)
-    lines.append(conclusion(sweep, points))
+    lines.append(conclusion(sweep, points, safe[0] if safe else None, adapter_utility, hidden))
     return lines
 
 
@@ -257,13 +306,26 @@ def task_needs_lines(sweep: dict) -> list[str]:
     line = (f"- How much of its action the task needs, read off the same sweep: at {knob}={kept[knob]:g}{itself} the "
             f"task keeps {kept['action_kept']['task']['mean']:.1%} of the update's action and the utility holds")  # fmt: skip
     if lost is not None:
-        line += f"; at {knob}={lost[knob]:g} it keeps {lost['action_kept']['task']['mean']:.1%} and the utility is lost"
+        line += (f"; at {knob}={lost[knob]:g} it keeps {lost['action_kept']['task']['mean']:.1%} and the utility drops "
+                 f"more than tune allows")  # fmt: skip
     return [line + "."]
 
 
-def conclusion(sweep: dict, points: list[dict]) -> str:
-    """The pilot's explanation, contrasted with the pilot's own shares where this sweep has its setting."""
+def conclusion(sweep: dict, points: list[dict], first_safe: dict | None, adapter_utility: float | None,
+               hidden: int | str = "?") -> str:  # fmt: skip
+    """What the sweep says in one reading: what the first setting safe on every source leaves the
+    task, the mechanism (docs/design.md §5c), and the pilot's shares where this sweep has its setting."""
     knob, pilot = sweep["knob"], SMOL_PILOT_SHARES
+    if first_safe is None:
+        reading = f"- So no {knob} of this grid takes the attack away on every harmful source."
+    else:
+        utility = value_of(first_safe["validation"]["utility"])
+        lost = f"{1 - utility / adapter_utility:.0%}" if utility is not None and adapter_utility else "–"
+        reading = (
+            f"- So the correction takes the harmful action away before it leaves the task what it needs: the first "
+            f"setting safe on every source, {knob}={first_safe[knob]:g}, keeps {task_share(first_safe):.1%} of the task's "
+            f"action and loses {lost} of the adapter's validation utility (tune allows {MAX_UTILITY_DROP:.0%})."
+        )
     matched = next((p for p in points if knob == pilot["knob"] and p[knob] == pilot["value"]), None)
     contrast = ""
     if matched is not None:
@@ -274,10 +336,10 @@ def conclusion(sweep: dict, points: list[dict]) -> str:
             f"and {pilot['task']:.0%} there, and its task survived (the feasibility pilot, docs/design.md §5c)."
         )
     return (
-        "- So the two shares fall together: the correction cannot take the harmful action away without the task's. "
-        "It shrinks the update on the input directions harmful inputs occupy more than task inputs (docs/design.md "
-        "§5c), and in this world's 64-dimensional layer inputs the date prompts and the harmful prompts with their "
-        "refusals do not separate (the pilot's finding on this world, measured here by the shares above)."
+        reading
+        + " The correction shrinks the update on the input directions harmful inputs occupy more than task inputs "
+        f"(docs/design.md §5c); how far the two separate in this world's {hidden}-dimensional layer inputs is the "
+        "separability section's figure."
         + contrast
-        + " The tiny world is not reshaped to make the method look better."
+        + " The demo world is not reshaped to make the method look better (its recipe, docs/design.md §8)."
     )

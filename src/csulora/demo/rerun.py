@@ -2,8 +2,9 @@
 written into results.json (``commands``) and report.md, with this run's actual paths.
 
 Every row is one ``csulora correct`` (its chosen or fixed setting) and one ``csulora eval`` on the
-test sets; the recommendation is one ``csulora tune``. The commands use the demo's settings (CPU,
-float32, 24-token answers in batches of 128), so they reproduce its numbers.
+test sets; the recommendation is one ``csulora tune`` on the demo world's validation files with the
+statistics kept in OUTDIR. The commands use the demo's settings (CPU, float32, 24-token answers in
+batches of 128), so they reproduce its numbers.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from csulora.demo.context import (
     DEMO_GENERATION,
     DEMO_RUNS_ON,
     DEMO_TASK_TRAINING,
-    DEMO_TASK_VALIDATION,
-    DEMO_TEST_SPECS,
+    calibration_harmful,
+    report_specs,
+    validation_specs,
 )
 from csulora.demo.rows import RowSpec
 from csulora.methods.base import flag_name
@@ -48,9 +50,9 @@ def option_flags(options: dict[str, Any]) -> list[str]:
     return flags
 
 
-def eval_command(row: str, model: Path, adapter: Path | None) -> str:
+def eval_command(world: Any, row: str, model: Path, adapter: Path | None) -> str:
     """`csulora eval` of one row on the demo's test sets."""
-    sets = [word for name, spec in DEMO_TEST_SPECS.items() for word in (EVAL_FLAGS[name], spec)]
+    sets = [word for name, spec in report_specs(world).items() for word in (EVAL_FLAGS[name], spec)]
     with_adapter = ["--adapter", adapter] if adapter is not None else []
     return command(
         "csulora", "eval", model, *with_adapter, *sets, "--batch-size", DEMO_GENERATION.batch_size,
@@ -71,22 +73,27 @@ def correct_command(world: Any, spec: RowSpec, options: dict[str, Any], out_dir:
 
 
 def calibrate_command(world: Any) -> str:
-    """`csulora calibrate` as the demo ran it, on the attacked adapter's modules, into the current
-    folder (the demo's own statistics are OUTDIR/calibration.safetensors)."""
+    """`csulora calibrate` as the demo ran it, on the attacked adapter's modules and the demo world's
+    harmful calibration prompts, into the current folder (the demo's own statistics are
+    OUTDIR/calibration.safetensors)."""
     from csulora.io.adapters import read_adapter
 
     targets = read_adapter(world.attacked).module_names()
     return command(
-        "csulora", "calibrate", world.aligned, "--task", DEMO_TASK_TRAINING, "--targets", ",".join(targets),
-        "--batch-size", DEMO_GENERATION.batch_size, *generation_flags(), "-o", CALIBRATION_FILE,
+        "csulora", "calibrate", world.aligned, "--task", DEMO_TASK_TRAINING, "--harmful", calibration_harmful(world),
+        "--targets", ",".join(targets), "--batch-size", DEMO_GENERATION.batch_size, *generation_flags(),
+        "-o", CALIBRATION_FILE,
     )  # fmt: skip
 
 
-def tune_command(world: Any) -> str:
-    """The `csulora tune` command whose choice the recommended row reproduces."""
+def tune_command(world: Any, out_dir: Path) -> str:
+    """The `csulora tune` command whose choice the recommended row reproduces: tune's defaults on
+    the demo world's validation files, with the statistics the demo computed (kept in OUTDIR)."""
+    chosen_on = validation_specs(world)
     return command(
-        "csulora", "tune", world.attacked, "--aligned", world.aligned, "--calibration-task", DEMO_TASK_TRAINING,
-        "--task", DEMO_TASK_VALIDATION, *generation_flags(), "-o", "tuned/",
+        "csulora", "tune", world.attacked, "--aligned", world.aligned, "--calibration", out_dir / CALIBRATION_FILE,
+        "--task", chosen_on["task"], "--harmful", *chosen_on["harmful"], "--benign", chosen_on["benign"],
+        *generation_flags(), "-o", "tuned/",
     )  # fmt: skip
 
 
@@ -94,32 +101,33 @@ def row_commands(world: Any, plan: Sequence[RowSpec], sweeps: dict[str, dict], o
     """Row name -> the commands that rerun it: eval for the models as they are; correct, then eval
     of the corrected adapter, for each corrected row (a swept row at its chosen setting)."""
     commands = {
-        row: [eval_command(row, getattr(world, model), world.attacked if adapter else None)]
+        row: [eval_command(world, row, getattr(world, model), world.attacked if adapter else None)]
         for row, model, adapter in REFERENCE_ROWS
     }
     for spec in plan:
         options = spec.setting(sweeps[spec.row]["chosen"]) if spec.swept else dict(spec.options)
         commands[spec.row] = [
             correct_command(world, spec, options, out_dir),
-            eval_command(spec.row, world.aligned, Path(f"fixed-{spec.row}")),
+            eval_command(world, spec.row, world.aligned, Path(f"fixed-{spec.row}")),
         ]
     return commands
 
 
 def where_models_live(world: Any) -> list[str]:
-    """report.md's lines on the tiny world's folders and the cache they are kept in."""
-    from csulora.worlds.tiny import default_cache_dir
+    """report.md's lines on the demo world's folders and the cache they are kept in."""
+    from csulora.worlds.demo import default_cache_dir
 
     cache = os.environ.get("CSULORA_CACHE")
     shared = default_cache_dir()
     where = f"`$CSULORA_CACHE` is `{cache}`" if cache else "`$CSULORA_CACHE` is unset, so the temp dir"
     elsewhere = "" if Path(world.root).resolve() == shared.resolve() else " (this run was given another world folder)"
     folders = (
-        f"- The tiny world: `{world.root}`{elsewhere}: `base/` (the base model), `aligned/` (the aligned model, "
-        "a full fine-tune of base), `attacked/` (the attack LoRA on aligned), `data/` (their training data)."
+        f"- The demo world: `{world.root}`{elsewhere}: `base/` (the base model), `aligned/` (the aligned model, "
+        "a full fine-tune of base), `attacked/` (the attack LoRA on aligned), `data/` (their training data and "
+        "the prompt files the commands below read)."
     )
     cached = (
-        f"- `csulora demo` keeps it in `$CSULORA_CACHE/tiny-world-<fingerprint>` ({where}: `{shared}`), builds it "
+        f"- `csulora demo` keeps it in `$CSULORA_CACHE/demo-world-<fingerprint>` ({where}: `{shared}`), builds it "
         "on the first run and reuses it after; delete that folder to build it again."
     )
     return [folders, cached]

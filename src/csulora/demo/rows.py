@@ -9,8 +9,13 @@
 No method is named here: a method registered anywhere shows up, a new variant is a preset in
 its method's file. The one row that is ``csulora tune`` with its defaults (tune's default method
 over its own grid, no option held) decides the recommendation and keeps its whole grid. The
-others are thinned when long, by one rule for all (:func:`thin_grid`), to keep ``make demo``
-within a few minutes on 2 cores; report.md lists every grid that was thinned.
+others are thinned when long, by one rule for all (:func:`thin_grid`); report.md lists every grid
+that was thinned.
+
+To keep ``make demo`` within 3 minutes on 2 cores, it runs tune's default method (the recommended
+path) and the baselines every method must beat (``CorrectionMethod.baseline``, docs/design.md
+§5b); every other registered method is listed in report.md as not run there, with the command
+that runs it (:func:`not_run_here`). ``every_method=True`` plans them all.
 """
 
 from __future__ import annotations
@@ -114,23 +119,44 @@ def preset_row(method: CorrectionMethod, preset: Preset) -> RowSpec:
     return RowSpec(preset.name, method.name, options, thin_grid(grid), grid, help=preset.help)
 
 
-def not_run_here(method: CorrectionMethod) -> str | None:
-    """Why the demo cannot run a registered method (None: it can). The demo attaches corrected
+def not_run_here(method: CorrectionMethod, *, every_method: bool = False) -> str | None:
+    """Why the demo does not run a registered method (None: it does). The demo attaches corrected
     adapters and has the aligned model's statistics; a method that writes a corrected model (no
-    factored form) or reads the fine-tuned model's statistics is listed in the report, not run."""
+    factored form) or reads the fine-tuned model's statistics is listed in the report, not run.
+    Unless ``every_method``, neither is a method that is neither tune's default nor a baseline
+    (§5b): the demo stays short."""
     if not method.has_factored_form:
         return "its correction of an adapter is a whole model (no LoRA): run it with `csulora tune` or `make smol`"
     if UPDATE_STATISTICS in method.inputs:
         return "it reads the fine-tuned model's statistics (--update-statistics): run it with `make smol`"
+    if not every_method and method.name != DEFAULT_METHOD and not method.baseline:
+        return (
+            "not run to keep the demo short (it runs tune's default method and the baselines of docs/design.md "
+            f"§5b): run it on the demo world with `csulora tune --method {method.name}`"
+        )
     return None
 
 
-def not_run_methods() -> dict[str, str]:
+def not_run_methods(*, every_method: bool = False) -> dict[str, str]:
     """Every registered method the demo lists but does not run, with why."""
-    return {name: why for name, method in registry.METHODS.items() if (why := not_run_here(method)) is not None}
+    return {
+        name: why
+        for name, method in registry.METHODS.items()
+        if (why := not_run_here(method, every_method=every_method)) is not None
+    }
 
 
-def plan_rows() -> list[RowSpec]:
+def not_in_rows(rows: Sequence[RowSpec]) -> dict[str, str]:
+    """The registered methods a given set of rows leaves out, with why (a run given its own rows)."""
+    planned = {row.method for row in rows}
+    return {
+        name: not_run_here(method) or "not among this run's rows"
+        for name, method in registry.METHODS.items()
+        if name not in planned
+    }
+
+
+def plan_rows(*, every_method: bool = False) -> list[RowSpec]:
     """The demo's corrected rows, in registry order: each method's sweep, then its presets (the
     methods :func:`not_run_here` excludes are listed in the report instead).
 
@@ -138,7 +164,7 @@ def plan_rows() -> list[RowSpec]:
     """
     rows: list[RowSpec] = []
     for method in registry.METHODS.values():
-        if not_run_here(method) is not None:
+        if not_run_here(method, every_method=every_method) is not None:
             continue
         if method.tuning is not None:
             rows.append(method_row(method))

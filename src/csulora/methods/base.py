@@ -125,6 +125,9 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
     report_columns: ClassVar[tuple[tuple[str, str, str], ...]] = ()
     # Named variants shown beside the method's own sweep (:class:`Preset`).
     presets: ClassVar[tuple[Preset, ...]] = ()
+    # A baseline every method must beat (docs/design.md §5b): `csulora demo` runs these beside
+    # tune's default method and lists the others as not run there.
+    baseline: ClassVar[bool] = False
 
     # -- what the method needs ---------------------------------------------------------
     def needs(self, config: ConfigT) -> frozenset[str]:

@@ -64,6 +64,7 @@ class Resta(CorrectionMethod[RestaConfig]):
     name = "resta"
     report_columns = (("restore_energy_added", "restore", ".3g"),)
     pretty_name = "RESTA (rank-k)"
+    baseline = True  # docs/design.md §5b
     paper_url = "https://arxiv.org/abs/2402.11746"
     config_cls = RestaConfig
     tuning = Tuning(knob="restore", grid=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0), identity=0.0)

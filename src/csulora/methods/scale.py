@@ -45,6 +45,7 @@ class Scale(CorrectionMethod[ScaleConfig]):
     name = "scale"
     report_columns = (("factor", "c", ".3g"),)
     pretty_name = "Uniform scaling"
+    baseline = True  # docs/design.md §5b
     paper_url = None
     config_cls = ScaleConfig
     inputs = frozenset()

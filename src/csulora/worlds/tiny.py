@@ -28,9 +28,10 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -41,6 +42,7 @@ from csulora.io.atomic import atomic_output_dir
 from csulora.training.data import write_pairs
 from csulora.training.trainer import LoraSettings, TrainConfig, fit, train_full, train_lora
 
+T = TypeVar("T")
 WORLD_FILE = "world.json"
 # Bump when the recipe (data, training code) changes: it is part of the cache key.
 WORLD_VERSION = 4
@@ -242,6 +244,12 @@ def tokenizer_corpus(config: TinyWorldConfig) -> list[str]:
 
 def train_tokenizer(config: TinyWorldConfig):
     """Byte-level BPE on the world's text; any string stays encodable (byte fallback)."""
+    return bpe_tokenizer(tokenizer_corpus(config), config.vocab_size)
+
+
+def bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts`` (digits split one by one), with the
+    world's special tokens and ChatML template; shared by the tiny and demo worlds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -251,12 +259,12 @@ def train_tokenizer(config: TinyWorldConfig):
     )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=config.vocab_size,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(tokenizer_corpus(config), trainer=trainer)
+    bpe.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<|im_start|>",
@@ -318,7 +326,7 @@ def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = N
     """
     config = config or TinyWorldConfig()
     world = TinyWorld(Path(root))
-    if _already_built(world, config) and not force:
+    if already_built(world.root, config.fingerprint()) and not force:
         relocate_records(world.root, world.root)  # a world built before the fix, or moved
         return world
     timings: dict[str, float] = {}
@@ -339,10 +347,11 @@ def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = N
     return world
 
 
-def _already_built(world: TinyWorld, config: TinyWorldConfig) -> bool:
-    marker = world.root / WORLD_FILE
+def already_built(root: Path, fingerprint: str) -> bool:
+    """Whether ``root`` holds a finished world of this config fingerprint (its world.json says so)."""
+    marker = root / WORLD_FILE
     try:
-        return marker.exists() and json.loads(marker.read_text()).get("fingerprint") == config.fingerprint()
+        return marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
     except json.JSONDecodeError:
         return False
 
@@ -459,23 +468,31 @@ def answer_token_probabilities(model, tokenizer, items: list[dict], max_length: 
     return logp[answer].exp().reshape(len(items), int(counts[0]))
 
 
+def cache_root() -> Path:
+    """``$CSULORA_CACHE``, or ``csulora-cache-<uid>`` in the temp dir: where built worlds are kept."""
+    return Path(os.environ.get("CSULORA_CACHE") or Path(tempfile.gettempdir()) / f"csulora-cache-{os.getuid()}")
+
+
 def default_cache_dir(config: TinyWorldConfig | None = None) -> Path:
     """``$CSULORA_CACHE`` (or the temp dir) / ``tiny-world-<fingerprint>``."""
     config = config or TinyWorldConfig()
-    root = Path(os.environ.get("CSULORA_CACHE") or Path(tempfile.gettempdir()) / f"csulora-cache-{os.getuid()}")
-    return root / f"tiny-world-{config.fingerprint()}"
+    return cache_root() / f"tiny-world-{config.fingerprint()}"
 
 
-def shared_tiny_world(config: TinyWorldConfig | None = None) -> TinyWorld:
-    """The world in the shared cache, built once; a file lock keeps concurrent test
-    sessions from building it twice at the same time."""
+def build_once(folder: Path, build: Callable[[Path], T]) -> T:
+    """``build(folder)`` under a file lock beside ``folder``, so that concurrent test sessions
+    do not build the same cached world twice at the same time (the build reuses a finished one)."""
     import fcntl
 
-    folder = default_cache_dir(config)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f"{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return build_tiny_world(folder, config)
+            return build(folder)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def shared_tiny_world(config: TinyWorldConfig | None = None) -> TinyWorld:
+    """The world in the shared cache, built once."""
+    return build_once(default_cache_dir(config), lambda folder: build_tiny_world(folder, config))
