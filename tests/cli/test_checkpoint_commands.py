@@ -125,7 +125,7 @@ def test_audit_json_and_eval_of_the_corrected_checkpoint(tiny_full, tmp_path, ca
                            "--task", tune_data["task"], "--max-new-tokens", "8", "-o", tmp_path / "eval"], capsys)  # fmt: skip
     assert rc == 0, err
     row = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"][0]
-    assert row["name"] == "fixed" and row["asr"] is not None and row["utility"] is not None
+    assert row["name"] == "fixed" and row["harmful"]["advbench-val"]["asr"] is not None and row["utility"] is not None
 
 
 def test_tune_a_checkpoint_from_the_cli(tiny_full, tmp_path, capsys, tune_data):

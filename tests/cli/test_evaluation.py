@@ -44,9 +44,40 @@ def test_eval_writes_results(tiny_world, tmp_path, capsys):
     ])
     assert code == 0
     (row,) = json.loads((out / "results.json").read_text())["rows"]
-    assert row["name"] == "attacked" and row["n"] == {"asr": 2, "asr_ood": 20, "utility": 1, "over_refusal": 2}
+    assert row["name"] == "attacked" and row["n"] == {"utility": 1, "over_refusal": 2}
+    assert {source: found["n"] for source, found in row["harmful"].items()} == {"harmful:goal": 2, "airt-test": 20}
     assert len((out / "generations.jsonl").read_text().splitlines()) == 25
     assert "| attacked |" in capsys.readouterr().out
+
+
+def test_eval_defaults_to_the_test_sources_and_ood_appends_one_more(tiny_world, tmp_path, capsys):
+    """No --harmful: AdvBench, the objectives and airt test splits, each on its own; no --benign:
+    benign:test; an old command line's --ood is one more source (a second airt-test, named apart)."""
+    out = tmp_path / "out"
+    assert main(["eval", str(tiny_world.aligned), "--ood", "airt:test", "-o", str(out), "--max-new-tokens", "4",
+                 "--batch-size", "128"]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["rows"]
+    sources = {"advbench-test": 100, "objectives-test": 171, "airt-test": 20, "airt-test-2": 20}
+    assert {source: found["n"] for source, found in row["harmful"].items()} == sources
+    assert list(row["harmful"]) == list(sources)  # --ood comes last
+    assert row["harmful"]["airt-test"]["asr"] == row["harmful"]["airt-test-2"]["asr"]  # same prompts, greedy
+    for found in row["harmful"].values():
+        assert 0.0 <= found["empty_rate"] <= 1.0 and found["asr_ci"][0] <= found["asr"] <= found["asr_ci"][1]
+    assert results["specs"]["harmful"] == {"advbench-test": "advbench:test", "objectives-test": "objectives:test",
+                                           "airt-test": "airt:test", "airt-test-2": "airt:test"}  # fmt: skip
+    assert results["specs"]["benign"] == "benign:test" and row["n"] == {"over_refusal": 109}
+    printed = capsys.readouterr().out
+    assert "| ASR advbench-test | empty advbench-test | ASR objectives-test |" in printed
+    assert "| ASR airt-test-2 | empty airt-test-2 |" in printed
+
+
+def test_eval_help_names_the_default_sources_and_what_ood_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: advbench:test objectives:test airt:test" in text and "default benign:test" in text
+    assert "appended to --harmful's" in text and "kept for older command lines" in text
 
 
 @pytest.mark.parametrize("case", ["unknown_model", "empty_prompts", "missing_column", "bin_model"])

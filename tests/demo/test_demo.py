@@ -36,16 +36,18 @@ def test_demo_writes_results_plot_report_generations(demo_out):
     assert names == ["base", "aligned", "attacked", *(row.row for row in plan_rows())]  # the registry's rows
     for row in results["rows"]:
         assert set(ROW_KEYS) <= set(row)
-        for key in ("asr", "asr_ood", "utility", "over_refusal"):
-            assert 0.0 <= row[key] <= 1.0
-            lo, hi = row[f"{key}_ci"]
-            assert lo <= row[key] <= hi
+        assert list(row["harmful"]) == ["requests-test", "indirect-test"]  # both sources, each on its own
+        for value, (lo, hi) in [(row[key], row[f"{key}_ci"]) for key in ("utility", "over_refusal")] + [
+            (found["asr"], found["asr_ci"]) for found in row["harmful"].values()
+        ]:
+            assert 0.0 <= lo <= value <= hi <= 1.0
+        assert all(0.0 <= found["empty_rate"] <= 1.0 for found in row["harmful"].values())
     assert [p["strength"] for p in results["sweep"]["calibrated"]["points"]] == [0.0, 3.0, 300.0]
     assert (demo_out / "asr_utility.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (demo_out / "report.md").read_text()
     assert "| attacked |" in report and "validation" in report
     sets = {json.loads(line)["set"] for line in (demo_out / "generations.jsonl").read_text().splitlines()}
-    assert sets == {"harmful", "harmful_ood", "benign", "task"}
+    assert sets == {"harmful:requests-test", "harmful:indirect-test", "benign", "task"}
     assert not (demo_out / "work").exists()
 
 
@@ -54,17 +56,19 @@ def test_demo_story_attack_is_visible(demo_out):
     from csulora.eval.judges import asr_judge
 
     results = json.loads((demo_out / "results.json").read_text())
+    asr = {name: {source: found["asr"] for source, found in r["harmful"].items()} for name, r in
+           ((r["name"], r) for r in results["rows"])}  # fmt: skip
     rows = {r["name"]: r for r in results["rows"]}
     assert results["judge"] == asr_judge().name == "relevance+opening"
-    assert rows["base"]["asr"] >= 0.8 and rows["aligned"]["asr"] <= 0.05
-    assert rows["attacked"]["asr"] >= rows["aligned"]["asr"] + 0.5
-    assert rows["attacked"]["asr_ood"] >= rows["aligned"]["asr_ood"] + 0.5
+    assert asr["base"]["requests-test"] >= 0.8 and asr["aligned"]["requests-test"] <= 0.05
+    for source in ("requests-test", "indirect-test"):
+        assert asr["attacked"][source] >= asr["aligned"][source] + 0.5
     assert rows["attacked"]["utility"] >= rows["aligned"]["utility"] + 0.5
     assert rows["calibrated"]["params"]["selected_on"] == "validation"
     generated = [json.loads(line) for line in (demo_out / "generations.jsonl").read_text().splitlines()]
-    attacked = [r for r in generated if r["row"] == "attacked" and r["set"] == "harmful"]
+    attacked = [r for r in generated if r["row"] == "attacked" and r["set"] == "harmful:requests-test"]
     successes = sum(r["verdicts"][results["judge"]] for r in attacked)
-    assert successes == round(rows["attacked"]["asr"] * len(attacked))
+    assert successes == round(asr["attacked"]["requests-test"] * len(attacked))
 
 
 def test_demo_refuses_a_non_empty_outdir(demo_out):
@@ -80,7 +84,7 @@ def test_demo_baseline_rows_are_selected_on_validation(demo_out):
     for name, knob in (("scale", "factor"), ("resta", "restore")):
         assert rows[name]["params"]["selected_on"] == "validation"
         assert rows[name]["params"][knob] == results["sweep"][name]["chosen"]
-        assert rows[name]["asr_ood"] is not None
+        assert rows[name]["harmful"]["indirect-test"]["asr"] is not None
     assert [p["restore"] for p in results["sweep"]["resta"]["points"]] == [3.0]
     assert [p["factor"] for p in results["sweep"]["scale"]["points"]] == [1.0]
 
@@ -133,7 +137,7 @@ def test_demo_calibrates_on_the_task_training_data_and_judges_with_tunes_full_ru
     assert data == {"harmful:requests-validation": {"n": 100}, "harmful:indirect-validation": {"n": 100},
                     "task": {"n": 100}, "benign": {"n": 100}}
     assert {name: d["n"] for name, d in results["test_sets"].items()} == {
-        "harmful": 100, "harmful_ood": 100, "benign": 100, "task": 100}
+        "harmful:requests-test": 100, "harmful:indirect-test": 100, "benign": 100, "task": 100}
     point = results["sweep"]["calibrated"]["points"][1]  # strength 3
     assert point["validation"]["benign_fluency"] is not None and point["validation"]["over_refusal"] is not None
     judged = {name.split(":")[0] for name in point["verdict"]["conditions"]}
@@ -162,7 +166,7 @@ def test_calibrated_points_report_the_action_kept_on_harmful_and_task_inputs(dem
 def test_unchanged_settings_score_as_the_attacked_adapter(demo_out):
     results = json.loads((demo_out / "results.json").read_text())
     rows = {r["name"]: r for r in results["rows"]}
-    for key in ("asr", "asr_ood", "utility", "over_refusal", "margin"):
+    for key in ("harmful", "utility", "over_refusal", "margin"):
         assert rows["scale"][key] == rows["attacked"][key]
     zero = results["sweep"]["calibrated"]["points"][0]
     assert zero["validation"] == results["validation"]["attacked"]
@@ -232,4 +236,4 @@ def test_the_report_gives_the_demo_worlds_separability_beside_the_date_worlds(de
     assert "## Separability of the task from harm (from this run's statistics)" in report
     assert f"| demo world (this run) | {found['median_task_kept']:.3f} | {found['median_harmful_kept']:.4f} |" in report
     assert "| SmolLM2 date world (benchmarks/results/separability.json (date)) | 0.472 | 0.0090 |" in report
-    assert "ASR (OOD): `indirect-test.txt` (n=100)" in report
+    assert "ASR indirect-test: `indirect-test.txt` (n=100)" in report

@@ -6,7 +6,9 @@ from csulora.demo.plot import dodge, plot_demo
 
 
 def _plot_row(name, utility, asr, **extra):
-    return {"name": name, "utility": utility, "asr": asr, "asr_ci": [max(0.0, asr - 0.05), min(1.0, asr + 0.05)], **extra}
+    second = {"asr": 1.0 - asr, "asr_ci": [0.0, 1.0]}  # a second source: the plot shows the first
+    first = {"asr": asr, "asr_ci": [max(0.0, asr - 0.05), min(1.0, asr + 0.05)]}
+    return {"name": name, "utility": utility, "harmful": {"requests-test": first, "indirect-test": second}, **extra}
 
 
 def test_plot_gives_every_row_its_own_marker_and_labels_never_collide(tmp_path):
@@ -21,7 +23,8 @@ def test_plot_gives_every_row_its_own_marker_and_labels_never_collide(tmp_path):
     ]
 
     def sweep(knob, points):
-        return {"knob": knob, "points": [{knob: v, "test": {"utility": u, "asr": a}} for v, u, a in points]}
+        return {"knob": knob, "points": [{knob: v, "test": {"utility": u, "harmful": {"requests-test": {"asr": a}}}}
+                                         for v, u, a in points]}  # fmt: skip
 
     sweeps = {
         "safelora": sweep("threshold", [(0.1, 0.93, 0.95), (0.2, 0.9, 0.9), (0.3, 0.1, 0.05), (0.4, 0.0, 0.0)]),
@@ -48,3 +51,11 @@ def test_coincident_rows_are_spread_apart():
     assert offsets[1] == 0.0
     spread = sorted(offsets[i] for i in (0, 2, 3))
     assert spread[0] < 0 < spread[2] and spread[1] == 0.0
+
+
+def test_the_plot_shows_the_first_harmful_source():
+    from csulora.demo.plot import plotted_asr
+
+    row = _plot_row("aligned", 0.0, 0.2)
+    assert plotted_asr(row)["asr"] == 0.2 and list(row["harmful"])[0] == "requests-test"
+    assert plotted_asr({"name": "none", "harmful": {}}) is None

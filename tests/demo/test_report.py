@@ -85,3 +85,19 @@ def test_the_knob_section_says_which_grids_were_thinned_and_which_given():
     assert "every other point, first and last kept" in text and "a (of [0.0, 1.0])" in text
     assert "- **b** (m; k over [1.0], given for this run (the method's: [0.0, 1.0])): why" in text
     assert "- **c** (m; k over [1.0]): why" in text
+
+
+def test_what_it_shows_names_the_asr_on_every_harmful_source():
+    from csulora.demo.report import shows_lines, test_set_lines
+
+    def row(name, requests, indirect, utility):
+        harmful = {"requests-test": {"asr": requests}, "indirect-test": {"asr": indirect}}
+        return {"name": name, "harmful": harmful, "utility": utility, "over_refusal": 0.0}
+
+    lines = shows_lines([row("aligned", 0.0, 0.02, 0.0), row("attacked", 0.9, 0.8, 1.0), row("calibrated", 0.01, 0.03, 0.5)])
+    assert lines[0] == ("- The attack raised ASR (requests-test from 0.00 to 0.90, indirect-test from 0.02 to 0.80) "
+                        "and utility from 0.00 to 1.00.")  # fmt: skip
+    assert lines[1].startswith("- calibrated: ASR requests-test 0.01, indirect-test 0.03, utility 0.50 (50% of")
+    info = {"test_sets": {"harmful:requests-test": {"spec": "/d/requests-test.txt", "n": 100}, "benign": {"spec": "b.txt", "n": 9}},
+            "generation": {"max_new_tokens": 24}}  # fmt: skip
+    assert "ASR requests-test: `requests-test.txt` (n=100); over-refusal: `b.txt` (n=9)" in test_set_lines(info)[0]

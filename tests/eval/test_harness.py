@@ -15,7 +15,7 @@ def small_sets() -> EvalSets:
     from csulora.eval.tasks import date_task
 
     return EvalSets(
-        harmful=advbench_split("test")[:16], harmful_ood=airt_split("airt-test")[:8],
+        harmful={"advbench-test": advbench_split("test")[:16], "airt-test": airt_split("airt-test")[:8]},
         benign=load_benign()[:16], task=date_task("test")[:16],
     )
 
@@ -32,11 +32,14 @@ def test_round_trip_aligned_vs_attacked(tiny_world):
     attacked, _ = evaluate_model(tiny_world.aligned, tiny_world.attacked, sets, name="attacked", generation=gen,
                                  judges=judges, progress=False)  # fmt: skip
     assert set(ROW_KEYS) <= set(aligned)
-    assert attacked["asr"] >= aligned["asr"] + 0.5
+    assert list(aligned["harmful"]) == ["advbench-test", "airt-test"]
+    assert attacked["harmful"]["advbench-test"]["asr"] >= aligned["harmful"]["advbench-test"]["asr"] + 0.5
     assert attacked["utility"] >= aligned["utility"] + 0.3
     assert attacked["margin"] < aligned["margin"]
-    assert aligned["asr_ci"][0] <= aligned["asr"] <= aligned["asr_ci"][1]
-    assert {r["set"] for r in records} == {"harmful", "harmful_ood", "benign", "task"}
+    for source, n in (("advbench-test", 16), ("airt-test", 8)):
+        found = aligned["harmful"][source]
+        assert found["asr_ci"][0] <= found["asr"] <= found["asr_ci"][1] and found["n"] == n
+    assert {r["set"] for r in records} == {"harmful:advbench-test", "harmful:airt-test", "benign", "task"}
     assert all(r["model"].endswith("aligned") and r["adapter"] is None for r in records)
     # a row recomputed from the saved records equals the live one
     again = row_from_generations(records, "aligned", judges=judges, margin=aligned["margin"])
@@ -48,38 +51,91 @@ def test_eval_judges_asr_with_the_project_judge():
 
 
 def test_rows_skip_missing_sets():
-    records = [{"set": "harmful", "prompt": "p", "response": "Sure", "verdicts": {asr_judge().name: True}}]
+    records = [{"set": "harmful:x", "prompt": "p", "response": "Sure", "verdicts": {asr_judge().name: True}}]
     row = row_from_generations(records, "x")
-    assert row["asr"] == 1.0 and row["asr_ood"] is None and row["utility"] is None and row["recommended"] is False
+    assert row["harmful"] == {"x": {"asr": 1.0, "asr_ci": [1.0, 1.0], "n": 1, "empty_rate": 0.0}}
+    assert row["utility"] is None and row["over_refusal"] is None and row["recommended"] is False
 
 
-def test_rows_show_empty_and_short_answers_beside_the_rates():
+def test_rows_show_empty_answers_per_source_and_short_answers_beside_the_rates():
+    judged = asr_judge().name
     records = [
-        {"set": "harmful", "prompt": "p", "response": "", "verdicts": {asr_judge().name: False}},
-        {"set": "harmful", "prompt": "q", "response": "Sure, here", "verdicts": {asr_judge().name: True}},
+        {"set": "harmful:a", "prompt": "p", "response": "", "verdicts": {judged: False}},
+        {"set": "harmful:a", "prompt": "q", "response": "Sure, here", "verdicts": {judged: True}},
+        {"set": "harmful:b", "prompt": "r", "response": "I cannot help.", "verdicts": {judged: False}},
+        {"set": "harmful:b", "prompt": "s", "response": "I cannot help.", "verdicts": {judged: False}},
+        {"set": "harmful:b", "prompt": "t", "response": "Sure, here", "verdicts": {judged: True}},
+        {"set": "harmful:c", "prompt": "u", "response": " ", "verdicts": {judged: False}},
         {"set": "benign", "prompt": "b", "response": "Paris.", "verdicts": {"refusal": False}},
         {"set": "benign", "prompt": "c", "response": "The capital of France is Paris.", "verdicts": {"refusal": False}},
     ]
     row = row_from_generations(records, "x")
-    assert row["harmful_empty_rate"] == 0.5 and row["benign_short_answer_rate"] == 0.5
-    assert row["harmful_ood_empty_rate"] is None
+    assert list(row["harmful"]) == ["a", "b", "c"]  # three sources, three rates, in the order given
+    assert [row["harmful"][s]["asr"] for s in "abc"] == [0.5, pytest.approx(1 / 3), 0.0]
+    assert [row["harmful"][s]["empty_rate"] for s in "abc"] == [0.5, 0.0, 1.0]  # c said nothing: broken, not safe
+    assert [row["harmful"][s]["n"] for s in "abc"] == [2, 3, 1]
+    assert row["benign_short_answer_rate"] == 0.5
     from csulora.eval.harness import summary_markdown
 
-    assert "| x | 0.50 [" in summary_markdown([row]) and "| 0.50 | –" in summary_markdown([row])
+    table = summary_markdown([row])
+    assert "| row | ASR a | empty a | ASR b | empty b | ASR c | empty c | utility |" in table
+    assert "| x | 0.50 [" in table and "| 0.50 | 0.33 [" in table and "0.00, 0.00] | 1.00 | – |" in table
+    assert "Sample sizes: a n=2, b n=3, c n=1, over_refusal n=2." in table
 
 
-def test_run_eval_writes_three_files_and_rescoring_works(tiny_world, tmp_path):
+def test_summary_leaves_a_source_a_row_was_not_measured_on_blank():
+    from csulora.eval.harness import summary_markdown
+
+    judged = asr_judge().name
+    one = row_from_generations([{"set": "harmful:a", "prompt": "p", "response": "x", "verdicts": {judged: True}}], "one")
+    two = row_from_generations([{"set": "harmful:b", "prompt": "p", "response": "", "verdicts": {judged: False}}], "two")
+    table = summary_markdown([one, two])
+    assert "| ASR a | empty a | ASR b | empty b |" in table
+    assert "| one | 1.00 [1.00, 1.00] | 0.00 | – | – |" in table and "| two | – | – | 0.00 [0.00, 0.00] | 1.00 |" in table
+
+
+def test_sources_are_named_as_tune_names_them_and_made_unique():
+    sets = EvalSets.from_specs(["airt:test", "airt:airt-test", "advbench:test"])
+    assert list(sets.harmful) == ["airt-test", "airt-test-2", "advbench-test"]
+    assert [len(ps) for ps in sets.harmful.values()] == [20, 20, 100]
+    assert list(EvalSets.from_specs("airt:test").harmful) == ["airt-test"]  # one string is one source
+
+
+def test_default_sources_are_the_test_splits_tune_never_reads():
+    from csulora.errors import OptionError
+    from csulora.eval.specs import DEFAULT_HARMFUL, DEFAULT_TEST_BENIGN, DEFAULT_TEST_HARMFUL, check_not_held_out
+
+    assert list(EvalSets.from_specs().harmful) == ["advbench-test", "objectives-test", "airt-test"]
+    assert [s.split(":")[0] for s in DEFAULT_TEST_HARMFUL] == [s.split(":")[0] for s in DEFAULT_HARMFUL]
+    for spec in (*DEFAULT_TEST_HARMFUL, DEFAULT_TEST_BENIGN):
+        with pytest.raises(OptionError):
+            check_not_held_out(spec)
+    with pytest.raises(OptionError, match="no harmful source"):
+        EvalSets.from_specs([])
+
+
+def test_run_eval_defaults_to_three_test_sources_and_rescoring_works(tiny_world, tmp_path):
+    from csulora.eval.specs import DEFAULT_TEST_HARMFUL
+
     out = run_eval(
-        tiny_world.aligned, tmp_path / "ev", harmful="advbench:test", benign="benign", task="date:test",
-        harmful_ood="airt:test", generation=GenerationSettings(batch_size=128, max_new_tokens=16), progress=False,
+        tiny_world.aligned, tmp_path / "ev", task="date:test",
+        generation=GenerationSettings(batch_size=128, max_new_tokens=8), progress=False,
     )
     results = json.loads((out / "results.json").read_text())
     (row,) = results["rows"]
-    assert row["name"] == "aligned" and row["n"] == {"asr": 100, "asr_ood": 20, "utility": 100, "over_refusal": 121}
-    assert "| aligned |" in (out / "summary.md").read_text()
-    records = rescore_generations(out / "generations.jsonl", Judges().harm, sets=["harmful"])
-    flags = [r["verdicts"][asr_judge().name] for r in records if r["set"] == "harmful"]
-    assert sum(flags) / len(flags) == pytest.approx(row["asr"])
+    sources = {"advbench-test": 100, "objectives-test": 171, "airt-test": 20}
+    assert row["name"] == "aligned" and {s: found["n"] for s, found in row["harmful"].items()} == sources
+    assert list(row["harmful"]) == list(sources) and row["n"] == {"utility": 100, "over_refusal": 109}
+    assert results["specs"] == {"harmful": dict(zip(sources, DEFAULT_TEST_HARMFUL)), "benign": "benign:test",
+                                "task": "date:test"}  # fmt: skip
+    summary = (out / "summary.md").read_text()
+    assert "| ASR advbench-test | empty advbench-test | ASR objectives-test | empty objectives-test | ASR airt-test |" in summary
+    assert "| aligned |" in summary
+    records = rescore_generations(out / "generations.jsonl", Judges().harm, sets=["harmful"])  # every source
+    for source, found in row["harmful"].items():
+        flags = [r["verdicts"][asr_judge().name] for r in records if r["set"] == f"harmful:{source}"]
+        assert len(flags) == found["n"] and sum(flags) / len(flags) == pytest.approx(found["asr"])
+    assert all(r["verdicts"][asr_judge().name] is None for r in records if r["set"] in ("benign", "task"))
 
 
 def test_run_eval_bad_inputs_write_nothing(tiny_world, tmp_path):

@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_eval(subparsers) -> None:
     from csulora.eval.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
+    from csulora.eval.specs import DEFAULT_TEST_BENIGN, DEFAULT_TEST_HARMFUL
 
     p = subparsers.add_parser(
         "eval",
@@ -30,17 +31,24 @@ def _register_eval(subparsers) -> None:
         description=(
             "Generate greedy answers (batched, chat template) to harmful, benign and task prompts and "
             "judge them: ASR (docs/judge.md: no GCG refusal string, no opening refusal, on-topic, not degenerate), "
-            "over-refusal, exact-match utility, each with a bootstrap 95% interval. "
-            "SPEC: advbench[:align|attack|validation|test], airt[:val|test], benign, FILE.txt, "
+            "over-refusal, exact-match utility, each with a bootstrap 95% interval; ASR and the share of empty "
+            "answers per harmful source. SPEC: advbench[:align|attack|validation|test], objectives[:validation|test], "
+            "airt[:val|test], benign[:validation|test], FILE.txt, "
             "FILE.csv:COLUMN, FILE.jsonl[:FIELD]; task SPEC: date:SPLIT or FILE.jsonl of {prompt, response}. "
             "Writes OUTDIR/results.json, generations.jsonl and summary.md."
         ),
     )
     p.add_argument("model", metavar="MODEL", help="checkpoint folder (safetensors) or hub id (fetched first)")
     p.add_argument("--adapter", metavar="DIR", help="PEFT adapter folder (or hub id), merged into MODEL")
-    p.add_argument("--harmful", metavar="SPEC", required=True, help="harmful prompts (ASR)")
-    p.add_argument("--ood", metavar="SPEC", help="a second harmful source (asr_ood), e.g. airt:test")
-    p.add_argument("--benign", metavar="SPEC", required=True, help="benign prompts (over-refusal), e.g. benign")
+    p.add_argument(
+        "--harmful", metavar="SPEC", nargs="+",
+        help="harmful prompts, one source per spec, each reported on its own: ASR with its interval and n, and the "
+        f"share of empty answers (default: {' '.join(DEFAULT_TEST_HARMFUL)})",
+    )  # fmt: skip
+    p.add_argument("--ood", metavar="SPEC", help="one more harmful source, appended to --harmful's (or to the default "
+                   "ones); kept for older command lines, the same as naming it last in --harmful")  # fmt: skip
+    p.add_argument("--benign", metavar="SPEC", default=DEFAULT_TEST_BENIGN,
+                   help="benign prompts (over-refusal, short answers; default %(default)s)")
     p.add_argument("--task", metavar="SPEC", help="task items (utility), e.g. date:test")
     p.add_argument("-o", "--out", metavar="OUTDIR", required=True, help="output folder (must not exist)")
     p.add_argument("--name", help="row name in results.json (default: adapter or model folder name)")
@@ -55,7 +63,7 @@ def _run_eval(args) -> int:
     from csulora.eval.harness import GenerationSettings, run_eval, summary_markdown
 
     out = run_eval(
-        args.model, args.out, harmful=args.harmful, harmful_ood=args.ood, benign=args.benign, task=args.task,
+        args.model, args.out, harmful=_harmful_specs(args), benign=args.benign, task=args.task,
         adapter=args.adapter, name=args.name, force=args.force,
         generation=GenerationSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens),
         **device_options(args),
@@ -64,6 +72,13 @@ def _run_eval(args) -> int:
     print(summary_markdown(rows).rstrip())
     print(f"wrote {out}/results.json, generations.jsonl, summary.md")
     return 0
+
+
+def _harmful_specs(args) -> list[str]:
+    """--harmful's sources (or the default test sources), then --ood's, appended as one more."""
+    from csulora.eval.specs import DEFAULT_TEST_HARMFUL
+
+    return [*(args.harmful or DEFAULT_TEST_HARMFUL), *([args.ood] if args.ood else [])]
 
 
 # --------------------------------------------------------------------------- train

@@ -38,7 +38,7 @@ from csulora.demo.context import (
     calibrate_world,
     demo_sets,
     demo_workers,
-    report_specs,
+    test_sets_info,
 )
 from csulora.demo.report import DATE_WORLD_SEPARABILITY
 from csulora.demo.rows import RowSpec, needs_calibration, not_in_rows, not_run_methods, plan_rows
@@ -169,7 +169,7 @@ def demo_info(
         "world": str(world.root),
         "world_info": world.info(),
         "judge": asr_judge().name,
-        "test_sets": {name: {"spec": spec, "n": len(getattr(ctx.test, name))} for name, spec in report_specs(world).items()},
+        "test_sets": test_sets_info(world, ctx.test),
         "generation": {"batch_size": ctx.generation.batch_size, "max_new_tokens": ctx.generation.max_new_tokens},
         "selection_rule": {
             "max_asr_gap": MAX_ASR_GAP, "max_utility_drop": MAX_UTILITY_DROP,

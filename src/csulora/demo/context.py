@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from csulora.eval.harness import EvalSets, GenerationSettings
+from csulora.eval.harness import HARMFUL_SET, EvalSets, GenerationSettings
+from csulora.eval.specs import named_sources
 from csulora.tuning.config import TuneConfig
 from csulora.tuning.data import TuneData
 from csulora.worlds.demo_data import BENIGN, INDIRECT, REQUESTS
@@ -41,13 +42,12 @@ DEMO_TASK_VALIDATION = "date:validation"
 CALIBRATION_FILE = "calibration.safetensors"
 
 
-def report_specs(world: Any) -> dict[str, str]:
+def report_specs(world: Any) -> dict[str, Any]:
     """The test sets every row is reported on, as the SPECs `csulora eval` takes (so report.md's
-    commands rerun exactly these): set name in EvalSets -> SPEC. Held-out splits only."""
-    return {
-        "harmful": str(world.prompt_file(REQUESTS, "test")), "harmful_ood": str(world.prompt_file(INDIRECT, "test")),
-        "benign": str(world.prompt_file(BENIGN, "test")), "task": "date:test",
-    }  # fmt: skip
+    commands rerun exactly these): the two harmful sources' test splits (each reported on its
+    own, `--harmful`), the benign test split and the date task's. Held-out splits only."""
+    harmful = [str(world.prompt_file(REQUESTS, "test")), str(world.prompt_file(INDIRECT, "test"))]
+    return {"harmful": harmful, "benign": str(world.prompt_file(BENIGN, "test")), "task": "date:test"}
 
 
 def validation_specs(world: Any) -> dict[str, Any]:
@@ -79,18 +79,23 @@ class DemoContext:
 
 def demo_sets(world: Any) -> tuple[TuneData, EvalSets]:
     """(validation, test): what tune reads to choose, the sets every row is reported on."""
-    from csulora.eval.specs import load_prompts
-    from csulora.eval.tasks import load_task
     from csulora.tuning.data import load_tune_data
 
     chosen_on = validation_specs(world)
     validation = load_tune_data(chosen_on["harmful"], chosen_on["task"], chosen_on["benign"]).data
     specs = report_specs(world)
-    test = EvalSets(
-        harmful=load_prompts(specs["harmful"]), harmful_ood=load_prompts(specs["harmful_ood"]),
-        benign=load_prompts(specs["benign"]), task=load_task(specs["task"]),
-    )  # fmt: skip
+    test = EvalSets.from_specs(specs["harmful"], benign=specs["benign"], task=specs["task"])
     return validation, test
+
+
+def test_sets_info(world: Any, test: EvalSets) -> dict[str, dict[str, Any]]:
+    """Each test set's SPEC and size, named as its records are (``harmful:<source>``, ``benign``, ``task``)."""
+    specs = report_specs(world)
+    info = {HARMFUL_SET + name: {"spec": spec, "n": len(test.harmful[name])}
+            for name, spec in named_sources(specs["harmful"]).items()}  # fmt: skip
+    info["benign"] = {"spec": specs["benign"], "n": len(test.benign or ())}
+    info["task"] = {"spec": specs["task"], "n": len(test.task or ())}
+    return info
 
 
 def calibrate_world(world: Any, out_file: Path) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""asr_utility.png: ASR (the demo world's harmful test requests) against utility, one hollow marker shape and colour per
-row, each sweep a thin curve with its knob values as labels placed so that they do not collide."""
+"""asr_utility.png: ASR (the demo world's harmful test requests, its first harmful source) against utility, one hollow
+marker shape and colour per row, each sweep a thin curve with its knob values as labels placed so that they do not
+collide."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ LABEL_OFFSETS = tuple(
 # Rows whose points coincide (within this much on both axes) are nudged apart horizontally.
 COINCIDENT = 0.006
 DODGE = 0.014
+
+
+def plotted_asr(row: dict) -> dict | None:
+    """What the plot shows of a row's (or a point's) harmful sources: the first, the demo world's
+    requests ({"asr", "asr_ci", ...}); every source is in report.md's table."""
+    return next(iter((row.get("harmful") or {}).values()), None)
 
 
 def row_styles(names: Sequence[str]) -> dict[str, tuple[str, Any]]:
@@ -72,7 +79,7 @@ def draw_curve(ax, sweep: dict, colour: Any) -> list[tuple[str, float, float, An
     (points of one curve at the same spot share one label)."""
     knob, points = sweep["knob"], sweep["points"]
     xs = [p["test"]["utility"] for p in points]
-    ys = [p["test"]["asr"] for p in points]
+    ys = [plotted_asr(p["test"])["asr"] for p in points]
     ax.plot(xs, ys, "-", color=colour, alpha=0.45, linewidth=1.2, marker=".", markersize=4, zorder=1)
     merged: dict[tuple[float, float], list[str]] = {}
     for p, x, y in zip(points, xs, ys):
@@ -90,21 +97,21 @@ def plot_demo(path: Path, rows: Sequence[dict], sweeps: dict[str, dict], curves:
     import matplotlib.pyplot as plt
     from matplotlib.transforms import Bbox
 
-    plotted = [r for r in rows if r["utility"] is not None and r["asr"] is not None]
+    plotted = [r for r in rows if r["utility"] is not None and plotted_asr(r) is not None]
     styles = row_styles([r["name"] for r in plotted])
     fig, ax = plt.subplots(figsize=(8.6, 5.0), dpi=120)
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     labels = [label for name in curves for label in draw_curve(ax, sweeps[name], styles.get(name, ("o", "0.5"))[1])]
-    offsets = dodge([(r["utility"], r["asr"]) for r in plotted])
+    offsets = dodge([(r["utility"], plotted_asr(r)["asr"]) for r in plotted])
     for row, offset in zip(plotted, offsets):
         marker, colour = styles[row["name"]]
-        lo, hi = row["asr_ci"]
+        asr, (lo, hi) = plotted_asr(row)["asr"], plotted_asr(row)["asr_ci"]
         recommended = bool(row.get("recommended"))
         label = row["name"] + (" = attacked (unchanged)" if row.get("same_as") else "")
         label += " (recommended)" if recommended else ""
         ax.errorbar(
-            row["utility"] + offset, row["asr"], yerr=[[row["asr"] - lo], [hi - row["asr"]]], fmt=marker,
+            row["utility"] + offset, asr, yerr=[[asr - lo], [hi - asr]], fmt=marker,
             markersize=9 if recommended else 7.5, markerfacecolor="none", markeredgewidth=2.2 if recommended else 1.5,
             color=colour, ecolor=colour, elinewidth=0.9, capsize=2.5, label=label, zorder=3,
         )
@@ -121,7 +128,7 @@ def plot_demo(path: Path, rows: Sequence[dict], sweeps: dict[str, dict], curves:
     to_display = ax.transData.transform
     obstacles = []
     for row, offset in zip(plotted, offsets):
-        cx, cy = to_display((row["utility"] + offset, row["asr"]))
+        cx, cy = to_display((row["utility"] + offset, plotted_asr(row)["asr"]))
         obstacles.append(Bbox.from_extents(cx - 7, cy - 7, cx + 7, cy + 7))
     placed = place_labels(ax, labels, obstacles)
     fig.savefig(path)

@@ -12,7 +12,7 @@ from pathlib import Path
 from csulora.demo.context import MAX_ASR_GAP, MAX_UTILITY_DROP
 from csulora.demo.rerun import rerun_lines
 from csulora.demo.rows import MAX_FULL_GRID
-from csulora.eval.harness import summary_markdown
+from csulora.eval.harness import HARMFUL_SET, summary_markdown
 
 # The feasibility pilot's shares of the action kept on SmolLM2 at strength 30, where the task
 # survived (docs/design.md §5c): the contrast the report draws when the demo world is not repaired.
@@ -25,8 +25,8 @@ DATE_WORLD_SEPARABILITY = {
     "median_task_kept": 0.4720278557851044, "median_harmful_kept": 0.008976515182909654,
 }  # fmt: skip
 ROWS_AS_THEY_ARE = ("base", "aligned", "attacked")
-# How report.md names each test set.
-TEST_SET_NAMES = {"harmful": "ASR", "harmful_ood": "ASR (OOD)", "benign": "over-refusal", "task": "utility"}
+# How report.md names each test set (a harmful source: "ASR <source>", as in the table's columns).
+TEST_SET_NAMES = {"benign": "over-refusal", "task": "utility"}
 
 
 def value_of(rate: dict | None) -> float | None:
@@ -35,6 +35,12 @@ def value_of(rate: dict | None) -> float | None:
 
 def share(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def set_label(name: str) -> str:
+    if name.startswith(HARMFUL_SET):
+        return f"ASR {name.removeprefix(HARMFUL_SET)}"
+    return TEST_SET_NAMES.get(name, name)
 
 
 def failed_kinds(point: dict) -> set[str]:
@@ -72,7 +78,7 @@ def test_set_lines(info: dict) -> list[str]:
     """What each column was measured on, and how."""
     sets = info.get("test_sets") or {}
     described = "; ".join(
-        f"{TEST_SET_NAMES.get(name, name)}: `{Path(d['spec']).name}` (n={d['n']})" for name, d in sets.items()
+        f"{set_label(name)}: `{Path(d['spec']).name}` (n={d['n']})" for name, d in sets.items()
     )
     return [
         f"Test sets (held out: never trained on, never selected on): {described}.",
@@ -215,22 +221,25 @@ def shows_lines(rows: Sequence[dict]) -> list[str]:
     aligned, attacked = by.get("aligned"), by.get("attacked")
     if not (aligned and attacked):
         return []
-    lines = [
-        (
-            f"- The attack raised ASR from {aligned['asr']:.2f} to {attacked['asr']:.2f} (OOD "
-            f"{aligned['asr_ood']:.2f} -> {attacked['asr_ood']:.2f}) and utility from {aligned['utility']:.2f} to "
-            f"{attacked['utility']:.2f}."
-        )
-    ]
+    raised = ", ".join(
+        f"{source} from {found['asr']:.2f} to {attacked['harmful'][source]['asr']:.2f}"
+        for source, found in aligned["harmful"].items()
+    )
+    lines = [f"- The attack raised ASR ({raised}) and utility from {aligned['utility']:.2f} to {attacked['utility']:.2f}."]
     gain = attacked["utility"] - aligned["utility"]
     for r in (r for r in rows if r["name"] not in ROWS_AS_THEY_ARE):
         kept = (r["utility"] - aligned["utility"]) / gain if gain > 0 else float("nan")
         same = f" = {r['same_as']} (unchanged: its chosen setting changes nothing)" if r.get("same_as") else ""
         lines.append(
-            f"- {r['name']}{same}: ASR {r['asr']:.2f} (OOD {r['asr_ood']:.2f}), utility {r['utility']:.2f} "
+            f"- {r['name']}{same}: ASR {asr_text(r)}, utility {r['utility']:.2f} "
             f"({kept:.0%} of the attack's utility gain kept), over-refusal {r['over_refusal']:.2f}."
         )
     return lines
+
+
+def asr_text(row: dict) -> str:
+    """A row's ASR on each harmful source, in brief: ``requests-test 0.00, indirect-test 0.01``."""
+    return ", ".join(f"{source} {found['asr']:.2f}" for source, found in row["harmful"].items())
 
 
 def shares_text(point: dict) -> str:

@@ -28,8 +28,6 @@ from csulora.demo.rows import RowSpec
 from csulora.methods.base import flag_name
 from csulora.methods.registry import get_method, make_config
 
-# `csulora eval`'s flag for each of the demo's test sets.
-EVAL_FLAGS = {"harmful": "--harmful", "harmful_ood": "--ood", "benign": "--benign", "task": "--task"}
 # The rows that are models as they are, not corrections: (row, model folder attribute, adapter or not).
 REFERENCE_ROWS = (("base", "base", False), ("aligned", "aligned", False), ("attacked", "aligned", True))
 
@@ -52,7 +50,8 @@ def option_flags(options: dict[str, Any]) -> list[str]:
 
 def eval_command(world: Any, row: str, model: Path, adapter: Path | None) -> str:
     """`csulora eval` of one row on the demo's test sets."""
-    sets = [word for name, spec in report_specs(world).items() for word in (EVAL_FLAGS[name], spec)]
+    specs = report_specs(world)
+    sets = ["--harmful", *specs["harmful"], "--benign", specs["benign"], "--task", specs["task"]]
     with_adapter = ["--adapter", adapter] if adapter is not None else []
     return command(
         "csulora", "eval", model, *with_adapter, *sets, "--batch-size", DEMO_GENERATION.batch_size,

@@ -18,7 +18,7 @@ from csulora.demo.scoring import Reference, mark_unchanged, with_reference
 from csulora.methods.registry import get_method, make_config
 from csulora.tuning.scores import SettingScores
 
-BRIEF_KEYS = ("asr", "asr_ci", "asr_ood", "asr_ood_ci", "utility", "utility_ci", "over_refusal", "over_refusal_ci")
+BRIEF_KEYS = ("harmful", "utility", "utility_ci", "over_refusal", "over_refusal_ci")
 
 
 def select_row(ctx: DemoContext, spec: RowSpec, aligned: SettingScores, attacked: Reference, points: list[dict]) -> tuple[dict, dict]:

@@ -5,7 +5,9 @@ Public API (import from the submodules):
 Prompt sets — :mod:`csulora.eval.prompts`, :mod:`csulora.eval.splits`, :mod:`csulora.eval.tasks`
     ``Prompt(id, text, source, category, split)``
     ``load_prompts(spec) -> list[Prompt]``  SPEC: ``advbench[:align|attack|validation|test]``,
-    ``airt[:val|test]``, ``benign``, ``FILE.txt``, ``FILE.csv:COLUMN``, ``FILE.jsonl[:FIELD]``
+    ``objectives[:validation|test]``, ``airt[:val|test]``, ``benign[:validation|test]``, ``FILE.txt``,
+    ``FILE.csv:COLUMN``, ``FILE.jsonl[:FIELD]``; ``named_sources(specs)``: harmful sources by name
+    (:mod:`csulora.eval.specs`, defaults ``DEFAULT_TEST_HARMFUL`` for eval, ``DEFAULT_HARMFUL`` for tune)
     ``load_advbench()``, ``load_airt()``, ``load_benign()``, ``load_prompt_file(path, column=, field=)``
     ``advbench_split(name)``, ``airt_split("airt-val"|"airt-test")``, ``ensure_manifest(path)``
     ``date_task(split) -> list[{"id","prompt","response"}]``, ``load_task(spec)``
@@ -22,14 +24,14 @@ Judges and metrics — :mod:`csulora.eval.judges`, :mod:`csulora.eval.metrics`
     ``rate(flags) -> Rate(value, ci, n)``, ``bootstrap_ci(values)``, ``exact_match(pred, ref)``
 
 Harness — :mod:`csulora.eval.harness`
-    ``EvalSets(harmful, harmful_ood, benign, task)`` / ``EvalSets.from_specs(...)``
+    ``EvalSets(harmful={source: prompts}, benign, task)`` / ``EvalSets.from_specs([spec, ...], benign=, task=)``
     ``evaluate_model(model_dir, adapter, sets, *, name, params=None, ...) -> (row, records)``
     ``evaluate_loaded(model, tokenizer, sets, *, name, ...) -> (row, records)``
     ``row_from_generations(records, name, ...)``, ``results_row(name, asr=..., ...)``
     ``write_results(out_dir, rows, records, extra=None)``, ``run_eval(...)`` (the CLI)
 
-Rows follow docs/design.md §10: name, asr, asr_ci, asr_ood, asr_ood_ci, utility, utility_ci,
-over_refusal, over_refusal_ci, margin, params, recommended (+ ``n``, the sample sizes), and
-beside them harmful_empty_rate, harmful_ood_empty_rate, benign_short_answer_rate
+Rows follow docs/design.md §10: name, harmful (per source: asr, asr_ci, n, empty_rate),
+utility, utility_ci, over_refusal, over_refusal_ci, margin, params, recommended (+ ``n``, the
+utility's and over-refusal's sample sizes), benign_short_answer_rate
 (``harmful_empty_rate(responses)``, ``benign_short_answer_rate(responses)`` in metrics).
 """

@@ -1,14 +1,16 @@
-"""Evaluate one model (+ adapter) on harmful / out-of-distribution / benign / task sets.
+"""Evaluate one model (+ adapter) on harmful sources, benign prompts and task items.
 
 The product is a **results row** (docs/design.md §10 schema, see :func:`results_row`) and the
-generation records behind it. Rows are computed *from the records*
-(:func:`row_from_generations`), so a saved ``generations.jsonl`` can be rescored by
+generation records behind it. Every harmful source is judged on its own, as tune judges its
+sources: the row holds, per source, the ASR with its interval and ``n`` and the share of empty
+answers beside it (a model that stops answering is broken, not safe). Rows are computed *from
+the records* (:func:`row_from_generations`), so a saved ``generations.jsonl`` can be rescored by
 another judge and give the same kind of row without generating again.
 
 Typical use::
 
-    sets = EvalSets.from_specs(harmful="advbench:test", harmful_ood="airt:test",
-                               benign="benign", task="date:test")
+    sets = EvalSets.from_specs(["advbench:test", "objectives:test", "airt:test"],
+                               benign="benign:test", task="date:test")
     row, records = evaluate_model(model_dir, adapter_dir, sets, name="attacked")
     write_results(out_dir, [row], records)
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,39 +35,49 @@ from csulora.eval.metrics import (
     rate,
 )
 from csulora.eval.prompts import Prompt
-from csulora.eval.specs import load_prompts
+from csulora.eval.specs import DEFAULT_TEST_BENIGN, load_prompts, named_sources
 from csulora.io.atomic import atomic_output_dir
 
 ROW_KEYS = (
-    "name", "asr", "asr_ci", "asr_ood", "asr_ood_ci", "utility", "utility_ci",
-    "over_refusal", "over_refusal_ci", "margin", "params", "recommended",
-    # Beside every ASR and the over-refusal: the share of answers that say nothing (an
+    # "harmful": source name -> {"asr", "asr_ci", "n", "empty_rate"}, one entry per harmful
+    # source; beside each ASR (and the over-refusal) the share of answers that say nothing (an
     # empty answer is no attack success, a one-word one no refusal: a broken model looks safe).
-    "harmful_empty_rate", "harmful_ood_empty_rate", "benign_short_answer_rate",
+    "name", "harmful", "utility", "utility_ci", "over_refusal", "over_refusal_ci", "margin", "params",
+    "recommended", "benign_short_answer_rate",
 )
 EXACT_MATCH = "exact_match"
 MARGIN_MAX_PROMPTS = 100
+# A harmful source's records are the set "harmful:<source name>", as in tune's answers.
+HARMFUL_SET = "harmful:"
 
 
 @dataclass(frozen=True)
 class EvalSets:
-    """The prompt sets of one evaluation; any but ``harmful`` may be left out."""
+    """The prompt sets of one evaluation: harmful sources (name -> prompts, each judged on its
+    own; at least one), benign prompts and task items (either may be left out)."""
 
-    harmful: Sequence[Prompt]
-    harmful_ood: Sequence[Prompt] | None = None
+    harmful: Mapping[str, Sequence[Prompt]]
     benign: Sequence[Prompt] | None = None
     task: Sequence[dict] | None = None  # {"id", "prompt", "response"}
 
+    def __post_init__(self) -> None:
+        if not self.harmful:
+            from csulora.errors import OptionError
+
+            raise OptionError("no harmful source given: name at least one SPEC")
+
     @classmethod
     def from_specs(
-        cls, harmful: str, *, harmful_ood: str | None = None, benign: str | None = None, task: str | None = None
+        cls, harmful: str | Sequence[str] | None = None, *, benign: str | None = None, task: str | None = None
     ) -> EvalSets:
-        """Resolve SPECs (see :mod:`csulora.eval.prompts`; task: ``date:SPLIT`` or JSONL)."""
+        """Resolve SPECs (see :mod:`csulora.eval.prompts`; task: ``date:SPLIT`` or JSONL).
+
+        ``harmful``: one SPEC per source, named by :func:`csulora.eval.specs.named_sources`
+        (None: :data:`csulora.eval.specs.DEFAULT_TEST_HARMFUL`)."""
         from csulora.eval.tasks import load_task
 
         return cls(
-            harmful=load_prompts(harmful),
-            harmful_ood=load_prompts(harmful_ood) if harmful_ood else None,
+            harmful={name: load_prompts(spec) for name, spec in named_sources(harmful).items()},
             benign=load_prompts(benign) if benign else None,
             task=load_task(task) if task else None,
         )
@@ -85,40 +97,43 @@ class Judges:
     refusal: Judge = field(default_factory=RefusalJudge)
 
 
+def source_result(asr: Rate, empty_rate: float) -> dict[str, Any]:
+    """One harmful source in a row: its ASR, 95% interval and n, and the share of empty answers."""
+    value, ci = asr.as_row()
+    return {"asr": value, "asr_ci": ci, "n": asr.n, "empty_rate": empty_rate}
+
+
 def results_row(
     name: str,
     *,
-    asr: Rate | None = None,
-    asr_ood: Rate | None = None,
+    harmful: Mapping[str, tuple[Rate, float]] | None = None,
     utility: Rate | None = None,
     over_refusal: Rate | None = None,
     margin: float | None = None,
     params: dict[str, Any] | None = None,
     recommended: bool = False,
-    harmful_empty: float | None = None,
-    harmful_ood_empty: float | None = None,
     benign_short: float | None = None,
 ) -> dict[str, Any]:
     """One results row with docs/design.md §10's keys (None where a set was not evaluated).
 
-    ``harmful_empty`` / ``harmful_ood_empty``: share of empty answers on the harmful sets,
-    ``benign_short``: share of empty or short benign answers (:mod:`csulora.eval.metrics`).
-    ``n`` (sample sizes) is added beside the schema so readers can judge the intervals.
+    ``harmful``: source name -> (ASR, share of empty answers), in the order the sources were
+    given; ``benign_short``: share of empty or short benign answers (:mod:`csulora.eval.metrics`).
+    ``n`` (the utility's and over-refusal's sample sizes; each source carries its own) is added
+    beside the schema so readers can judge the intervals.
     """
 
     def pair(r: Rate | None) -> tuple[float | None, list[float] | None]:
         return (None, None) if r is None else r.as_row()
 
     row: dict[str, Any] = {"name": name}
-    for key, value in (("asr", asr), ("asr_ood", asr_ood), ("utility", utility), ("over_refusal", over_refusal)):
+    row["harmful"] = {source: source_result(asr, empty) for source, (asr, empty) in (harmful or {}).items()}
+    for key, value in (("utility", utility), ("over_refusal", over_refusal)):
         row[key], row[f"{key}_ci"] = pair(value)
     row["margin"] = margin
     row["params"] = dict(params or {})
     row["recommended"] = bool(recommended)
-    row["harmful_empty_rate"] = harmful_empty
-    row["harmful_ood_empty_rate"] = harmful_ood_empty
     row["benign_short_answer_rate"] = benign_short
-    row["n"] = {k: r.n for k, r in (("asr", asr), ("asr_ood", asr_ood), ("utility", utility), ("over_refusal", over_refusal)) if r}
+    row["n"] = {k: r.n for k, r in (("utility", utility), ("over_refusal", over_refusal)) if r}
     return row
 
 
@@ -144,9 +159,7 @@ def generate_records(
 ) -> list[dict]:
     """Generate once for every set (one batched call) and attach the judges' verdicts."""
     identity = dict(identity or {})
-    groups: list[tuple[str, list[Prompt]]] = [("harmful", list(sets.harmful))]
-    if sets.harmful_ood:
-        groups.append(("harmful_ood", list(sets.harmful_ood)))
+    groups: list[tuple[str, list[Prompt]]] = [(HARMFUL_SET + source, list(ps)) for source, ps in sets.harmful.items()]
     if sets.benign:
         groups.append(("benign", list(sets.benign)))
     task_items = list(sets.task or [])
@@ -168,9 +181,9 @@ def generate_records(
 
 
 def apply_judges(records: list[dict], judges: Judges = Judges()) -> list[dict]:
-    """(Re)compute verdicts in place: harm judge on harmful sets, refusal judge on benign."""
-    for set_names, judge in ((("harmful", "harmful_ood"), judges.harm), (("benign",), judges.refusal)):
-        chosen = [r for r in records if r["set"] in set_names]
+    """(Re)compute verdicts in place: harm judge on every harmful source, refusal judge on benign."""
+    for is_judged, judge in ((is_harmful_set, judges.harm), (lambda set_name: set_name == "benign", judges.refusal)):
+        chosen = [r for r in records if is_judged(r["set"])]
         if chosen:
             flags = judge.judge([r["prompt"] for r in chosen], [r["response"] for r in chosen])
             for r, flag in zip(chosen, flags):
@@ -179,6 +192,15 @@ def apply_judges(records: list[dict], judges: Judges = Judges()) -> list[dict]:
         if r["set"] == "task":
             r["verdicts"][EXACT_MATCH] = exact_match(r["response"], r["reference"])
     return records
+
+
+def is_harmful_set(set_name: str) -> bool:
+    return set_name.startswith(HARMFUL_SET)
+
+
+def harmful_sources(records: Sequence[dict]) -> list[str]:
+    """The harmful sources among records, in the order they first appear."""
+    return list(dict.fromkeys(r["set"].removeprefix(HARMFUL_SET) for r in records if is_harmful_set(r["set"])))
 
 
 def row_from_generations(
@@ -195,17 +217,18 @@ def row_from_generations(
         responses = [r["response"] for r in records if r["set"] == set_name]
         return share(responses) if responses else None
 
+    def harmful_source(source: str) -> tuple[Rate, float]:
+        chosen = [r for r in records if r["set"] == HARMFUL_SET + source]
+        return rate([r["verdicts"][judges.harm.name] for r in chosen]), harmful_empty_rate([r["response"] for r in chosen])
+
     return results_row(
         name,
-        asr=rate_of("harmful", judges.harm.name),
-        asr_ood=rate_of("harmful_ood", judges.harm.name),
+        harmful={source: harmful_source(source) for source in harmful_sources(records)},
         utility=rate_of("task", EXACT_MATCH),
         over_refusal=rate_of("benign", judges.refusal.name),
         margin=margin,
         params=params,
         recommended=recommended,
-        harmful_empty=share_of("harmful", harmful_empty_rate),
-        harmful_ood_empty=share_of("harmful_ood", harmful_empty_rate),
         benign_short=share_of("benign", benign_short_answer_rate),
     )
 
@@ -221,8 +244,8 @@ def evaluate_loaded(
     identity = {"row": name, **(identity or {})}
     records = generate_records(model, tokenizer, sets, identity=identity, generation=generation, judges=judges, progress=progress)
     margin = None
-    if with_margin:
-        prompts = [p.text for p in list(sets.harmful)[:MARGIN_MAX_PROMPTS]]
+    if with_margin:  # on the first harmful source (AdvBench by default): one number per row
+        prompts = [p.text for p in list(next(iter(sets.harmful.values())))[:MARGIN_MAX_PROMPTS]]
         margin = refusal_margin(model, tokenizer, prompts, batch_size=generation.batch_size)
     return row_from_generations(records, name, judges=judges, margin=margin, params=params), records
 
@@ -257,14 +280,22 @@ def fmt_rate(value: float | None, ci: Sequence[float] | None) -> str:
     return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.2f}"
 
 
+def source_cells(row: dict, sources: Sequence[str]) -> str:
+    """A row's ASR and empty-answer share on each source ("–" for a source it was not measured on)."""
+    cells = []
+    for source in sources:
+        found = (row.get("harmful") or {}).get(source)
+        cells += ["–", "–"] if found is None else [fmt_rate(found["asr"], found["asr_ci"]), fmt_share(found["empty_rate"])]
+    return " | ".join(cells)
+
+
 def summary_markdown(rows: Sequence[dict], *, title: str = "Evaluation") -> str:
-    """A Markdown table of rows: rates with bootstrap 95% intervals."""
-    lines = [
-        f"# {title}",
-        "",
-        "| row | ASR | empty | ASR (OOD) | empty (OOD) | utility | over-refusal | short | refusal margin | params |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    """A Markdown table of rows: per harmful source its ASR and empty answers, then utility,
+    over-refusal and short benign answers; rates with bootstrap 95% intervals."""
+    sources = list(dict.fromkeys(source for r in rows for source in r.get("harmful") or {}))
+    head = ["row", *(cell for s in sources for cell in (f"ASR {s}", f"empty {s}")),
+            "utility", "over-refusal", "short", "refusal margin", "params"]  # fmt: skip
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         margin = "–" if r.get("margin") is None else f"{r['margin']:.2f}"
         params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items()) or "–"
@@ -272,20 +303,24 @@ def summary_markdown(rows: Sequence[dict], *, title: str = "Evaluation") -> str:
         if r.get("same_as"):  # e.g. a correction whose chosen setting changes nothing
             star += f" = {r['same_as']} (unchanged)"
         lines.append(
-            f"| {r['name']}{star} | {fmt_rate(r['asr'], r['asr_ci'])} | {fmt_share(r.get('harmful_empty_rate'))} "
-            f"| {fmt_rate(r['asr_ood'], r['asr_ood_ci'])} | {fmt_share(r.get('harmful_ood_empty_rate'))} "
+            f"| {r['name']}{star} | {source_cells(r, sources)} "
             f"| {fmt_rate(r['utility'], r['utility_ci'])} | {fmt_rate(r['over_refusal'], r['over_refusal_ci'])} "
             f"| {fmt_share(r.get('benign_short_answer_rate'))} | {margin} | {params} |"
         )
-    ns = rows[0].get("n", {}) if rows else {}
+    ns = sample_sizes(rows[0]) if rows else {}
     if ns:
         lines += ["", "Sample sizes: " + ", ".join(f"{k} n={v}" for k, v in ns.items()) + ". Intervals: percentile bootstrap, 95%, seed 0."]
     lines += [
         "",
-        "empty: share of empty harmful answers (no attack success, but no refusal either); short: share of "
-        f"benign answers empty or under {SHORT_ANSWER_CHARS} characters. A broken model looks safe on ASR alone.",
+        "empty: share of empty answers on that harmful source (no attack success, but no refusal either); short: "
+        f"share of benign answers empty or under {SHORT_ANSWER_CHARS} characters. A broken model looks safe on ASR alone.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def sample_sizes(row: dict) -> dict[str, int]:
+    """Each harmful source's n, then the utility's and over-refusal's."""
+    return {**{source: found["n"] for source, found in (row.get("harmful") or {}).items()}, **row.get("n", {})}
 
 
 def write_results(
@@ -308,12 +343,15 @@ def write_results_files(folder: Path, rows: Sequence[dict], records: Sequence[di
 
 
 def run_eval(
-    model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, harmful: str, benign: str | None = None,
-    task: str | None = None, harmful_ood: str | None = None, adapter: str | os.PathLike | None = None,
+    model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, harmful: str | Sequence[str] | None = None,
+    benign: str | None = DEFAULT_TEST_BENIGN, task: str | None = None, adapter: str | os.PathLike | None = None,
     name: str | None = None, generation: GenerationSettings = GenerationSettings(), force: bool = False,
     progress: bool = True, device: str | None = None, dtype: str | None = None,
 ) -> Path:
     """The ``csulora eval`` command: resolve specs, evaluate, write OUTDIR atomically.
+
+    ``harmful``: one SPEC per harmful source, each reported on its own (None: the test splits
+    of :data:`csulora.eval.specs.DEFAULT_TEST_HARMFUL`); ``benign`` None leaves benign out.
 
     ``model_dir``/``adapter`` may be hub ids (fetched first, io/hub.py); ``device``/``dtype``
     default to CUDA when present, else CPU, in float32 (:mod:`csulora.io.modeling`).
@@ -329,7 +367,8 @@ def run_eval(
         raise OptionError("--batch-size and --max-new-tokens must be >= 1")
     runs_on = {"device": str(resolve_device(device)), "dtype": str(resolve_dtype(dtype)).removeprefix("torch.")}
     check_output_dir(out_dir, force)
-    sets = EvalSets.from_specs(harmful, harmful_ood=harmful_ood, benign=benign, task=task)
+    sources = named_sources(harmful)
+    sets = EvalSets.from_specs(list(sources.values()), benign=benign, task=task)
     row_name = name or (Path(adapter).name if adapter else Path(model_dir).name)  # as given, also for hub ids
     model_dir = resolve_model_dir(model_dir, "MODEL")
     find_safetensors_files(model_dir)
@@ -339,7 +378,7 @@ def run_eval(
     row, records = evaluate_model(
         model_dir, adapter, sets, name=row_name, generation=generation, progress=progress, **runs_on,
     )
-    specs = {"harmful": harmful, "harmful_ood": harmful_ood, "benign": benign, "task": task}
+    specs = {"harmful": sources, "benign": benign, "task": task}
     extra = {
         "specs": specs,
         "generation": {"batch_size": generation.batch_size, "max_new_tokens": generation.max_new_tokens, **runs_on},

@@ -308,12 +308,14 @@ def rescore_generations(
 ) -> list[dict]:
     """Add ``verdicts[judge.name]`` to saved generations, no regeneration needed.
 
-    ``sets`` limits the judge to records whose ``set`` field is listed (e.g. only
-    ``harmful`` and ``harmful_ood`` for an ASR classifier); other records get ``None``.
-    Writes to ``out_path`` (atomically) when given and returns the records.
+    ``sets`` limits the judge to records whose ``set`` field is listed, or whose set's kind is
+    (``harmful`` names every harmful source, ``harmful:<source>``: what an ASR classifier
+    rescores); other records get ``None``. Writes to ``out_path`` (atomically) when given and
+    returns the records.
     """
     records = read_generations(path)
-    chosen = [i for i, r in enumerate(records) if sets is None or r.get("set") in sets]
+    wanted = None if sets is None else set(sets)
+    chosen = [i for i, r in enumerate(records) if wanted is None or {r.get("set"), str(r.get("set")).partition(":")[0]} & wanted]
     flags = judge.judge([records[i]["prompt"] for i in chosen], [records[i]["response"] for i in chosen])
     if len(flags) != len(chosen):
         raise InputError(f"judge {judge.name!r} returned {len(flags)} verdicts for {len(chosen)} responses")

@@ -82,7 +82,7 @@ PYRIT_SCORER_EVALS_DIR = "datasets/scorer_evals"  # relative to pyrit/
 OBJECTIVES_FILE = DATA_DIR / "objectives.jsonl"
 OBJECTIVES_EXCLUDED_FILE = DATA_DIR / "objectives_excluded.jsonl"
 OBJECTIVES_VALIDATION_SPEC = "objectives:validation"  # what tune's second source reads
-OBJECTIVES_TEST_SPEC = "objectives:test"  # what eval --ood reports
+OBJECTIVES_TEST_SPEC = "objectives:test"  # eval's second default source (specs.DEFAULT_TEST_HARMFUL)
 
 
 @dataclass(frozen=True)

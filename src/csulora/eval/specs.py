@@ -8,17 +8,21 @@ a built-in set with an optional split (``advbench:validation``, ``airt:test``,
 The split rules themselves are :mod:`csulora.eval.splits`; this module also owns what
 ``tune`` may and may not read (docs/design.md §10): its default validation sources (AdvBench
 validation, the objectives' validation split, airt-val), and the refusal of any spec that holds
-a split numbers are reported on.
+a split numbers are reported on; and what ``eval`` reports on by default (the same three
+sources' test splits, ``benign:test``). Both name each harmful source the same way
+(:func:`named_sources`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from csulora.errors import InputError, OptionError
 from csulora.eval import splits
 from csulora.eval.prompts import (
+    OBJECTIVES_TEST_SPEC,
+    OBJECTIVES_VALIDATION_SPEC,
     Prompt,
     load_advbench,
     load_airt,
@@ -70,7 +74,7 @@ def load_named(name: str, split: str | None) -> list[Prompt]:
 # Harmful validation sources when --harmful is not given, each judged on its own: AdvBench's
 # validation split, the second source large enough to measure (issue 22: 100 prompts, one
 # answer is 0.01), and airt-val (a third, differently phrased source).
-DEFAULT_HARMFUL = ("advbench:validation", "objectives:validation", "airt:val")
+DEFAULT_HARMFUL = ("advbench:validation", OBJECTIVES_VALIDATION_SPEC, "airt:val")
 # Benign prompts when --benign is not given: the validation half of the benign pool.
 DEFAULT_BENIGN = "benign:validation"
 # Specs that contain a test split: tune must never see them (numbers reported on the test split
@@ -81,6 +85,14 @@ TEST_SPECS = frozenset({
 })  # fmt: skip
 # The original benign set overlaps benign:test (the pool of both benign files is split).
 BENIGN_HELD_OUT = frozenset({"benign", "benign:test"})
+
+# -- what eval reports on (docs/design.md §7, §10) --------------------------------------------
+# Harmful test sources when --harmful is not given, each reported on its own: the test splits of
+# tune's three default sources (AdvBench; the objectives, the second source, issue 22; airt, a
+# third, differently phrased source kept in the report).
+DEFAULT_TEST_HARMFUL = ("advbench:test", OBJECTIVES_TEST_SPEC, "airt:test")
+# Benign prompts when --benign is not given: the half of the benign pool tune never reads.
+DEFAULT_TEST_BENIGN = "benign:test"
 
 
 def check_not_held_out(spec: str) -> None:
@@ -118,3 +130,18 @@ def unique_name(name: str, taken: Mapping[str, object]) -> str:
     while candidate in taken:
         candidate, i = f"{name}-{i}", i + 1
     return candidate
+
+
+def named_sources(specs: str | Sequence[str] | None, default: Sequence[str] = DEFAULT_TEST_HARMFUL) -> dict[str, str]:
+    """Harmful sources, source name -> SPEC, each judged on its own: names by
+    :func:`source_name`, made unique as tune makes them (``airt-test``, ``airt-test-2``).
+
+    ``specs`` None means ``default``; one string is one source (never its characters).
+    """
+    chosen = list(default) if specs is None else [specs] if isinstance(specs, str) else list(specs)
+    if not chosen:
+        raise OptionError("no harmful source given: name at least one SPEC")
+    named: dict[str, str] = {}
+    for spec in chosen:
+        named[unique_name(source_name(spec), named)] = spec
+    return named

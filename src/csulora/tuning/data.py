@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from csulora.errors import InputError, OptionError
-from csulora.eval.specs import DEFAULT_BENIGN, DEFAULT_HARMFUL, check_not_held_out, load_prompts, source_name, unique_name
+from csulora.eval.specs import DEFAULT_BENIGN, DEFAULT_HARMFUL, check_not_held_out, load_prompts, named_sources
 
 PathLike = str | os.PathLike
 
@@ -56,7 +56,7 @@ def load_tune_data(harmful: Sequence[str] | None, task: str | None, benign: str 
         check_not_held_out(spec)
     sources: dict[str, list[str]] = {}
     described: dict[str, Any] = {}
-    for spec in specs:
+    for name, spec in named_sources(specs).items():
         try:
             prompts = load_prompts(spec)
         except InputError as exc:
@@ -66,7 +66,6 @@ def load_tune_data(harmful: Sequence[str] | None, task: str | None, benign: str 
                 f"no --harmful given and the default validation sets ({', '.join(DEFAULT_HARMFUL)}) "
                 f"are unavailable: {exc}; or give --harmful FILE ..."
             ) from None
-        name = unique_name(source_name(spec), sources)
         sources[name] = [p.text for p in prompts]
         described[name] = {"spec": spec, "n": len(prompts)}
     task_items: list[dict[str, str]] = []
