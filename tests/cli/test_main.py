@@ -41,3 +41,8 @@ def test_correction_commands_start_torch_with_passive_omp_waits_and_huge_pages()
     user = subprocess.run([sys.executable, "-c", probe, "correct"], capture_output=True, text=True,
                           env={**env, "OMP_WAIT_POLICY": "ACTIVE"}).stdout.split()
     assert user[0] == "ACTIVE"  # a user's own setting wins
+
+
+def test_top_level_help_names_both_kinds_of_update_and_calibrate():
+    text = " ".join(build_parser().format_help().split())
+    assert "LoRA adapter" in text and "fully fine-tuned checkpoint" in text and "`calibrate`" in text

@@ -45,7 +45,13 @@ COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="csulora",
-        description="Audit and correct LoRA adapters so fine-tuned LLMs keep their safety alignment.",
+        description=(
+            "Audit and correct a fine-tuned update of an aligned chat model -- a PEFT LoRA adapter or a fully "
+            "fine-tuned checkpoint -- so the model refuses harmful requests again and keeps its task gains. "
+            "The recommended path: `calibrate` the aligned model once per task (activation statistics), then "
+            "`tune` (or `correct --method calibrated`), then `eval`. Every output is written atomically and "
+            "never onto or inside an input; bad input is one line on stderr and exit code 2."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"csulora {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
