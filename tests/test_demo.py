@@ -227,3 +227,18 @@ def test_task_needs_reads_the_smallest_factor_that_keeps_the_utility():
     factor, kept, lost = task_needs(scale)
     assert factor == 0.9 and kept == pytest.approx(0.81) and lost == (0.7, pytest.approx(0.49))
     assert task_needs({"knob": "factor", "points": [point(0.5, ["utility"])]}) is None
+
+
+def test_demo_output_never_touches_the_world(tmp_path, monkeypatch):
+    """issue 23: a forced OUTDIR onto (or around) the tiny world it reads is refused before any work."""
+    from csulora.errors import InputError
+
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "keep").write_text("x")
+    with pytest.raises(InputError, match="the tiny world .*an output may never be"):
+        run_demo(world, world_dir=world, force=True, progress=False)
+    monkeypatch.setenv("CSULORA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(InputError, match="contains the input the tiny world"):
+        run_demo(tmp_path, force=True, progress=False)  # $CSULORA_CACHE lies inside OUTDIR
+    assert (world / "keep").read_text() == "x"

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from csulora.eval.harness import EvalSets, GenerationSettings, evaluate_loaded, summary_markdown
-from csulora.io.atomic import atomic_output_dir, check_output_dir
+from csulora.io.atomic import atomic_output_dir, check_apart, check_output_dir
 from csulora.methods.base import Tuning
 from csulora.methods.registry import get_method, make_config
 from csulora.tuning.config import TuneConfig
@@ -743,9 +743,11 @@ def run_demo(
 ) -> Path:
     """Build/reuse the tiny world, attack, correct, evaluate; write OUTDIR. Returns OUTDIR."""
     from csulora.references.subspace import build_subspace
-    from csulora.worlds.tiny import build_tiny_world, one_thread, shared_tiny_world
+    from csulora.worlds.tiny import build_tiny_world, default_cache_dir, one_thread, shared_tiny_world
 
     check_output_dir(out_dir, force)
+    # The world is the demo's input: a forced OUTDIR over $CSULORA_CACHE would delete it mid-run.
+    check_apart({"-o/--output": out_dir}, {"the tiny world": world_dir if world_dir is not None else default_cache_dir()})
     sweeps = list(DEMO_SWEEPS if sweeps is None else sweeps)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -318,7 +318,8 @@ def run_eval(
     ``model_dir``/``adapter`` may be hub ids (fetched first, io/hub.py); ``device``/``dtype``
     default to CUDA when present, else CPU, in float32 (:mod:`csulora.io.modeling`).
     """
-    from csulora.io.atomic import check_output_dir
+    from csulora.eval.specs import spec_file
+    from csulora.io.atomic import check_apart, check_output_dir
     from csulora.io.checkpoints import find_safetensors_files
     from csulora.io.hub import resolve_model_dir
     from csulora.io.modeling import check_adapter_dir, resolve_device, resolve_dtype
@@ -336,10 +337,14 @@ def run_eval(
     if adapter is not None:
         adapter = resolve_model_dir(adapter, "ADAPTER")
         check_adapter_dir(adapter)
+    specs = {"harmful": harmful, "harmful_ood": harmful_ood, "benign": benign, "task": task}
+    check_apart({"-o/--output": out_dir}, {
+        "MODEL": model_dir, "--adapter": adapter, "--harmful": spec_file(harmful), "--ood": spec_file(harmful_ood),
+        "--benign": spec_file(benign), "--task": spec_file(task),
+    })  # fmt: skip
     row, records = evaluate_model(
         model_dir, adapter, sets, name=row_name, generation=generation, progress=progress, **runs_on,
     )
-    specs = {"harmful": harmful, "harmful_ood": harmful_ood, "benign": benign, "task": task}
     extra = {
         "specs": specs,
         "generation": {"batch_size": generation.batch_size, "max_new_tokens": generation.max_new_tokens, **runs_on},
