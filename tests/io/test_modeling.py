@@ -100,3 +100,20 @@ def test_an_adapter_that_does_not_fit_is_one_line(tiny_world, tmp_path):
     with pytest.raises(InputError, match=r"adapter does not fit the model") as info:
         attach_adapter(other, tiny_world.attacked)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("which", ["model", "adapter"])
+def test_nan_weights_are_refused_in_one_line_naming_the_folder_and_tensor(tiny_world, tmp_path, which):
+    """issue 23: eval/train/calibrate on NaN weights ran to the end and reported numbers that mean nothing."""
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(getattr(tiny_world, {"model": "aligned", "adapter": "attacked"}[which]), tmp_path / which)
+    weights = folder / ("model.safetensors" if which == "model" else "adapter_model.safetensors")
+    tensors = load_file(str(weights))
+    name = sorted(k for k in tensors if "layers.1" in k and tensors[k].ndim == 2)[0]
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    model, adapter = (folder, None) if which == "model" else (tiny_world.aligned, folder)
+    with pytest.raises(InputError, match=r"contains NaN values") as info:
+        load_model(model, adapter, device="cpu")
+    assert str(folder) in str(info.value) and "layers.1" in str(info.value) and "\n" not in str(info.value)

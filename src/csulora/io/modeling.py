@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from csulora.errors import InputError, OptionError
-from csulora.io.checkpoints import CONVERT_HINT, PICKLED_SUFFIXES, find_safetensors_files
+from csulora.io.checkpoints import CONVERT_HINT, PICKLED_SUFFIXES, check_finite, find_safetensors_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -164,13 +164,24 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{model_dir}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    check_finite_weights(model, model_dir)
     if adapter is not None:
         model = attach_adapter(model, adapter, model_dir=model_dir)
+        check_finite_weights(model, adapter, only="lora_")
         if merge:
             model = model.merge_and_unload()
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def check_finite_weights(model, where: str | os.PathLike, *, only: str | None = None) -> None:
+    """Refuse NaN/Inf weights (of parameters whose name contains ``only``, e.g. an adapter's
+    ``lora_`` factors) in one line naming ``where`` and the tensor: generating or training with them
+    runs to the end and writes numbers that mean nothing. One sum per tensor (checkpoints.check_finite)."""
+    for name, param in model.named_parameters():
+        if only is None or only in name:
+            check_finite(param.detach(), where, name)
 
 
 def attach_adapter(
