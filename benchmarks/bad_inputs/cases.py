@@ -226,7 +226,8 @@ def calibrate_cases() -> list[Case]:
 
 
 def tune_cases() -> list[Case]:
-    data = ("--harmful", "{h}", "--benign", "{b}", "--task", "{task_val}", "--max-new-tokens", "8")
+    # Small data: a run that is not refused ends in seconds (and scale's factor 1 qualifies on it).
+    data = ("--harmful", "{h}", "--benign", "{b}", "--task", "{task}", "--max-new-tokens", "8")
     base = ("tune", "{attacked}", "--aligned", "{aligned}", "-o", "{out}", "--method", "scale", "--grid", "1,0.5", *data)
     calibrated = ("tune", "{attacked}", "--aligned", "{aligned}", "-o", "{out}", "--method", "calibrated", "--grid",
                   "0,10", *data)  # fmt: skip
@@ -245,7 +246,10 @@ def tune_cases() -> list[Case]:
         ("-o ADAPTER --force", "output onto or inside an input",
          ("tune", "{attacked}", "--aligned", "{aligned}", "-o", "{attacked}", *base[6:], "--force"), apart),
         ("-o ADAPTER/fixed", "output onto or inside an input",
-         ("tune", "{attacked}", "--aligned", "{aligned}", "-o", "{attacked}/fixed", *base[6:]), apart),
+         ("tune", "{attacked}", "--aligned", "{aligned}", "-o", "{attacked}/fixed", *base[6:]),
+         {**apart, "match": r"-o/--output \S*/attacked/fixed lies inside the input",
+          "reason": "tune does not check_apart OUTDIR from its inputs: refused only by the pipeline, naming an "
+                    "internal candidate (.fixed.candidates-*/scale-00), not -o"}),
         ("-o under /proc", "unwritable output",
          ("tune", "{attacked}", "--aligned", "{aligned}", "-o", "/proc/csulora-bad-inputs/t", *base[6:]),
          {"match": "cannot be written"}),
