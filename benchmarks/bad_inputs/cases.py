@@ -35,6 +35,9 @@ NOT_APPLICABLE = {
 PIPELINE = "pipeline"  # src/csulora/pipeline/ (correct, audit: the lead's rewrite)
 TUNING = "tuning"  # src/csulora/tuning/ and cli/tuning.py
 CALIBRATE = "calibrate"  # src/csulora/references/calibration.py
+REFERENCES = "references"  # src/csulora/references/subspace.py
+# An output that is an input, without --force: the advice must be "choose another path", never "use --force".
+ADVICE = "checks 'exists (use --force)' before the output rule, so it advises --force for an input"
 POWER = ("--algorithm", "randomized", "--rank", "4", "--power-iterations", "200000", "--power-tolerance", "0")
 
 
@@ -98,6 +101,9 @@ def subspace_cases() -> list[Case]:
          {"match": "lies inside the input ALIGNED"}),
         ("-o inside ALIGNED", "output onto or inside an input",
          ("subspace", "{base}", "{aligned}", "-o", "{aligned}/sub.safetensors"), {"match": "lies inside the input"}),
+        ("-o ALIGNED/model.safetensors", "output onto or inside an input",
+         ("subspace", "{base}", "{aligned}", "-o", "{aligned}/model.safetensors"),
+         {"match": "lies inside the input ALIGNED", "owner": REFERENCES, "reason": f"build_subspace {ADVICE}"}),
         ("-o under /proc", "unwritable output",
          ("subspace", "{base}", "{aligned}", "-o", "/proc/csulora-bad-inputs/sub.safetensors"), {"match": "cannot be written"}),
         ("-o through a file", "unwritable output",
@@ -154,6 +160,8 @@ def correct_cases() -> list[Case]:
         ("existing OUTDIR", "existing output", (), {"existing": "dir", "match": "not empty"}),
         ("-o ADAPTER --force", "output onto or inside an input", ("correct", "{attacked}", "-o", "{attacked}",
                                                                   *base[4:], "--force"), {"match": " is the input"}),
+        ("-o ADAPTER", "output onto or inside an input", ("correct", "{attacked}", "-o", "{attacked}", *base[4:]),
+         {"match": " is the input", "owner": PIPELINE, "reason": f"pipeline/api.py _check_outputs {ADVICE}"}),
         ("-o ADAPTER/fixed", "output onto or inside an input", ("correct", "{attacked}", "-o", "{attacked}/fixed",
                                                                 *base[4:]), {"match": "lies inside the input"}),
         ("-o the world folder --force", "output onto or inside an input",
@@ -301,6 +309,7 @@ def eval_cases() -> list[Case]:
          {"existing": "dir", "match": "not empty"}),
         ("-o ADAPTER --force", "output onto or inside an input", (*base[:-1], "{attacked}", "--force"),
          {"match": " is the input --adapter"}),
+        ("-o ADAPTER", "output onto or inside an input", (*base[:-1], "{attacked}"), {"match": " is the input --adapter"}),
         ("-o inside MODEL", "output onto or inside an input", (*base[:-1], "{aligned}/eval"),
          {"match": "lies inside the input MODEL"}),
         ("-o the prompts' folder --force", "output onto or inside an input", (*base[:-1], "{data}", "--force"),
@@ -333,6 +342,7 @@ def train_cases() -> list[Case]:
          {"existing": "dir", "match": "not empty"}),
         ("-o MODEL --force", "output onto or inside an input", (*base[:-1], "{aligned}", "--force"),
          {"match": " is the input MODEL"}),
+        ("-o MODEL", "output onto or inside an input", (*base[:-1], "{aligned}"), {"match": " is the input MODEL"}),
         ("-o inside MODEL", "output onto or inside an input", (*base[:-1], "{aligned}/lora"),
          {"match": "lies inside the input MODEL"}),
         ("-o the data's folder --force", "output onto or inside an input", (*base[:-1], "{data}", "--force"),

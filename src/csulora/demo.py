@@ -745,9 +745,9 @@ def run_demo(
     from csulora.references.subspace import build_subspace
     from csulora.worlds.tiny import build_tiny_world, default_cache_dir, one_thread, shared_tiny_world
 
-    check_output_dir(out_dir, force)
     # The world is the demo's input: a forced OUTDIR over $CSULORA_CACHE would delete it mid-run.
     check_apart({"-o/--output": out_dir}, {"the tiny world": world_dir if world_dir is not None else default_cache_dir()})
+    check_output_dir(out_dir, force)
     sweeps = list(DEMO_SWEEPS if sweeps is None else sweeps)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

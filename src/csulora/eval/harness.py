@@ -329,6 +329,11 @@ def run_eval(
 
         raise OptionError("--batch-size and --max-new-tokens must be >= 1")
     runs_on = {"device": str(resolve_device(device)), "dtype": str(resolve_dtype(dtype)).removeprefix("torch.")}
+    inputs = {"MODEL": model_dir, "--adapter": adapter, "--harmful": spec_file(harmful), "--ood": spec_file(harmful_ood),
+              "--benign": spec_file(benign), "--task": spec_file(task)}  # fmt: skip
+    # Apart first ("exists, use --force" would be the wrong advice for an input), as given here and
+    # again below once hub ids are resolved to their folders.
+    check_apart({"-o/--output": out_dir}, inputs)
     check_output_dir(out_dir, force)
     sets = EvalSets.from_specs(harmful, harmful_ood=harmful_ood, benign=benign, task=task)
     row_name = name or (Path(adapter).name if adapter else Path(model_dir).name)  # as given, also for hub ids
@@ -338,10 +343,7 @@ def run_eval(
         adapter = resolve_model_dir(adapter, "ADAPTER")
         check_adapter_dir(adapter)
     specs = {"harmful": harmful, "harmful_ood": harmful_ood, "benign": benign, "task": task}
-    check_apart({"-o/--output": out_dir}, {
-        "MODEL": model_dir, "--adapter": adapter, "--harmful": spec_file(harmful), "--ood": spec_file(harmful_ood),
-        "--benign": spec_file(benign), "--task": spec_file(task),
-    })  # fmt: skip
+    check_apart({"-o/--output": out_dir}, {**inputs, "MODEL": model_dir, "--adapter": adapter})
     row, records = evaluate_model(
         model_dir, adapter, sets, name=row_name, generation=generation, progress=progress, **runs_on,
     )

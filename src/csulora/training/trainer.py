@@ -138,9 +138,9 @@ def fit(model, tokenizer, examples: list[dict], config: TrainConfig) -> None:
 def check_training_output(out_dir: str | os.PathLike, force: bool, inputs: Mapping[str, str | os.PathLike]) -> Path:
     """OUTDIR may be replaced only with ``force``, and never be, contain or lie inside an input (the
     model, a data file; ``inputs`` maps each one's flag to its path), ``--force`` or not: before any work."""
-    out = check_output_dir(out_dir, force)
-    check_apart({"-o/--output": out}, inputs)
-    return out
+    # Apart first: "exists, use --force" would be the wrong advice for an output that is an input.
+    check_apart({"-o/--output": out_dir}, inputs)
+    return check_output_dir(out_dir, force)
 
 
 def _freeze_embeddings(model) -> None:
