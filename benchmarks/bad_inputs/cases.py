@@ -20,7 +20,9 @@ reports it apart, and as an unexpected pass once it passes.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ERROR_CLASSES = (
     "missing", "empty", "corrupt", "wrong kind", "wrong model", "NaN", "out-of-range knob", "existing output",
@@ -58,6 +60,7 @@ class Case:
     help_has: tuple[str, ...] = ()
     max_chars: int | None = None  # the error line's length, at most
     env: dict[str, str] = field(default_factory=dict)
+    inspect: Callable[[Path, str], list[str]] | None = None  # succeed: (OUTDIR, stderr) -> problems
 
     @property
     def expected_exit(self) -> int:
@@ -287,7 +290,44 @@ def _tune_runs(base: tuple[str, ...]) -> list[Case]:
         id="tune/rerun --force is byte-identical", command="tune", error_class="issue 23: reruns", argv=base,
         kind="rerun", fast=False, owner=TUNING, reason="tune.json and README.md hold timings and machine facts",
     )  # fmt: skip
-    return [quiet, rerun]
+    return [quiet, rerun, *_calibration_task_runs(base)]
+
+
+def _calibration_task_runs(base: tuple[str, ...]) -> list[Case]:
+    """``tune --calibration-task``: what it writes about the statistics it computed (issue 23)."""
+    argv = (*base[:6], "--method", "calibrated", "--grid", "0,10", *base[10:], "--calibration-task", "{task_val}")
+    common = {"command": "tune", "argv": argv, "kind": "succeed", "fast": False}
+    return [
+        Case(id="tune/--calibration-task: card and stderr name no temporary path", error_class="issue 23: reruns",
+             inspect=_no_temporary_path, owner=TUNING,
+             reason="the card and calibrate's log name .OUTDIR.tmp-*/calibration.safetensors", **common),
+        Case(id="tune/--calibration-task: calibrate's generation default, recorded", error_class="issue 23: one path",
+             inspect=_calibrate_default_tokens, owner=TUNING,
+             reason="tune calibrates with its own --max-new-tokens (8 here), calibrate with 64", **common),
+        Case(id="tune/--calibration-task: the card's calibration row is readable", error_class="issue 23: newcomer",
+             inspect=_readable_calibration_row, **common),
+    ]  # fmt: skip
+
+
+def _no_temporary_path(out: Path, stderr: str) -> list[str]:
+    said = [line for line in [*(out / "README.md").read_text().splitlines(), *stderr.splitlines()] if ".tmp-" in line]
+    return [f"a temporary path is named: {said[0][:200]}"] if said else []
+
+
+def _calibrate_default_tokens(out: Path, stderr: str) -> list[str]:
+    from csulora.eval.generation import DEFAULT_MAX_NEW_TOKENS
+    from csulora.io.calibration_file import load_calibration
+
+    tokens = load_calibration(out / "calibration.safetensors").info.get("generation", {}).get("max_new_tokens")
+    return [] if tokens == DEFAULT_MAX_NEW_TOKENS else [f"statistics made with {tokens} new tokens, not {DEFAULT_MAX_NEW_TOKENS}"]
+
+
+def _readable_calibration_row(out: Path, stderr: str) -> list[str]:
+    rows = [line for line in (out / "README.md").read_text().splitlines() if line.startswith("| calibration |")]
+    if len(rows) != 1:
+        return [f"{len(rows)} calibration rows in README.md"]
+    blob = any(opening in rows[0] for opening in ('{"', "{'"))  # a dict dumped as JSON or Python
+    return [f"a JSON blob in the card: {rows[0][:200]}"] if blob else []
 
 
 def eval_cases() -> list[Case]:

@@ -87,7 +87,10 @@ def _execute(case: Case, argv: list[str], env: dict[str, str], folder: Path, inp
     outcome = execute(argv, env, in_process)
     if case.kind == "succeed":
         said = [s for s in case.stderr_lacks if s in outcome.stderr]
-        return outcome, _exit_problem(case, outcome) + ([f"stderr says {said}"] if said else [])
+        problems = _exit_problem(case, outcome) + ([f"stderr says {said}"] if said else [])
+        if case.inspect and not problems:
+            problems += case.inspect(Path(argv[argv.index("-o") + 1]), outcome.stderr)
+        return outcome, problems
     return outcome, judge_refusal(case, outcome)
 
 
