@@ -213,8 +213,8 @@ def judge_refusal(case: Case, outcome: Outcome) -> list[str]:
 def _exit_problem(case: Case, outcome: Outcome) -> list[str]:
     if outcome.note:
         return [outcome.note]
-    if outcome.exit != case.expected_exit:
-        return [f"exit code {outcome.exit}, expected {case.expected_exit}"]
+    if outcome.exit not in case.accepted_exits:
+        return [f"exit code {outcome.exit}, expected {' or '.join(map(str, case.accepted_exits))}"]
     return []
 
 
@@ -242,7 +242,7 @@ def _record(case: Case, argv: list[str], outcome: Outcome, problems: list[str], 
     return {
         "id": case.id, "command": case.command, "class": case.error_class, "kind": case.kind,
         "argv": ["csulora", *(a.replace(root, "ROOT") for a in argv)],
-        "expected": {"exit": case.expected_exit, "message": case.match, "max_chars": case.max_chars},
+        "expected": {"exit": list(case.accepted_exits), "message": case.match, "max_chars": case.max_chars},
         "got": {"exit": outcome.exit, "stderr_last": (lines[-1][:400].replace(root, "ROOT") if lines else ""),
                 "stderr_lines": len(lines), "seconds": round(outcome.seconds, 2),
                 **({"signalled_when": outcome.signalled_when} if case.kind == "interrupt" else {})},
