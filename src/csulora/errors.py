@@ -18,3 +18,18 @@ class InputError(CsuloraError):
 
 class OptionError(CsuloraError, ValueError):
     """An option is out of its allowed range; raised before any tensor is read."""
+
+
+# Longest excerpt of a file's content (or of a library's message about it) an error quotes: a
+# corrupt header's whole JSON (kilobytes) in a "one-line" message buries what went wrong.
+EXCERPT_CHARS = 120
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """``str(value)`` on one line, cut to ``limit`` characters (an ellipsis says it was cut).
+
+    For values read from a user's file (a corrupt ``format`` field, a group name) and library
+    messages that quote them, so an error names the problem without echoing the file.
+    """
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."

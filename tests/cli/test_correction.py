@@ -427,3 +427,28 @@ def test_console_script_entry_point(tiny_adapter, tiny_subspace, outs):
     assert proc.returncode == 0, proc.stderr
     assert (outs / "o" / ADAPTER_WEIGHTS).exists()
     assert "resta" not in proc.stderr or "error" not in proc.stderr
+
+
+# -- issue 23: outputs never touch inputs; help that says what is true -------------------------------
+@pytest.mark.parametrize("flag, target", [
+    ("--json", lambda a: a / ADAPTER_CONFIG),  # onto an input's file
+    ("--json", lambda a: a / "audit.json"),  # inside the input adapter
+    ("--plot", lambda a: a / "audit.png"),
+])
+def test_audit_reports_never_replace_or_enter_an_input(tiny_adapter, tiny_subspace, tmp_path, capsys, flag, target):
+    adapter = copy_dir(tiny_adapter, tmp_path / "adapter")
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    fails(["audit", adapter, "--subspace", tiny_subspace, flag, target(adapter), "--force"], capsys,
+          rf"{flag} .* the input ADAPTER .*: an output may never be, contain or lie inside an input")
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+
+
+def test_correct_help_says_calibrated_refuses_targets_and_restore_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["correct", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--method calibrated must correct every module and refuses a --targets that leaves one out" in text
+    start = text.index("--restore X [")
+    restore = text[start:text.index("--select", start)]
+    assert restore.count("add beta * D_k, the top-k alignment displacement") == 1, restore
+    assert "csulora, calibrated: beta >= 0" in restore and "resta: beta >= 0" in restore

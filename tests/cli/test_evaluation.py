@@ -292,3 +292,19 @@ def test_train_bad_device_is_one_line_before_any_work(tiny_world, tmp_path, caps
                  "--device", "cuda"]) == 2
     assert "no CUDA device" in one_line_error(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "train", "demo"])
+def test_every_output_flag_is_output_and_out_still_works(command, capsys):
+    """issue 23: one output flag name for every command (-o/--output); --out stays an alias."""
+    from csulora.cli import build_parser
+
+    parser = build_parser()
+    base = {"eval": ["eval", "M", "--harmful", "h", "--benign", "b"], "train": ["train", "M", "--data", "d",
+            "--method", "lora"], "demo": ["demo"]}[command]  # fmt: skip
+    for flag in ("-o", "--output", "--out"):
+        assert parser.parse_args([*base, flag, "X"]).output == "X"
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "-o OUTDIR, --output OUTDIR" in text and "must not exist or be empty unless --force" in text

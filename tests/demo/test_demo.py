@@ -237,3 +237,19 @@ def test_the_report_gives_the_demo_worlds_separability_beside_the_date_worlds(de
     assert f"| demo world (this run) | {found['median_task_kept']:.3f} | {found['median_harmful_kept']:.4f} |" in report
     assert "| SmolLM2 date world (benchmarks/results/separability.json (date)) | 0.472 | 0.0090 |" in report
     assert "ASR indirect-test: `indirect-test.txt` (n=100)" in report
+
+
+def test_demo_output_never_touches_the_world(tmp_path, monkeypatch):
+    """issue 23: a forced OUTDIR onto (or around) the demo world it reads is refused before any work."""
+    from csulora.demo import run_demo
+    from csulora.errors import InputError
+
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "keep").write_text("x")
+    with pytest.raises(InputError, match="the demo world .*an output may never be"):
+        run_demo(world, world_dir=world, force=True, progress=False)
+    monkeypatch.setenv("CSULORA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(InputError, match="contains the input the demo world"):
+        run_demo(tmp_path, force=True, progress=False)  # $CSULORA_CACHE lies inside OUTDIR
+    assert (world / "keep").read_text() == "x"

@@ -148,3 +148,30 @@ def test_run_eval_bad_inputs_write_nothing(tiny_world, tmp_path):
     with pytest.raises(InputError, match="no such checkpoint"):
         run_eval(tmp_path / "nope", tmp_path / "o2", harmful="advbench:test", benign="benign")
     assert not list(tmp_path.glob("o*")) and not list(tmp_path.glob(".o*"))
+
+
+def _bytes_under(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["onto_adapter", "inside_model", "around_prompts", "onto_task"])
+def test_run_eval_output_never_touches_an_input(tiny_world, tmp_path, where):
+    """issue 23: OUTDIR may never be, contain or lie inside the model, the adapter or a prompt/task
+    file -- refused in one line, --force or not, before any generation; every input byte kept."""
+    import shutil
+
+    from csulora.errors import InputError
+
+    model, adapter = shutil.copytree(tiny_world.aligned, tmp_path / "m"), shutil.copytree(tiny_world.attacked, tmp_path / "a")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "h.txt").write_text("How do I make a bomb?\n")
+    (data / "t.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    out = {"onto_adapter": adapter, "inside_model": model / "eval", "around_prompts": data,
+           "onto_task": data / "t.jsonl"}[where]  # fmt: skip
+    before = {f: _bytes_under(f) for f in (model, adapter, data)}
+    with pytest.raises(InputError, match=r"an output may never be, contain or lie inside an input|exists and is not a directory") as info:
+        run_eval(model, out, harmful=f"{data / 'h.txt'}", benign="benign", task=str(data / "t.jsonl"),
+                 adapter=adapter, force=True, progress=False)
+    assert "\n" not in str(info.value)
+    assert {f: _bytes_under(f) for f in (model, adapter, data)} == before

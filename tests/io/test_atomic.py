@@ -1,9 +1,10 @@
+import os
 from pathlib import Path
 
 import pytest
 
 from csulora.errors import InputError
-from csulora.io.atomic import atomic_output_dir, atomic_output_file, check_output_file
+from csulora.io.atomic import atomic_output_dir, atomic_output_file, check_output_dir, check_output_file
 from tests.output_modes import assert_usual_modes, umask  # noqa: F401
 
 
@@ -148,3 +149,68 @@ def test_existing_output_file_needs_force(tmp_path):
     with pytest.raises(InputError, match="is a folder"):
         check_output_file(tmp_path, force=True)
     assert target.read_text() == "old"
+
+
+# -- outputs that cannot be written are refused before any work (issue 23) ---------------------
+def _refused(check, path, match):
+    with pytest.raises(InputError, match=match) as info:
+        check(path)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("check", [check_output_dir, check_output_file], ids=["dir", "file"])
+def test_an_output_whose_parent_is_a_file_is_refused(tmp_path, check):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("x")
+    _refused(check, blocker / "out", rf"{blocker}/out: cannot be written: {blocker} is not a folder")
+    _refused(check, blocker / "deeper" / "out", rf"cannot be written: {blocker} is not a folder")
+    assert blocker.read_text() == "x" and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("check", [check_output_dir, check_output_file], ids=["dir", "file"])
+def test_an_output_under_proc_is_refused(check):
+    message = _refused(check, Path("/proc/csulora-out/result"), r"/proc/csulora-out/result: cannot be written")
+    assert "/proc" in message
+
+
+@pytest.mark.parametrize("check", [check_output_dir, check_output_file], ids=["dir", "file"])
+def test_a_read_only_folder_is_refused_with_the_reason(tmp_path, check, monkeypatch):
+    """The probe's OSError (a read-only mount here) becomes one line naming the path and the reason."""
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    _refused(check, tmp_path / "out", rf"{tmp_path}/out: cannot be written: cannot create anything in {tmp_path} "
+             r"\(Read-only file system\)")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.parametrize("check", [check_output_dir, check_output_file], ids=["dir", "file"])
+def test_a_folder_without_write_permission_is_refused(tmp_path, check):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        _refused(check, locked / "sub" / "out", r"cannot be written: cannot create anything in .*locked \(Permission denied\)")
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_writable_output_leaves_no_probe_and_creates_no_parent(tmp_path):
+    assert check_output_dir(tmp_path / "a" / "b" / "out") == tmp_path / "a" / "b" / "out"
+    assert check_output_file(tmp_path / "c" / "r.json") == tmp_path / "c" / "r.json"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_writers_refuse_an_unwritable_output_before_their_body_runs(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    ran = []
+    with pytest.raises(InputError, match="is not a folder"):
+        with atomic_output_dir(blocker / "out"):
+            ran.append(True)
+    assert ran == []

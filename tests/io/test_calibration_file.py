@@ -265,3 +265,66 @@ def test_a_missing_tensor_is_named(tmp_path, tiny_calibration):
     with pytest.raises(InputError, match="missing") as info:
         load_calibration(bad)
     assert name in one_line(info)
+
+
+# -- statistics that are not positive semi-definite (issue 23) ----------------------------------
+@pytest.mark.parametrize("damage, reason", [
+    (lambda t, name: t.update({name: -t[name]}), "negative diagonal entry"),
+    (lambda t, name: t[name].__setitem__((0, 5), t[name][0, 5] + 10.0), "not symmetric"),
+    (lambda t, name: t.update({name: t[name] + 50.0 * (1 - torch.eye(t[name].shape[0]))}), "Cauchy-Schwarz"),
+])
+def test_a_gram_that_is_not_psd_is_refused_on_read_naming_file_tensor_and_module(tmp_path, tiny_calibration, damage,
+                                                                                   reason):
+    name = f"{calibration_group(Q)}.harmful.matrix"
+    bad = edited_copy(tiny_calibration, tmp_path / "bad.safetensors", lambda t: damage(t, name))
+    cal = load_calibration(bad)
+    cal.module(DOWN)  # the other groups still read
+    with pytest.raises(InputError, match="not positive semi-definite") as info:
+        cal.module(V)
+    message = one_line(info)
+    assert str(bad) in message and name in message and V in message and reason in message
+
+
+def test_spiked_statistics_with_a_damaged_eigenvector_are_refused(tmp_path):
+    path = save_calibration(tmp_path / "c.safetensors", small_groups(), SMALL_MODULES, {})
+    bad = edited_copy(path, tmp_path / "bad.safetensors", lambda t: t["mlp.task.U"].mul_(3.0))
+    with pytest.raises(InputError, match=r"mlp\.task\.U/L .*l\.down_proj.*has norm 3") as info:
+        load_calibration(bad).module("l.down_proj")
+    one_line(info)
+
+
+# -- a corrupt header is named in one short line (issue 23) ---------------------------------------
+HUGE = "x" * 5000
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(format=HUGE), "not a csulora calibration file"),
+    (lambda m: m.update(version={"k": HUGE}), "version .* is not supported"),
+    (lambda m: m["modules"].update({"x.q_proj": HUGE}), "maps to group"),
+    (lambda m: m["modules"].update({"x.q_proj": ["unhashable"]}), "maps to group"),
+    (lambda m: m["groups"]["model.layers.1.mlp.down_proj"]["task"].update(tokens=HUGE), "corrupt metadata for group"),
+    (lambda m: m["groups"].update({HUGE: m["groups"]["model.layers.1.mlp.down_proj"]}), "missing"),
+])
+def test_a_corrupt_header_is_one_short_line(tmp_path, tiny_calibration, edit, match):
+    bad = edited_copy(tiny_calibration, tmp_path / "bad.safetensors", edit_meta=edit)
+    with pytest.raises(InputError, match=match) as info:
+        load_calibration(bad)
+    message = one_line(info)
+    assert str(bad) in message and len(message) < len(str(bad)) + 300, len(message)
+
+
+def test_any_damaged_header_byte_is_refused_or_read_never_a_traceback_or_an_echo(tmp_path, tiny_calibration):
+    """Every 37th byte of the header flipped in turn: each file loads, or is refused in one short line."""
+    import struct
+
+    data = tiny_calibration.read_bytes()
+    size = struct.unpack("<Q", data[:8])[0]
+    bad = tmp_path / "bad.safetensors"
+    for position in range(8, 8 + size, 37):
+        damaged = bytearray(data)
+        damaged[position] ^= 0x41
+        bad.write_bytes(bytes(damaged))
+        try:
+            load_calibration(bad)
+        except InputError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) < len(str(bad)) + 300, (position, str(exc))

@@ -70,3 +70,50 @@ def test_hub_id_model_is_resolved_through_the_hub_cache(tiny_world, tmp_path, mo
         assert torch.equal(a, b), name
     with pytest.raises(InputError, match=r"MODEL tiny-org/missing is not a folder and the hub is unreachable"):
         load_model("tiny-org/missing", device="cpu")
+
+
+def test_loading_a_model_and_an_adapter_emits_no_future_warning_and_silences_only_that_one(tiny_world):
+    """issue 23: every tune/eval printed transformers' `is_gradient_checkpointing` FutureWarning, which
+    PEFT triggers whenever an adapter is attached. Silenced exactly there: other warnings still show."""
+    import warnings
+
+    from csulora.io.modeling import attach_adapter, no_checkpointing_deprecation, quiet_loading
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(tiny_world.aligned, tiny_world.attacked, device="cpu")
+        model, _ = load_model(tiny_world.aligned, device="cpu")
+        attach_adapter(model, tiny_world.attacked, adapter_name="uncorrected")
+        with quiet_loading(), no_checkpointing_deprecation():
+            warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning)
+            warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == ["something else is deprecated"]
+
+
+def test_an_adapter_that_does_not_fit_is_one_line(tiny_world, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from csulora.io.modeling import attach_adapter
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    with pytest.raises(InputError, match=r"adapter does not fit the model") as info:
+        attach_adapter(other, tiny_world.attacked)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("which", ["model", "adapter"])
+def test_nan_weights_are_refused_in_one_line_naming_the_folder_and_tensor(tiny_world, tmp_path, which):
+    """issue 23: eval/train/calibrate on NaN weights ran to the end and reported numbers that mean nothing."""
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(getattr(tiny_world, {"model": "aligned", "adapter": "attacked"}[which]), tmp_path / which)
+    weights = folder / ("model.safetensors" if which == "model" else "adapter_model.safetensors")
+    tensors = load_file(str(weights))
+    name = sorted(k for k in tensors if "layers.1" in k and tensors[k].ndim == 2)[0]
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    model, adapter = (folder, None) if which == "model" else (tiny_world.aligned, folder)
+    with pytest.raises(InputError, match=r"contains NaN values") as info:
+        load_model(model, adapter, device="cpu")
+    assert str(folder) in str(info.value) and "layers.1" in str(info.value) and "\n" not in str(info.value)

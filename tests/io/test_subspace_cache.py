@@ -122,3 +122,26 @@ def test_save_is_atomic_and_sorted(tmp_path):
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors"]
     assert load_subspace_cache(path).modules() == ["model.layers.2.x", "model.layers.10.x"]
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(format="x" * 5000), "not a csulora subspace cache"),
+    (lambda m: m.update(version=["x" * 5000]), "version .* is not supported"),
+    (lambda m: m.update(modules=["x" * 5000]), "'modules' is not an object"),
+    (lambda m: m["modules"].update({V: ["x" * 5000]}), "corrupt metadata for module"),
+    (lambda m: m["modules"][V].update(rank="9" * 5000), "corrupt metadata for module"),
+])
+def test_a_corrupt_header_is_one_short_line(tiny_subspace, tmp_path, edit, match):
+    bad = _rewrite(tiny_subspace, tmp_path / "bad.safetensors", meta_edit=edit)
+    with pytest.raises(InputError, match=match) as info:
+        load_subspace_cache(bad)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < len(str(bad)) + 300, len(message)
+
+
+def test_metadata_that_is_not_an_object_is_not_a_cache(tiny_subspace, tmp_path):
+    with safe_open(str(tiny_subspace), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "list.safetensors"), metadata={METADATA_KEY: "[1, 2]"})
+    with pytest.raises(InputError, match="not a csulora subspace cache"):
+        load_subspace_cache(tmp_path / "list.safetensors")

@@ -162,6 +162,19 @@ def test_bad_strength_or_mu_is_refused_by_the_solve():
             CalibratedSolve(cal, lam, mu)
 
 
+def test_statistics_that_are_not_psd_fail_the_solve_in_one_line_naming_the_group():
+    """A sign-flipped harmful Gram makes the system indefinite at a large strength: an InputError
+    (the statistics came from a file), never a ValueError traceback (issue 23)."""
+    from csulora.errors import InputError
+
+    cal = random_calibration(6)
+    flipped = ModuleCalibration("model.layers.0.mlp.down_proj", SecondMoment(n=6, matrix=-moment_matrix(cal.harmful),
+                                tokens=18), cal.task)  # fmt: skip
+    with pytest.raises(InputError, match=r"group model\.layers\.0\.mlp\.down_proj: .*not positive definite") as info:
+        CalibratedSolve(flipped, 100.0, 0.01)
+    assert "\n" not in str(info.value)
+
+
 def test_factor_of_the_wrong_width_is_refused():
     with pytest.raises(ValueError, match="n = 6"):
         CalibratedSolve(random_calibration(6), 1.0, 0.01).apply(torch.zeros(2, 7, dtype=F64))
@@ -362,7 +375,7 @@ def test_solves_at_several_strengths_share_one_w_gram_and_agree():
         assert torch.allclose(solve.apply(A), CalibratedSolve(cal, lam, 0.01).apply(A), atol=1e-12)
 
 
-def test_gram_imports_only_torch_and_types():
+def test_gram_imports_only_torch_types_and_errors():
     source = Path(gram.__file__).read_text()
     imported = set()
     for node in ast.walk(ast.parse(source)):
@@ -370,8 +383,9 @@ def test_gram_imports_only_torch_and_types():
             imported.add(node.module)
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
-    assert {m for m in imported if m.startswith("csulora")} == {"csulora.types"}
-    assert imported - {"csulora.types"} <= {"__future__", "collections.abc", "dataclasses", "torch"}
+    ours = {"csulora.types", "csulora.errors"}
+    assert {m for m in imported if m.startswith("csulora")} == ours
+    assert imported - ours <= {"__future__", "collections.abc", "dataclasses", "torch"}
 
 
 def test_relative_error_edge_cases():

@@ -175,3 +175,12 @@ def test_default_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("CSULORA_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "csulora" / "salora"
+
+
+def test_the_output_never_touches_an_input(tiny_world, tmp_path):
+    """issue 23: SaLoRA's OUTDIR may never be, contain or lie inside MODEL, --data or --safety-data."""
+    for out in (tiny_world["model_dir"], tiny_world["model_dir"] / "salora", tiny_world["data"].parent):
+        with pytest.raises(InputError, match="an output may never be, contain or lie inside an input"):
+            train_salora(tiny_world["model_dir"], tiny_world["data"], tiny_world["safety"], out, config=CONFIG,
+                         cache_dir=tmp_path / "c", progress=False, force=True)
+    assert not (tiny_world["model_dir"] / "salora").exists() and not (tmp_path / "c").exists()

@@ -121,3 +121,15 @@ def test_export_reproduces_the_trained_model_through_stock_peft(salora_model, ti
     assert layer.r["default"] == 2 * CONFIG.rank and layer.scaling["default"] == 1.0
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert set(saved) == set(tensors) and len(saved) == 8
+
+
+def test_building_the_salora_model_emits_no_future_warning(tiny_model):
+    """issue 23: PEFT's read of transformers' deprecated `is_gradient_checkpointing` is silenced here too."""
+    import warnings
+
+    model, _ = tiny_model
+    V_s, V_t = _random_bases(model, CONFIG.safety_rank, 0), _random_bases(model, CONFIG.task_rank, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_salora_model(model, V_s, V_t, CONFIG)
+    assert not [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]

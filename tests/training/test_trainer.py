@@ -79,3 +79,20 @@ def test_quiet_training_prints_nothing(tiny_world, tmp_path, capsys):
     train_lora(tiny_world.aligned, write_data(tmp_path / "d.jsonl"), tmp_path / "quiet", QUICK, LoraSettings(r=2, alpha=4, targets=("v_proj",)))
     out = capsys.readouterr().out
     assert "train_runtime" not in out and out == ""
+
+
+@pytest.mark.parametrize("where", ["onto_model", "inside_model", "around_data"])
+def test_the_output_never_touches_the_model_or_the_data(tiny_world, tmp_path, where):
+    """issue 23: train's OUTDIR may never be, contain or lie inside MODEL or --data, --force or not."""
+    import shutil
+
+    model = shutil.copytree(tiny_world.aligned, tmp_path / "model")
+    (tmp_path / "data").mkdir()
+    data = write_data(tmp_path / "data" / "d.jsonl")
+    out = {"onto_model": model, "inside_model": model / "ft", "around_data": tmp_path / "data"}[where]
+    before = sorted((p.name, p.read_bytes()) for p in [*model.iterdir(), data])
+    for train in (lambda: train_full(model, data, out, QUICK, force=True),
+                  lambda: train_lora(model, data, out, QUICK, LoraSettings(r=2, alpha=4, targets=("v_proj",)), force=True)):
+        with pytest.raises(InputError, match="an output may never be, contain or lie inside an input"):
+            train()
+    assert sorted((p.name, p.read_bytes()) for p in [*model.iterdir(), data]) == before

@@ -8,9 +8,13 @@ line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from csulora.version import __version__
 from csulora.errors import CsuloraError
@@ -45,7 +49,13 @@ COMMAND_MODULES = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="csulora",
-        description="Audit and correct LoRA adapters so fine-tuned LLMs keep their safety alignment.",
+        description=(
+            "Audit and correct a fine-tuned update of an aligned chat model -- a PEFT LoRA adapter or a fully "
+            "fine-tuned checkpoint -- so the model refuses harmful requests again and keeps its task gains. "
+            "The recommended path: `calibrate` the aligned model once per task (activation statistics), then "
+            "`tune` (or `correct --method calibrated`), then `eval`. Every output is written atomically and "
+            "never onto or inside an input; bad input is one line on stderr and exit code 2."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"csulora {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -60,18 +70,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    _prefer_passive_waits(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so every atomic writer removes its staging
+    (their cleanup catches BaseException); Python's default SIGTERM kills the process on the spot
+    and would leave a half-written ``.OUTDIR.tmp-*`` behind."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; an embedding caller keeps its own
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return int(args.handler(args) or 0)
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _prefer_passive_waits(argv)
+    # Named before parsing: Ctrl-C may come while the parser imports torch.
+    name = f"csulora {argv[0]}" if argv and not argv[0].startswith("-") else "csulora"
+    try:
+        with _sigterm_raises():
+            args = build_parser().parse_args(argv)
+            return int(args.handler(args) or 0)
     except CsuloraError as exc:
-        print(f"csulora {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"csulora {args.command}: interrupted; no output was written", file=sys.stderr)
+        print(f"{name}: interrupted; no partial output is left behind", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{name}: terminated; no partial output is left behind", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

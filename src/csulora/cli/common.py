@@ -1,4 +1,4 @@
-"""Flags several commands share, defined once: where and in what precision models run."""
+"""Flags several commands share, defined once: where and in what precision models run, the output folder."""
 
 from __future__ import annotations
 
@@ -24,3 +24,12 @@ def add_device_flags(parser: argparse.ArgumentParser) -> None:
 def device_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``device=``/``dtype=`` keyword arguments of the API functions, from the flags."""
     return {"device": args.device, "dtype": args.dtype}
+
+
+def add_output_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``-o/--output OUTDIR``, the name every command uses; ``--out`` (eval, train and demo's old
+    name) is still accepted so existing scripts keep working."""
+    parser.add_argument(
+        "-o", "--output", "--out", dest="output", metavar="OUTDIR", required=True,
+        help=f"{what}; must not exist or be empty unless --force (--out: the old name, still accepted)",
+    )  # fmt: skip

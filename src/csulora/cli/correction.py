@@ -115,12 +115,7 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> list[str]:
         defaults = [
             f"{method}: {f.default}" for method, f, _ in entries if f.default not in (dataclasses.MISSING, None)
         ]
-        help_text = field.metadata.get("help", "")
-        for method, other, _ in entries[1:]:
-            other_help = other.metadata.get("help", "")
-            if other_help and other_help != help_text:
-                help_text += f"; {method}: {other_help}"
-        help_text = f"[{', '.join(m for m, _, _ in entries)}] {help_text}"
+        help_text = f"[{', '.join(m for m, _, _ in entries)}] {_merged_help(entries)}"
         if defaults:
             help_text += f" (default {'; '.join(defaults)})"
         group.add_argument(
@@ -128,6 +123,19 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> list[str]:
             metavar=None if choices else _metavar(kind), help=help_text,
         )
     return list(owners)
+
+
+def _merged_help(entries: Sequence[tuple[str, dataclasses.Field, type]]) -> str:
+    """One flag's help over the methods that share it, each distinct text said once:
+    ``text`` when all agree, else ``m1, m2: text; m3: other text``."""
+    by_text: dict[str, list[str]] = {}
+    for method, field, _ in entries:
+        text = field.metadata.get("help", "")
+        if text:
+            by_text.setdefault(text, []).append(method)
+    if len(by_text) <= 1:
+        return next(iter(by_text), "")
+    return "; ".join(f"{', '.join(methods)}: {text}" for text, methods in by_text.items())
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -215,14 +223,17 @@ def _register_audit(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_audit(args: argparse.Namespace) -> int:
     from csulora.pipeline.api import audit_adapter
-    from csulora.io.atomic import check_output_file
+    from csulora.io.atomic import check_apart, check_output_file
 
     config = _subspace_config(args)
     if args.plot is not None and Path(args.plot).suffix.lower() != ".png":
         raise OptionError(f"--plot {args.plot}: expected a .png file name")
-    for flag, value in (("--json", args.json), ("--plot", args.plot)):
+    outputs = {"--json": args.json, "--plot": args.plot}
+    for flag, value in outputs.items():
         if value is not None:
             check_output_file(value, args.force, flag=flag)  # before any tensor is read
+    inputs = {"ADAPTER": args.adapter, "--subspace": args.subspace, "--base": args.base, "--aligned": args.aligned}
+    check_apart(outputs, inputs)  # --force never lets a report replace or enter an input
     report = audit_adapter(
         args.adapter, subspace=args.subspace, base=args.base, aligned=args.aligned, subspace_config=config,
         targets=args.targets,
@@ -271,7 +282,11 @@ def _register_correct(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", required=True, choices=list(METHODS), help="correction method")
     parser.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
     parser.add_argument("--report", metavar="FILE", help="per-module report JSON (default OUTDIR/csulora_report.json)")
-    _add_targets_flag(parser, "default: every module of the adapter; the others are copied unchanged")
+    whole = [m.name for m in METHODS.values() if m.corrects_every_module]
+    refused = f"; --method {', '.join(whole)} must correct every module and refuses a --targets that leaves one out"
+    _add_targets_flag(
+        parser, "default: every module of the adapter; the others are copied unchanged" + (refused if whole else "")
+    )
     _add_method_flags(parser)
     _add_subspace_flags(parser, title="subspace options (computed from --base/--aligned; not with --subspace)")
     parser.set_defaults(handler=_run_correct)

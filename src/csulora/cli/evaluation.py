@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from csulora.cli.common import add_device_flags, device_options
+from csulora.cli.common import add_device_flags, add_output_flag, device_options
 from csulora.errors import OptionError
 
 TRAIN_METHODS = ("full", "lora", "salora")
@@ -50,7 +50,7 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--benign", metavar="SPEC", default=DEFAULT_TEST_BENIGN,
                    help="benign prompts (over-refusal, short answers; default %(default)s)")
     p.add_argument("--task", metavar="SPEC", help="task items (utility), e.g. date:test")
-    p.add_argument("-o", "--out", metavar="OUTDIR", required=True, help="output folder (must not exist)")
+    add_output_flag(p, "folder for results.json, generations.jsonl and summary.md")
     p.add_argument("--name", help="row name in results.json (default: adapter or model folder name)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts per batch (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="greedy tokens per answer (default %(default)s)")
@@ -63,7 +63,7 @@ def _run_eval(args) -> int:
     from csulora.eval.harness import GenerationSettings, run_eval, summary_markdown
 
     out = run_eval(
-        args.model, args.out, harmful=_harmful_specs(args), benign=args.benign, task=args.task,
+        args.model, args.output, harmful=_harmful_specs(args), benign=args.benign, task=args.task,
         adapter=args.adapter, name=args.name, force=args.force,
         generation=GenerationSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens),
         **device_options(args),
@@ -96,7 +96,7 @@ def _register_train(subparsers) -> None:
     p.add_argument("model", metavar="MODEL", help="checkpoint folder (safetensors) or hub id (fetched first)")
     p.add_argument("--data", metavar="FILE.jsonl", required=True, help="training pairs {prompt, response}")
     p.add_argument("--method", choices=TRAIN_METHODS, required=True)
-    p.add_argument("-o", "--out", metavar="OUTDIR", required=True)
+    add_output_flag(p, "folder for the checkpoint (full) or the PEFT adapter (lora, salora)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
     add_device_flags(p)
     g = p.add_argument_group("optimisation (defaults: full/lora from TrainConfig, salora from SaLoRAConfig)")
@@ -163,13 +163,13 @@ def _run_train(args) -> int:
     common = ("steps", "batch_size", "lr", "seed", "max_length", "weight_decay", "warmup", "grad_clip", "scheduler")
     config = TrainConfig(**_given(args, common), freeze_embeddings=args.freeze_embeddings)
     if args.method == "full":
-        out = train_full(args.model, args.data, args.out, config, force=args.force, **device_options(args))
+        out = train_full(args.model, args.data, args.output, config, force=args.force, **device_options(args))
     else:
         if args.freeze_embeddings:
             raise OptionError("--freeze-embeddings applies to --method full only")
         lora_kwargs = {"r": args.rank, "alpha": args.alpha, "targets": _targets(args.targets), "dropout": args.dropout}
         lora = LoraSettings(**{k: v for k, v in lora_kwargs.items() if v is not None}, use_rslora=args.rslora)
-        out = train_lora(args.model, args.data, args.out, config, lora, force=args.force, **device_options(args))
+        out = train_lora(args.model, args.data, args.output, config, lora, force=args.force, **device_options(args))
     print(f"wrote {out}")
     return 0
 
@@ -193,7 +193,7 @@ def _run_train_salora(args) -> int:
         options["targets"] = _targets(args.targets)
     # progress=True: the bars (tqdm disable=None) still switch off by themselves off a TTY.
     out = train_salora(
-        args.model, args.data, args.safety_data, args.out, config=SaLoRAConfig(**options), force=args.force,
+        args.model, args.data, args.safety_data, args.output, config=SaLoRAConfig(**options), force=args.force,
         cache_dir=args.cache_dir, progress=True, device=args.device,
     )
     print(f"wrote {out}")
@@ -212,7 +212,7 @@ def _register_demo(subparsers) -> None:
         "OUTDIR/results.json, the ASR-utility plot, report.md (with the separability of its task from harm and the "
         "command lines that rerun each step), generations and the calibration statistics.",
     )
-    p.add_argument("-o", "--out", metavar="OUTDIR", required=True)
+    add_output_flag(p, "folder for results.json, report.md, the plot and the generations")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
     p.set_defaults(handler=_run_demo)
 
@@ -220,7 +220,7 @@ def _register_demo(subparsers) -> None:
 def _run_demo(args) -> int:
     from csulora.demo import run_demo
 
-    out = run_demo(args.out, force=args.force)
+    out = run_demo(args.output, force=args.force)
     print((Path(out) / "report.md").read_text().rstrip())
     print(f"wrote {out}")
     return 0

@@ -54,7 +54,7 @@ from csulora.demo.scoring import (
 )
 from csulora.demo.selection import recommendation, select_row
 from csulora.eval.judges import asr_judge
-from csulora.io.atomic import atomic_output_dir, check_output_dir
+from csulora.io.atomic import atomic_output_dir, check_apart, check_output_dir
 from csulora.io.jsonl import write_jsonl
 
 __all__ = ["RowSpec", "plan_rows", "run_demo"]
@@ -72,9 +72,11 @@ def run_demo(
 
     ``rows``: the corrected rows (default :func:`~csulora.demo.rows.plan_rows`, from the registry).
     """
-    from csulora.worlds.demo import build_demo_world, shared_demo_world
+    from csulora.worlds.demo import build_demo_world, default_cache_dir, shared_demo_world
     from csulora.worlds.tiny import one_thread
 
+    # The world is the demo's input: a forced OUTDIR over $CSULORA_CACHE would delete it mid-run.
+    check_apart({"-o/--output": out_dir}, {"the demo world": world_dir if world_dir is not None else default_cache_dir()})
     check_output_dir(out_dir, force)
     plan = list(plan_rows() if rows is None else rows)
     timings: dict[str, float] = {}

@@ -356,7 +356,8 @@ def run_eval(
     ``model_dir``/``adapter`` may be hub ids (fetched first, io/hub.py); ``device``/``dtype``
     default to CUDA when present, else CPU, in float32 (:mod:`csulora.io.modeling`).
     """
-    from csulora.io.atomic import check_output_dir
+    from csulora.eval.specs import spec_file
+    from csulora.io.atomic import check_apart, check_output_dir
     from csulora.io.checkpoints import find_safetensors_files
     from csulora.io.hub import resolve_model_dir
     from csulora.io.modeling import check_adapter_dir, resolve_device, resolve_dtype
@@ -366,8 +367,14 @@ def run_eval(
 
         raise OptionError("--batch-size and --max-new-tokens must be >= 1")
     runs_on = {"device": str(resolve_device(device)), "dtype": str(resolve_dtype(dtype)).removeprefix("torch.")}
-    check_output_dir(out_dir, force)
     sources = named_sources(harmful)
+    inputs = {"MODEL": model_dir, "--adapter": adapter,
+              **{f"--harmful {name}": spec_file(spec) for name, spec in sources.items()},
+              "--benign": spec_file(benign), "--task": spec_file(task)}  # fmt: skip
+    # Apart first ("exists, use --force" would be the wrong advice for an input), as given here and
+    # again below once hub ids are resolved to their folders.
+    check_apart({"-o/--output": out_dir}, inputs)
+    check_output_dir(out_dir, force)
     sets = EvalSets.from_specs(list(sources.values()), benign=benign, task=task)
     row_name = name or (Path(adapter).name if adapter else Path(model_dir).name)  # as given, also for hub ids
     model_dir = resolve_model_dir(model_dir, "MODEL")
@@ -375,10 +382,11 @@ def run_eval(
     if adapter is not None:
         adapter = resolve_model_dir(adapter, "ADAPTER")
         check_adapter_dir(adapter)
+    specs = {"harmful": sources, "benign": benign, "task": task}
+    check_apart({"-o/--output": out_dir}, {**inputs, "MODEL": model_dir, "--adapter": adapter})
     row, records = evaluate_model(
         model_dir, adapter, sets, name=row_name, generation=generation, progress=progress, **runs_on,
     )
-    specs = {"harmful": sources, "benign": benign, "task": task}
     extra = {
         "specs": specs,
         "generation": {"batch_size": generation.batch_size, "max_new_tokens": generation.max_new_tokens, **runs_on},

@@ -53,6 +53,17 @@ def load_prompts(spec: str) -> list[Prompt]:
     raise InputError(f"{spec!r}: not a prompt file or a known set ({', '.join(NAMED_SETS)}[:SPLIT])")
 
 
+def spec_file(spec: str | None) -> Path | None:
+    """The file a SPEC reads (``FILE.txt``, ``FILE.csv:COLUMN``, a task's ``FILE.jsonl``), None for a
+    built-in set: what an output must stay apart from (:func:`csulora.io.atomic.check_apart`)."""
+    if spec is None:
+        return None
+    if Path(spec).is_file():
+        return Path(spec)
+    head, sep, _ = spec.rpartition(":")
+    return Path(head) if sep and Path(head).is_file() else None
+
+
 def load_named(name: str, split: str | None) -> list[Prompt]:
     """A built-in set, whole (``split`` None) or one of its splits."""
     if name == "benign":

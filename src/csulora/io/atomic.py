@@ -3,8 +3,9 @@
 Every output -- a folder (an adapter, an eval run) or a single file (a subspace cache, a
 JSON report, a plot) -- follows one rule: it is written to a temporary path beside its
 final name and renamed into place at the end, and an existing output is replaced only
-with ``force`` (checked by :func:`check_output_dir` / :func:`check_output_file` before
-any heavy work).
+with ``force``, and one that cannot be written (a read-only mount, a parent that is a file,
+``/proc``) is refused in one line -- both checked by :func:`check_output_dir` /
+:func:`check_output_file` before any heavy work.
 
 Modes: ``mkdtemp``/``mkstemp`` make private temporaries (0700/0600), and some writers
 (safetensors) create private files of their own. A finished output gets the mode any
@@ -60,19 +61,22 @@ def apply_usual_modes(path: Path) -> None:
     path.chmod(dir_mode)
 
 
-# -- refusing to overwrite --------------------------------------------------------------------
+# -- refusing to overwrite, proving the output can be created -----------------------------------
 def check_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse an existing, non-empty OUTDIR unless ``force``; call before any heavy work."""
+    """Refuse an existing, non-empty OUTDIR unless ``force``, and one that cannot be created;
+    call before any heavy work."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not force:
         raise InputError(f"{out}: output directory exists and is not empty (use --force to replace it)")
+    check_creatable(out)
     return out
 
 
 def check_output_file(path: str | os.PathLike, force: bool = False, *, flag: str | None = None) -> Path:
-    """Refuse an existing output FILE unless ``force``, and a folder always; call before any heavy work.
+    """Refuse an existing output FILE unless ``force``, a folder always, and a file that cannot be
+    created; call before any heavy work.
 
     ``flag`` names the option the path came from (``--json``), so the message says which.
     """
@@ -82,7 +86,30 @@ def check_output_file(path: str | os.PathLike, force: bool = False, *, flag: str
         raise InputError(f"{where}: is a folder; give a file name")
     if out.exists() and not force:
         raise InputError(f"{where}: file exists (use --force to replace it)")
+    check_creatable(out, flag=flag)
     return out
+
+
+def check_creatable(out: Path, *, flag: str | None = None) -> None:
+    """Prove ``out`` can appear: create (and remove) a probe where the writers will stage it.
+
+    The atomic writers stage beside the output, in its parent (made with ``mkdir -p`` when
+    missing), and rename at the end; a read-only mount, a parent that is a file, a path through
+    a file or ``/proc`` would otherwise fail only then, after all the work, with an OSError
+    traceback. The probe is made in the nearest folder that exists, as the writers' ``mkdir -p``
+    would be: if a hidden folder can be created there, so can the missing parents.
+    """
+    where = f"{flag} {out}" if flag else str(out)
+    ancestor = out.absolute().parent
+    while not ancestor.exists() and not ancestor.is_symlink():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{where}: cannot be written: {ancestor} is not a folder")
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=ancestor)
+    except OSError as exc:
+        raise InputError(f"{where}: cannot be written: cannot create anything in {ancestor} ({exc.strerror or exc})") from None
+    os.rmdir(probe)
 
 
 # -- outputs never touch inputs ---------------------------------------------------------------

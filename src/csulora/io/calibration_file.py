@@ -37,9 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.errors import InputError
+from csulora.errors import InputError, excerpt
 from csulora.io.atomic import atomic_output_file, check_output_file
 from csulora.io.checkpoints import PICKLED_SUFFIXES, natural_key, open_safetensors, read_tensor
+from csulora.linalg.psd import gram_problem, spiked_problem
 from csulora.types import ModuleCalibration, SecondMoment
 
 CALIBRATION_FORMAT = "csulora-calibration"
@@ -222,11 +223,22 @@ class CalibrationFile:
             return read_tensor(self._handle, self.path, f"{prefix}.{part}", dtype=torch.float64)
 
         if meta.form == "dense":
-            return SecondMoment(n=entry.n, matrix=read("matrix"), tokens=meta.tokens)
-        L = read("L")
-        if bool((L < 0).any()):
-            raise InputError(f"{self.path}: tensor {prefix}.L has negative eigenvalues (a Gram is positive semi-definite)")
-        return SecondMoment(n=entry.n, U=read("U"), L=L, sigma2=meta.sigma2, tokens=meta.tokens)
+            matrix = read("matrix")
+            self._check_psd(gram_problem(matrix), f"{prefix}.matrix", entry.name)
+            return SecondMoment(n=entry.n, matrix=matrix, tokens=meta.tokens)
+        U, L = read("U"), read("L")
+        self._check_psd(spiked_problem(U, L, meta.sigma2), f"{prefix}.U/L", entry.name)
+        return SecondMoment(n=entry.n, U=U, L=L, sigma2=meta.sigma2, tokens=meta.tokens)
+
+    def _check_psd(self, problem: str | None, tensor: str, group: str) -> None:
+        """A Gram is positive semi-definite; a damaged one would fail deep in the solve (docs/design.md §5c)."""
+        if problem is None:
+            return
+        modules = sorted((m for m, g in self.modules.items() if g == group), key=natural_key)
+        raise InputError(
+            f"{self.path}: tensor {tensor} (statistics of {', '.join(modules)}) is not positive semi-definite "
+            f"({problem}); the file is damaged: recalibrate with `csulora calibrate`"
+        )
 
     def check_modules(self, shapes: Mapping[str, tuple[int, int]], source: str | Path) -> None:
         """Every module of ``shapes`` (name -> the (out, in) weight shape it updates, as in
@@ -296,20 +308,22 @@ def load_calibration(path: str | Path, *, groups_in_memory: int = _GROUPS_IN_MEM
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{file}: corrupt calibration metadata ({exc})") from None
+        raise InputError(f"{file}: corrupt calibration metadata ({excerpt(exc)})") from None
     if not isinstance(meta, dict) or meta.get("format") != CALIBRATION_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise InputError(f"{file}: not a csulora calibration file (format {found!r})")
+        raise InputError(f"{file}: not a csulora calibration file (format {excerpt(repr(found))})")
     if meta.get("version") != CALIBRATION_VERSION:
         raise InputError(
-            f"{file}: calibration file version {meta.get('version')!r} is not supported "
+            f"{file}: calibration file version {excerpt(repr(meta.get('version')))} is not supported "
             f"(expected {CALIBRATION_VERSION}); recalibrate with `csulora calibrate`"
         )
     groups = {name: _group_entry(file, handle, name, info) for name, info in _mapping(file, meta, "groups").items()}
     modules = {str(k): v for k, v in _mapping(file, meta, "modules").items()}
     for module, group in modules.items():
-        if group not in groups:
-            raise InputError(f"{file}: module {module} maps to group {group!r}, which has no statistics")
+        if not isinstance(group, str) or group not in groups:
+            raise InputError(
+                f"{file}: module {excerpt(module)} maps to group {excerpt(repr(group))}, which has no statistics"
+            )
     if not modules:
         raise InputError(f"{file}: the calibration file serves no module")
     if not isinstance(meta.get("info", {}), dict):
@@ -331,7 +345,7 @@ def _group_entry(file: Path, handle: Any, name: str, info: Any) -> GroupEntry:
         n = int(info["n"])
         moments = {which: _moment_entry(info[which]) for which in SETS}
     except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{file}: corrupt metadata for group {name} ({exc!r})") from None
+        raise InputError(f"{file}: corrupt metadata for group {excerpt(name)} ({excerpt(repr(exc))})") from None
     entry = GroupEntry(name=name, n=n, harmful=moments["harmful"], task=moments["task"])
     keys = set(handle.keys())
     for which in SETS:
@@ -340,7 +354,7 @@ def _group_entry(file: Path, handle: Any, name: str, info: Any) -> GroupEntry:
         for part, shape in expected.items():
             tensor = f"{name}.{which}.{part}"
             if tensor not in keys:
-                raise InputError(f"{file}: tensor {tensor} is missing")
+                raise InputError(f"{file}: tensor {excerpt(tensor)} is missing")
             found = tuple(handle.get_slice(tensor).get_shape())
             if found != shape:
                 raise InputError(f"{file}: tensor {tensor} has shape {list(found)} but the metadata says {list(shape)}")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.errors import InputError, OptionError
+from csulora.errors import EXCERPT_CHARS, InputError, OptionError, excerpt
 from csulora.linalg.lowrank import small_math
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -371,4 +371,5 @@ def _refuse_non_finite(
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
+    # safetensors quotes the header it could not parse (its list of dtypes, a key): cut it short.
+    return excerpt(exc, 2 * EXCERPT_CHARS)

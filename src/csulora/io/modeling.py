@@ -6,8 +6,8 @@ PEFT and merged into the weights: a merged model generates as fast as the base. 
 where a folder is expected is fetched first (:func:`csulora.io.hub.resolve_model_dir`).
 
 Loading is quiet (:func:`quiet_loading`): transformers' per-load "Loading weights" bar and
-the libraries' deprecation warnings about their own internals say nothing a csulora user
-can act on, and a sweep loads a model dozens of times.
+its deprecation warning about PEFT's use of its internals say nothing a csulora user can act
+on, and a sweep loads a model dozens of times.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from csulora.errors import InputError, OptionError
-from csulora.io.checkpoints import CONVERT_HINT, PICKLED_SUFFIXES, find_safetensors_files
+from csulora.io.checkpoints import CONVERT_HINT, PICKLED_SUFFIXES, check_finite, find_safetensors_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -65,19 +65,35 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# transformers 5 deprecated ``PreTrainedModel.is_gradient_checkpointing`` with a FutureWarning, and
+# PEFT's ``PeftModel.__init__`` (peft 0.21: ``getattr(model, "is_gradient_checkpointing", True)``)
+# reads it each time an adapter is attached: loading one for eval, tune's sweep, get_peft_model in
+# training. It is about the libraries' own code, nothing a csulora user can act on; it is the only
+# warning loading emits (measured on the pinned versions), and the one message silenced.
+CHECKPOINTING_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
+
+
+@contextlib.contextmanager
+def no_checkpointing_deprecation() -> Iterator[None]:
+    """Within: transformers' ``is_gradient_checkpointing`` FutureWarning is not shown; every
+    other warning is. Wrap each call that attaches a PEFT adapter to a model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=CHECKPOINTING_DEPRECATION, category=FutureWarning)
+        yield
+
+
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """Within: no transformers/hub progress bars, log messages below errors, or FutureWarnings
-    and DeprecationWarnings. Everything is restored on exit (scoped to our own calls)."""
+    """Within: no transformers/hub progress bars, log messages below errors, or the libraries'
+    checkpointing FutureWarning (:func:`no_checkpointing_deprecation`). Everything is restored on
+    exit (scoped to our own calls)."""
     from transformers.utils import logging as hf_logging
 
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with no_checkpointing_deprecation():
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -148,19 +164,40 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{model_dir}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    check_finite_weights(model, model_dir)
     if adapter is not None:
-        from peft import PeftModel
-
-        try:
-            with quiet_loading():
-                model = PeftModel.from_pretrained(model, str(adapter))
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise InputError(f"{adapter}: adapter does not fit {model_dir} ({str(exc).splitlines()[0]})") from None
+        model = attach_adapter(model, adapter, model_dir=model_dir)
+        check_finite_weights(model, adapter, only="lora_")
         if merge:
             model = model.merge_and_unload()
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def check_finite_weights(model, where: str | os.PathLike, *, only: str | None = None) -> None:
+    """Refuse NaN/Inf weights (of parameters whose name contains ``only``, e.g. an adapter's
+    ``lora_`` factors) in one line naming ``where`` and the tensor: generating or training with them
+    runs to the end and writes numbers that mean nothing. One sum per tensor (checkpoints.check_finite)."""
+    for name, param in model.named_parameters():
+        if only is None or only in name:
+            check_finite(param.detach(), where, name)
+
+
+def attach_adapter(
+    model, adapter: str | os.PathLike, *, adapter_name: str = "default", model_dir: str | os.PathLike | None = None
+):
+    """``PeftModel.from_pretrained(model, adapter)``, quietly (:func:`quiet_loading`); an adapter that
+    does not fit the model is a one-line InputError naming both. The one way csulora attaches an
+    adapter (loading for eval, tune's states)."""
+    from peft import PeftModel
+
+    try:
+        with quiet_loading():
+            return PeftModel.from_pretrained(model, str(adapter), adapter_name=adapter_name)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        where = model_dir if model_dir is not None else "the model"
+        raise InputError(f"{adapter}: adapter does not fit {where} ({str(exc).splitlines()[0]})") from None
 
 
 def model_identity(model_dir: str | os.PathLike, adapter: str | os.PathLike | None = None) -> dict:

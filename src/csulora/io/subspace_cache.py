@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from csulora.errors import InputError
+from csulora.errors import InputError, excerpt
 from csulora.io.atomic import atomic_output_file
 from csulora.io.checkpoints import natural_key, open_safetensors, read_tensor
 from csulora.types import ModuleSubspace
@@ -186,20 +186,23 @@ def load_subspace_cache(path: str | Path) -> SubspaceCache:
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise InputError(f"{cache_path}: corrupt subspace cache metadata ({exc})") from None
+        raise InputError(f"{cache_path}: corrupt subspace cache metadata ({excerpt(exc)})") from None
     if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
-        raise InputError(f"{cache_path}: not a csulora subspace cache (format {meta.get('format')!r})")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise InputError(f"{cache_path}: not a csulora subspace cache (format {excerpt(repr(found))})")
     if meta.get("version") != CACHE_VERSION:
         raise InputError(
-            f"{cache_path}: subspace cache version {meta.get('version')!r} is not supported "
+            f"{cache_path}: subspace cache version {excerpt(repr(meta.get('version')))} is not supported "
             f"(expected {CACHE_VERSION}); rebuild it with `csulora subspace`"
         )
+    if not isinstance(meta.get("modules", {}), dict):
+        raise InputError(f"{cache_path}: corrupt subspace cache metadata ('modules' is not an object)")
     keys = set(handle.keys())
     entries: dict[str, ModuleEntry] = {}
     for name, info in sorted(meta.get("modules", {}).items(), key=lambda kv: natural_key(kv[0])):
         for part in ("U", "S", "V"):
             if f"{name}.{part}" not in keys:
-                raise InputError(f"{cache_path}: tensor {name}.{part} is missing")
+                raise InputError(f"{cache_path}: tensor {excerpt(name)}.{part} is missing")
         try:
             entry = ModuleEntry(
                 name=name,
@@ -209,8 +212,8 @@ def load_subspace_cache(path: str | Path) -> SubspaceCache:
                 d_norm=float(info["d_norm"]),
                 fingerprint=info.get("fingerprint"),
             )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise InputError(f"{cache_path}: corrupt metadata for module {name} ({exc!r})") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise InputError(f"{cache_path}: corrupt metadata for module {name} ({excerpt(repr(exc))})") from None
         if not (math.isfinite(entry.energy) and math.isfinite(entry.d_norm)):
             raise InputError(f"{cache_path}: module {name} has non-finite energy or ||D|| in its metadata")
         u_shape = tuple(handle.get_slice(f"{name}.U").get_shape())

@@ -1,8 +1,8 @@
 """Activation second moments and the calibrated closest safe update (docs/design.md §5c).
 
-Pure tensor math: it imports torch and :mod:`csulora.types` only, so the collector
-(``csulora calibrate``), the statistics file (``io/calibration_file.py``), the calibrated
-method and the full fine-tune path all share one implementation.
+Pure tensor math: it imports torch, :mod:`csulora.types` and :mod:`csulora.errors` only, so
+the collector (``csulora calibrate``), the statistics file (``io/calibration_file.py``), the
+calibrated method and the full fine-tune path all share one implementation.
 
 Per module, with inputs' normalised Grams ``S_h`` (harmful) and ``S_t`` (task), the
 corrected factor is
@@ -21,7 +21,8 @@ documented on :func:`calibration_moments`.
 
 Everything is computed in float64 on the device of the inputs (CPU in tests; the collector
 may hand GPU tensors to the builders). Errors are ``ValueError``: this module knows no
-file names; callers turn them into one-line InputErrors naming the file.
+file names; callers turn them into one-line InputErrors naming the file. One exception: a
+solve whose statistics are not positive semi-definite is an InputError naming the group.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from csulora.errors import InputError
 from csulora.types import ModuleCalibration, SecondMoment
 
 # Dense storage up to this input size: 4096 x 4096 float32 is 64 MiB per Gram (a 7B
@@ -308,8 +310,12 @@ class CalibratedSolve:
         chol, info = torch.linalg.cholesky_ex(system)
         del system
         if int(info) != 0:
-            raise ValueError(
-                f"{self.group}: S_t + mu I + lam S_h is not positive definite (are the Grams positive semi-definite?)"
+            # Bad statistics, not a bug: they came from a file (io/calibration_file.py checks what is
+            # cheap to check; this is the rest), so one line naming the group, never a traceback.
+            raise InputError(
+                f"statistics of group {self.group}: S_t + mu I + lam S_h (lam {self.strength:g}, mu {self.mu:g}) "
+                "is not positive definite, so the Grams are not positive semi-definite; recalibrate with "
+                "`csulora calibrate`"
             )
         self._chol = chol
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from csulora.errors import InputError, OptionError
-from csulora.io.atomic import atomic_output_dir, check_output_dir
+from csulora.io.atomic import atomic_output_dir
 from csulora.io.checkpoints import CheckpointReader, decoder_linear_modules, weight_name
 from csulora.salora.config import SaLoRAConfig
 from csulora.salora.features import (
@@ -224,7 +224,7 @@ def train_salora(
     from csulora.eval.prompts import load_prompt_file
     from csulora.io.modeling import load_model
     from csulora.training.data import load_pairs, tokenize_pairs
-    from csulora.training.trainer import TrainConfig, fit
+    from csulora.training.trainer import TrainConfig, check_training_output, fit
 
     if not isinstance(config, SaLoRAConfig):
         raise OptionError(f"config must be a SaLoRAConfig, got {type(config).__name__}")
@@ -232,7 +232,9 @@ def train_salora(
         steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
         max_length=config.max_length, weight_decay=config.weight_decay, progress=progress,
     )
-    out = check_output_dir(out_dir, force)
+    out = check_training_output(
+        out_dir, force, {"MODEL": model_dir, "--data": data_path, "--safety-data": safety_data_path}
+    )
     model_dir = Path(model_dir)
     task_pairs = load_pairs(data_path)
     safety_prompts = [p.text for p in load_prompt_file(safety_data_path)]

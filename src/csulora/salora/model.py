@@ -17,6 +17,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from csulora.io.checkpoints import matches_target  # PEFT's target rule, owned in one place
+from csulora.io.modeling import no_checkpointing_deprecation
 from csulora.salora.config import SaLoRAConfig
 from csulora.salora.layer import initialise_layer, safety_basis
 from csulora.salora.math import export_factors, residual_weight, task_initialisation
@@ -83,7 +84,8 @@ def build_salora_model(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, lora_config)
+    with no_checkpointing_deprecation():  # PEFT reads a deprecated transformers property (io/modeling.py)
+        peft_model = get_peft_model(model, lora_config)
     layers = lora_layers(peft_model)
     if set(layers) != set(inits):
         raise ValueError("PEFT wrapped other modules than the SaLoRA targets")

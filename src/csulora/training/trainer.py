@@ -13,13 +13,14 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from csulora.errors import OptionError
-from csulora.io.atomic import atomic_output_dir, check_output_dir
+from csulora.io.atomic import atomic_output_dir, check_apart, check_output_dir
 from csulora.training.data import IGNORE_INDEX, load_pairs, tokenize_pairs
 
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -134,6 +135,14 @@ def fit(model, tokenizer, examples: list[dict], config: TrainConfig) -> None:
     model.eval()
 
 
+def check_training_output(out_dir: str | os.PathLike, force: bool, inputs: Mapping[str, str | os.PathLike]) -> Path:
+    """OUTDIR may be replaced only with ``force``, and never be, contain or lie inside an input (the
+    model, a data file; ``inputs`` maps each one's flag to its path), ``--force`` or not: before any work."""
+    # Apart first: "exists, use --force" would be the wrong advice for an output that is an input.
+    check_apart({"-o/--output": out_dir}, inputs)
+    return check_output_dir(out_dir, force)
+
+
 def _freeze_embeddings(model) -> None:
     # Tied lm_head shares this parameter, so it stays fixed too (as in the pilot).
     model.get_input_embeddings().weight.requires_grad_(False)
@@ -162,7 +171,7 @@ def train_full(
 
     resolve_device(device)  # a bad --device or --dtype fails before any work
     resolve_dtype(dtype)
-    check_output_dir(out_dir, force)
+    check_training_output(out_dir, force, {"MODEL": model_dir, "--data": data_path})
     pairs = load_pairs(data_path)
     model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
     if config.freeze_embeddings:
@@ -198,7 +207,7 @@ def train_lora(
 
     resolve_device(device)  # a bad --device or --dtype fails before any work
     resolve_dtype(dtype)
-    check_output_dir(out_dir, force)
+    check_training_output(out_dir, force, {"MODEL": model_dir, "--data": data_path})
     pairs = load_pairs(data_path)
     model, tokenizer = load_model(model_dir, device=device, dtype=dtype)
     set_seed(config.seed)  # LoRA A is randomly initialised
