@@ -14,8 +14,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from csulora.cli.common import add_device_flags, device_options
+from csulora.cli.common import add_device_flags, add_output_flag, device_options
 from csulora.errors import OptionError
+from csulora.eval.specs import DEFAULT_HARMFUL
 from csulora.methods.registry import get_method, option_names, tunable_methods
 from csulora.tuning.config import (
     ALL_METHODS,
@@ -79,7 +80,7 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
         help="PEFT LoRA adapter folder trained on ALIGNED, or a full fine-tune of ALIGNED (checkpoint folder: "
         "each setting is applied in memory and only the chosen checkpoint is written)",
     )  # fmt: skip
-    p.add_argument("-o", "--output", metavar="OUTDIR", required=True, help="output folder")
+    add_output_flag(p, "folder for the chosen adapter or checkpoint, tune.json, tune.png, the answers and run.json")
     p.add_argument("--aligned", metavar="ALIGNED", required=True, help="the model the update was trained on")
     source = p.add_mutually_exclusive_group()
     source.add_argument(
@@ -131,7 +132,7 @@ def _add_data(p: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="FILE",
         help="harmful validation prompts, one source per file or set spec, each judged on its own "
-        "(default: advbench:validation, objectives:validation and airt:val, from pyrit); never a test split",
+        f"(default: {' '.join(DEFAULT_HARMFUL)}, from pyrit); never a test split",
     )
     p.add_argument("--task", metavar="FILE.jsonl", help='task validation data, {"prompt", "response"} per line')
     p.add_argument(

@@ -126,9 +126,9 @@ class AdapterStates(ModelStates):
 
     @contextmanager
     def uncorrected(self) -> Iterator[AlignedView]:
-        from peft import PeftModel
+        from csulora.io.modeling import attach_adapter
 
-        self.model = PeftModel.from_pretrained(self.model, str(self.update_path), adapter_name=UNCORRECTED)
+        self.model = attach_adapter(self.model, self.update_path, adapter_name=UNCORRECTED, model_dir=self.aligned_path)
         self.model.eval()
         yield self.model.disable_adapter  # stays attached: the settings sit beside it
 
