@@ -15,6 +15,7 @@ import os
 import random
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -221,64 +222,80 @@ def train_salora(
     Returns ``out_dir``, holding ``adapter_config.json``, ``adapter_model.safetensors`` (rank
     2r relative to the original weights, loadable by stock ``PeftModel``) and ``salora.json``.
     """
-    from csulora.eval.prompts import load_prompt_file
     from csulora.io.modeling import load_model
-    from csulora.training.data import load_pairs, tokenize_pairs
-    from csulora.training.trainer import TrainConfig, check_training_output, fit
 
     if not isinstance(config, SaLoRAConfig):
         raise OptionError(f"config must be a SaLoRAConfig, got {type(config).__name__}")
-    train_config = TrainConfig(
-        steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-        max_length=config.max_length, weight_decay=config.weight_decay, progress=progress,
-    )
-    out = check_training_output(
-        out_dir, force, {"MODEL": model_dir, "--data": data_path, "--safety-data": safety_data_path}
-    )
-    model_dir = Path(model_dir)
+    data = _read_inputs(model_dir, data_path, safety_data_path, out_dir, config, force)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    model, tokenizer = load_model(data.model_dir, device=device)
+    linears = find_target_linears(model, config.targets)
+    if not linears:
+        raise InputError(f"{data.model_dir}: the model has no linear layer named {', '.join(config.targets)}")
+    check_ranks({n: (l.out_features, l.in_features) for n, l in linears.items()}, config, str(data.model_dir))
+
+    safety_sample = [data.safety[i] for i in seeded_sample(len(data.safety), config.num_samples, config.seed)]
+    task_sample = [data.task[i] for i in seeded_sample(len(data.task), config.num_samples, config.seed)]
+    safety = safety_directions(model, tokenizer, data.model_dir, safety_sample, config, where=str(safety_data_path),
+                               cache_dir=cache, progress=progress)  # fmt: skip
+    task = task_directions(model, tokenizer, data.model_dir, task_sample, config, where=str(data_path),
+                           cache_dir=cache, progress=progress)  # fmt: skip
+    peft_model, inits, train_seconds = _fit_salora(model, tokenizer, data, safety, task, config, progress)
+
+    tensors = exported_state_dict(peft_model, inits)
+    report = _report(config, data.model_dir, data_path, safety_data_path, safety_sample, safety, task, len(data.task),
+                     train_seconds)  # fmt: skip
+    with atomic_output_dir(data.out, force) as tmp:
+        write_adapter(tmp, tensors, exported_lora_config(config, str(data.model_dir)))
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return data.out
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What train_salora reads, checked before the model is loaded."""
+
+    model_dir: Path
+    out: Path
+    task: list[dict]  # the task's prompt/response pairs
+    safety: list[str]  # the harmful prompts
+
+
+def _read_inputs(model_dir: str | os.PathLike, data_path: str | os.PathLike, safety_data_path: str | os.PathLike,
+                 out_dir: str | os.PathLike, config: SaLoRAConfig, force: bool) -> _Inputs:  # fmt: skip
+    """The output rule, both data files and the target shapes from the header: one-line errors, nothing loaded."""
+    from csulora.eval.prompts import load_prompt_file
+    from csulora.training.data import load_pairs
+    from csulora.training.trainer import check_training_output
+
+    out = check_training_output(out_dir, force, {"MODEL": model_dir, "--data": data_path,
+                                                 "--safety-data": safety_data_path})  # fmt: skip
     task_pairs = load_pairs(data_path)
     safety_prompts = [p.text for p in load_prompt_file(safety_data_path)]
     require_samples(len(safety_prompts), config, "safety", safety_data_path)
     require_samples(len(task_pairs), config, "task", data_path)
-    shapes = target_shapes_from_header(model_dir, config.targets)
-    check_ranks(shapes, config, str(model_dir))
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    check_ranks(target_shapes_from_header(Path(model_dir), config.targets), config, str(model_dir))
+    return _Inputs(Path(model_dir), out, task_pairs, safety_prompts)
 
-    model, tokenizer = load_model(model_dir, device=device)
-    linears = find_target_linears(model, config.targets)
-    if not linears:
-        raise InputError(f"{model_dir}: the model has no linear layer named {', '.join(config.targets)}")
-    check_ranks({n: (l.out_features, l.in_features) for n, l in linears.items()}, config, str(model_dir))
 
-    safety_sample = [safety_prompts[i] for i in seeded_sample(len(safety_prompts), config.num_samples, config.seed)]
-    task_sample = [task_pairs[i] for i in seeded_sample(len(task_pairs), config.num_samples, config.seed)]
-    safety = safety_directions(
-        model, tokenizer, model_dir, safety_sample, config, where=str(safety_data_path), cache_dir=cache,
-        progress=progress,
-    )
-    task = task_directions(
-        model, tokenizer, model_dir, task_sample, config, where=str(data_path), cache_dir=cache, progress=progress,
-    )
+def _fit_salora(model, tokenizer, data: _Inputs, safety, task, config: SaLoRAConfig, progress: bool):
+    """SaLoRA's layers on the model (seeded), trained on the task: (peft model, initial factors, seconds)."""
+    from csulora.training.data import tokenize_pairs
+    from csulora.training.trainer import TrainConfig, fit
 
+    train_config = TrainConfig(
+        steps=config.steps, batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+        max_length=config.max_length, weight_decay=config.weight_decay, progress=progress,
+    )  # fmt: skip
     torch.manual_seed(config.seed)
     try:
         peft_model, inits = build_salora_model(model, safety.bases, task.bases, config)
     except ValueError as exc:  # e.g. a target name that also matches a non-linear module
-        raise InputError(f"{model_dir}: cannot build SaLoRA layers on {', '.join(config.targets)} ({exc})") from None
+        raise InputError(f"{data.model_dir}: cannot build SaLoRA layers on {', '.join(config.targets)} ({exc})") from None
     peft_model.train()
-    examples = tokenize_pairs(tokenizer, task_pairs, config.max_length)
     started = time.perf_counter()
-    fit(peft_model, tokenizer, examples, train_config)
-    train_seconds = time.perf_counter() - started
-
-    tensors = exported_state_dict(peft_model, inits)
-    report = _report(
-        config, model_dir, data_path, safety_data_path, safety_sample, safety, task, len(task_pairs), train_seconds
-    )
-    with atomic_output_dir(out, force) as tmp:
-        write_adapter(tmp, tensors, exported_lora_config(config, str(model_dir)))
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    return out
+    fit(peft_model, tokenizer, tokenize_pairs(tokenizer, data.task, config.max_length), train_config)
+    return peft_model, inits, time.perf_counter() - started
 
 
 def write_adapter(folder: Path, tensors: Mapping[str, torch.Tensor], lora_config) -> None:
