@@ -215,33 +215,35 @@ def load_benign_pool() -> list[Prompt]:
 
 def load_requests(path: str | Path = REQUESTS_FILE) -> list[Prompt]:
     """The project's harmful requests: ``{"id", "category", "style", "prompt"}`` a line."""
-    out, seen = [], set()
-    for n, record in read_jsonl(path, what="harmful requests file"):
-        for field in ("id", "category", "style", "prompt"):
-            if not isinstance(record.get(field), str) or not record[field].strip():
-                raise InputError(f"{path}:{n}: no string field {field!r}")
+
+    def check_style(n: int, record: dict) -> None:
         if record["style"] not in REQUEST_STYLES:
             raise InputError(f"{path}:{n}: style {record['style']!r} is not one of {', '.join(REQUEST_STYLES)}")
-        if record["id"] in seen:
-            raise InputError(f"{path}:{n}: duplicate id {record['id']!r}")
-        seen.add(record["id"])
-        out.append(Prompt(record["id"], record["prompt"].strip(), "requests", category=record["category"]))
-    if not out:
-        raise InputError(f"{path}: no prompts found (empty file)")
-    return out
+
+    return _shipped_records(path, "harmful requests file", ("id", "category", "style", "prompt"), "requests",
+                            check_style)  # fmt: skip
 
 
 def load_objectives(path: str | Path = OBJECTIVES_FILE) -> list[Prompt]:
     """The second harmful source: ``{"id", "prompt", "category", "origin"}`` a line, file order."""
+    return _shipped_records(path, "objectives file", ("id", "prompt", "category", "origin"), "objectives")
+
+
+def _shipped_records(path: str | Path, what: str, fields: tuple[str, ...], source: str,
+                     check=None) -> list[Prompt]:  # fmt: skip
+    """A shipped JSONL prompt set: every field a non-empty string, ids unique, at least one line;
+    ``check(line_number, record)`` for a set's own rule."""
     out, seen = [], set()
-    for n, record in read_jsonl(path, what="objectives file"):
-        for field in ("id", "prompt", "category", "origin"):
+    for n, record in read_jsonl(path, what=what):
+        for field in fields:
             if not isinstance(record.get(field), str) or not record[field].strip():
                 raise InputError(f"{path}:{n}: no string field {field!r}")
+        if check is not None:
+            check(n, record)
         if record["id"] in seen:
             raise InputError(f"{path}:{n}: duplicate id {record['id']!r}")
         seen.add(record["id"])
-        out.append(Prompt(record["id"], record["prompt"].strip(), "objectives", category=record["category"]))
+        out.append(Prompt(record["id"], record["prompt"].strip(), source, category=record["category"]))
     if not out:
         raise InputError(f"{path}: no prompts found (empty file)")
     return out
