@@ -7,9 +7,11 @@ token sequences, then time, over exactly those tokens with the same batches:
 - **plain forward**: the whole model (LM head included), no hooks;
 - **decoder forward**: the decoder body without the LM head, no hooks (what the
   statistics pass runs its hooks on);
-- **statistics pass**: :func:`csulora.references.calibration.accumulate_sums` for every Gram group
-  (the float32 ``x^T x`` products, upper-triangle strips, and float64 sums), harmful then
-  task; beside it the same pass with full ``x^T x`` products (no strips), for comparison;
+- **statistics pass** (:func:`statistics_pass`): :func:`csulora.references.calibration.statistics.accumulate_sums`
+  for every Gram group (the float32 ``x^T x`` products, upper-triangle strips, packed sums), harmful
+  then task, then every group's full symmetric sums as the build reads them
+  (:func:`~csulora.references.calibration.statistics.full_sum`), all from one buffer pool as
+  ``calibrate`` runs it; beside it the same pass with full ``x^T x`` products (no strips), for comparison;
 - **build**: normalising the sums into the stored statistics (:mod:`csulora.linalg.gram`);
 - with ``--budget-gb``: the whole statistics step as ``calibrate`` runs it under that
   memory budget (several passes), once resuming each pass from cached hidden states and
@@ -72,16 +74,25 @@ def plain_forward(model, examples, *, pad_id: int, batch_size: int, decoder_only
             model(**inputs, use_cache=False)
 
 
+def statistics_pass(model, harmful, task, groups, linears, **options):
+    """``calibrate``'s statistics pass over one pass's groups: both sets' sums, then each group's
+    full sums as :func:`~csulora.references.calibration.statistics.build_calibration` reads them
+    (their buffers handed back, as the build does). Returns the packed sums, still held."""
+    from csulora.references.calibration.statistics import BufferPool, accumulate_sums, full_sum
+
+    pool = options.pop("pool", None) or BufferPool()
+    sums = [accumulate_sums(model, part, groups, linears, pool=pool, **options) for part in (harmful, task)]
+    for group in groups:
+        for packed in (s[group.name] for s in sums):
+            pool.give(full_sum(packed).view(-1))
+    return sums
+
+
 def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
     import torch
 
-    from csulora.references.calibration import (
-        GRAM_STRIP,
-        accumulate_sums,
-        build_calibration,
-        linear_modules,
-        shared_input_groups,
-    )
+    from csulora.references.calibration.groups import linear_modules, shared_input_groups
+    from csulora.references.calibration.statistics import GRAM_STRIP, build_calibration
     from csulora.eval.generation import generate_responses
     from csulora.io.checkpoints import layer_index, natural_key
     from csulora.training.data import chat_prompt_ids, response_ids
@@ -108,16 +119,12 @@ def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
     _, dec_cpu, dec_wall = cpu_and_wall(lambda: plain_forward(model, examples, decoder_only=True, **kw), args.repeats)
 
     def statistics(strip: int = GRAM_STRIP):
-        common = {"product_dtype": torch.float32, "progress": False, "strip": strip, **kw}
-        h = accumulate_sums(model, harmful, groups, linears, **common)
-        t = accumulate_sums(model, task, groups, linears, **common)
-        return h, t
+        return statistics_pass(model, harmful, task, groups, linears, product_dtype=torch.float32, progress=False,
+                               strip=strip, **kw)  # fmt: skip
 
     (h, t), stat_cpu, stat_wall = cpu_and_wall(statistics, args.repeats)
     _, full_cpu, full_wall = cpu_and_wall(lambda: statistics(strip=1 << 30), args.repeats)
-    _, build_cpu, build_wall = cpu_and_wall(
-        lambda: [build_calibration(g, (h[0][g.name], h[1][g.name]), (t[0][g.name], t[1][g.name])) for g in groups], 1
-    )
+    _, build_cpu, build_wall = cpu_and_wall(lambda: [build_calibration(g, h[g.name], t[g.name]) for g in groups], 1)
     multi_pass = multi_pass_costs(model, linears, groups, harmful, task, args, kw) if args.budget_gb else None
     tokens = sum(len(e["input_ids"]) for e in examples)
     padded = sum(
@@ -165,13 +172,8 @@ def multi_pass_costs(model, linears, groups, harmful, task, args, kw) -> dict:
     """CPU seconds of calibrate's statistics step under ``--budget-gb``: resumed and recomputed passes."""
     import torch
 
-    from csulora.references.calibration import (
-        StatisticsPlan,
-        collect_statistics,
-        decoder_blocks,
-        plan_passes,
-        replay_is_exact,
-    )
+    from csulora.references.calibration.passes import StatisticsPlan, collect_statistics, plan_passes
+    from csulora.references.calibration.replay import decoder_blocks, replay_is_exact
 
     passes = plan_passes(groups, int(args.budget_gb * (1 << 30)))
     blocks = decoder_blocks(model, linears)
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from csulora.references.calibration import task_pairs
+    from csulora.references.calibration.data import task_pairs
     from csulora.eval.calibration_sets import calibration_harmful_prompts
     from csulora.io.modeling import load_model
     from csulora.worlds.tiny import shared_tiny_world

@@ -35,9 +35,11 @@ def inputs(tmp_path) -> dict[str, Path]:
 
 
 def argv(world, out: Path, inputs, *extra) -> list[str]:
+    """calibrate on the test data; the answer cache is off unless the test gives --answer-cache."""
+    cache = [] if "--answer-cache" in map(str, extra) else ["--no-answer-cache"]
     return ["calibrate", str(world.aligned), "-o", str(out), "--task", str(inputs["task"]),
             "--harmful", str(inputs["harmful"]), "--max-new-tokens", "8", "--batch-size", "4",
-            "--device", "cpu", *map(str, extra)]  # fmt: skip
+            "--device", "cpu", *cache, *map(str, extra)]  # fmt: skip
 
 
 def fails(args, capsys, pattern: str) -> str:
@@ -60,7 +62,8 @@ def test_calibrate_writes_the_statistics_and_says_what_it_did(tiny_world, inputs
     captured = capsys.readouterr()
     assert re.fullmatch(
         rf"wrote {re.escape(str(out))}: 6 modules in 4 Gram groups \(one pass\); harmful 8 prompts, \d+ tokens; "
-        r"task 8 examples, \d+ tokens; generation \d+\.\d s, statistics \d+\.\d s\n",
+        r"task 8 examples, \d+ tokens; generation \d+\.\d s, statistics \d+\.\d s; "
+        rf"run record {re.escape(str(out))}\.run\.json\n",
         captured.out,
     ), captured.out
     assert "one pass over the tokens" in captured.err
@@ -73,6 +76,37 @@ def test_calibrate_writes_the_statistics_and_says_what_it_did(tiny_world, inputs
     # ... and replaced with it.
     assert main(argv(tiny_world, out, inputs, "--targets", "o_proj", "--force")) == 0
     assert len(load_calibration(out).modules) == 2
+    assert sorted(p.name for p in outs.iterdir()) == ["calibration.safetensors", "calibration.safetensors.run.json"]
+
+
+def test_a_second_calibration_reads_the_answers_from_the_cache(tiny_world, inputs, outs, tmp_path, capsys):
+    cache = tmp_path / "answers"
+    assert main(argv(tiny_world, outs / "a.safetensors", inputs, "--targets", "o_proj", "--answer-cache", cache)) == 0
+    assert "generation " in capsys.readouterr().out and len(list(cache.glob("*.json"))) == 1
+    assert main(argv(tiny_world, outs / "b.safetensors", inputs, "--targets", "down_proj", "--answer-cache", cache)) == 0
+    out = capsys.readouterr().out
+    assert "answers read from the cache, statistics" in out and "generation" not in out
+    assert json.loads((outs / "b.safetensors.run.json").read_text())["answers"]["read_back"] is True
+    with pytest.raises(SystemExit):  # one or the other
+        build_parser().parse_args(argv(tiny_world, outs / "c.safetensors", inputs, "--answer-cache", cache,
+                                       "--no-answer-cache"))  # fmt: skip
+
+
+def test_the_default_answer_length_is_the_shared_constant():
+    from csulora.references.calibration import CALIBRATION_MAX_NEW_TOKENS
+
+    args = build_parser().parse_args(["calibrate", "aligned", "-o", "c.safetensors", "--task", "date:train"])
+    assert args.max_new_tokens == CALIBRATION_MAX_NEW_TOKENS == 64
+
+
+def test_outputs_that_cannot_or_may_not_be_written_are_one_line(tiny_world, inputs, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    fails(argv(tiny_world, tmp_path / "file" / "c.safetensors", inputs), capsys,
+          r"-o/--output .*file/c\.safetensors: cannot write there \(.+\); nothing was computed")  # fmt: skip
+    fails(argv(tiny_world, Path("/proc/c.safetensors"), inputs), capsys, r"cannot write there")
+    fails(argv(tiny_world, Path(tiny_world.aligned) / "model.safetensors", inputs, "--force"), capsys,
+          r"lies inside the input ALIGNED .*an output may never be, contain or lie inside an input")  # fmt: skip
+    fails(argv(tiny_world, inputs["task"], inputs, "--force"), capsys, r"is the input --task")
 
 
 @pytest.mark.parametrize(
