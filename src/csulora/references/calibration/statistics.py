@@ -157,26 +157,38 @@ def unpack_symmetric(sums: PackedGram, out: Tensor) -> Tensor:
     """Write the full symmetric ``n x n`` sum into ``out`` (every entry: ``out`` may hold anything).
 
     ``out`` is float64, or of the sum's own dtype (a one-batch sum is its products, exact in
-    their dtype). One strip at a time: the strip is copied into its rows, its part right of the
-    diagonal block copied, transposed, into the columns below it, and the diagonal block's upper
-    triangle mirrored within it, so every entry below the diagonal is exactly its upper twin
-    (the whole-matrix ``triu`` and transposed add of earlier versions needed an n x n
-    temporary; docs/benchmarks.md). A sum that saw no tokens is zero.
+    their dtype). Each strip is copied into its rows and, transposed, into the columns below
+    its diagonal block; then every diagonal block's lower triangle is replaced by the mirror
+    of its upper one, all blocks in one operation, so every entry below the diagonal is exactly
+    its upper twin. Two copies a strip and no n x n temporary: on a busy 2-core machine each
+    small operation costs a wait for the other thread (docs/benchmarks.md). A sum that saw no
+    tokens is zero.
     """
     n, data = sums.n, sums.data
     if out.shape != (n, n) or out.dtype not in (torch.float64, data.dtype if data is not None else torch.float64):
         raise ValueError(f"need a float64 {n} x {n} matrix, got {out.dtype} {list(out.shape)}")
     if data is None:
         return out.zero_()
-    width = min(sums.strip, n)
-    upper = torch.ones(width, width, dtype=torch.bool, device=out.device).triu()
     for start, rows, view in sums.strips(data):
-        stop = start + rows
-        out[start:stop, stop:].copy_(view[:, rows:])
-        out[stop:, start:stop].copy_(view[:, rows:].T)
-        block = view[:, :rows]
-        out[start:stop, start:stop].copy_(torch.where(upper[:rows, :rows], block, block.T))
+        out[start : start + rows, start:].copy_(view)
+        out[start + rows :, start : start + rows].copy_(view[:, rows:].T)
+    mirror_diagonal_blocks_(out, sums.strip)
     return out
+
+
+def mirror_diagonal_blocks_(out: Tensor, strip: int) -> None:
+    """In every ``strip x strip`` block on the diagonal (the last one may be smaller), the lower
+    triangle becomes the transpose of the upper one."""
+    n = out.shape[0]
+    whole, rest = divmod(n, strip)
+    width = min(strip, n)
+    upper = torch.ones(width, width, dtype=torch.bool, device=out.device).triu()
+    if whole:
+        blocks = out.as_strided((whole, strip, strip), (strip * n + strip, n, 1))
+        blocks.copy_(torch.where(upper, blocks, blocks.transpose(1, 2)))
+    if rest:
+        block = out[n - rest :, n - rest :]
+        block.copy_(torch.where(upper[:rest, :rest], block, block.T))
 
 
 # -- the hooks ------------------------------------------------------------------------------------
