@@ -88,13 +88,10 @@ def statistics_pass(model, harmful, task, groups, linears, **options):
     return sums
 
 
-def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
-    import torch
-
-    from csulora.references.calibration.groups import linear_modules, shared_input_groups
-    from csulora.references.calibration.statistics import GRAM_STRIP, build_calibration
+def calibration_sequences(model, tokenizer, prompts, pairs, args) -> tuple[list[dict], list[dict], tuple]:
+    """The harmful (prompt + the model's own answer) and task sequences, as ``calibrate`` builds
+    them, and the generation's (CPU, wall) seconds."""
     from csulora.eval.generation import generate_responses
-    from csulora.io.checkpoints import layer_index, natural_key
     from csulora.training.data import chat_prompt_ids, response_ids
 
     texts = [p.text for p in prompts]
@@ -105,6 +102,24 @@ def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
     )  # fmt: skip
     harmful = [{"input_ids": chat_prompt_ids(tokenizer, t) + response_ids(tokenizer, a)} for t, a in zip(texts, answers)]
     task = [{"input_ids": chat_prompt_ids(tokenizer, p["prompt"]) + response_ids(tokenizer, p["response"])} for p in pairs]
+    return harmful, task, (gen_cpu, gen_wall)
+
+
+def padded_tokens(examples, batch_size: int) -> int:
+    """Tokens with padding in batches of similar lengths, longest first (as the passes batch them)."""
+    ordered = sorted(examples, key=lambda e: -len(e["input_ids"]))
+    batches = (ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size))
+    return sum(len(batch) * max(len(e["input_ids"]) for e in batch) for batch in batches)
+
+
+def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
+    import torch
+
+    from csulora.io.checkpoints import layer_index, natural_key
+    from csulora.references.calibration.groups import linear_modules, shared_input_groups
+    from csulora.references.calibration.statistics import build_calibration
+
+    harmful, task, generation = calibration_sequences(model, tokenizer, prompts, pairs, args)
     examples = harmful + task
     # Every linear layer of the decoder blocks (calibrate's default targets).
     names = sorted(
@@ -115,25 +130,19 @@ def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
     groups = shared_input_groups(model, linears, task[0]["input_ids"][:16])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     kw = {"pad_id": pad_id, "batch_size": args.batch_size}
-    _, fwd_cpu, fwd_wall = cpu_and_wall(lambda: plain_forward(model, examples, decoder_only=False, **kw), args.repeats)
-    _, dec_cpu, dec_wall = cpu_and_wall(lambda: plain_forward(model, examples, decoder_only=True, **kw), args.repeats)
 
-    def statistics(strip: int = GRAM_STRIP):
+    def statistics(strip: int | None = None):
         return statistics_pass(model, harmful, task, groups, linears, product_dtype=torch.float32, progress=False,
                                strip=strip, **kw)  # fmt: skip
 
-    (h, t), stat_cpu, stat_wall = cpu_and_wall(statistics, args.repeats)
-    _, full_cpu, full_wall = cpu_and_wall(lambda: statistics(strip=1 << 30), args.repeats)
-    _, build_cpu, build_wall = cpu_and_wall(lambda: [build_calibration(g, h[g.name], t[g.name]) for g in groups], 1)
+    times = {"generation": generation}
+    _, *times["plain_forward"] = cpu_and_wall(lambda: plain_forward(model, examples, decoder_only=False, **kw), args.repeats)
+    _, *times["decoder_forward"] = cpu_and_wall(lambda: plain_forward(model, examples, decoder_only=True, **kw), args.repeats)
+    (h, t), *times["statistics_pass"] = cpu_and_wall(statistics, args.repeats)
+    _, *times["statistics_pass_full_products"] = cpu_and_wall(lambda: statistics(strip=1 << 30), args.repeats)
+    _, *times["build"] = cpu_and_wall(lambda: [build_calibration(g, h[g.name], t[g.name]) for g in groups], 1)
     multi_pass = multi_pass_costs(model, linears, groups, harmful, task, args, kw) if args.budget_gb else None
-    tokens = sum(len(e["input_ids"]) for e in examples)
-    padded = sum(
-        len(batch) * max(len(e["input_ids"]) for e in batch)
-        for batch in (
-            sorted(examples, key=lambda e: -len(e["input_ids"]))[i : i + args.batch_size]
-            for i in range(0, len(examples), args.batch_size)
-        )
-    )
+    cpu = {k: v[0] for k, v in times.items()}
     return {
         "model": name,
         "groups": len(groups),
@@ -141,30 +150,16 @@ def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
         "gram_sizes": sorted({g.n for g in groups}),
         "harmful_prompts": len(harmful),
         "task_examples": len(task),
-        "tokens": tokens,
-        "tokens_with_padding": padded,
-        "cpu_seconds": {
-            "generation": round(gen_cpu, 3),
-            "plain_forward": round(fwd_cpu, 3),
-            "decoder_forward": round(dec_cpu, 3),
-            "statistics_pass": round(stat_cpu, 3),
-            "statistics_pass_full_products": round(full_cpu, 3),
-            "build": round(build_cpu, 3),
-        },
-        "wall_seconds": {
-            "generation": round(gen_wall, 3),
-            "plain_forward": round(fwd_wall, 3),
-            "decoder_forward": round(dec_wall, 3),
-            "statistics_pass": round(stat_wall, 3),
-            "statistics_pass_full_products": round(full_wall, 3),
-            "build": round(build_wall, 3),
-        },
-        "ratio_statistics_to_plain_forward": round(stat_cpu / fwd_cpu, 3),
-        "ratio_statistics_to_decoder_forward": round(stat_cpu / dec_cpu, 3),
-        "ratio_full_products_to_plain_forward": round(full_cpu / fwd_cpu, 3),
+        "tokens": sum(len(e["input_ids"]) for e in examples),
+        "tokens_with_padding": padded_tokens(examples, args.batch_size),
+        "cpu_seconds": {k: round(v, 3) for k, v in cpu.items()},
+        "wall_seconds": {k: round(v[1], 3) for k, v in times.items()},
+        "ratio_statistics_to_plain_forward": round(cpu["statistics_pass"] / cpu["plain_forward"], 3),
+        "ratio_statistics_to_decoder_forward": round(cpu["statistics_pass"] / cpu["decoder_forward"], 3),
+        "ratio_full_products_to_plain_forward": round(cpu["statistics_pass_full_products"] / cpu["plain_forward"], 3),
         **({"several_passes": {**multi_pass, "ratio_resumed_to_plain_forward": round(
-            multi_pass["cpu_seconds"]["resumed"] / fwd_cpu, 3), "ratio_recomputed_to_plain_forward": round(
-            multi_pass["cpu_seconds"]["recomputed"] / fwd_cpu, 3)}} if multi_pass else {}),
+            multi_pass["cpu_seconds"]["resumed"] / cpu["plain_forward"], 3), "ratio_recomputed_to_plain_forward": round(
+            multi_pass["cpu_seconds"]["recomputed"] / cpu["plain_forward"], 3)}} if multi_pass else {}),
     }
 
 

@@ -26,8 +26,20 @@ from csulora.references.calibration.replay import BlockResume, block_index, reco
 from csulora.types import ModuleCalibration, SecondMoment
 
 # Rows per strip of the upper-triangle Gram products (add_upper_gram_): 256 was fastest of
-# 128..1024 at n = 576, 1536 and 4096 on one CPU thread.
+# 128..1024 at n = 576, 1536 and 4096 on one CPU thread. Wider Grams get at most MAX_STRIPS
+# strips (n / 16 rows, a multiple of 64): at n = 11008 and 256 tokens, 704-row strips cost the
+# same as 256-row ones on one thread and 0.65x on two threads of the busy benchmark machine
+# (43 small GEMMs and copies a Gram, each a wait for the other thread, become 16).
 GRAM_STRIP = 256
+MAX_STRIPS = 16
+
+
+def strip_rows(n: int, strip: int | None = None) -> int:
+    """Rows per strip of an ``n x n`` Gram: ``strip`` when given, else ``GRAM_STRIP`` or, for a
+    Gram wider than ``MAX_STRIPS`` of those, ``n / MAX_STRIPS`` rounded up to 64."""
+    if strip is not None:
+        return strip
+    return max(GRAM_STRIP, -(-n // (MAX_STRIPS * 64)) * 64)
 
 
 def product_dtype_for(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
@@ -47,13 +59,13 @@ def strip_layout(n: int, strip: int) -> list[tuple[int, int, int]]:
     return layout
 
 
-def packed_numel(n: int, strip: int = GRAM_STRIP) -> int:
+def packed_numel(n: int, strip: int | None = None) -> int:
     """Numbers a :class:`PackedGram` holds: ``n (n + strip) / 2`` or so, about half of ``n^2``."""
-    start, rows, offset = strip_layout(n, strip)[-1]
+    start, rows, offset = strip_layout(n, strip_rows(n, strip))[-1]
     return offset + rows * (n - start)
 
 
-def sum_bytes(group: GramGroup, strip: int = GRAM_STRIP) -> int:
+def sum_bytes(group: GramGroup, strip: int | None = None) -> int:
     """The harmful and the task sum of ``group``, packed float64, held together while a pass runs."""
     return 2 * packed_numel(group.n, strip) * 8
 
@@ -90,9 +102,9 @@ class PackedGram:
     ``pool`` and go back with :meth:`release`.
     """
 
-    def __init__(self, n: int, pool: BufferPool, device: torch.device, strip: int = GRAM_STRIP) -> None:
-        self.n, self.strip, self.pool, self.device = n, strip, pool, device
-        self.layout = strip_layout(n, strip)
+    def __init__(self, n: int, pool: BufferPool, device: torch.device, strip: int | None = None) -> None:
+        self.n, self.strip, self.pool, self.device = n, strip_rows(n, strip), pool, device
+        self.layout = strip_layout(n, self.strip)
         self.first: Tensor | None = None  # the first batch's products, packed, in the product dtype
         self.total: Tensor | None = None  # float64, packed, from the second batch on
         self.tokens = 0
@@ -130,7 +142,7 @@ class PackedGram:
 
 
 def add_upper_gram_(sums: PackedGram, x: Tensor, workspace: Tensor) -> None:
-    """``sums += x^T x`` on the upper strips; ``workspace``: at least ``strip x n`` numbers of x's dtype.
+    """``sums += x^T x`` on the upper strips; ``workspace``: at least ``sums.strip x n`` numbers of x's dtype.
 
     A Gram is symmetric, so half of ``x^T x`` is redundant: the strips cost ``(1 + strip/n)/2``
     of the full product, and measured on one CPU thread (2048 tokens) 0.55x at n = 1536 and
@@ -209,13 +221,13 @@ class GroupGramSums(MaskedInputHooks):
         product_dtype: torch.dtype,
         stop_after: str | None,
         pool: BufferPool,
-        strip: int = GRAM_STRIP,
+        strip: int | None = None,
     ) -> None:
         super().__init__({g.modules[0]: linears[g.modules[0]] for g in groups})
         self.group_of = {g.modules[0]: g.name for g in groups}
         self.sums = {g.name: PackedGram(g.n, pool, device, strip) for g in groups}
-        widest = max(g.n for g in groups)
-        self.workspace = pool.take(min(strip, widest) * widest, product_dtype, device)
+        need = max(min(s.strip, s.n) * s.n for s in self.sums.values())
+        self.workspace = pool.take(need, product_dtype, device)
         self.pool = pool
         self.product_dtype = product_dtype
         self.stop_after = stop_after
@@ -241,7 +253,7 @@ def accumulate_sums(
     product_dtype: torch.dtype,
     progress: bool = True,
     desc: str = "statistics",
-    strip: int = GRAM_STRIP,
+    strip: int | None = None,
     resume: BlockResume | None = None,
     on_batch: Callable[[int], None] | None = None,
     pool: BufferPool | None = None,
@@ -250,7 +262,8 @@ def accumulate_sums(
     device, with their token counts).
 
     Every token of an example counts unless it has ``labels`` (then those not ``-100``);
-    padding never counts. ``strip``: rows per product strip (:func:`add_upper_gram_`).
+    padding never counts. ``strip``: rows per product strip (default :func:`strip_rows`; see
+    :func:`add_upper_gram_`).
     ``resume``: skip the blocks before this pass and record a block's output for the next
     (:class:`~csulora.references.calibration.replay.BlockResume`; several passes only). The
     forward ends as soon as nothing of this pass is left to see: after its last group's input,
