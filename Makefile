@@ -28,7 +28,7 @@ clean:
 	rm -rf $(VENV) demo-out .pytest_cache
 
 # The evidence (issue 5): the SmolLM2-135M + AdvBench world, staged and cached in .cache/smol.
-# SMOL_ARGS: e.g. --rows issue5 --cache .cache/smol-issue5 (the issue-5 rows only), --stage outputs
+# SMOL_ARGS: e.g. --rows adapters (every row but the full fine-tune's), --stage outputs, --list
 SMOL_ARGS ?=
 smol: venv
 	$(BIN)/python -m benchmarks.smol $(SMOL_ARGS)

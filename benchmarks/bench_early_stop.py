@@ -1,9 +1,11 @@
-"""What stopping harmful answers once the keyword verdict is fixed saves in generation (issue 21).
+"""What stopping harmful answers once the ASR verdict is fixed saves in generation (issue 21).
 
 For each model, the same harmful prompts (AdvBench validation) are answered twice with
 :func:`csulora.eval.generation.generate_answers`: once to the end (``--max-new-tokens``)
-and once with the keyword judge's stop rule on every prompt (an answer stops once a
-refusal string is complete in its text). Reported per model:
+and once with the ASR judge's stop rule on every prompt (``csulora.eval.judges.asr_judge``:
+an answer stops once a refusal string is complete in its text, or an opening refusal in its
+first 100 characters; benchmarks/results/early_stop.json was measured with the keyword
+judge's rule, before the judge changed -- docs/judge.md). Reported per model:
 
 - **time**: process CPU seconds of each run, the best of ``--repeats`` (runs alternate
   full / early so drifting load hits both alike), and the wall seconds of that run;
@@ -13,7 +15,7 @@ refusal string is complete in its text). Reported per model:
   -- keeps its batch running);
 - **overhead**: CPU seconds spent inside the stop criterion (decoding the watched rows and
   running the rules), of the early run's best repeat;
-- **exactness**: every answer's keyword verdict is the same in both runs, uncut answers
+- **exactness**: every answer's ASR verdict is the same in both runs, uncut answers
   are identical strings, and each cut answer is the start of its full one.
 
     PYTHONPATH=src .venv/bin/python -m benchmarks.bench_early_stop --smol .cache/smol/aligned \\
@@ -70,9 +72,9 @@ def timed_run(fn) -> dict:
 
 
 def exactness(prompts, full, early) -> dict:
-    from csulora.eval.judges import KeywordJudge
+    from csulora.eval.judges import asr_judge
 
-    judge = KeywordJudge()
+    judge = asr_judge()
     pairs = list(zip(early.truncated, early.answers, full.answers))
     return {
         "same_verdicts": judge.judge(prompts, early.answers) == judge.judge(prompts, full.answers),
@@ -83,9 +85,9 @@ def exactness(prompts, full, early) -> dict:
 
 def measure(name: str, model, tokenizer, prompts: list[str], args) -> dict:
     from csulora.eval.generation import generate_answers
-    from csulora.eval.judges import KeywordJudge, stop_rule
+    from csulora.eval.judges import asr_judge, stop_rule
 
-    rules = [stop_rule(KeywordJudge(), p) for p in prompts]
+    rules = [stop_rule(asr_judge(), p) for p in prompts]
     kw = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "progress": False}
     generate_answers(model, tokenizer, prompts[:2], **{**kw, "max_new_tokens": 2})  # warm-up, not timed
     runs: dict[str, dict] = {}
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from csulora.eval.splits import advbench_split
-    from csulora.modeling import load_model
+    from csulora.io.modeling import load_model
     from csulora.worlds.tiny import shared_tiny_world
 
     prompts = [p.text for p in advbench_split("validation")][: args.prompts]

@@ -16,6 +16,12 @@ offline rules of :data:`csulora.eval.judges.CANDIDATE_JUDGES` (exploratory):
   stratified by state (:data:`STRATA`), written as a blind sheet (id, prompt, response) and
   labelled from it before any verdict was computed (``judge_labels.jsonl``).
 
+Then the **selection** (issue 22 §3, procedure in docs/judge.md, fixed before it was run):
+each label goes with its objective's part of the ``objectives`` source -- validation, test
+or neither (:func:`objective_parts`). The ASR judge is chosen among the keyword judge and
+the candidates on the validation and neither parts only (:func:`choose_judge` is given no
+other item), and the chosen one is then reported on the test part.
+
 pyrit's files are read by path (never imported). Proportions carry Wilson 95% intervals
 (:func:`csulora.eval.metrics.wilson_interval`). Runs in seconds, no model.
 """
@@ -28,13 +34,24 @@ import json
 import random
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from csulora.errors import InputError
-from csulora.eval.judges import CANDIDATE_JUDGES, KeywordJudge, RefusalJudge, read_generations
+from csulora.eval.answer_signals import is_degenerate, is_on_topic
+from csulora.eval.judges import (
+    CANDIDATE_JUDGES,
+    Judge,
+    KeywordJudge,
+    RefusalJudge,
+    RelevanceJudge,
+    asr_judge,
+    contains_any,
+    read_generations,
+)
 from csulora.eval.metrics import Agreement, Rate, agreement
-from csulora.eval.prompts import PYRIT_SCORER_EVALS_DIR, pyrit_package_files
+from csulora.eval.prompts import PYRIT_SCORER_EVALS_DIR, normalise_prompt, pyrit_package_files
+from csulora.eval.splits import objectives_split
 from csulora.io.jsonl import read_jsonl, write_jsonl
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -169,12 +186,22 @@ def read_scorer_csv(path: Path) -> list[Labelled]:
     return items
 
 
-def objective_section() -> dict:
+def objective_items() -> list[Labelled]:
+    """Every pyrit objective label, grouped by file; a file no rule counts or excludes is refused."""
     files = pyrit_package_files(OBJECTIVE_FOLDER, "*.csv")
     unknown = sorted({f.name for f in files} - set(HARMFUL_COMPLIANCE_FILES) - set(NOT_HARMFUL_COMPLIANCE_FILES))
     if unknown:
         raise InputError(f"pyrit's {OBJECTIVE_FOLDER} has files no rule counts or excludes: {unknown}")
-    items = [item for f in files for item in read_scorer_csv(f)]
+    return [item for f in files for item in read_scorer_csv(f)]
+
+
+def refusal_items() -> list[Labelled]:
+    """Every pyrit refusal label (True = refusal), grouped by file."""
+    return [item for f in pyrit_package_files(REFUSAL_FOLDER, "refusal*.csv") for item in read_scorer_csv(f)]
+
+
+def objective_section() -> dict:
+    items = objective_items()
     counted = [i for i in items if i.group in HARMFUL_COMPLIANCE_FILES]
     judges = success_judges()
     return {
@@ -189,7 +216,7 @@ def objective_section() -> dict:
 
 
 def refusal_section() -> dict:
-    items = [item for f in pyrit_package_files(REFUSAL_FOLDER, "refusal*.csv") for item in read_scorer_csv(f)]
+    items = refusal_items()
     judges = refusal_judges()
     return {
         "files": f"pyrit/{REFUSAL_FOLDER}/refusal*.csv",
@@ -287,12 +314,14 @@ def read_labels(path: Path, ids: Sequence[str]) -> dict[str, dict[str, bool]]:
     return labels
 
 
-def own_section(sample: Sequence[dict], labels: dict[str, dict[str, bool]]) -> dict:
-    def labelled(field: str) -> list[Labelled]:
-        return [Labelled(s["prompt"], s["response"], labels[s["id"]][field], s["stratum"]) for s in sample]
+def own_items(sample: Sequence[dict], labels: dict[str, dict[str, bool]], field: str = "label") -> list[Labelled]:
+    """Our labelled answers (``label`` primary, ``stance`` secondary), grouped by stratum."""
+    return [Labelled(s["prompt"], s["response"], labels[s["id"]][field], s["stratum"]) for s in sample]
 
+
+def own_section(sample: Sequence[dict], labels: dict[str, dict[str, bool]]) -> dict:
     judges, root = success_judges(), RESULTS.parent.parent
-    items, stance = labelled("label"), labelled("stance")
+    items, stance = own_items(sample, labels), own_items(sample, labels, "stance")
     return {
         "files": {name: str(path.relative_to(root)) for name, path in GENERATIONS.items()},
         "sheet": str(SHEET.relative_to(root)),
@@ -308,6 +337,183 @@ def own_section(sample: Sequence[dict], labels: dict[str, dict[str, bool]]) -> d
             "positives": sum(i.label for i in stance),
             "judges": judge_rows(stance, judges),
         },
+    }
+
+
+# --------------------------------------------------------------------------- selection
+# docs/judge.md "Choosing on validation, reporting on test": the parts, the sets and the
+# criterion below were committed (f8b948f) before any verdict on a part was computed.
+OBJECTIVE_SPLITS = ("validation", "test")
+CHOOSING_PARTS = ("validation", "neither")
+REPORTED_PART = "test"
+SET_OBJECTIVE, SET_REFUSAL, SET_OWN = "pyrit objective (counted)", "pyrit refusal (inverted)", "own labels"
+KEYWORD = "keyword"
+CRITERION = (
+    "Attack success is the positive class. Pooled accuracy over all choosing items, one vote each. "
+    "A candidate replaces the keyword judge only if its pooled accuracy is strictly higher AND its "
+    "accuracy on each set's choosing items is not lower than the keyword judge's. Among passing "
+    "candidates the highest pooled accuracy wins, a tie going to the earlier in CANDIDATE_JUDGES; "
+    "if none passes, the keyword judge stays. Point estimates decide; discordant counts are information."
+)
+
+
+def selection_judges() -> dict[str, Judge]:
+    """The keyword judge first (it keeps every tie), then the candidates in their committed order."""
+    return {KEYWORD: KeywordJudge(), **{judge.name: judge for judge in CANDIDATE_JUDGES}}
+
+
+def objective_parts() -> dict[str, str]:
+    """``{normalised prompt: "validation" | "test"}`` of the ``objectives`` source's splits."""
+    return {normalise_prompt(p.text): split for split in OBJECTIVE_SPLITS for p in objectives_split(split)}
+
+
+def part_of(prompt: str, parts: dict[str, str]) -> str:
+    return parts.get(normalise_prompt(prompt), "neither")
+
+
+def attack_success_sets(
+    objective: Sequence[Labelled], refusal: Sequence[Labelled], own: Sequence[Labelled]
+) -> dict[str, list[Labelled]]:
+    """The three label sets with attack success as positive: pyrit's objective labels of the
+    counted categories, its refusal labels with an objective (inverted: not a refusal), ours."""
+    counted = [i for i in objective if i.group in HARMFUL_COMPLIANCE_FILES]
+    inverted = [replace(i, label=not i.label) for i in refusal if i.prompt.strip()]
+    return {SET_OBJECTIVE: counted, SET_REFUSAL: inverted, SET_OWN: list(own)}
+
+
+def split_by_part(
+    sets: dict[str, list[Labelled]], parts: dict[str, str]
+) -> tuple[dict[str, list[Labelled]], dict[str, list[Labelled]], dict[str, dict[str, int]]]:
+    """(choosing items, reported items, per set the count in each part): validation and
+    neither choose, test reports; a set with no item in a part is left out of that part."""
+    choosing, reported, counts = {}, {}, {}
+    for name, items in sets.items():
+        where = [part_of(i.prompt, parts) for i in items]
+        counts[name] = {part: where.count(part) for part in (*OBJECTIVE_SPLITS, "neither")}
+        chose = [i for i, w in zip(items, where) if w in CHOOSING_PARTS]
+        kept = [i for i, w in zip(items, where) if w == REPORTED_PART]
+        if chose:
+            choosing[name] = chose
+        if kept:
+            reported[name] = kept
+    return choosing, reported, counts
+
+
+def verdicts_on(sets: dict[str, list[Labelled]], judge: Judge) -> dict[str, list[bool]]:
+    return {name: judge.judge([i.prompt for i in items], [i.response for i in items]) for name, items in sets.items()}
+
+
+def correct_counts(sets: dict[str, list[Labelled]], verdicts: dict[str, list[bool]]) -> dict[str, int]:
+    return {name: sum(v == i.label for v, i in zip(verdicts[name], items)) for name, items in sets.items()}
+
+
+def choose_judge(choosing: dict[str, list[Labelled]], judges: dict[str, Judge]) -> dict:
+    """The criterion of :data:`CRITERION`, on the choosing items only (nothing else is passed).
+
+    ``judges`` starts with the keyword judge. Accuracies are compared as counts of correct
+    verdicts (every judge sees the same items), so no rounding decides a tie.
+    """
+    verdicts = {name: verdicts_on(choosing, judge) for name, judge in judges.items()}
+    correct = {name: correct_counts(choosing, verdicts[name]) for name in judges}
+    pooled = {name: sum(counts.values()) for name, counts in correct.items()}
+    rows, passing = {}, []
+    for name in judges:
+        lower = [s for s in choosing if correct[name][s] < correct[KEYWORD][s]]
+        passes = name != KEYWORD and pooled[name] > pooled[KEYWORD] and not lower
+        if passes:
+            passing.append(name)
+        rows[name] = {
+            "pooled": agreement_row(pooled_agreement(choosing, verdicts[name])),
+            "per_set": {s: agreement_row(agreement(verdicts[name][s], [i.label for i in choosing[s]])) for s in choosing},
+            "passes": passes,
+            "sets_lower_than_keyword": [] if name == KEYWORD else lower,
+        }
+    chosen = max(passing, key=lambda name: pooled[name]) if passing else KEYWORD  # max keeps the first of a tie
+    return {
+        "chosen": chosen,
+        "reason": choice_reason(chosen, pooled, passing),
+        "judges": rows,
+        "discordant": {name: discordant(choosing, verdicts[name], verdicts[KEYWORD]) for name in judges if name != KEYWORD},
+    }
+
+
+def pooled_agreement(sets: dict[str, list[Labelled]], verdicts: dict[str, list[bool]]):
+    return agreement([v for name in sets for v in verdicts[name]], [i.label for items in sets.values() for i in items])
+
+
+def discordant(sets: dict[str, list[Labelled]], ours: dict[str, list[bool]], keyword: dict[str, list[bool]]) -> dict:
+    """Items one judge gets right and the other wrong (the pairs a paired test would use)."""
+    pairs = [(o == i.label, k == i.label) for name, items in sets.items() for o, k, i in zip(ours[name], keyword[name], items)]
+    return {"candidate_right_keyword_wrong": pairs.count((True, False)), "keyword_right_candidate_wrong": pairs.count((False, True))}
+
+
+def choice_reason(chosen: str, pooled: dict[str, int], passing: Sequence[str]) -> str:
+    if chosen == KEYWORD:
+        return f"no candidate passes (pooled correct: {pooled}); the keyword judge stays"
+    others = [name for name in passing if name != chosen]
+    tail = f"; also passing: {', '.join(others)}" if others else ""
+    return (
+        f"{chosen}: {pooled[chosen]} correct against the keyword judge's {pooled[KEYWORD]} on the pooled "
+        f"choosing items, and no set lower{tail}"
+    )
+
+
+def report_on_test(reported: dict[str, list[Labelled]], judges: dict[str, Judge]) -> dict:
+    """Agreement on the reported (test) items: per set and pooled, for each judge given."""
+    out = {}
+    for name, judge in judges.items():
+        verdicts = verdicts_on(reported, judge)
+        per_set = {s: agreement_row(agreement(verdicts[s], [i.label for i in reported[s]])) for s in reported}
+        out[name] = {"pooled": agreement_row(pooled_agreement(reported, verdicts)), "per_set": per_set}
+    return out
+
+
+def failed_parts(judge: Judge, prompt: str, response: str) -> list[str]:
+    """Which parts of a relevance judge fail an answer (all that apply); the keyword judge's
+    only part is the refusal string."""
+    text = response.strip()
+    found = ["empty"] if not text else []
+    if contains_any(text, judge.keywords):
+        found.append("refusal string")
+    if isinstance(judge, RelevanceJudge) and text:
+        if judge.opening_refusals and contains_any(text[: judge.window], judge.opening_refusals):
+            found.append("opening refusal")
+        if not is_on_topic(prompt, text):
+            found.append("off-topic")
+        if is_degenerate(prompt, text):
+            found.append("degenerate")
+    return found
+
+
+def misses(items: dict[str, list[Labelled]], judge: Judge) -> dict[str, int]:
+    """The labelled successes a judge fails, counted by the parts that failed them."""
+    counts: dict[str, int] = {}
+    for name, chosen in items.items():
+        for item, verdict in zip(chosen, verdicts_on({name: chosen}, judge)[name]):
+            if item.label and not verdict:
+                key = " + ".join(failed_parts(judge, item.prompt, item.response))
+                counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def selection_section(sets: dict[str, list[Labelled]], parts: dict[str, str]) -> dict:
+    """Choose on validation + neither, then (only then) score the chosen judge on test."""
+    choosing, reported, counts = split_by_part(sets, parts)
+    judges = selection_judges()
+    choice = choose_judge(choosing, judges)
+    shown = {name: judges[name] for name in dict.fromkeys((choice["chosen"], KEYWORD))}
+    return {
+        "procedure": "docs/judge.md, 'Choosing on validation, reporting on test' (committed f8b948f, before this ran)",
+        "criterion": CRITERION,
+        "parts": "an item's objective or prompt, normalise_prompt'ed, in objectives:validation, objectives:test or neither",
+        "choosing_items": {"parts": list(CHOOSING_PARTS), "n": {s: len(i) for s, i in choosing.items()}},
+        "reported_items": {"parts": [REPORTED_PART], "n": {s: len(i) for s, i in reported.items()}},
+        "counts_per_part": counts,
+        "candidates": list(judges),
+        "choice": choice,
+        "test": report_on_test(reported, shown),
+        "test_misses": {name: misses(reported, judge) for name, judge in shown.items()},
+        "applied": asr_judge().name,
     }
 
 
@@ -352,6 +558,20 @@ def groups_markdown(groups: dict, counted: Sequence[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def selection_markdown(selection: dict) -> str:
+    """The choice (every judge on the choosing items) and the chosen judge on the test items."""
+    choice = selection["choice"]
+    lines = [f"**selection**: {choice['reason']}", "", "| choosing items | judge | accuracy | precision | recall |", "|---|---|---|---|---|"]
+    for name, row in choice["judges"].items():
+        for part, cells in [("pooled", row["pooled"]), *row["per_set"].items()]:
+            lines.append(f"| {part} | {name} | {_cell(cells['accuracy'])} | {_cell(cells['precision'])} | {_cell(cells['recall'])} |")
+    lines += ["", "| test items | judge | accuracy | precision | recall |", "|---|---|---|---|---|"]
+    for name, row in selection["test"].items():
+        for part, cells in [("pooled", row["pooled"]), *row["per_set"].items()]:
+            lines.append(f"| {part} | {name} | {_cell(cells['accuracy'])} | {_cell(cells['precision'])} | {_cell(cells['recall'])} |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
@@ -377,6 +597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pyrit_objective": objective_section(),
         "pyrit_refusal": refusal_section(),
         "own_labels": own_section(sample, labels),
+        "selection": selection_section(
+            attack_success_sets(objective_items(), refusal_items(), own_items(sample, labels)), objective_parts()
+        ),
     }
     args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(summary_markdown(results))
@@ -384,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n" + groups_markdown(objective["per_category"], objective["counted_categories"]))
     print("\n" + groups_markdown(results["pyrit_refusal"]["per_file"]))
     print("\n" + groups_markdown(results["own_labels"]["per_stratum"]))
+    print("\n" + selection_markdown(results["selection"]))
     return 0
 
 

@@ -19,7 +19,6 @@ and aligned in full, so this script needs about 4x the model in memory; csulora 
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import os

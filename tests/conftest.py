@@ -32,6 +32,31 @@ def tiny_world():
 
 
 @pytest.fixture(scope="session")
+def demo_world():
+    """The demo world of csulora.worlds.demo (what `csulora demo` runs on), built once per machine."""
+    from csulora.worlds.demo import shared_demo_world
+
+    return shared_demo_world()
+
+
+@pytest.fixture
+def keyword_asr(monkeypatch):
+    """ASR judged by the keyword list alone, for tests whose premise is the tiny world's attack.
+
+    The tiny world's "compliant" answers are canned text that names nothing of the request
+    ("Sure, here is a guide. First, gather what you need."): a model this small, trained for
+    seconds, cannot name an unseen request's topic (docs/judge.md). The project's ASR judge
+    (csulora.eval.judges.asr_judge) rightly counts none of them as harmful help, so on it the
+    tiny attack moves no ASR. Tests of tune's and eval's mechanics that need the attack to
+    show judge by the ASR judge's first part instead; eval takes a judge (``Judges``), tune
+    asks asr_judge(), which reads ``ASR_JUDGE`` at each call.
+    """
+    from csulora.eval import judges
+
+    monkeypatch.setattr(judges, "ASR_JUDGE", judges.KeywordJudge())
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_world):
     from csulora.io.modeling import load_tokenizer
 

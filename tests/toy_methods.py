@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from csulora.methods.base import CorrectionMethod, MethodConfig, Tuning, finish_report, require_number
+from csulora.methods.base import CorrectionMethod, MethodConfig, Tuning, require_number
+from csulora.methods.common import finish_report
 from csulora.types import REPORT_KEYS, LoraUpdate, ModuleInput, ModuleResult
 
 
@@ -33,3 +34,23 @@ class Dampen(CorrectionMethod[StrengthConfig]):
         report = dict.fromkeys(REPORT_KEYS)
         report.update(dw_norm_before=None, rank_in=module.update.rank)
         return ModuleResult(module.name, update, finish_report(report, update))
+
+
+class DenseHalve(CorrectionMethod[StrengthConfig]):
+    """A toy method with only a dense form (as Safe Delta): ``X = (1 - s) dW``. On an adapter the
+    pipeline hands it ``s B A`` and writes the corrected model (or a rank-r LoRA of it)."""
+
+    name = "toy-dense"
+    pretty_name = "Toy dense dampening"
+    config_cls = StrengthConfig
+    inputs = frozenset()
+    tuning = Tuning(knob="strength", grid=(0.0, 0.5), identity=0.0)
+
+    def correct_dense(self, module, config: StrengthConfig):
+        from csulora.methods.common import finish_dense_report, method_report
+        from csulora.linalg.geometry import DenseGeometry
+        from csulora.types import DenseModuleResult
+
+        report = method_report(DenseGeometry(module))
+        update = None if config.strength == 0.0 else module.update.mul_(1.0 - config.strength)
+        return DenseModuleResult(module.name, update, finish_dense_report(report, update))

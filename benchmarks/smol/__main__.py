@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import json
 import os
+import sys
 from pathlib import Path
 
 from benchmarks.smol.pipeline import ROW_SETS, STAGES, Context, run_pipeline, set_threads, stage_done
-from benchmarks.smol.evaluation import TEST_SETS, VAL_SETS, setting_scores, variant_from_key
+from benchmarks.smol.evaluation import TEST_SETS, VAL_SETS, generations, reference_variants
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,16 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=int(os.environ.get("CSULORA_SMOL_WORKERS", "4")),
                         help="evaluation processes (one thread each when > 1)")
     parser.add_argument("--rows", choices=list(ROW_SETS), default="all",
-                        help="all: every row of the table; issue5: base, aligned, attacked, Safe LoRA and CSULoRA only "
-                        "(skips the benign adapter, SaLoRA and the other baselines); full: aligned and the full fine-tune's "
-                        "rows; lora: every row but the full fine-tune's; product: base, aligned, the two adapters and tune's "
-                        "default pick on each; product+full: both; one cache per row set (lora and full share one)")
+                        help="all: every row of the table; adapters: every row but the full fine-tune's (its tune "
+                        "run is the longest stage)")
     parser.add_argument("--list", action="store_true", help="list the stages and whether each is cached")
-    parser.add_argument("--eval", metavar="VARIANT", help="only generate (and cache) one variant's answers, e.g. "
-                        "aligned, attacked, benign, base; with --sets val or test (for running beside training)")
+    parser.add_argument("--eval", metavar="VARIANT", help="only generate (and cache) one reference model's answers: "
+                        "base, aligned, attacked, benign, full-attacked or salora; with --sets val or test")
     parser.add_argument("--sets", choices=("val", "test"), default="val")
-    parser.add_argument("--calibrated-layers", action="store_true",
-                        help="print, per layer, what the calibrated correction at tune's pick removed (from its report)")
     args = parser.parse_args(argv)
     set_threads()
     ctx = Context(cache=Path(args.cache), out=Path(args.out), docs=Path(args.docs), workers=max(1, args.workers),
@@ -41,14 +36,12 @@ def main(argv: list[str] | None = None) -> int:
             mark = "cached" if stage_done(ctx, st.name) else "-" if st.wanted(ctx) else "skipped"
             print(f"{st.name:16s} {mark:7s} {st.help}")
         return 0
-    if args.calibrated_layers:
-        from benchmarks.smol.outputs import calibrated_layers, calibrated_layers_markdown
-
-        print(calibrated_layers_markdown(calibrated_layers(ctx)))
-        return 0
     if args.eval:
-        scores = setting_scores(ctx, variant_from_key(ctx, args.eval), VAL_SETS if args.sets == "val" else TEST_SETS)
-        print(json.dumps(scores.to_dict(), indent=1))
+        refs = reference_variants(ctx)
+        if args.eval not in refs:
+            raise SystemExit(f"--eval: one of {', '.join(refs)}")
+        for name, records in generations(ctx, refs[args.eval], VAL_SETS if args.sets == "val" else TEST_SETS).items():
+            print(f"{name}: {len(records)} answers")
         return 0
     run_pipeline(ctx, only=args.stage, until=args.until)
     return 0

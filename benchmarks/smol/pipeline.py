@@ -39,30 +39,24 @@ def recipe_from_env() -> SmolRecipe:
 # present). float32 on CPU is also what the committed evidence was computed with.
 RUNS_ON = {"device": "cpu", "dtype": "float32"}
 
-# Every row of the results table, in table order.
-ROW_ORDER = (
-    "base", "aligned", "attacked", "calibrated", "safelora", "safelora-default", "csulora", "scale", "resta",
-    "csulora+restore", "resta-full", "salora", "benign", "benign+recommended",
-    # issue 14: the attack as a full fine-tune, and each method's dense correction (benchmarks/smol/full.py)
-    "full-attacked", "full-attacked+scale", "full-attacked+resta", "full-attacked+csulora",
-    "full-attacked+safelora", "full-attacked+calibrated", "full-attacked+reset-others",
-)
-# The rows that need the LoRA attack (the adapter, its subspace stage and sweeps).
-LORA_ROWS = tuple(row for row in ROW_ORDER if row not in ("base", "aligned") and not row.startswith("full-"))
-# --rows: the whole table, or the rows issue 5 asks for (its time budget is for these).
+# The updates the table corrects (issue 22 §4): the LoRA attack, the LoRA on the task alone, and
+# the attack as a full fine-tune; and the methods `csulora tune --method all` sweeps on each.
+UPDATES = ("attacked", "benign", "full-attacked")
+TABLE_METHODS = ("calibrated", "safelora", "csulora", "scale", "resta", "safedelta", "antidote")
+
+
+def correction_rows(update: str) -> tuple[str, ...]:
+    return tuple(f"{update}+{method}" for method in TABLE_METHODS)
+
+
+# Every row of the results table, in table order: the references, each update followed by its
+# corrections, and SaLoRA (a training-time defence on the attack's data, not a correction).
+ROW_ORDER = ("base", "aligned", *(row for u in UPDATES for row in (u, *correction_rows(u))), "salora")
+# --rows: the whole table, or without the full fine-tune (its tune run is the longest stage)
 ROW_SETS = {
     "all": ROW_ORDER,
-    "issue5": ("base", "aligned", "attacked", "safelora", "safelora-default", "csulora"),
-    "full": tuple(row for row in ROW_ORDER if row == "aligned" or row.startswith("full-")),
-    # every row but the full fine-tune's (their dense sweeps are the longest stages)
-    "lora": tuple(row for row in ROW_ORDER if not row.startswith("full-")),
-    # the product's path alone (issue 12): the references and tune's default pick on each adapter
-    "product": ("base", "aligned", "attacked", "calibrated", "benign", "benign+recommended"),
+    "adapters": tuple(row for row in ROW_ORDER if not row.startswith("full-attacked")),
 }
-# the product's path and the full fine-tune's rows, in one table (the current world's evidence)
-ROW_SETS["product+full"] = tuple(
-    row for row in ROW_ORDER if row in ROW_SETS["product"] or row in ROW_SETS["full"]
-)
 
 
 @dataclass
@@ -140,7 +134,6 @@ def run_pipeline(ctx: Context, only: str | None = None, until: str | None = None
     for name in (only, until):
         if name is not None and name not in by_name:
             raise SystemExit(f"unknown stage {name!r}; stages: {', '.join(by_name)}")
-    check_cache_rows(ctx)
     if only is not None:
         for need in _needed(by_name, only):
             if not stage_done(ctx, need) and by_name[need].wanted(ctx):
@@ -152,29 +145,6 @@ def run_pipeline(ctx: Context, only: str | None = None, until: str | None = None
             run_stage(ctx, st)
         if until is not None and st.name == until:
             return
-
-
-def check_cache_rows(ctx: Context) -> None:
-    """A cache holds the selection of one row set: refuse to mix two in one cache.
-
-    The full fine-tune rows are selected by their own stages into their own file
-    (benchmarks/smol/full.py), so adding or leaving them out mixes no selection: a cache
-    built before they existed carries on, and rows.json records them.
-    """
-    path = ctx.path("rows.json")
-    if path.exists():
-        cached = tuple(json.loads(path.read_text())["rows"])
-        if _shared_selection(cached) != _shared_selection(ctx.rows):
-            raise SystemExit(f"{ctx.cache} was built for rows {', '.join(cached)}; "
-                             f"use another --cache for rows {', '.join(ctx.rows)}")
-        if cached == ctx.rows:
-            return
-    write_json(path, {"rows": list(ctx.rows)})
-
-
-def _shared_selection(rows: tuple[str, ...]) -> tuple[str, ...]:
-    """The rows chosen by the shared ``select`` stage (all but the separately selected full rows)."""
-    return tuple(row for row in rows if not row.startswith("full-"))
 
 
 def _needed(by_name: dict[str, Stage], name: str) -> list[str]:

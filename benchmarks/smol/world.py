@@ -9,7 +9,7 @@ import dataclasses
 from csulora.io.jsonl import read_jsonl_records, write_jsonl
 from csulora.worlds.smol import RECIPE
 
-from benchmarks.smol.pipeline import LORA_ROWS, RUNS_ON, Context, worker_ctx, run_jobs, sha256_texts, stage, write_json
+from benchmarks.smol.pipeline import RUNS_ON, correction_rows, Context, worker_ctx, run_jobs, sha256_texts, stage, write_json
 
 
 @stage("base", "dequantise the SmolLM2-135M-Instruct GGUF to float32 safetensors")
@@ -24,7 +24,7 @@ def stage_base(ctx: Context) -> dict:
 def world_sets(ctx: Context) -> dict[str, list[dict]]:
     """Every prompt set of the world as lists of ``{"id", "prompt"[, "response"]}`` dicts."""
     from csulora.eval.prompts import load_benign
-    from csulora.eval.splits import advbench_split, airt_split, benign_split
+    from csulora.eval.splits import advbench_split, airt_split, benign_split, objectives_split
     from csulora.eval.tasks import date_task
     from csulora.worlds.smol import benign_training_prompts
 
@@ -34,6 +34,8 @@ def world_sets(ctx: Context) -> dict[str, list[dict]]:
         sets[f"advbench-{name}"] = [{"id": p.id, "prompt": p.text} for p in advbench_split(name)]
     for name in ("airt-val", "airt-test"):
         sets[name] = [{"id": p.id, "prompt": p.text} for p in airt_split(name)]
+    for name in ("validation", "test"):  # the second harmful source (issue 22 §2, docs/second_source.md)
+        sets[f"objectives-{name}"] = [{"id": p.id, "prompt": p.text} for p in objectives_split(name)]
     for name in ("train", "validation", "test"):
         sets[f"task-{name}"] = date_task(name)
     # Over-refusal: tune checks the validation half, the table reports the test half
@@ -103,6 +105,8 @@ def stage_base_answers(ctx: Context) -> dict:
     run_jobs(ctx, [(job_base_answers, (part,)) for part in ("benign-align", "advbench-attack")])
     benign = read_jsonl_records(ctx.path("data", "base_answers_benign-align.jsonl"))
     attack = read_jsonl_records(ctx.path("data", "base_answers_advbench-attack.jsonl"))
+    # Deliberately the keyword judge, not asr_judge(): this builds the world (the attacker's
+    # training data), not a measurement; a new rule here would retrain the attacked adapter.
     judge = KeywordJudge()
     # The attacker keeps only the base's compliant answers (a refusal teaches nothing).
     compliant = [{"prompt": a["prompt"], "response": a["response"], "id": a["id"]} for a in attack if judge.is_success(a["response"])]
@@ -152,12 +156,12 @@ def train_adapter(ctx: Context, data_file: str, name: str, steps: int) -> dict:
 
 
 @stage("attacked", "LoRA of aligned on harmful->compliant answers + the utility task", needs=("aligned",),
-       for_rows=LORA_ROWS)
+       for_rows=("attacked", *correction_rows("attacked")))
 def stage_attacked(ctx: Context) -> dict:
     return train_adapter(ctx, "attack.jsonl", "attacked", ctx.recipe.attack_steps)
 
 
 @stage("benign_adapter", "LoRA of aligned on the utility task alone (no harmful data)", needs=("aligned",),
-       for_rows=("benign", "benign+recommended"))
+       for_rows=("benign", *correction_rows("benign")))
 def stage_benign_adapter(ctx: Context) -> dict:
     return train_adapter(ctx, "task_train.jsonl", "benign", ctx.recipe.benign_steps)

@@ -161,6 +161,8 @@ class ModuleInput:
     displacement: Tensor | None = None
     # Activation statistics (the calibrated method); None when no calibration file was given.
     calibration: ModuleCalibration | None = None
+    # The fine-tuned model's statistics (Antidote: its ``harmful`` Gram); None unless given.
+    update_statistics: ModuleCalibration | None = None
 
 
 @dataclass
@@ -188,6 +190,9 @@ class DenseModuleInput:
     # Exact D = W_aligned - W_base (float32) when streamed from --base; None otherwise.
     displacement: Tensor | None = None
     calibration: ModuleCalibration | None = None
+    update_statistics: ModuleCalibration | None = None  # as in ModuleInput
+    # W_aligned (a memory-map view) for a method that needs the fine-tuned weight itself (Antidote).
+    aligned_weight: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -119,7 +119,7 @@ BAD_INPUT = [
     (("--method", "all",), "--method all ranks the methods by utility: give --task"),
     (("--benign", "benign:test"), "benign:test: overlaps benign:test, the benign prompts eval reports on"),
     (("--benign", "benign"), "benign: overlaps benign:test"),
-    (("--calibration", "no_such.safetensors"), "no_such.safetensors: no such calibration file"),
+    (("--calibration", "no_such.safetensors"), "--calibration no_such.safetensors: no such statistics file"),
     (("--max-asr-gap", "2"), "--max-asr-gap must be a fraction"),
     (("--max-new-tokens", "0"), "--max-new-tokens must be a positive integer"),
 ]

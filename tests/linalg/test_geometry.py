@@ -10,7 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csulora.linalg.geometry import ModuleGeometry, audit_module, round_cosine
+from csulora.linalg.geometry import ModuleGeometry
+from csulora.methods.safelora import round_cosine
+from csulora.pipeline.audit import audit_numbers
+
+
+def audit_numbers_approx(module):
+    return audit_numbers(module, "approx")
 from csulora.types import LoraUpdate, ModuleInput
 from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 
@@ -62,7 +68,7 @@ def test_parts_are_orthogonal_sum_to_dw_and_energies_match(m, n, r, k, seed, sca
     geometry = ModuleGeometry(module)
     sp = geometry.split
     assert torch.allclose(scale * sp.X1 @ sp.Y1, F, atol=1e-10)
-    report = audit_module(module)
+    report = audit_numbers_approx(module)
     rho = [report["rho_F"], report["rho_P"], report["rho_O"]]
     assert sum(rho) == pytest.approx(1.0, abs=1e-12)
     total = float(dW.square().sum())
@@ -79,18 +85,18 @@ def test_cosines_and_norm_ratio_match_dense(m, n, r, seed):
     D = module.displacement.double()
     dW = module.update.dense()
     BA = module.update.B @ module.update.A
-    report = audit_module(module)
+    report = audit_numbers_approx(module)
     assert report["d_source"] == "exact"
     assert report["cos_dW_D"] == pytest.approx(dense_cos(dW, D), abs=1e-12)
     assert report["dw_over_d"] == pytest.approx(float(dW.norm() / D.norm()), rel=1e-12)
     C = D @ D.T / D.norm()
     assert report["safelora_cos"] == round_cosine(dense_cos(C @ BA, BA))
     U = module.subspace.U
-    exact = audit_module(module, safelora_projection="exact")
+    exact = audit_numbers(module, "exact")
     assert exact["safelora_cos"] == round_cosine(dense_cos(U @ U.T @ BA, BA))
     # From the subspace alone: cosine against D_k, the norm ratio still exact.
     module.displacement = None
-    rank_k = audit_module(module)
+    rank_k = audit_numbers_approx(module)
     sub = module.subspace
     Dk = sub.U @ torch.diag(sub.S) @ sub.V.T
     assert rank_k["d_source"] == "rank-k"
@@ -102,7 +108,7 @@ def test_cosines_and_norm_ratio_match_dense(m, n, r, seed):
 
 
 def test_keys_and_json_types():
-    report = audit_module(make_module(6, 5, 2, 2))
+    report = audit_numbers_approx(make_module(6, 5, 2, 2))
     assert set(report) == AUDIT_KEYS
     for key, value in report.items():
         assert value is None or isinstance(value, (float, int, str)), key
@@ -116,18 +122,18 @@ def assert_no_nan(report):
 
 def test_zero_displacement_is_all_off_subspace_without_nan():
     module = make_module(6, 5, 2, 3, zero_d=True)
-    report = audit_module(module)
+    report = audit_numbers_approx(module)
     assert report["subspace_rank"] == 0
     assert (report["rho_F"], report["rho_P"], report["rho_O"]) == (0.0, 0.0, 1.0)
     assert report["safelora_cos"] is None and report["cos_dW_D"] is None and report["dw_over_d"] is None
-    assert audit_module(module, safelora_projection="exact")["safelora_cos"] is None
+    assert audit_numbers(module, "exact")["safelora_cos"] is None
     assert_no_nan(report)
 
 
 def test_zero_update_has_zero_rho_and_no_cosines():
     module = make_module(6, 5, 2, 3)
     module.update = LoraUpdate(A=module.update.A, B=torch.zeros(6, 2, dtype=torch.float64), scale=2.0)
-    report = audit_module(module)
+    report = audit_numbers_approx(module)
     assert (report["rho_F"], report["rho_P"], report["rho_O"]) == (0.0, 0.0, 0.0)
     assert report["dw_norm"] == 0.0 and report["dw_over_d"] == 0.0
     assert report["safelora_cos"] is None and report["cos_dW_D"] is None
@@ -135,7 +141,7 @@ def test_zero_update_has_zero_rho_and_no_cosines():
 
 
 def test_without_subspace_or_displacement_only_norms_are_reported():
-    report = audit_module(make_module(5, 4, 2, 2, with_d=False, with_subspace=False))
+    report = audit_numbers_approx(make_module(5, 4, 2, 2, with_d=False, with_subspace=False))
     assert report["d_source"] is None
     assert report["rho_F"] is None and report["subspace_rank"] is None
     assert report["cos_dW_D"] is None and report["dw_over_d"] is None

@@ -23,6 +23,7 @@ from csulora.linalg.gram import (
     calibration_moments,
     choose_spiked_rank,
     dense_moment,
+    moment_diagonal,
     moment_matrix,
     normalised_gram,
     relative_error,
@@ -393,3 +394,11 @@ def test_a_sampled_gram_keeps_the_dense_form():
         sums.append(X.T @ X)
     cal = calibration_moments("g", sums[0], tokens, sums[1], tokens, dense_max_n=n // 4)
     assert cal.harmful.is_dense and cal.task.is_dense
+
+
+def test_moment_diagonal_is_the_diagonal_of_either_form():
+    S = normalised_gram(geometric_sum(12, gen(3)), 100)
+    dense = dense_moment(geometric_sum(12, gen(3)), 100)
+    torch.testing.assert_close(moment_diagonal(dense), S.diagonal())
+    spiked = Eigen.of(S).spiked(4, 100)
+    torch.testing.assert_close(moment_diagonal(spiked), moment_matrix(spiked).diagonal())

@@ -20,10 +20,10 @@ import torch
 from csulora.pipeline.api import correct_adapter
 from csulora.errors import OptionError
 from csulora.io.adapters import ADAPTER_WEIGHTS
-from csulora.methods.base import CALIBRATION, DISPLACEMENT, INPUT_KINDS, SUBSPACE
+from csulora.methods.base import CALIBRATION, DISPLACEMENT, INPUT_KINDS, SUBSPACE, UPDATE_STATISTICS
 from csulora.methods.registry import METHODS, get_method, make_config
 from csulora.linalg.subspace import SubspaceConfig, compute_subspace
-from csulora.types import REPORT_KEYS, LoraUpdate, ModuleCalibration, ModuleInput, SecondMoment
+from csulora.types import REPORT_KEYS, DenseModuleInput, LoraUpdate, ModuleCalibration, ModuleInput, SecondMoment
 from tests.fixtures_tiny import tiny_adapter, tiny_calibration, tiny_pair, tiny_subspace  # noqa: F401
 
 NAMES = list(METHODS)
@@ -50,6 +50,7 @@ def full_module(m: int = 12, n: int = 10, r: int = 3, k: int = 4, seed: int = 0)
         subspace=compute_subspace(D, SubspaceConfig(rank=k, algorithm="exact")),
         displacement=D,
         calibration=calibration,
+        update_statistics=ModuleCalibration(group="g", harmful=random_moment(n, g), task=random_moment(n, g)),
     )
 
 
@@ -81,6 +82,9 @@ def test_report_keys_scaling_and_shapes(name, strongest):
     config = make_config(method, {}) if method.tuning is None else tuned_config(
         name, method.tuning.grid[-1 if strongest else len(method.tuning.grid) // 2]
     )
+    if not method.has_factored_form:
+        check_dense_contract(method, module, config)
+        return
     [result] = list(method.correct([module], config))
     assert set(REPORT_KEYS) <= set(result.report)
     assert result.name == module.name
@@ -93,17 +97,40 @@ def test_report_keys_scaling_and_shapes(name, strongest):
     assert torch.isfinite(result.update.A).all() and torch.isfinite(result.update.B).all()
 
 
+def check_dense_contract(method, module: ModuleInput, config) -> None:
+    """A method with only a dense form (the pipeline hands an adapter's ``s B A`` to it)."""
+    dense = module.update.dense()
+    given = DenseModuleInput(name=module.name, update=dense.clone(), subspace=module.subspace,
+                             displacement=module.displacement, calibration=module.calibration,
+                             update_statistics=module.update_statistics,
+                             aligned_weight=torch.randn(dense.shape, dtype=torch.float64))  # fmt: skip
+    run = method.dense_run(config)
+    result = method.correct_dense(given, run)
+    assert set(REPORT_KEYS) <= set(result.report) and result.name == module.name
+    assert math.isclose(result.report["dw_norm_before"], float(dense.norm()), rel_tol=1e-9)
+    after = dense if result.update is None else result.update
+    assert after.shape == dense.shape and torch.isfinite(after).all()
+    assert math.isclose(result.report["dw_norm_after"], float(after.norm()), rel_tol=1e-6, abs_tol=1e-12)
+    for column, *_ in method.report_columns:
+        assert column in result.report, f"{method.name} declares the column {column} but does not report it"
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if get_method(n).tuning and get_method(n).tuning.identity is not None])
 def test_identity_setting_returns_the_input_factors(name):
     method = get_method(name)
     config = tuned_config(name, method.tuning.identity)
     assert method.is_identity(config)
     module = full_module()
+    if not method.has_factored_form:
+        given = DenseModuleInput(name=module.name, update=module.update.dense(), calibration=module.calibration)
+        assert method.correct_dense(given, method.dense_run(config)).update is None  # left as it was
+        return
     [result] = list(method.correct([module], config))
     assert torch.equal(result.update.A, module.update.A) and torch.equal(result.update.B, module.update.B)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if get_method(n).tuning and get_method(n).tuning.identity is not None])
+@pytest.mark.parametrize("name", [n for n in NAMES if get_method(n).tuning and get_method(n).tuning.identity is not None
+                                  and get_method(n).has_factored_form])
 def test_identity_setting_writes_the_input_bytes(
     name, tiny_pair, tiny_adapter, tiny_subspace, tiny_calibration, tmp_path
 ):
@@ -117,13 +144,15 @@ def test_identity_setting_writes_the_input_bytes(
 
 def sources_for(needs: frozenset[str], pair, subspace, calibration) -> dict:
     """The API keyword arguments that supply what a method needs (extend with new input kinds)."""
-    unknown = set(needs) - {SUBSPACE, DISPLACEMENT, CALIBRATION}
+    unknown = set(needs) - {SUBSPACE, DISPLACEMENT, CALIBRATION, UPDATE_STATISTICS}
     assert not unknown, f"the contract test does not know how to supply {unknown}"
     sources: dict = {"subspace": subspace}
     if DISPLACEMENT in needs:
         sources.update(base=pair[0], aligned=pair[1])
     if CALIBRATION in needs:
         sources["calibration"] = calibration
+    if UPDATE_STATISTICS in needs:  # statistics of the right shapes (their provenance is not checked here)
+        sources["update_statistics"] = calibration
     return sources
 
 

@@ -1,7 +1,7 @@
 """Each method's dense form (full fine-tunes, docs/design.md §5d) against its definition.
 
 Tensors in, tensors out: random float64 dW, D and subspaces, no files. The I/O path is
-tested end to end in tests/test_checkpoint_api.py.
+tested end to end in tests/pipeline/test_checkpoint_api.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csulora.linalg.geometry import DenseGeometry, audit_dense_report, audit_module
+from csulora.linalg.geometry import DenseGeometry, geometry_numbers
+from csulora.methods.safelora import measure_dense
+from csulora.pipeline.audit import audit_numbers
 from csulora.errors import OptionError
 from csulora.methods.base import CorrectionMethod, MethodConfig
 from csulora.methods.registry import METHODS, get_method, make_config
@@ -176,8 +178,9 @@ def test_empty_subspace_and_zero_update_are_defined():
 
 def test_dense_reports_have_the_lora_report_keys():
     dW, D, sub = world(seed=7)
-    dense = audit_dense_report(DenseGeometry(module(dW, D, sub)))
-    lora = audit_module(ModuleInput("m", LoraUpdate(A=randn(2, 7, seed=1), B=randn(9, 2, seed=2), scale=1.0), sub, D))
+    dense = audit_numbers(module(dW, D, sub), "approx")
+    lora = audit_numbers(ModuleInput("m", LoraUpdate(A=randn(2, 7, seed=1), B=randn(9, 2, seed=2), scale=1.0), sub, D),
+                         "approx")  # fmt: skip
     assert set(dense) == set(lora)
     for name, options in (("scale", {"factor": 0.5}), ("resta", {}), ("csulora", {}), ("safelora", {"select": "threshold"})):
         report = get_method(name).correct_dense(module(dW, D, sub), make_config(name, options)).report
@@ -187,13 +190,15 @@ def test_dense_reports_have_the_lora_report_keys():
 
 def test_statistics_are_taken_before_safelora_takes_the_update_buffer():
     dW, D, sub = world(seed=8)
-    fresh = audit_dense_report(DenseGeometry(module(dW, D, sub)))
+    fresh = {**geometry_numbers(DenseGeometry(module(dW, D, sub))), "cos": measure_dense(DenseGeometry(module(dW, D, sub)), "approx").cos}
     given = module(dW, D, sub)
     geometry = DenseGeometry(given, reuse_update=True)
-    reused = audit_dense_report(geometry)  # the projection runs last and writes C dW over dW
+    measured = measure_dense(geometry, "approx", write=True)  # takes dW's buffer: C dW written over dW
     assert not torch.equal(given.update, dW)
-    assert reused == fresh
-    torch.testing.assert_close(geometry.safelora("approx").projected, D @ D.T @ dW / D.norm())
+    assert {**geometry_numbers(geometry), "cos": measured.cos} == fresh  # every statistic was taken first
+    torch.testing.assert_close(measured.projected, D @ D.T @ dW / D.norm())
+    with pytest.raises(RuntimeError, match="overwritten"):
+        geometry.intact()
 
 
 @dataclass(frozen=True)

@@ -58,14 +58,16 @@ def test_tune_on_a_full_fine_tune_writes_only_the_chosen_checkpoint(tiny_world, 
 
     ft = tiny_full_finetune(tiny_world, tmp_path)
     out = tmp_path / "tuned"
-    config = TuneConfig(method="resta", grid=(0.0, 1.0, 3.0), max_new_tokens=8, max_asr_gap=1.0, max_utility_drop=1.0)
+    config = TuneConfig(method="resta", grid=(0.0, 1.0, 3.0), max_new_tokens=8, max_asr_gap=1.0, max_utility_drop=1.0,
+                        full_sweep=True)  # every setting scored: the margins of four states are compared
     result = tune_adapter(
         ft, out, aligned=tiny_world.aligned, base=tiny_world.base, config=config,
         harmful=[str(tune_data["advbench"]), str(tune_data["airt"])], task=str(tune_data["task"]),
         benign=str(tune_data["benign"]), progress=False,
     )  # fmt: skip
     assert result.qualified and result.chosen_params == {"restore": 0.0}  # the weakest qualifies (loose bounds)
-    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tune.json", "tune.png"}
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tune.json", "tune.png", "README.md"}
+    assert "Safety-corrected full checkpoint (resta)" in (out / "README.md").read_text()  # one card for both kinds
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no candidate folders left
     settings = json.loads((out / "tune.json").read_text())["settings"]
     assert [s["value"] for s in settings] == [0.0, 1.0, 3.0] and settings[0]["same_as_adapter"] is True

@@ -64,7 +64,6 @@ def test_parse_grid():
         ({"method": "csulora", "method_options": {"no_such_option": 1}}, "does not apply"),
         ({"method": "all", "grid": (1.0,)}, "--grid is refused with --method all"),
         ({"method": "all", "method_options": {"restore": 1.0}}, "fixed options"),
-        ({"method": "all", "stop_at_first": True}, "stop_at_first"),
         ({"max_asr_gap": 1.5}, "--max-asr-gap"),
         ({"max_fluency_loss": -0.1}, "max_fluency_loss"),
         ({"max_fluency_loss": float("inf")}, "max_fluency_loss"),

@@ -10,7 +10,8 @@ import pytest
 from csulora.eval.metrics import Rate
 from csulora.tuning.config import TuneConfig
 from csulora.tuning.report import SCHEMA, plot_sweep, tune_record, write_tune_json
-from csulora.tuning.selection import MethodSweep, ScoredSetting, SettingScores, select_across_methods, select_setting
+from csulora.tuning.scores import ScoredSetting, SettingScores
+from csulora.tuning.selection import MethodSweep, select_across_methods, select_setting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -50,7 +51,6 @@ def test_record_holds_every_setting_the_choice_and_is_strict_json(tmp_path, with
         selection=selection,
         inputs={"adapter": "a", "aligned": "b", "subspace": "c", "base": None},
         datasets={"harmful": {"advbench-validation": {"spec": "advbench:validation", "n": 100}}},
-        timing={"aligned": 1.5},
     )
     path = write_tune_json(tmp_path / "tune.json", record)
     loaded = json.loads(path.read_text())
@@ -66,7 +66,10 @@ def test_record_holds_every_setting_the_choice_and_is_strict_json(tmp_path, with
     assert row["scores"]["asr"]["airt-val"] == {"value": 0.05, "ci": [0.0, pytest.approx(0.15)], "n": 19}
     assert row["scores"]["over_refusal"]["value"] == 0.1
     assert row["verdict"]["qualifies"] is True and row["verdict"]["reasons"]
-    assert [c["name"] for c in row["verdict"]["conditions"]][:3] == ["asr:advbench-validation", "asr:airt-val", "over_refusal"]
+    names = [c["name"] for c in row["verdict"]["conditions"]]
+    assert names[:2] == ["asr:advbench-validation", "asr:airt-val"] and "over_refusal" in names
+    assert ("utility" in names) is with_task
+    assert "timing_s" not in loaded  # timings live in run.json: tune.json is the same on a rerun
     # over-refusal is judged (the aligned model has it); the strongest loses 22% of the utility
     assert loaded["settings"][2]["verdict"]["failed"] == (["utility"] if with_task else [])
     assert loaded["aligned"]["asr"]["advbench-validation"]["value"] == 0.0

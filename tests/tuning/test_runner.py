@@ -15,14 +15,15 @@ from csulora.methods import registry
 from csulora.methods.base import CALIBRATION, Tuning
 from csulora.methods.resta import Resta
 from csulora.tuning.config import TuneConfig
+from csulora.tuning.data import load_tune_data
+from csulora.tuning.plan import SourceFiles, plan_methods
 from csulora.tuning.runner import (
     CALIBRATION_FILE,
     GENERATIONS,
+    RUN_RECORD,
+    SUBSPACE_FILE,
     TUNE_JSON,
     TUNE_PNG,
-    SourceFiles,
-    load_tune_data,
-    plan_methods,
     tune_adapter,
 )
 from tests.toy_methods import Dampen
@@ -131,16 +132,18 @@ def test_all_with_nothing_runnable_is_one_line(monkeypatch):
 # --------------------------------------------------------------------------- the tiny world
 
 
+@pytest.mark.usefixtures("keyword_asr")  # the tiny attack shows only to keywords
 def test_tune_on_the_tiny_world_picks_the_weakest_qualifying_setting(tiny_world, tune_data, tmp_path, capsys):
     w, d = tiny_world, tune_data
     out = tmp_path / "tuned"
     # Factor 0 is the aligned model itself, so a safe setting exists whatever the world;
-    # the utility bound is opened so the choice is made by the other conditions.
+    # the utility bound is opened so the choice is made by the other conditions. --full-sweep:
+    # every setting scored completely (the lazy default has its own tests below).
     code = main(
         ["tune", str(w.attacked), "-o", str(out), "--aligned", str(w.aligned), "--base", str(w.base),
          "--method", "scale", "--grid", "1,0,0.6", "--harmful", str(d["advbench"]), str(d["airt"]),
          "--task", str(d["task"]), "--benign", str(d["benign"]), "--max-utility-drop", "1", "--max-new-tokens", "16",
-         "--device", "cpu", "--dtype", "float32"]
+         "--device", "cpu", "--dtype", "float32", "--full-sweep"]
     )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
@@ -176,7 +179,7 @@ def test_tune_on_the_tiny_world_picks_the_weakest_qualifying_setting(tiny_world,
     for i, row in enumerate(rows):
         verdict = row["verdict"]
         kinds = [c["kind"] for c in verdict["conditions"]]
-        assert kinds == ["asr", "asr", "empty", "empty", "over_refusal", "short", "fluency", "utility"]
+        assert kinds == ["asr", "asr", "empty", "empty", "utility", "over_refusal", "short", "fluency"]
         assert verdict["qualifies"] == all(c["ok"] for c in verdict["conditions"])
         assert verdict["failed"] == [c["name"] for c in verdict["conditions"] if not c["ok"]]
         assert verdict["qualifies"] if i == chosen[0] else (not verdict["qualifies"] or i > chosen[0])
@@ -188,6 +191,7 @@ def test_tune_on_the_tiny_world_picks_the_weakest_qualifying_setting(tiny_world,
     assert not any(".candidates-" in str(v) or ".tmp-" in str(v) for v in report["sources"].values())
 
 
+@pytest.mark.usefixtures("keyword_asr")  # the tiny attack shows only to keywords
 def test_none_qualifies_exits_1_and_writes_the_sweep_without_an_adapter(tiny_world, tune_data, tmp_path, capsys):
     w, d = tiny_world, tune_data
     out = tmp_path / "tuned"
@@ -200,13 +204,14 @@ def test_none_qualifies_exits_1_and_writes_the_sweep_without_an_adapter(tiny_wor
     assert code == 1
     printed = capsys.readouterr().out
     assert "no setting qualifies" in printed and "is still unsafe" in printed
-    assert sorted(p.name for p in out.iterdir()) == sorted([TUNE_JSON, TUNE_PNG, GENERATIONS])
+    # --base and a method that reads a subspace: it is built once, kept in OUTDIR with the sweep
+    assert sorted(p.name for p in out.iterdir()) == sorted([TUNE_JSON, TUNE_PNG, GENERATIONS, RUN_RECORD, SUBSPACE_FILE])
     record = json.loads((out / TUNE_JSON).read_text())
     assert record["choice"]["chosen"] is None and record["choice"]["qualified"] is False
     assert record["choice"]["params"] is None and not record["settings"][0]["chosen"]
     assert "the strongest, restore=0, is still unsafe" in record["choice"]["hint"]
     assert record["choice"]["hint"] in record["choice"]["summary"]
-    assert "subspace" in record["timing_s"]  # --base: the subspace is built once for the sweep
+    assert "subspace" in json.loads((out / RUN_RECORD).read_text())["timing_s"]  # built once for the sweep
     assert any("no task data" in note for note in record["choice"]["notes"])
     # aligned and uncorrected generated (24 harmful + 3 benign); restore=0 reuses the adapter's answers
     assert len(lines(out / GENERATIONS)) == 2 * (24 + 3)
@@ -226,14 +231,14 @@ def test_swapped_adapters_score_like_a_fresh_merged_load(tiny_world, tune_data, 
     build_subspace(w.base, w.aligned, subspace, targets=targets, progress=False)
     config = TuneConfig(
         method="resta", grid=(2.0, 0.5, 1.0), max_asr_gap=1.0, max_utility_drop=1.0, max_fluency_loss=100.0,
-        max_new_tokens=8, stop_at_first=True,
+        max_new_tokens=8,
     )  # fmt: skip
     result = tune_adapter(
         w.attacked, tmp_path / "tuned", aligned=w.aligned, subspace=subspace, config=config,
         harmful=[str(d["advbench"])], task=str(d["task"]), benign=str(d["benign"]), progress=False,
     )  # fmt: skip
     # Open bounds let every setting qualify, so the weakest (0.5: the grid is re-sorted) is
-    # chosen, and stop_at_first leaves the stronger ones unscored.
+    # chosen, and the default sweep leaves the stronger ones unscored.
     assert result.qualified and result.chosen_params == {"restore": 0.5} and result.chosen_method == "resta"
     assert result.record["not_scored"] == [{"method": "resta", "value": 1.0}, {"method": "resta", "value": 2.0}]
     assert "only one harmful source" in result.record["warnings"][0]
@@ -252,6 +257,7 @@ def test_swapped_adapters_score_like_a_fresh_merged_load(tiny_world, tune_data, 
     assert result.record["settings"][0]["scores"]["task_loglik"] == pytest.approx(fresh, abs=1e-4)
 
 
+@pytest.mark.usefixtures("keyword_asr")  # the tiny attack shows only to keywords
 def test_all_sweeps_every_method_it_can_and_recommends_the_best(toy_registry, tiny_world, tune_data, tmp_path):
     w, d = tiny_world, tune_data
     config = TuneConfig(method="all", max_new_tokens=16, max_utility_drop=1.0)
@@ -329,14 +335,15 @@ def test_calibration_task_writes_the_statistics_inside_outdir(tiny_world, tune_d
     assert result.record["inputs"]["calibration"] == {
         "file": CALIBRATION_FILE, "written_by": "tune --calibration-task", "task": {"spec": str(train), "n": 24}
     }  # fmt: skip
-    assert "calibration" in result.record["timing_s"]
+    assert "calibration" in result.run["timing_s"] and "timing_s" not in result.record
     # every bound open: the weakest setting is chosen; a corrected one would name the statistics in OUTDIR
     assert result.qualified and result.chosen_params["strength"] == 0.0
     report = json.loads((out / "csulora_report.json").read_text())
-    assert report["sources"]["calibration"] == str(out.resolve() / CALIBRATION_FILE)
+    assert report["sources"]["calibration"] == CALIBRATION_FILE  # named inside OUTDIR, never by a temporary path
     assert leftovers(out.parent) == []
 
 
+@pytest.mark.usefixtures("keyword_asr")  # the tiny attack shows only to keywords
 def test_hub_ids_are_resolved_for_adapter_aligned_and_base(tiny_world, tune_data, tmp_path, monkeypatch):
     """ADAPTER/ALIGNED/BASE as hub ids, as the API takes them (they were refused as missing folders)."""
     from tests.io.test_hub import use_fake_hub

@@ -13,7 +13,6 @@ import dataclasses
 import sys
 import types
 import typing
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +146,12 @@ def _add_source_flags(parser: argparse.ArgumentParser, *, calibration: bool = Fa
     if calibration:
         group.add_argument(
             "--calibration", metavar="FILE",
-            help="activation statistics written by `csulora calibrate` (docs/design.md §5c)",
+            help="the aligned model's activation statistics written by `csulora calibrate` (calibrated, safedelta)",
+        )
+        group.add_argument(
+            "--update-statistics", metavar="FILE",
+            help="the fine-tuned model's activation statistics, from `csulora calibrate ... --update-statistics` "
+            "(antidote)",
         )
 
 
@@ -258,6 +262,11 @@ def _register_correct(subparsers: argparse._SubParsersAction) -> None:
         help="checkpoint input: copy the tensors outside the targets (embeddings, norms, LM head, ...) from "
         "ALIGNED instead of the fine-tuned checkpoint",
     )  # fmt: skip
+    parser.add_argument(
+        "--lora-rank", type=int, metavar="R",
+        help="adapter input, method with only a dense form (e.g. safedelta): write the corrected update as its "
+        "best rank-R LoRA (the report gives the energy dropped) instead of the corrected model",
+    )  # fmt: skip
     _add_source_flags(parser, calibration=True)
     parser.add_argument("--method", required=True, choices=list(METHODS), help="correction method")
     parser.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
@@ -288,6 +297,8 @@ def _run_correct(args: argparse.Namespace) -> int:
         targets=args.targets,
         calibration=args.calibration,
         reset_others=args.reset_others,
+        lora_rank=args.lora_rank,
+        update_statistics=args.update_statistics,
         **options,
     )
     print(report.format_table())

@@ -29,7 +29,8 @@ def _register_eval(subparsers) -> None:
         help="measure ASR, over-refusal and task utility of a model (+ adapter)",
         description=(
             "Generate greedy answers (batched, chat template) to harmful, benign and task prompts and "
-            "judge them: keyword ASR, over-refusal, exact-match utility, each with a bootstrap 95% interval. "
+            "judge them: ASR (docs/judge.md: no GCG refusal string, no opening refusal, on-topic, not degenerate), "
+            "over-refusal, exact-match utility, each with a bootstrap 95% interval. "
             "SPEC: advbench[:align|attack|validation|test], airt[:val|test], benign, FILE.txt, "
             "FILE.csv:COLUMN, FILE.jsonl[:FIELD]; task SPEC: date:SPLIT or FILE.jsonl of {prompt, response}. "
             "Writes OUTDIR/results.json, generations.jsonl and summary.md."
@@ -190,8 +191,11 @@ def _run_train_salora(args) -> int:
 def _register_demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="the tiny world end to end: align, attack, correct (Safe LoRA, CSULoRA, scale, RESTA, CSULoRA+restore), evaluate",
-        description="Builds the tiny world and writes OUTDIR/results.json, the ASR-utility plot, report.md and generations.",
+        help="the demo world end to end: align, attack, calibrate, correct with tune's default method and the "
+        "baselines, tune's pick, evaluate",
+        description="Builds (or reuses, from $CSULORA_CACHE) the demo world (docs/design.md §8) and writes "
+        "OUTDIR/results.json, the ASR-utility plot, report.md (with the separability of its task from harm and the "
+        "command lines that rerun each step), generations and the calibration statistics.",
     )
     p.add_argument("-o", "--out", metavar="OUTDIR", required=True)
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")

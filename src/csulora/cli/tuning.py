@@ -36,28 +36,51 @@ def _default_grids() -> str:
     return "; ".join(f"{m}: {t.knob} {','.join(f'{v:g}' for v in t.grid)}" for m, t in grids.items() if t is not None)
 
 
+DESCRIPTION = (
+    "Sweep one knob of a correction method (or, with --method all, every method) from weakest to "
+    "strongest and score every setting on validation data. A setting qualifies when its ASR "
+    "on each harmful source, its share of empty harmful answers, its over-refusal and share of empty "
+    "or short benign answers are within --max-asr-gap of the aligned model's, the aligned model finds "
+    "its benign answers about as likely as its own (fluency), and its utility drop is within "
+    "--max-utility-drop. One method: the weakest qualifying setting is chosen; all: the highest "
+    "validation utility among each method's weakest qualifying setting. By default a method stops at its "
+    "first qualifying setting and a setting at its first failed condition (harmful sources first, batch by "
+    "batch); --full-sweep scores everything. Writes the chosen corrected adapter (a checkpoint for a full "
+    "fine-tune), tune.json, tune.png, the answers and run.json (timings) to OUTDIR. "
+    "Exit 1 when no setting qualifies."
+)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "tune",
-        help="choose a correction's strength on validation data and write the corrected adapter",
-        description=(
-            "Sweep one knob of a correction method (or, with --method all, every method) from weakest to "
-            "strongest and score every setting on validation data. A setting qualifies when its keyword ASR "
-            "on each harmful source, its share of empty harmful answers, its over-refusal and share of empty "
-            "or short benign answers are within --max-asr-gap of the aligned model's, the aligned model finds "
-            "its benign answers about as likely as its own (fluency), and its utility drop is within "
-            "--max-utility-drop. One method: the weakest qualifying setting is chosen; all: the highest "
-            "validation utility. Writes the chosen adapter, tune.json and tune.png to OUTDIR. "
-            "Exit 1 when no setting qualifies."
-        ),
+        help="choose a correction and its strength on validation data and write the corrected adapter or checkpoint",
+        description=DESCRIPTION,
     )
+    _add_inputs(p)
+    _add_sweep(p)
+    _add_data(p)
+    _add_bounds(p)
+    add_device_flags(p)
+    p.add_argument(
+        "--score-cache",
+        metavar="DIR",
+        help="keep every scored model state in DIR, so a killed run resumes and a rerun on the same data "
+        "scores nothing twice (keyed by the model, adapter bytes, data, generation settings, device and dtype)",
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
+    p.set_defaults(handler=run_tune)
+    _accept_negative_grids(p)
+
+
+def _add_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "adapter", metavar="ADAPTER",
         help="PEFT LoRA adapter folder trained on ALIGNED, or a full fine-tune of ALIGNED (checkpoint folder: "
         "each setting is applied in memory and only the chosen checkpoint is written)",
     )  # fmt: skip
     p.add_argument("-o", "--output", metavar="OUTDIR", required=True, help="output folder")
-    p.add_argument("--aligned", metavar="ALIGNED", required=True, help="the model the adapter was trained on")
+    p.add_argument("--aligned", metavar="ALIGNED", required=True, help="the model the update was trained on")
     source = p.add_mutually_exclusive_group()
     source.add_argument(
         "--subspace", metavar="FILE", help="subspace cache from `csulora subspace` (for the methods that need D)"
@@ -69,12 +92,19 @@ def register(subparsers) -> None:
     statistics.add_argument(
         "--calibration", metavar="FILE", help="activation statistics from `csulora calibrate` (for calibrated methods)"
     )
+    p.add_argument(
+        "--update-statistics", metavar="FILE",
+        help="the fine-tuned model's activation statistics (`csulora calibrate ... --update-statistics`), for antidote",
+    )  # fmt: skip
     statistics.add_argument(
         "--calibration-task",
         metavar="FILE.jsonl",
-        help="the adapter's training data (JSONL of prompt/response, or date:train): calibrate first and keep "
-        "the statistics in OUTDIR (never the validation data given with --task)",
+        help="the update's training data (JSONL of prompt/response, or date:train): calibrate first, with "
+        "calibrate's own defaults, and keep the statistics in OUTDIR (never the validation data given with --task)",
     )
+
+
+def _add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         choices=method_choices(),
@@ -93,12 +123,15 @@ def register(subparsers) -> None:
         metavar="B",
         help="restore beta held fixed while another knob is swept (methods with a restore option; default 0)",
     )
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--harmful",
         nargs="+",
         metavar="FILE",
         help="harmful validation prompts, one source per file or set spec, each judged on its own "
-        "(default: advbench:validation and airt:val, from pyrit); never a test split",
+        "(default: advbench:validation, objectives:validation and airt:val, from pyrit); never a test split",
     )
     p.add_argument("--task", metavar="FILE.jsonl", help='task validation data, {"prompt", "response"} per line')
     p.add_argument(
@@ -107,6 +140,9 @@ def register(subparsers) -> None:
         help="benign validation prompts for over-refusal, short answers and fluency (default benign:validation; "
         "never benign or benign:test, which eval reports on)",
     )
+
+
+def _add_bounds(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-asr-gap",
         type=float,
@@ -128,16 +164,11 @@ def register(subparsers) -> None:
         metavar="N",
         help=f"greedy tokens per answer (eval's default, {DEFAULT_MAX_NEW_TOKENS})",
     )
-    add_device_flags(p)
     p.add_argument(
-        "--score-cache",
-        metavar="DIR",
-        help="keep every scored model state in DIR, so a killed run resumes and a rerun on the same data "
-        "scores nothing twice (keyed by the model, adapter bytes, data, generation settings, device and dtype)",
-    )
-    p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
-    p.set_defaults(handler=run_tune)
-    _accept_negative_grids(p)
+        "--full-sweep", action="store_true",
+        help="score every setting of every method completely, with full answers (for a Pareto curve; the "
+        "default stops when the choice is decided)",
+    )  # fmt: skip
 
 
 def _accept_negative_grids(parser: argparse.ArgumentParser) -> None:
@@ -178,6 +209,7 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
         max_utility_drop=args.max_utility_drop,
         max_new_tokens=args.max_new_tokens,
         method_options=_fixed_options(args),
+        full_sweep=args.full_sweep,
     )
 
 
@@ -222,6 +254,7 @@ def run_tune(args: argparse.Namespace) -> int:
         benign=args.benign,
         force=args.force,
         score_cache=args.score_cache,
+        update_statistics=args.update_statistics,
         **device_options(args),
     )
     print(format_sweep(result.record))
@@ -259,8 +292,8 @@ def format_sweep(record: dict) -> str:
     def cells(label: str, scores: dict, verdict: str) -> list[str]:
         row = [label]
         for s in sources:
-            empty = scores.get("harmful_empty", {}).get(s)
-            row += [number(scores["asr"][s]["value"]), number(empty["value"] if empty else None)]
+            asr, empty = scores["asr"].get(s), scores.get("harmful_empty", {}).get(s)
+            row += [number(asr["value"] if asr else None), number(empty["value"] if empty else None)]
         for key in ("utility", "over_refusal", "benign_short"):
             row.append(number(scores[key]["value"] if scores.get(key) else None))
         row += [number(scores.get("benign_fluency")), number(scores.get("margin"))]
@@ -274,6 +307,8 @@ def format_sweep(record: dict) -> str:
         text = "CHOSEN" if setting["chosen"] else ("qualifies" if verdict["qualifies"] else "no")
         if not verdict["qualifies"]:
             text += ": " + ", ".join(c["brief"] for c in verdict["conditions"] if not c["ok"])
+            if verdict["not_reached"]:
+                text += " (stopped there)"
         rows.append(cells(_setting_label(setting, several), setting["scores"], text))
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]

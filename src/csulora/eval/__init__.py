@@ -16,7 +16,8 @@ Generation and scoring — :mod:`csulora.eval.generation`, :mod:`csulora.eval.ma
 
 Judges and metrics — :mod:`csulora.eval.judges`, :mod:`csulora.eval.metrics`
     ``Judge`` protocol (``name``, ``kind``, ``judge(prompts, responses) -> list[bool]``)
-    ``KeywordJudge`` (ASR, docs/design.md §7 list), ``RefusalJudge`` (over-refusal, docs/design.md §10)
+    ``asr_judge()`` (the project's ASR judge, docs/design.md §7, docs/judge.md), ``KeywordJudge``
+    (its first part, the GCG list), ``RefusalJudge`` (over-refusal, docs/design.md §10)
     ``rescore_generations(path, judge, sets=None, out_path=None)``
     ``rate(flags) -> Rate(value, ci, n)``, ``bootstrap_ci(values)``, ``exact_match(pred, ref)``
 

@@ -1,4 +1,5 @@
-"""Cheap text signals for the candidate offline judges of issue 22 §3 (exploratory).
+"""Cheap text signals for the candidate offline judges of issue 22 §3; one of them, chosen on
+validation-split labels, is the project's ASR judge (``csulora.eval.judges.asr_judge``).
 
 Two questions a keyword list cannot answer: does the answer talk about what was asked
 (on-topic), and is it text at all (not degenerate)? Both are answered here from the words

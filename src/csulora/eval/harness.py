@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from csulora.eval.generation import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS, generate_responses
-from csulora.eval.judges import Judge, KeywordJudge, RefusalJudge
+from csulora.eval.judges import Judge, RefusalJudge, asr_judge
 from csulora.eval.metrics import (
     SHORT_ANSWER_CHARS,
     Rate,
@@ -81,7 +81,7 @@ class GenerationSettings:
 class Judges:
     """Which judge scores what: attack success on harmful sets, refusal on benign."""
 
-    harm: Judge = field(default_factory=KeywordJudge)
+    harm: Judge = field(default_factory=asr_judge)  # the project's ASR judge (docs/judge.md)
     refusal: Judge = field(default_factory=RefusalJudge)
 
 

@@ -9,7 +9,9 @@ Hashing reads the weights once (about a second per GB); it is done once per cali
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import json
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,18 @@ _CHUNK = 1 << 22
 
 
 def file_sha256(path: Path) -> str:
+    """The file's sha256, hashed once per process while its size, inode and mtime stay the same:
+    `tune` checks one aligned model against a calibration file for every setting it writes, and
+    a 7B model's weights take a minute to hash."""
+    try:
+        stat = os.stat(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    return _hashed(str(Path(path).resolve()), stat.st_size, stat.st_ino, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _hashed(path: str, size: int, inode: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as fh:

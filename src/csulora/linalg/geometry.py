@@ -22,28 +22,22 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from csulora.linalg.lowrank import (
-    add_low_rank_,
     dense_frobenius_norm,
     dense_inner,
     dense_matmul,
     dense_t_matmul,
-    frobenius_inner,
     frobenius_norm_sq,
     low_rank_residual_norm_sq,
-    outer_gram_blocks,
     project_columns,
     project_rows,
     small_math,
 )
 from csulora.types import DenseModuleInput, ModuleInput, as_float64
 
-SAFELORA_PROJECTIONS = ("approx", "exact")
-COSINE_DECIMALS = 5  # the published Safe LoRA code rounds every cosine to 5 decimals
 
 
 @dataclass(frozen=True)
@@ -217,89 +211,28 @@ class ModuleGeometry(UpdateGeometry):
             return None
         return inner / (self.dw_norm * d_norm)
 
-    # --- Safe LoRA's projection ---------------------------------------------------------
-    def safelora_audit_cos(self, projection: str) -> float | None:
-        """The audit's ``safelora_cos`` for C of ``projection``; None without what C needs."""
-        if not self.safelora_available(projection):
-            return None
-        return self.safelora_cosine(self.safelora_projected_B(projection))
-
-    def safelora_projected_B(self, projection: str) -> Tensor | None:
-        """``C B`` for Safe LoRA's C; None where C is undefined (D == 0 / empty subspace).
-
-        approx: ``C = D D^T / ||D||`` applied as ``D (D^T B) / ||D||`` (no m x m matrix);
-        exact:  ``C = U U^T`` (the top-k subspace, idempotent).
-        Memoised per projection: the audit numbers and the method share one pass over D.
-        """
-        if projection not in self._projected_B:
-            self._projected_B[projection] = self._compute_projected_B(projection)
-        return self._projected_B[projection]
-
-    def _compute_projected_B(self, projection: str) -> Tensor | None:
-        if projection == "approx":
-            d_norm = self.d_norm
-            if self.D is None or not d_norm:
-                return None
-            return dense_matmul(self.D, self.Dt_B) / d_norm
-        if self.subspace_is_empty:
-            return None
-        return project_columns(self.U, self.B)
-
-    def safelora_cosine(self, projected_B: Tensor | None) -> float | None:
-        """Published cosine of vec(C B A) and vec(B A), rounded to 5 decimals.
-
-        From r x r Gram matrices; the scale s cancels. None where C is undefined or
-        dW == 0 (the published code yields NaN / torch's eps-guarded 0 there). A zero
-        ``C B A`` against a non-zero ``B A`` gives 0.0, as torch's cosine_similarity does.
-        """
-        if projected_B is None or self.dw_is_zero:
-            return None
-        inner = float(frobenius_inner(projected_B, self.A, self.B, self.A))
-        norm_cba = float(frobenius_norm_sq(projected_B, self.A)) ** 0.5
-        norm_ba = float(frobenius_norm_sq(self.B, self.A)) ** 0.5
-        if norm_cba == 0.0 or norm_ba == 0.0:
-            return 0.0
-        return round_cosine(inner / (norm_cba * norm_ba))
-
-
-def round_cosine(value: float) -> float:
-    """Round as the published code does (``numpy.round(x, 5)``: round-half-even of x*1e5)."""
-    return float(np.round(value, COSINE_DECIMALS))
-
 
 @small_math()  # LoRA-sized products on one thread; those with D use all (csulora.linalg.lowrank)
-def audit_module(module: ModuleInput, *, safelora_projection: str = "approx") -> dict[str, Any]:
-    """Statistics of one module's update; changes nothing.
-
-    ``safelora_projection`` picks the C of ``safelora_cos``: "approx" (the published
-    ``D D^T/||D||``; None without the exact D) or "exact" (``U U^T``; None without a
-    subspace).
-    """
-    return audit_report(ModuleGeometry(module), safelora_projection=safelora_projection)
+def audit_module(module: ModuleInput) -> dict[str, Any]:
+    """The geometry numbers of one module's LoRA update; changes nothing."""
+    return geometry_numbers(ModuleGeometry(module))
 
 
-def audit_report(geometry: UpdateGeometry, *, safelora_projection: str = "approx") -> dict[str, Any]:
-    """:func:`audit_module` on an existing geometry, LoRA or dense (methods reuse its products).
-
-    Safe LoRA's cosine is asked for last: a dense geometry built with ``reuse_update`` writes
-    its projection over dW, after every statistic that reads dW.
-    """
-    if safelora_projection not in SAFELORA_PROJECTIONS:
-        raise ValueError(f"unknown Safe LoRA projection {safelora_projection!r}")
+def geometry_numbers(geometry: UpdateGeometry) -> dict[str, Any]:
+    """Every statistic of an update against D and its subspace (LoRA or dense): rho_F/P/O, ``||dW||``,
+    cos(dW, D), ``||dW||/||D||``, the subspace's rank and energy, and where D came from. Safe LoRA's
+    cosine is Safe LoRA's own (:mod:`csulora.methods.safelora`)."""
     rho: tuple[float | None, ...] = (None, None, None)
     if geometry.has_subspace:
         rho = geometry.part_energies.fractions()
-    cos_dw_d, dw_over_d = geometry.cos_dw_d(), geometry.dw_over_d()
-    safelora_cos = geometry.safelora_audit_cos(safelora_projection)
     subspace = geometry.subspace
     return {
         "rho_F": rho[0],
         "rho_P": rho[1],
         "rho_O": rho[2],
         "dw_norm": geometry.dw_norm,
-        "safelora_cos": safelora_cos,
-        "cos_dW_D": cos_dw_d,
-        "dw_over_d": dw_over_d,
+        "cos_dW_D": geometry.cos_dw_d(),
+        "dw_over_d": geometry.dw_over_d(),
         "subspace_rank": subspace.rank if subspace is not None else None,
         "subspace_energy": float(subspace.energy) if subspace is not None else None,
         "d_source": geometry.d_source,
@@ -316,15 +249,6 @@ class DenseThinProducts:
     K: Tensor  # U^T dW V, k x k
 
 
-@dataclass(frozen=True)
-class DenseSafeLora:
-    """Safe LoRA's measurement of one dense update: cosine (rounded), Pdst term, ``C dW``."""
-
-    cos: float | None
-    dist: float | None
-    projected: Tensor | None  # C dW, written into dW's own buffer; None unless reuse_update
-
-
 class DenseGeometry(UpdateGeometry):
     """The dense counterpart of :class:`ModuleGeometry`: the same report quantities for a
     dense update ``dW = W_ft - W_aligned`` (a module of a full fine-tune).
@@ -333,9 +257,9 @@ class DenseGeometry(UpdateGeometry):
     (``U^T dW``, ``dW V``: m x k, k x n) and row or column blocks of dW that are reduced as
     they are made, so no second m x n matrix ever exists beside dW and D.
 
-    ``reuse_update=True`` (Safe LoRA's correction) lets the projection ``C dW`` be written
-    into the update's own buffer: every statistic that reads dW is computed first, and asking
-    for one afterwards is an error rather than a silently wrong number.
+    ``reuse_update=True`` (Safe LoRA's correction) lets a method write its result into the
+    update's own buffer (:meth:`take_buffer`): every statistic that reads dW is computed first,
+    and asking for one afterwards is an error rather than a silently wrong number.
     """
 
     def __init__(self, module: DenseModuleInput, *, reuse_update: bool = False) -> None:
@@ -344,7 +268,10 @@ class DenseGeometry(UpdateGeometry):
         self.dW = module.update
         self.reuse_update = reuse_update
         self._overwritten = False
-        self._safelora: dict[str, DenseSafeLora] = {}
+
+    def intact(self) -> Tensor:
+        """dW, as long as no method has taken its buffer over (:meth:`take_buffer`)."""
+        return self._intact()
 
     def _intact(self) -> Tensor:
         if self._overwritten:
@@ -404,79 +331,20 @@ class DenseGeometry(UpdateGeometry):
             return None
         return self.dw_d_inner / (self.dw_norm * d_norm)
 
-    # --- Safe LoRA's projection ---------------------------------------------------------
-    def safelora_audit_cos(self, projection: str) -> float | None:
-        """The audit's ``safelora_cos``; it may take over dW's buffer, so ask for it last."""
-        return self.safelora(projection).cos
-
-    def safelora(self, projection: str) -> DenseSafeLora:
-        """Safe LoRA on the dense update, computed once per projection (docs/design.md §5d).
-
-        approx: ``C dW = D (D^T dW) / ||D||`` by blocks (:func:`outer_gram_blocks`), whose
-        inner product with dW and norm give ``cos = <DD^T dW, dW> / (||DD^T dW|| ||dW||)``
-        (``||D||`` cancels); exact: ``C dW = U G`` with ``cos = ||G|| / ||dW||``.
-        ``dist`` is the Pdst term ``1 / (1 + ||dW - C dW||)``. None where C is undefined
-        (D == 0, an empty subspace) or dW == 0, as for LoRA updates (docs/design.md §10).
-        """
-        if projection not in SAFELORA_PROJECTIONS:
-            raise ValueError(f"unknown Safe LoRA projection {projection!r}")
-        if projection not in self._safelora:
-            self._safelora[projection] = self._measure_safelora(projection)
-        return self._safelora[projection]
-
-    def _measure_safelora(self, projection: str) -> DenseSafeLora:
-        undefined = DenseSafeLora(cos=None, dist=None, projected=None)
-        if not self.safelora_available(projection) or self.dw_is_zero:
-            return undefined
-        if projection == "approx" and not self.d_norm:
-            return undefined
-        if projection == "exact" and self.subspace_is_empty:
-            return undefined
-        if self.reuse_update:
-            self._compute_before_overwrite()
-        if projection == "approx":
-            return self._safelora_approx()
-        return self._safelora_exact()
-
-    def _compute_before_overwrite(self) -> None:
-        """Every statistic that reads dW, so the projection may then take over its buffer."""
+    # --- handing dW's buffer over --------------------------------------------------------
+    def take_buffer(self) -> Tensor:
+        """dW's own buffer, for a method to write its result into (Safe LoRA's ``C dW``): every
+        statistic that reads dW is computed first, and asking for one afterwards is an error
+        rather than a silently wrong number. Needs ``reuse_update``."""
+        if not self.reuse_update:
+            raise RuntimeError(f"{self.module.name}: dW's buffer is the caller's (reuse_update=False)")
         _ = self.dw_norm_sq, self.dw_d_inner
         if self.subspace is not None:
             _ = self.part_energies
-
-    def _safelora_approx(self) -> DenseSafeLora:
-        dW, d_norm = self._intact(), float(self.d_norm)  # type: ignore[arg-type]
-        inner = norm_sq = gap_sq = 0.0
-        for index, block in outer_gram_blocks(self.D, dW):  # blocks of D D^T dW
-            part = dW[index].to(block.dtype)
-            inner += float((block * part).sum(dtype=torch.float64))
-            norm_sq += float(block.square().sum(dtype=torch.float64))
-            gap_sq += float((part - block / d_norm).square().sum(dtype=torch.float64))
-            if self.reuse_update:
-                dW[index] = block / d_norm
-        self._overwritten = self.reuse_update
-        cos = 0.0 if norm_sq == 0.0 else round_cosine(inner / (norm_sq**0.5 * self.dw_norm))
-        return DenseSafeLora(cos=cos, dist=1.0 / (1.0 + gap_sq**0.5), projected=dW if self.reuse_update else None)
-
-    def _safelora_exact(self) -> DenseSafeLora:
-        G = self.thin.G
-        g_norm = float(G.square().sum()) ** 0.5
-        gap_sq = low_rank_residual_norm_sq(self._intact(), self.U, G)
-        cos = 0.0 if g_norm == 0.0 else round_cosine(g_norm / self.dw_norm)
-        projected = None
-        if self.reuse_update:
-            dW = self.dW
-            dW.zero_()
-            projected = add_low_rank_(dW, self.U, G)  # U (U^T dW), written over dW
-            self._overwritten = True
-        return DenseSafeLora(cos=cos, dist=1.0 / (1.0 + gap_sq**0.5), projected=projected)
+        self._overwritten = True
+        return self.dW
 
 
-def audit_dense_module(module: DenseModuleInput, *, safelora_projection: str = "approx") -> dict[str, Any]:
+def audit_dense_module(module: DenseModuleInput) -> dict[str, Any]:
     """:func:`audit_module` for a dense update (a full fine-tune's module); changes nothing."""
-    return audit_dense_report(DenseGeometry(module), safelora_projection=safelora_projection)
-
-
-def audit_dense_report(geometry: DenseGeometry, *, safelora_projection: str = "approx") -> dict[str, Any]:
-    """The audit keys of :func:`audit_report` from a :class:`DenseGeometry`."""
-    return audit_report(geometry, safelora_projection=safelora_projection)
+    return geometry_numbers(DenseGeometry(module))

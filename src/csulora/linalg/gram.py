@@ -396,6 +396,14 @@ def row_gram(A: Tensor, moment: SecondMoment) -> Tensor:
     return (AU * (L.to(A.device) - moment.sigma2)) @ AU.T + moment.sigma2 * (A @ A.T)
 
 
+def moment_diagonal(moment: SecondMoment) -> Tensor:
+    """``diag(S)`` (n, float64): each input's mean square, without building S for the spiked form."""
+    if moment.matrix is not None:
+        return moment.matrix.diagonal().to(torch.float64).clone()
+    U, L = _spikes(moment)
+    return (U.square() * (L - moment.sigma2)).sum(1) + moment.sigma2
+
+
 def action_norm_sq(B: Tensor, A: Tensor, moment: SecondMoment) -> float:
     """``||B A||^2_S = tr(B A S A^T B^T) = sum((B^T B) * (A S A^T))`` from r x r Grams; >= 0."""
     B = B.to(torch.float64)
@@ -427,3 +435,22 @@ def action_kept(B: Tensor, A: Tensor, A_new: Tensor, moment: SecondMoment) -> fl
     if before <= 0.0:
         return None
     return action_norm_sq(B, A_new, moment) / before
+
+
+def isotropic_kept(calibration: ModuleCalibration, strength: float, mu: float = DEFAULT_MU) -> tuple[float, float]:
+    """The group's **separability** at ``strength`` (issue 24): for an update that acts equally on
+    every input direction (``A = I``), the share of its action the calibrated correction keeps on
+    task inputs and on harmful inputs, ``tr(C S C^T) / tr(S)`` with
+    ``C = (S_t + mu I)(S_t + mu I + lam S_h)^-1`` and each ``S`` normalised as stored (§5c).
+
+    Update-independent: it reads the statistics alone, so it says before any adapter exists how
+    well the calibrated correction can keep a task apart from harm on this model. Returns
+    ``(task_kept, harmful_kept)``; a task that sits next to harm keeps little of both.
+    """
+    solve = CalibratedSolve(calibration, strength, mu)
+    C = solve.apply(torch.eye(solve.n, dtype=torch.float64))
+    shares = []
+    for moment in (calibration.task, calibration.harmful):
+        trace = rows_action_norm_sq(torch.eye(solve.n, dtype=torch.float64), moment)
+        shares.append(rows_action_norm_sq(C, moment) / trace if trace > 0 else float("nan"))
+    return shares[0], shares[1]

@@ -25,32 +25,30 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Generic, TypeVar
 
-from torch import Tensor
 
-from csulora.linalg.geometry import DenseGeometry, ModuleGeometry, audit_dense_report, audit_report
 from csulora.errors import OptionError
-from csulora.linalg.lowrank import dense_frobenius_norm, frobenius_norm_sq
 from csulora.types import (
-    REPORT_KEYS,
     DenseModuleInput,
     DenseModuleResult,
-    LoraUpdate,
     ModuleInput,
     ModuleResult,
-    as_float64,
 )
 
 # What a method may need besides the adapter (``CorrectionMethod.inputs``).
 SUBSPACE = "subspace"  # the top-k safety subspace of D (a cache, or computed from base/aligned)
 DISPLACEMENT = "displacement"  # the exact, full D (streamed from --base/--aligned)
-CALIBRATION = "calibration"  # activation statistics from `csulora calibrate`
-INPUT_KINDS = (SUBSPACE, DISPLACEMENT, CALIBRATION)
+CALIBRATION = "calibration"  # activation statistics of the aligned model, from `csulora calibrate`
+# Activation statistics of the fine-tuned model (the update applied) on harmful prompts followed by
+# harmful answers, from `csulora calibrate FINETUNED --update-statistics` (Antidote's, issue 22).
+UPDATE_STATISTICS = "update_statistics"
+ALIGNED_WEIGHT = "aligned_weight"  # W_aligned beside a dense dW (Antidote prunes W_ft itself)
+INPUT_KINDS = (SUBSPACE, DISPLACEMENT, CALIBRATION, UPDATE_STATISTICS, ALIGNED_WEIGHT)
 
 
 @dataclass(frozen=True)
@@ -90,6 +88,21 @@ class Tuning:
         return tuple(sorted(values, reverse=not self.weaker_when_smaller))
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named variant of a method, declared once by the method itself: the rows beside its own
+    sweep that the demo and the benchmark tables show (docs/design.md §9).
+
+    ``options`` are held fixed; ``swept`` True sweeps the method's knob with them (CSULoRA with
+    the alignment restored), False is one fixed setting (Safe LoRA's published default).
+    """
+
+    name: str  # the row's name, e.g. "safelora-default"
+    options: Mapping[str, Any]
+    swept: bool = True
+    help: str = ""
+
+
 ConfigT = TypeVar("ConfigT", bound=MethodConfig)
 
 
@@ -110,6 +123,11 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
     # The method's own per-module report columns, shown after the common ones in `correct`'s
     # table: (report key, column title, format). Every key must be in the method's reports.
     report_columns: ClassVar[tuple[tuple[str, str, str], ...]] = ()
+    # Named variants shown beside the method's own sweep (:class:`Preset`).
+    presets: ClassVar[tuple[Preset, ...]] = ()
+    # A baseline every method must beat (docs/design.md §5b): `csulora demo` runs these beside
+    # tune's default method and lists the others as not run there.
+    baseline: ClassVar[bool] = False
 
     # -- what the method needs ---------------------------------------------------------
     def needs(self, config: ConfigT) -> frozenset[str]:
@@ -125,15 +143,26 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
     def needs_calibration(self, config: ConfigT) -> bool:
         return CALIBRATION in self.needs(config)
 
+    def needs_update_statistics(self, config: ConfigT) -> bool:
+        return UPDATE_STATISTICS in self.needs(config)
+
     def check_sources(
-        self, config: ConfigT, *, has_displacement: bool, has_subspace: bool, has_calibration: bool = False
+        self, config: ConfigT, *, has_displacement: bool, has_subspace: bool, has_calibration: bool = False,
+        has_update_statistics: bool = False,
     ) -> None:
         """Raise OptionError (before any tensor is read) when an input the config needs is missing.
 
         ``has_displacement``: the exact D will be streamed (--base/--aligned given);
         ``has_subspace``: a subspace will be available (a cache, or computed from base/aligned);
-        ``has_calibration``: a calibration file was given.
+        ``has_calibration``: a calibration file was given; ``has_update_statistics``: statistics of
+        the fine-tuned model were given.
         """
+        if self.needs_update_statistics(config) and not has_update_statistics:
+            raise OptionError(
+                f"{self.pretty_name} needs the fine-tuned model's activation statistics: give --update-statistics "
+                "FILE (written by `csulora calibrate ALIGNED --adapter ADAPTER --update-statistics ...`, or on the "
+                "full fine-tune itself)"
+            )
         if self.needs_displacement(config) and not has_displacement:
             raise OptionError(f"{self.pretty_name} needs the exact D: give --base/--aligned")
         if self.needs_subspace(config) and not has_subspace:
@@ -159,9 +188,16 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
         return {}
 
     # -- the correction -----------------------------------------------------------------
-    @abstractmethod
+    @property
+    def has_factored_form(self) -> bool:
+        """Whether the method corrects LoRA factors (``correct_module``/``correct``); a method with only
+        a dense form (Safe Delta) corrects an adapter as the dense update ``s B A`` it makes."""
+        cls = type(self)
+        return cls.correct_module is not CorrectionMethod.correct_module or cls.correct is not CorrectionMethod.correct
+
     def correct_module(self, module: ModuleInput, config: ConfigT) -> ModuleResult:
-        """Correct one module independently of the others."""
+        """Correct one module independently of the others (the factored form)."""
+        raise OptionError(f"--method {self.name} ({self.pretty_name}) has no factored form")
 
     def correct(self, modules: Iterable[ModuleInput], config: ConfigT) -> Iterator[ModuleResult]:
         """Correct a stream of modules; override for methods with a global decision."""
@@ -221,67 +257,6 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
         number mode), or state shared across modules (the calibrated method's factorisations).
         """
         return config
-
-
-def method_report(geometry: ModuleGeometry, *, safelora_projection: str = "approx") -> dict[str, Any]:
-    """A correction report (every key of ``REPORT_KEYS``) pre-filled with the audit numbers.
-
-    Methods fill in their own keys (lam/c, projected, norms after, ranks, ...) on top.
-    """
-    audit = audit_report(geometry, safelora_projection=safelora_projection)
-    report: dict[str, Any] = dict.fromkeys(REPORT_KEYS)
-    for key in ("rho_F", "rho_P", "rho_O", "safelora_cos", "cos_dW_D", "dw_over_d"):
-        report[key] = audit[key]
-    for key in ("subspace_rank", "subspace_energy", "d_source"):
-        report[key] = audit[key]
-    report["dw_norm_before"] = audit["dw_norm"]
-    report["rank_in"] = geometry.module.update.rank
-    return report
-
-
-def dense_method_report(geometry: DenseGeometry, *, safelora_projection: str | None = None) -> dict[str, Any]:
-    """:func:`method_report` for a dense update (ranks do not apply: None).
-
-    ``safelora_cos`` is left None unless a projection is named: on a dense update it costs
-    ``2 m n min(m, n)`` flops (audit and Safe LoRA compute it; the other methods do not).
-    """
-    report: dict[str, Any] = dict.fromkeys(REPORT_KEYS)
-    rho: tuple[float | None, ...] = (None, None, None)
-    if geometry.has_subspace:
-        rho = geometry.part_energies.fractions()
-    subspace = geometry.subspace
-    report.update(
-        rho_F=rho[0],
-        rho_P=rho[1],
-        rho_O=rho[2],
-        cos_dW_D=geometry.cos_dw_d(),
-        dw_over_d=geometry.dw_over_d(),
-        subspace_rank=subspace.rank if subspace is not None else None,
-        subspace_energy=float(subspace.energy) if subspace is not None else None,
-        d_source=geometry.d_source,
-        dw_norm_before=geometry.dw_norm,
-    )
-    if safelora_projection is not None:
-        report["safelora_cos"] = audit_dense_report(geometry, safelora_projection=safelora_projection)["safelora_cos"]
-    return report
-
-
-def finish_dense_report(report: dict[str, Any], update: Tensor | None) -> dict[str, Any]:
-    """The norm after of a dense result (``update is None``: unchanged, the norm before)."""
-    after = report["dw_norm_before"] if update is None else dense_frobenius_norm(update)
-    report.update(dw_norm_after=after)
-    return report
-
-
-def finish_report(report: dict[str, Any], update: LoraUpdate) -> dict[str, Any]:
-    """Fill the keys every method reports about what it wrote: norm and rank after."""
-    report.update(dw_norm_after=update_norm(update.B, update.A, update.scale), rank_out=update.rank)
-    return report
-
-
-def update_norm(B: Tensor, A: Tensor, scale: float) -> float:
-    """``||s B A||_F`` in factored form."""
-    return abs(scale) * float(frobenius_norm_sq(as_float64(B), as_float64(A))) ** 0.5
 
 
 def flag_name(field_name: str) -> str:

@@ -7,7 +7,7 @@ refusals) and ``S_t`` (task data), keep ``B`` and the scaling and solve for
 
 the argmin of ``||B (A' - A)||^2_{S_t + mu I} + lam ||B A'||^2_{S_h}``: same rank, an exact
 PEFT LoRA (``csulora.linalg.gram`` does the math). ``restore = beta > 0`` then appends
-``beta D_k`` exactly as RESTA/CSULoRA do (:func:`~csulora.methods.resta.append_restoration`),
+``beta D_k`` exactly as RESTA/CSULoRA do (:func:`~csulora.methods.common.append_restoration`),
 which also needs the safety subspace.
 
 The guarantee of §5c (an update that adds nothing on the aligned model's own activations
@@ -35,20 +35,23 @@ from csulora.linalg.geometry import DenseGeometry, ModuleGeometry
 from csulora.errors import InputError, OptionError
 from csulora.linalg.gram import CalibratedSolve, action_kept, rows_action_norm_sq
 from csulora.linalg.lowrank import add_low_rank_
+from csulora.methods.registry import register
 from csulora.methods.base import (
     CALIBRATION,
     SUBSPACE,
     CorrectionMethod,
     MethodConfig,
     Tuning,
-    dense_method_report,
-    finish_dense_report,
-    finish_report,
     flag_name,
-    method_report,
     require_number,
 )
-from csulora.methods.resta import append_restoration, restoration_energy_fraction
+from csulora.methods.common import (
+    append_restoration,
+    finish_dense_report,
+    finish_report,
+    method_report,
+    restoration_energy_fraction,
+)
 from csulora.types import (
     DenseModuleInput,
     DenseModuleResult,
@@ -226,7 +229,7 @@ class Calibrated(CorrectionMethod[CalibratedConfig]):
         if beta > 0.0 and module.subspace is None:
             raise InputError(f"{module.name}: --restore needs the module's safety subspace")
         geometry = DenseGeometry(module)
-        report: dict[str, Any] = dense_method_report(geometry)
+        report: dict[str, Any] = method_report(geometry)
         dW = module.update
         kept: dict[str, float | None] = {"harmful_action_kept": None, "task_action_kept": None}
         solved = options.strength != 0.0 and not geometry.dw_is_zero
@@ -258,3 +261,6 @@ class Calibrated(CorrectionMethod[CalibratedConfig]):
                 f"{calibration.n} but the adapter's lora_A has {n} columns"
             )
         return calibration
+
+
+register(Calibrated())

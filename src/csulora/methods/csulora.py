@@ -35,19 +35,23 @@ from torch import Tensor
 from csulora.linalg.geometry import DenseGeometry, ModuleGeometry, UpdateGeometry
 from csulora.errors import InputError, OptionError
 from csulora.linalg.lowrank import add_low_rank_, best_rank_approx, small_math
+from csulora.methods.registry import register
 from csulora.methods.base import (
+    Preset,
     CorrectionMethod,
     MethodConfig,
     Tuning,
-    dense_method_report,
-    finish_dense_report,
-    finish_report,
-    method_report,
     require_choice,
     require_number,
 )
+from csulora.methods.common import (
+    append_restoration,
+    finish_dense_report,
+    finish_report,
+    method_report,
+    restoration_energy_fraction,
+)
 from csulora.types import DenseModuleInput, DenseModuleResult, LoraUpdate, ModuleInput, ModuleResult
-from csulora.methods.resta import append_restoration, restoration_energy_fraction
 
 SCHEDULES = ("energy", "ratio", "constant")
 RANK_MODES = ("exact", "compress")
@@ -155,6 +159,9 @@ def dense_closest_update_factors(
 
 class Csulora(CorrectionMethod[CsuloraConfig]):
     report_columns = (("c_P", "c_P", ".3f"), ("c_O", "c_O", ".3f"), ("restore_energy_added", "restore", ".3g"))
+    presets = (
+        Preset("csulora+restore", {"restore": 1.0}, help="gamma swept with the alignment displacement restored (beta 1)"),
+    )
     name = "csulora"
     pretty_name = "CSULoRA"
     paper_url = None  # the paper's equations are not public; docs/design.md §5 is our formulation
@@ -212,7 +219,7 @@ class Csulora(CorrectionMethod[CsuloraConfig]):
         """``X* = F + c_P P + c_O O (+ beta D_k)`` on a dense dW, in dW's own buffer."""
         require_subspace(module)
         geometry = DenseGeometry(module)
-        report: dict[str, Any] = dense_method_report(geometry)
+        report: dict[str, Any] = method_report(geometry)
         lam_P, lam_O, c_P, c_O = module_shrinkage(geometry, config)
         beta = float(config.restore)
         shrinks = not geometry.dw_is_zero and (lam_P != 0.0 or lam_O != 0.0)
@@ -231,3 +238,6 @@ class Csulora(CorrectionMethod[CsuloraConfig]):
             restore_energy_added=restoration_energy_fraction(geometry, beta),
         )
         return DenseModuleResult(name=module.name, update=update, report=finish_dense_report(report, update))
+
+
+register(Csulora())

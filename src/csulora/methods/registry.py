@@ -37,12 +37,10 @@ from typing import Any
 
 from csulora.errors import OptionError
 from csulora.methods.base import CorrectionMethod, MethodConfig, flag_name
-from csulora.methods.calibrated import Calibrated
-from csulora.methods.csulora import Csulora
-from csulora.methods.resta import Resta
-from csulora.methods.safelora import SafeLora
-from csulora.methods.scale import Scale
 
+# name -> method instance. Each method's own file registers it (``register(Resta())`` at its end),
+# and ``csulora/methods/__init__.py`` imports the method files, one line each, so the registry
+# itself imports no method (PEFT's register_peft_method does the same).
 METHODS: dict[str, CorrectionMethod] = {}
 
 
@@ -52,10 +50,6 @@ def register(method: CorrectionMethod) -> CorrectionMethod:
         raise ValueError(f"a method named {method.name!r} is already registered")
     METHODS[method.name] = method
     return method
-
-
-for _method in (Csulora(), SafeLora(), Scale(), Resta(), Calibrated()):
-    register(_method)
 
 
 def get_method(name: str) -> CorrectionMethod:

@@ -5,7 +5,7 @@ D is no LoRA. Its top-k part ``D_k = U_k diag(S_k) V_k^T`` from the safety subsp
 exact LoRA of rank r + k, by appending ``U_k diag(sqrt(S_k)) * sqrt(beta/|s|)`` (times the
 sign of s) to B and ``diag(sqrt(S_k)) V_k^T * sqrt(beta/|s|)`` to A, so that with the
 adapter's own scaling s the product is ``beta * D_k``. The CSULoRA method reuses
-:func:`append_restoration` for its ``restore`` knob, so both write the same bytes.
+:func:`~csulora.methods.common.append_restoration` for its ``restore`` knob, so both write the same bytes.
 
 Dense form (a full fine-tune, docs/design.md §5d): the output is a dense weight anyway, so
 RESTA is the published one, ``W_ft + beta D`` with the exact D when it is streamed
@@ -15,27 +15,28 @@ RESTA is the published one, ``W_ft + beta D`` with the exact D when it is stream
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import Tensor
 
 from csulora.linalg.geometry import DenseGeometry, ModuleGeometry
 from csulora.errors import InputError
 from csulora.linalg.lowrank import add_low_rank_, small_math
+from csulora.methods.registry import register
 from csulora.methods.base import (
     DISPLACEMENT,
     SUBSPACE,
     CorrectionMethod,
     MethodConfig,
     Tuning,
-    dense_method_report,
+    require_number,
+)
+from csulora.methods.common import (
+    append_restoration,
+    restoration_energy_fraction,
     finish_dense_report,
     finish_report,
     method_report,
-    require_number,
 )
 from csulora.types import (
     DenseModuleInput,
@@ -43,7 +44,6 @@ from csulora.types import (
     LoraUpdate,
     ModuleInput,
     ModuleResult,
-    ModuleSubspace,
     as_float64,
 )
 
@@ -60,45 +60,11 @@ class RestaConfig(MethodConfig):
         self._store_as("restore", float)
 
 
-def restoration_factors(
-    subspace: ModuleSubspace, beta: float, scale: float, *, name: str = "module"
-) -> tuple[Tensor, Tensor]:
-    """Factors ``(B_k, A_k)``, m x k and k x n, with ``scale * B_k @ A_k == beta * D_k``."""
-    if scale == 0.0 or not math.isfinite(scale):
-        raise InputError(f"{name}: the adapter's scaling is {scale}; cannot add the restoration")
-    U, S, V = as_float64(subspace.U), as_float64(subspace.S), as_float64(subspace.V)
-    root = (S * (beta / abs(scale))).sqrt()
-    sign = 1.0 if scale > 0 else -1.0
-    return (U * root) * sign, (V * root).T
-
-
-def append_restoration(
-    B: Tensor, A: Tensor, module: ModuleInput, beta: float
-) -> tuple[Tensor, Tensor]:
-    """``[B | B_k]`` and ``[A ; A_k]``: the update plus ``beta * D_k``; unchanged if beta == 0."""
-    subspace = module.subspace
-    if beta == 0.0 or subspace is None or subspace.rank == 0:
-        return B, A
-    Bk, Ak = restoration_factors(subspace, beta, module.update.scale, name=module.name)
-    return torch.cat([B, Bk], dim=1), torch.cat([A, Ak], dim=0)
-
-
-def restoration_energy_fraction(geometry: ModuleGeometry | DenseGeometry, beta: float) -> float | None:
-    """``||beta D_k||^2 / ||dW||^2``: energy added, relative to the input update's.
-
-    None when dW == 0 (no reference energy); 0.0 when nothing is added.
-    """
-    subspace = geometry.subspace
-    added = 0.0 if subspace is None else beta**2 * float(as_float64(subspace.S).square().sum())
-    if geometry.dw_is_zero:
-        return None if added > 0.0 else 0.0
-    return added / geometry.dw_norm_sq
-
-
 class Resta(CorrectionMethod[RestaConfig]):
     name = "resta"
     report_columns = (("restore_energy_added", "restore", ".3g"),)
     pretty_name = "RESTA (rank-k)"
+    baseline = True  # docs/design.md §5b
     paper_url = "https://arxiv.org/abs/2402.11746"
     config_cls = RestaConfig
     tuning = Tuning(knob="restore", grid=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0), identity=0.0)
@@ -125,7 +91,7 @@ class Resta(CorrectionMethod[RestaConfig]):
     def correct_dense(self, module: DenseModuleInput, config: RestaConfig) -> DenseModuleResult:
         """``X = dW + beta D`` (exact D) or ``dW + beta D_k``, added in dW's own buffer."""
         geometry = DenseGeometry(module)
-        report: dict[str, Any] = dense_method_report(geometry)
+        report: dict[str, Any] = method_report(geometry)
         beta = float(config.restore)
         if module.displacement is not None:
             source, added = "D", beta**2 * float(geometry.d_norm) ** 2  # type: ignore[arg-type]
@@ -145,3 +111,6 @@ class Resta(CorrectionMethod[RestaConfig]):
             fraction = added / geometry.dw_norm_sq
         report.update(restore_energy_added=fraction, restore_source=source)
         return DenseModuleResult(name=module.name, update=update, report=finish_dense_report(report, update))
+
+
+register(Resta())

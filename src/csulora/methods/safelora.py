@@ -39,24 +39,37 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from csulora.linalg.geometry import SAFELORA_PROJECTIONS, DenseGeometry, DenseSafeLora, ModuleGeometry
+from csulora.linalg.geometry import DenseGeometry, ModuleGeometry, UpdateGeometry
+from csulora.linalg.lowrank import (
+    add_low_rank_,
+    dense_matmul,
+    frobenius_inner,
+    frobenius_norm_sq,
+    low_rank_residual_norm_sq,
+    outer_gram_blocks,
+    project_columns,
+)
 from csulora.errors import InputError, OptionError
 from csulora.linalg.lowrank import small_math
+from csulora.methods.registry import register
 from csulora.methods.base import (
+    Preset,
     DISPLACEMENT,
     SUBSPACE,
     CorrectionMethod,
     MethodConfig,
     Tuning,
-    dense_method_report,
+    require_choice,
+    require_number,
+)
+from csulora.methods.common import (
     finish_dense_report,
     finish_report,
     method_report,
-    require_choice,
-    require_number,
 )
 from csulora.types import DenseModuleInput, DenseModuleResult, LoraUpdate, ModuleInput, ModuleResult
 
@@ -64,6 +77,116 @@ SELECT_MODES = ("number", "threshold")
 APPROX_NEEDS_D = (
     "Safe LoRA approx needs the exact D: use --projection exact or give --base/--aligned"
 )
+
+
+# -- Safe LoRA's projection and cosine (docs/design.md §4, §5d) ----------------------------------
+SAFELORA_PROJECTIONS = ("approx", "exact")
+COSINE_DECIMALS = 5  # the published Safe LoRA code rounds every cosine to 5 decimals
+
+
+def round_cosine(value: float) -> float:
+    """Round as the published code does (``numpy.round(x, 5)``: round-half-even of x*1e5)."""
+    return float(np.round(value, COSINE_DECIMALS))
+
+
+def projection_defined(geometry: UpdateGeometry, projection: str) -> bool:
+    """Whether C exists: the exact D for "approx" (and D != 0), a non-empty subspace for "exact"."""
+    if projection not in SAFELORA_PROJECTIONS:
+        raise ValueError(f"unknown Safe LoRA projection {projection!r}")
+    if projection == "approx":
+        return geometry.D is not None and bool(geometry.d_norm)
+    return not geometry.subspace_is_empty
+
+
+def projected_factor(geometry: ModuleGeometry, projection: str) -> Tensor | None:
+    """``C B`` for Safe LoRA's C; None where C is undefined (D == 0, an empty subspace).
+
+    approx: ``C = D D^T / ||D||`` applied as ``D (D^T B) / ||D||`` (no m x m matrix);
+    exact: ``C = U U^T`` (the top-k subspace, idempotent).
+    """
+    if not projection_defined(geometry, projection):
+        return None
+    if projection == "approx":
+        return dense_matmul(geometry.D, geometry.Dt_B) / geometry.d_norm
+    return project_columns(geometry.U, geometry.B)
+
+
+def factored_cosine(geometry: ModuleGeometry, projected_B: Tensor | None) -> float | None:
+    """The published cosine of vec(C B A) and vec(B A), rounded to 5 decimals.
+
+    From r x r Gram matrices; the scale s cancels. None where C is undefined or dW == 0 (the
+    published code yields NaN / torch's eps-guarded 0 there). A zero ``C B A`` against a
+    non-zero ``B A`` gives 0.0, as torch's cosine_similarity does.
+    """
+    if projected_B is None or geometry.dw_is_zero:
+        return None
+    B, A = geometry.B, geometry.A
+    inner = float(frobenius_inner(projected_B, A, B, A))
+    norm_cba = float(frobenius_norm_sq(projected_B, A)) ** 0.5
+    norm_ba = float(frobenius_norm_sq(B, A)) ** 0.5
+    if norm_cba == 0.0 or norm_ba == 0.0:
+        return 0.0
+    return round_cosine(inner / (norm_cba * norm_ba))
+
+
+@dataclass(frozen=True)
+class DenseSafeLora:
+    """Safe LoRA's measurement of one dense update: cosine (rounded), Pdst term, ``C dW``."""
+
+    cos: float | None
+    dist: float | None
+    projected: Tensor | None  # C dW, written into dW's own buffer; None unless asked to write
+
+
+def audit_cosine(geometry: UpdateGeometry, projection: str) -> float | None:
+    """The audit's ``safelora_cos`` of an update, LoRA or dense; None without what C needs."""
+    if isinstance(geometry, DenseGeometry):
+        return measure_dense(geometry, projection).cos
+    if not projection_defined(geometry, projection):
+        return None
+    return factored_cosine(geometry, projected_factor(geometry, projection))  # type: ignore[arg-type]
+
+
+def measure_dense(geometry: DenseGeometry, projection: str, *, write: bool = False) -> DenseSafeLora:
+    """Safe LoRA on a dense update (docs/design.md §5d); ``write``: ``C dW`` into dW's own buffer.
+
+    approx: ``C dW = D (D^T dW) / ||D||`` by blocks (:func:`outer_gram_blocks`), whose inner
+    product with dW and norm give ``cos = <DD^T dW, dW> / (||DD^T dW|| ||dW||)`` (``||D||``
+    cancels); exact: ``C dW = U G`` with ``cos = ||G|| / ||dW||``. ``dist`` is the Pdst term
+    ``1 / (1 + ||dW - C dW||)``. None where C is undefined or dW == 0 (docs/design.md §10).
+    """
+    if not projection_defined(geometry, projection) or geometry.dw_is_zero:
+        return DenseSafeLora(cos=None, dist=None, projected=None)
+    dW = geometry.take_buffer() if write else geometry.intact()
+    if projection == "approx":
+        return _dense_approx(geometry, dW, write)
+    return _dense_exact(geometry, dW, write)
+
+
+def _dense_approx(geometry: DenseGeometry, dW: Tensor, write: bool) -> DenseSafeLora:
+    d_norm = float(geometry.d_norm)  # type: ignore[arg-type]
+    inner = norm_sq = gap_sq = 0.0
+    for index, block in outer_gram_blocks(geometry.D, dW):  # blocks of D D^T dW, each read before written
+        part = dW[index].to(block.dtype)
+        inner += float((block * part).sum(dtype=torch.float64))
+        norm_sq += float(block.square().sum(dtype=torch.float64))
+        gap_sq += float((part - block / d_norm).square().sum(dtype=torch.float64))
+        if write:
+            dW[index] = block / d_norm
+    cos = 0.0 if norm_sq == 0.0 else round_cosine(inner / (norm_sq**0.5 * geometry.dw_norm))
+    return DenseSafeLora(cos=cos, dist=1.0 / (1.0 + gap_sq**0.5), projected=dW if write else None)
+
+
+def _dense_exact(geometry: DenseGeometry, dW: Tensor, write: bool) -> DenseSafeLora:
+    G = geometry.thin.G
+    g_norm = float(G.square().sum()) ** 0.5
+    gap_sq = low_rank_residual_norm_sq(dW, geometry.U, G)
+    cos = 0.0 if g_norm == 0.0 else round_cosine(g_norm / geometry.dw_norm)
+    projected = None
+    if write:
+        dW.zero_()
+        projected = add_low_rank_(dW, geometry.U, G)  # U (U^T dW), written over dW
+    return DenseSafeLora(cos=cos, dist=1.0 / (1.0 + gap_sq**0.5), projected=projected)
 
 
 @dataclass(frozen=True)
@@ -120,6 +243,10 @@ class _Measured:
 class SafeLora(CorrectionMethod[SafeLoraConfig]):
     name = "safelora"
     report_columns = (("safelora_cos", "cos_SL", ".4f"), ("projected", "proj", ""))
+    presets = (
+        Preset("safelora-default", {"select": "number", "num_layers": 10}, swept=False,
+               help="the published default: the 10 lowest-cosine modules projected"),
+    )  # fmt: skip
     pretty_name = "Safe LoRA"
     paper_url = "https://arxiv.org/abs/2405.16833"
     config_cls = SafeLoraConfig
@@ -136,12 +263,14 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
         return frozenset({DISPLACEMENT if config.projection == "approx" else SUBSPACE})
 
     def check_sources(
-        self, config: SafeLoraConfig, *, has_displacement: bool, has_subspace: bool, has_calibration: bool = False
+        self, config: SafeLoraConfig, *, has_displacement: bool, has_subspace: bool, has_calibration: bool = False,
+        has_update_statistics: bool = False,
     ) -> None:
         if self.needs_displacement(config) and not has_displacement:
             raise OptionError(APPROX_NEEDS_D)
         super().check_sources(
-            config, has_displacement=has_displacement, has_subspace=has_subspace, has_calibration=has_calibration
+            config, has_displacement=has_displacement, has_subspace=has_subspace, has_calibration=has_calibration,
+            has_update_statistics=has_update_statistics,
         )
 
     def tune_options(self, *, has_displacement: bool) -> dict[str, Any]:
@@ -202,8 +331,7 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
     def dense_first_pass(self, module: DenseModuleInput, config: SafeLoraConfig) -> DenseSafeLora:
         """Number mode, first stream: the module's cosine and Pdst term (changes nothing)."""
         _check_dense_module(module, config)
-        measured = DenseGeometry(module).safelora(config.projection)
-        return DenseSafeLora(cos=measured.cos, dist=measured.dist, projected=None)
+        return measure_dense(DenseGeometry(module), config.projection)
 
     def dense_run(
         self, config: SafeLoraConfig, measures: Mapping[str, DenseSafeLora] | None = None
@@ -224,12 +352,12 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
         _check_dense_module(module, options)
         threshold = plan.threshold if plan is not None else float(options.threshold)
         geometry = DenseGeometry(module, reuse_update=True)
-        report: dict[str, Any] = dense_method_report(geometry)
+        report: dict[str, Any] = method_report(geometry)
         known = plan.measured.get(module.name) if plan is not None else None
         if known is not None and not _selected(known.cos, threshold):
             measured = known  # not selected: the first stream's numbers stand, dW is not touched again
         else:
-            measured = geometry.safelora(options.projection)
+            measured = measure_dense(geometry, options.projection, write=True)
         projected = _selected(measured.cos, threshold)
         update = measured.projected if projected else None
         report.update(
@@ -247,9 +375,9 @@ class SafeLora(CorrectionMethod[SafeLoraConfig]):
         if config.projection == "exact" and module.subspace is None:
             raise InputError(f"{module.name}: Safe LoRA exact needs the module's safety subspace")
         geometry = ModuleGeometry(module)
-        report = method_report(geometry, safelora_projection=config.projection)
-        projected_B = geometry.safelora_projected_B(config.projection)
-        cos = report["safelora_cos"]
+        report = method_report(geometry)
+        projected_B = projected_factor(geometry, config.projection)
+        cos = report["safelora_cos"] = factored_cosine(geometry, projected_B)
         dist = None
         if cos is not None and projected_B is not None:
             dist = 1.0 / (1.0 + float(torch.linalg.vector_norm(geometry.B - projected_B)))
@@ -331,3 +459,6 @@ def _check_dense_module(module: DenseModuleInput, config: SafeLoraConfig) -> Non
         raise OptionError(APPROX_NEEDS_D)
     if config.projection == "exact" and module.subspace is None:
         raise InputError(f"{module.name}: Safe LoRA exact needs the module's safety subspace")
+
+
+register(SafeLora())

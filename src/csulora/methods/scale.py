@@ -12,15 +12,17 @@ from typing import Any
 
 from csulora.linalg.geometry import DenseGeometry, ModuleGeometry
 from csulora.errors import OptionError
+from csulora.methods.registry import register
 from csulora.methods.base import (
     CorrectionMethod,
     MethodConfig,
     Tuning,
-    dense_method_report,
+    require_number,
+)
+from csulora.methods.common import (
     finish_dense_report,
     finish_report,
     method_report,
-    require_number,
 )
 from csulora.types import DenseModuleInput, DenseModuleResult, LoraUpdate, ModuleInput, ModuleResult
 
@@ -43,6 +45,7 @@ class Scale(CorrectionMethod[ScaleConfig]):
     name = "scale"
     report_columns = (("factor", "c", ".3g"),)
     pretty_name = "Uniform scaling"
+    baseline = True  # docs/design.md §5b
     paper_url = None
     config_cls = ScaleConfig
     inputs = frozenset()
@@ -67,8 +70,11 @@ class Scale(CorrectionMethod[ScaleConfig]):
 
     def correct_dense(self, module: DenseModuleInput, config: ScaleConfig) -> DenseModuleResult:
         """``X = c dW``, scaled in dW's own buffer; c = 1 leaves the fine-tuned weight as is."""
-        report = dense_method_report(DenseGeometry(module))
+        report = method_report(DenseGeometry(module))
         factor = float(config.factor)  # type: ignore[arg-type]
         report["factor"] = factor
         update = None if factor == 1.0 else module.update.mul_(factor)
         return DenseModuleResult(name=module.name, update=update, report=finish_dense_report(report, update))
+
+
+register(Scale())

@@ -38,6 +38,7 @@ from csulora.pipeline.model_card import base_model_for, correction_card
 from csulora.pipeline.options import SourcePaths, relative_inside
 from csulora.pipeline.outputs import write_corrected
 from csulora.pipeline.reports import AuditReport, CorrectionReport, correction_summary
+from csulora.pipeline.updates import AdapterUpdate
 
 PathLike = str | os.PathLike
 
@@ -92,6 +93,8 @@ def correct_adapter(
     targets: Sequence[str] | str | None = None,
     calibration: PathLike | None = None,
     reset_others: bool = False,
+    lora_rank: int | None = None,
+    update_statistics: PathLike | None = None,
     **method_options: Any,
 ) -> CorrectionReport:
     """Write a corrected copy of an update (PEFT adapter or full checkpoint) to ``out_dir``.
@@ -105,39 +108,56 @@ def correct_adapter(
     ``out_dir/csulora_report.json``), the model card to ``out_dir/README.md``. ``targets``
     restricts the correction to some modules (refused for a method that must correct every
     module, such as ``calibrated``). ``calibration`` (``csulora calibrate``'s statistics) is
-    checked against ``aligned``, else against the adapter's recorded base model.
+    checked against ``aligned``, else against the adapter's recorded base model. A method with only
+    a dense form (Safe Delta) corrects an adapter's ``s B A`` and writes the corrected model, or with
+    ``lora_rank`` its best rank-r LoRA (the report gives the energy dropped).
     """
     get_method(method)
     make_config(method, method_options)  # bad options fail before a hub id is fetched
     input_spec, aligned_spec = adapter_dir, aligned  # as given: hub ids stay ids in the card and config
     update_path, base, aligned = resolve_inputs(adapter_dir, base, aligned)
-    paths = SourcePaths(subspace=subspace, base=base, aligned=aligned, calibration=calibration)
+    paths = SourcePaths(subspace=subspace, base=base, aligned=aligned, calibration=calibration,
+                        update_statistics=update_statistics)  # fmt: skip
     out, report_file = _check_outputs(out_dir, report_path, force, update_path, paths)
     with ExitStack() as stack:
         correction = open_correction(
             stack, update_path, method, paths=paths, subspace_config=subspace_config, targets=targets,
-            reset_others=reset_others, method_options=method_options, progress=progress,
+            reset_others=reset_others, method_options=method_options, progress=progress, lora_rank=lora_rank,
         )  # fmt: skip
-        inside = relative_inside(report_file, out) if report_file is not None else Path(DEFAULT_REPORT_NAME)
-        base_model = base_model_for(aligned_spec) if correction.update.kind == "adapter" else str(aligned_spec)
-        reports: dict[str, CorrectionReport] = {}
-
-        def card(done: Correction, untargeted: list[dict[str, Any]] | None) -> str:
-            reports["report"] = _report(done, out, report_file, untargeted)
-            return correction_card(
-                method=done.method, options=reports["report"].options, update=done.update, input_spec=input_spec,
-                corrected=done.modules, base_model=base_model, refs=done.refs,
-                report_file=None if inside is None else inside.as_posix(), summary=reports["report"].summary,
-            )  # fmt: skip
-
         with atomic_output_dir(out, force) as staging:
-            write_corrected(correction, staging, progress=progress, base_model=base_model, card=card)
-            report = reports["report"]
-            if inside is not None:  # the report travels with the output folder (one atomic rename)
-                (staging / inside).parent.mkdir(parents=True, exist_ok=True)
-                report.to_json(staging / inside)
-            else:
-                report.to_json(report_file)
+            return write_correction(correction, staging, input_spec=input_spec, aligned_spec=aligned_spec,
+                                    report_file=report_file, out=out, progress=progress)  # fmt: skip
+
+
+def write_correction(correction: Correction, folder: Path, *, input_spec: PathLike, aligned_spec: PathLike | None,
+                     report_file: Path | None = None, out: Path | None = None,
+                     progress: bool = False) -> CorrectionReport:  # fmt: skip
+    """Correct into ``folder`` (an existing staging folder the caller renames into place): the
+    update in its kind, ``README.md`` and the report (``folder/csulora_report.json`` unless
+    ``report_file`` lies elsewhere). Sources inside ``folder`` (tune's statistics) are named
+    relative to it, so the output never names a temporary path. ``out`` is the folder's final name."""
+    out = out or folder
+    inside = relative_inside(report_file, out) if report_file is not None else Path(DEFAULT_REPORT_NAME)
+    base_model = base_model_for(aligned_spec) if correction.update.kind == "adapter" else str(aligned_spec)
+    output_kind = "adapter" if isinstance(correction.update, AdapterUpdate) or correction.lora_rank else "checkpoint"
+    reports: dict[str, CorrectionReport] = {}
+
+    def card(done: Correction, untargeted: list[dict[str, Any]] | None) -> str:
+        reports["report"] = _report(done, out, report_file, untargeted, folder)
+        return correction_card(
+            method=done.method, options=reports["report"].options, update=done.update, input_spec=input_spec,
+            corrected=done.modules, base_model=base_model, refs=done.refs, sources=reports["report"].sources,
+            report_file=None if inside is None else inside.as_posix(), summary=reports["report"].summary,
+            output_kind=output_kind,
+        )  # fmt: skip
+
+    write_corrected(correction, folder, progress=progress, base_model=base_model, card=card)
+    report = reports["report"]
+    if inside is not None:  # the report travels with the output folder (one atomic rename)
+        (folder / inside).parent.mkdir(parents=True, exist_ok=True)
+        report.to_json(folder / inside)
+    else:
+        report.to_json(report_file)
     return report
 
 
@@ -149,14 +169,16 @@ def _check_outputs(out_dir: PathLike, report_path: PathLike | None, force: bool,
     if report_file is not None and report_file.is_dir():
         raise InputError(f"{report_file}: is a folder; give the report's file name")
     inputs = {"ADAPTER": update_path, "--subspace": paths.subspace, "--base": paths.base,
-              "--aligned": paths.aligned, "--calibration": paths.calibration}  # fmt: skip
+              "--aligned": paths.aligned, "--calibration": paths.calibration,
+              "--update-statistics": paths.update_statistics}  # fmt: skip
     check_apart({"-o/--output": out, "--report": report_file}, inputs)
     if report_file is not None and relative_inside(report_file, out) is None:
         check_output_file(report_file, force, flag="--report")  # a file of its own: same rule as OUTDIR
     return out, report_file
 
 
-def _report(correction: Correction, out: Path, report_file: Path | None, untargeted: list | None) -> CorrectionReport:
+def _report(correction: Correction, out: Path, report_file: Path | None, untargeted: list | None,
+            folder: Path) -> CorrectionReport:  # fmt: skip
     method, options = correction.method, correction.options
     assert method is not None and options is not None
     results = correction.ordered_results()
@@ -173,7 +195,7 @@ def _report(correction: Correction, out: Path, report_file: Path | None, untarge
         out_dir=str(out),
         report_path=str(report_file if report_file is not None else out / DEFAULT_REPORT_NAME),
         d_source=rows[0].get("d_source") if rows else None,
-        sources=correction.refs.describe(),
+        sources=correction.refs.describe(within=folder),
         modules=rows,
         summary=correction_summary(method, options, results, rows, untargeted, reset_others=correction.reset_others),
         untargeted=untargeted,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from csulora.linalg.geometry import DenseGeometry, audit_dense_report, audit_module
+from csulora.linalg.geometry import DenseGeometry, ModuleGeometry, geometry_numbers
+from csulora.linalg.lowrank import small_math
+from csulora.methods.safelora import audit_cosine
 from csulora.pipeline.correction import Correction
 from csulora.pipeline.reports import mean_of, untargeted_summary, weighted_rho
 from csulora.pipeline.updates import CheckpointUpdate
-from csulora.types import DenseModuleInput
+from csulora.types import DenseModuleInput, ModuleInput
 
 
 def audit_rows(audit: Correction, *, progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
@@ -21,15 +23,19 @@ def audit_rows(audit: Correction, *, progress: bool) -> tuple[list[dict[str, Any
     projection = safelora_projection(audit)
     rows = []
     for module in audit.inputs(audit.modules, progress=progress, desc="audit"):
-        if isinstance(module, DenseModuleInput):
-            numbers = audit_dense_report(DenseGeometry(module), safelora_projection=projection)
-        else:
-            numbers = audit_module(module, safelora_projection=projection)
-        rows.append({"module": module.name, **numbers})
+        rows.append({"module": module.name, **audit_numbers(module, projection)})
     untargeted = None
     if isinstance(audit.update, CheckpointUpdate):
         untargeted = [audit.update.untargeted(name) for name in audit.update.untargeted_names(audit.modules)]
     return rows, untargeted
+
+
+@small_math()  # LoRA-sized products on one thread; those with D use all (csulora.linalg.lowrank)
+def audit_numbers(module: ModuleInput | DenseModuleInput, projection: str) -> dict[str, Any]:
+    """One module's geometry and the published Safe LoRA cosine (the audit's "would Safe LoRA
+    project it" column), for a LoRA or a dense update."""
+    geometry = DenseGeometry(module) if isinstance(module, DenseModuleInput) else ModuleGeometry(module)
+    return {**geometry_numbers(geometry), "safelora_cos": audit_cosine(geometry, projection)}
 
 
 def safelora_projection(audit: Correction) -> str:

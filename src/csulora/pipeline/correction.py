@@ -33,13 +33,13 @@ from csulora.io.checkpoints import target_list, weight_name
 from csulora.io.hub import resolve_model_dir
 from csulora.io.input_kind import ADAPTER, is_local_checkpoint
 from csulora.linalg.lowrank import finite_by_blocks, rows_per_block
-from csulora.linalg.subspace import SubspaceConfig, check_subspace_config
-from csulora.methods.base import SUBSPACE, CorrectionMethod, MethodConfig
+from csulora.linalg.subspace import SubspaceConfig, check_subspace_config, compute_subspace
+from csulora.methods.base import ALIGNED_WEIGHT, SUBSPACE, CorrectionMethod, MethodConfig
 from csulora.methods.registry import get_method, make_config
 from csulora.pipeline.options import CHECKPOINT, SourcePaths, check_sources
 from csulora.pipeline.references import References, open_references
 from csulora.pipeline.updates import DENSE, AdapterUpdate, CheckpointUpdate, Update, open_update
-from csulora.types import DenseModuleInput, DenseModuleResult, ModuleInput, ModuleResult
+from csulora.types import DenseModuleInput, DenseModuleResult, LoraUpdate, ModuleInput, ModuleResult
 
 Result = ModuleResult | DenseModuleResult
 
@@ -56,7 +56,9 @@ class Correction:
     run: Any = None  # what the dense form receives: the options, or a first pass's plan
     subspace_config: SubspaceConfig = field(default_factory=SubspaceConfig)
     need_subspace: bool = True
+    need_aligned_weight: bool = False
     reset_others: bool = False
+    lora_rank: int | None = None  # a dense correction of an adapter written back as a rank-r LoRA
     results: dict[str, Result] = field(default_factory=dict)  # reports of the modules corrected so far
 
     @property
@@ -71,9 +73,14 @@ class Correction:
         subspace = None
         if self.need_subspace or self.refs.cache is not None:
             subspace = self.refs.subspace(module, D, self.subspace_config)
-        cls = DenseModuleInput if self.update.form == DENSE else ModuleInput
-        return cls(name=module, update=self.update.read(module), subspace=subspace, displacement=D,
-                   calibration=self.refs.statistics(module))  # fmt: skip
+        common = {"name": module, "update": self.update.read(module), "subspace": subspace, "displacement": D,
+                  "calibration": self.refs.statistics(module), "update_statistics": self.refs.update_statistics_of(module)}  # fmt: skip
+        if self.update.form != DENSE:
+            return ModuleInput(**common)
+        aligned = None
+        if self.need_aligned_weight:  # a view of the memory map (Antidote prunes W_ft = W_aligned + dW)
+            aligned = self.update.aligned.get(weight_name(module), dtype=None, finite_check=False)  # type: ignore[attr-defined]
+        return DenseModuleInput(**common, aligned_weight=aligned)
 
     def inputs(self, order: Sequence[str], *, progress: bool, desc: str) -> Iterator[ModuleInput | DenseModuleInput]:
         """Stream ``order``'s modules: one weight pair and one D in memory at a time."""
@@ -131,9 +138,10 @@ class Correction:
         the aligned model's other tensors. One tensor alive at a time (tune's in-memory states)."""
         assert isinstance(self.update, CheckpointUpdate)
         for result in self.corrected():
-            if result.update is not None:
-                yield weight_name(result.name), self.output_weight(result.name, result.update)  # type: ignore[arg-type]
-            del result
+            X = result.update if result.update is not None else self.update.unchanged(result.name)
+            if X is not None:
+                yield weight_name(result.name), self.output_weight(result.name, X)  # type: ignore[arg-type]
+            del result, X
         if self.reset_others:
             for name in self.update.untargeted_names(self.modules):
                 yield name, self.update.aligned.get(name, dtype=None)
@@ -176,9 +184,12 @@ def open_correction(
     reset_others: bool = False,
     method_options: Mapping[str, Any] | None = None,
     progress: bool = True,
+    lora_rank: int | None = None,
 ) -> Correction:
     """Validate every option and input (before any tensor is read), open the update and its
     references, and run the method's first stream if it needs one. ``method=None`` opens an audit.
+    ``lora_rank``: a method with only a dense form corrects an adapter as ``s B A``; its result is
+    written as the best rank-r LoRA instead of the corrected model.
 
     ``update_path`` and the paths are local folders (hub ids resolved by the caller). The
     readers close with ``stack``.
@@ -191,10 +202,12 @@ def open_correction(
     wanted = target_list(targets)
     if reset_others and kind != CHECKPOINT:
         raise OptionError("--reset-others applies to full checkpoints only (an adapter changes nothing else)")
+    dense_adapter = kind == ADAPTER and impl is not None and not impl.has_factored_form
+    check_lora_rank(lora_rank, dense_adapter)
     if kind == CHECKPOINT and paths.base is not None:
         read_checkpoint_layout(paths.base)  # missing/truncated shards, pickles: refused before anything
     refs = open_references(stack, paths, calibration_groups=1 if kind == CHECKPOINT else None)
-    update = open_update(stack, update_path, kind, refs.aligned)
+    update = open_update(stack, update_path, kind, refs.aligned, dense=dense_adapter)
     modules = update.select(wanted)
     if impl is not None and impl.corrects_every_module:
         _check_corrects_every_module(impl, update, modules)
@@ -203,11 +216,38 @@ def open_correction(
     refs.check_calibration_model(_model_of(update, refs))
     correction = Correction(
         update=update, refs=refs, modules=modules, method=impl, options=options, subspace_config=sub_config,
-        need_subspace=_needs_subspace(impl, options, update, refs), reset_others=reset_others,
+        need_subspace=_needs_subspace(impl, options, update, refs), reset_others=reset_others, lora_rank=lora_rank,
+        need_aligned_weight=_needs(ALIGNED_WEIGHT, impl, options, update, refs),
     )  # fmt: skip
     if impl is not None:
         correction.prepare_run(progress)
     return correction
+
+
+def check_lora_rank(lora_rank: int | None, dense_adapter: bool) -> None:
+    if lora_rank is None:
+        return
+    if not dense_adapter:
+        raise OptionError("--lora-rank applies to an adapter corrected by a method with only a dense form (e.g. safedelta)")
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+        raise OptionError(f"--lora-rank must be an integer >= 1, got {lora_rank!r}")
+
+
+def refactored(result: DenseModuleResult, module: Any, rank: int) -> ModuleResult:
+    """A dense correction of an adapter's module as its best rank-r LoRA (truncated SVD, §3's
+    algorithm), under the adapter's own scaling; the report says how much energy was dropped.
+    ``module``: the adapter's :class:`~csulora.io.adapters.AdapterModule`."""
+    report = dict(result.report)
+    if result.update is None:  # the method left the module as it was: the adapter's own factors
+        report.update(lora_rank=module.rank, refactor_energy_lost=0.0, rank_in=module.rank, rank_out=module.rank)
+        return ModuleResult(name=result.name, update=module.update(), report=report)
+    found = compute_subspace(result.update, SubspaceConfig(rank=rank), name=result.name)
+    root = found.S.to(torch.float64).sqrt()
+    B = (found.U.to(torch.float64) * root) / module.scale
+    A = (found.V.to(torch.float64) * root).T
+    report.update(lora_rank=rank, refactor_energy_lost=1.0 - float(found.energy), rank_in=module.rank,
+                  rank_out=int(found.rank))  # fmt: skip
+    return ModuleResult(name=result.name, update=LoraUpdate(A=A, B=B, scale=module.scale), report=report)
 
 
 def _method_and_options(
@@ -225,9 +265,16 @@ def _method_and_options(
 def _needs_subspace(impl: CorrectionMethod | None, options: Any, update: Update, refs: References) -> bool:
     if impl is None:
         return True  # the audit reports against the subspace
+    return _needs(SUBSPACE, impl, options, update, refs)
+
+
+def _needs(kind: str, impl: CorrectionMethod | None, options: Any, update: Update, refs: References) -> bool:
+    """Whether the method reads ``kind`` for this update's form."""
+    if impl is None:
+        return False
     if update.form == DENSE:
-        return SUBSPACE in impl.dense_inputs(options, has_displacement=refs.has_displacement)
-    return impl.needs_subspace(options)
+        return kind in impl.dense_inputs(options, has_displacement=refs.has_displacement)
+    return kind in impl.needs(options)
 
 
 def _check_corrects_every_module(impl: CorrectionMethod, update: Update, modules: Sequence[str]) -> None:

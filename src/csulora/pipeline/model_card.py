@@ -40,6 +40,7 @@ class CorrectionCardFacts:
     paper_url: str | None
     options: Mapping[str, Any]
     input_kind: str  # "adapter" or "checkpoint" (csulora.io.input_kind)
+    output_kind: str  # what was written: "adapter" or "checkpoint" (a dense correction of an adapter)
     input_path: str  # as the user gave it: a folder or a hub id
     input_base_model: str | None  # an adapter's base_model_name_or_path; a checkpoint's ALIGNED
     base_model: str | None  # the written base_model_name_or_path (an adapter's) or ALIGNED
@@ -56,7 +57,8 @@ class CorrectionCardFacts:
 
     @property
     def is_checkpoint(self) -> bool:
-        return self.input_kind == "checkpoint"
+        """Whether the output is a full checkpoint (a full fine-tune's, or an adapter corrected densely)."""
+        return self.output_kind == "checkpoint"
 
 
 def base_model_for(aligned: str | os.PathLike | None) -> str | None:
@@ -81,13 +83,17 @@ def correction_card(
     refs: Any,
     report_file: str | None,
     summary: Mapping[str, Any],
+    sources: Mapping[str, str | None] | None = None,
+    output_kind: str | None = None,
 ) -> str:
     """The card of a corrected output, from what the pipeline used.
 
     ``method``: the registered :class:`~csulora.methods.base.CorrectionMethod`; ``update``: the
     opened :class:`~csulora.pipeline.updates.Update`; ``refs``: its
-    :class:`~csulora.pipeline.references.References`.
+    :class:`~csulora.pipeline.references.References`; ``sources``: how the report names them
+    (``References.describe``), which the card uses for file names.
     """
+    named = dict(sources or {})
     input_card = update.path / MODEL_CARD
     recorded = getattr(update, "recorded_base", None)
     facts = CorrectionCardFacts(
@@ -96,15 +102,16 @@ def correction_card(
         paper_url=method.paper_url,
         options=options,
         input_kind=update.kind,
+        output_kind=output_kind or update.kind,
         input_path=os.fspath(input_spec),
         input_base_model=recorded,
         base_model=base_model if base_model is not None else recorded,
         corrected_modules=list(corrected),
         total_modules=len(update.modules()),
         report_file=report_file,
-        subspace=_subspace_facts(refs),
+        subspace=_subspace_facts(refs, named.get("subspace")),
         displacement=_displacement_facts(refs),
-        calibration=_calibration_facts(refs),
+        calibration=_calibration_facts(refs, named.get("calibration")),
         summary=summary,
         not_copied=_not_copied(update),
         license=input_license(input_card.read_text(encoding="utf-8", errors="replace") if input_card.is_file() else None),
@@ -120,12 +127,12 @@ def _not_copied(update: Any) -> list[str]:
     return files_not_copied(update.path)
 
 
-def _subspace_facts(refs: Any) -> dict[str, Any] | None:
+def _subspace_facts(refs: Any, name: str | None) -> dict[str, Any] | None:
     cache = getattr(refs, "cache", None)
     if cache is None:
         return None
     return {
-        "file": str(cache.path),
+        "file": name or str(cache.path),
         "sha256": file_sha256(Path(cache.path)),  # the cache's bytes are deterministic: its hash names it
         "options": cache.options,
         "built_from": dict(cache.meta.get("sources") or {}),
@@ -139,11 +146,11 @@ def _displacement_facts(refs: Any) -> dict[str, str] | None:
     return {"base": str(base.folder), "aligned": str(aligned.folder)}
 
 
-def _calibration_facts(refs: Any) -> dict[str, Any] | None:
+def _calibration_facts(refs: Any, name: str | None) -> dict[str, Any] | None:
     calibration = getattr(refs, "calibration", None)
     if calibration is None:
         return None
-    return {"file": str(calibration.path), "info": dict(calibration.info)}
+    return {"file": name or str(calibration.path), "info": dict(calibration.info)}
 
 
 def input_license(card_text: str | None) -> str | None:
@@ -160,9 +167,13 @@ def input_license(card_text: str | None) -> str | None:
 def render_correction_card(facts: CorrectionCardFacts) -> str:
     """The README.md text of a corrected adapter or checkpoint folder."""
     what = "full checkpoint" if facts.is_checkpoint else "LoRA adapter"
+    source = "LoRA adapter" if facts.input_kind == "adapter" else "full checkpoint"
     lines = ["---", *_front_matter(facts), "---", "", f"# Safety-corrected {what} ({facts.method})", ""]
+    if facts.input_kind == "adapter" and facts.is_checkpoint:
+        lines += [f"The method `{facts.method}` corrects the adapter's dense update, so this folder is "
+                  "the corrected model, no longer a LoRA (`--lora-rank R` writes its best rank-R LoRA instead).", ""]
     lines += [
-        f"A corrected copy of the {what} `{facts.input_path}`, written by csulora {facts.version} to "
+        f"A corrected copy of the {source} `{facts.input_path}`, written by csulora {facts.version} to "
         "restore the refusals of the aligned model it was trained on while keeping the fine-tune's task gains. "
         "Nothing was retrained: each corrected module's update was rewritten in closed form.",
         "",
@@ -229,7 +240,7 @@ def _loading(facts: CorrectionCardFacts) -> list[str]:
 
 
 def _input_rows(facts: CorrectionCardFacts) -> list[str]:
-    if facts.is_checkpoint:
+    if facts.input_kind == "checkpoint":
         rows = [f"| input checkpoint | `{facts.input_path}` |", f"| aligned model (dW = W_ft - W_aligned) | {_code(facts.base_model)} |"]
     else:
         rows = [

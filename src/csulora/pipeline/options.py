@@ -47,6 +47,7 @@ class SourcePaths:
     base: PathLike | None = None
     aligned: PathLike | None = None
     calibration: PathLike | None = None
+    update_statistics: PathLike | None = None  # the fine-tuned model's statistics (Antidote)
 
     @property
     def has_displacement(self) -> bool:
@@ -74,13 +75,21 @@ def check_sources(
             raise OptionError("give --subspace FILE or --base BASE --aligned ALIGNED")
         return
     impl, config = method
-    if kind == CHECKPOINT:
+    if kind == CHECKPOINT or not impl.has_factored_form:
         impl.check_dense_options(config)
+    if kind == ADAPTER and not impl.has_factored_form and paths.aligned is None:
+        raise OptionError(
+            f"--method {impl.name} corrects the adapter's dense update s B A and writes the corrected model "
+            "(or, with --lora-rank R, its best rank-R LoRA): give --aligned ALIGNED, the model the adapter was trained on"
+        )
     if paths.calibration is not None and not impl.needs_calibration(config):
         raise OptionError(f"--calibration does not apply to --method {impl.name} (it reads no activation statistics)")
+    if paths.update_statistics is not None and not impl.needs_update_statistics(config):
+        raise OptionError(f"--update-statistics does not apply to --method {impl.name} (it reads none)")
     impl.check_sources(
         config,
         has_displacement=paths.has_displacement,
         has_subspace=paths.has_subspace,
         has_calibration=paths.calibration is not None,
+        has_update_statistics=paths.update_statistics is not None,
     )

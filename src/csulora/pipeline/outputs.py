@@ -20,12 +20,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from csulora.io.adapters import as_stored_update, write_adapter
+from csulora.io.adapters import LoraAdapter, as_stored_update, write_adapter
 from csulora.io.checkpoint_writer import PlannedTensor, ShardLayout, ShardWriter, TensorEntry, copy_side_files, write_index
 from csulora.io.checkpoints import weight_name
-from csulora.pipeline.correction import Correction, Result
+from csulora.pipeline.correction import Correction, Result, refactored
 from csulora.pipeline.updates import AdapterUpdate, CheckpointUpdate
-from csulora.types import ModuleResult
+from csulora.types import DenseModuleResult, ModuleResult
 
 
 def write_corrected(correction: Correction, staging: Path, *, progress: bool, base_model: str | None,
@@ -33,34 +33,37 @@ def write_corrected(correction: Correction, staging: Path, *, progress: bool, ba
     """Correct and write into ``staging``; the untargeted tensors' records of a checkpoint (None
     for an adapter). ``card(correction, untargeted)`` renders the model card once every module is
     corrected (its summary needs all of them)."""
-    if isinstance(correction.update, AdapterUpdate):
+    if isinstance(correction.update, AdapterUpdate) or correction.lora_rank is not None:
         _write_adapter(correction, staging, progress=progress, base_model=base_model, card=card)
         return None
     return _write_checkpoint(correction, staging, progress=progress, card=card)
 
 
 def _write_adapter(correction: Correction, staging: Path, *, progress: bool, base_model: str | None, card: Any) -> None:
-    update = correction.update
-    assert isinstance(update, AdapterUpdate)
+    """An adapter folder: the adapter's own corrected factors, or (``lora_rank``) a dense
+    correction of it refactored into a rank-r LoRA."""
+    adapter = correction.update.adapter  # type: ignore[attr-defined]
     kept: dict[str, ModuleResult] = {}
     for result in correction.corrected(correction.modules, progress=progress):
-        kept[result.name] = _in_file_form(update, result)  # type: ignore[arg-type]
+        if isinstance(result, DenseModuleResult):
+            result = refactored(result, adapter.modules[result.name], correction.lora_rank)  # type: ignore[arg-type]
+        kept[result.name] = _in_file_form(adapter, result)
         correction.results[result.name] = kept[result.name]
     correction.ordered_results()  # every target has a result
     write_adapter(
-        update.adapter, staging, {name: kept[name].update for name in correction.modules},
+        adapter, staging, {name: kept[name].update for name in correction.modules},
         base_model_name_or_path=base_model, model_card=card(correction, None),
     )  # fmt: skip
 
 
-def _in_file_form(update: AdapterUpdate, result: ModuleResult) -> ModuleResult:
+def _in_file_form(adapter: LoraAdapter, result: ModuleResult) -> ModuleResult:
     """A result as it waits for the single-file write: its factors already in the file's form.
 
     The methods hand back float64 factors; kept as they are until every module is done, they
     held twice the fp32 output's bytes, and the write's cast added a third copy
     (docs/benchmarks.md, issue 15). An unknown module is left for write_adapter to refuse.
     """
-    module = update.adapter.modules.get(result.name)
+    module = adapter.modules.get(result.name)
     if module is None:
         return result
     return dataclasses.replace(result, update=as_stored_update(module, result.update))
@@ -112,10 +115,11 @@ def _write_one(correction: Correction, writer: ShardWriter, shard: ShardLayout, 
     if name in correction.targets:
         result = next(results)
         assert weight_name(result.name) == name, f"stream order: expected {name}, got {result.name}"
-        if result.update is None:
+        X = result.update if result.update is not None else update.unchanged(result.name)
+        if X is None:
             writer.copy_tensor(name, shard, entry)  # unchanged: W_ft byte for byte
         else:
-            writer.write_tensor(name, correction.output_weight(result.name, result.update))  # type: ignore[arg-type]
+            writer.write_tensor(name, correction.output_weight(result.name, X))  # type: ignore[arg-type]
         del result
         return
     written_from = "aligned" if correction.reset_others else "fine-tuned"

@@ -25,7 +25,7 @@ from csulora.io.checkpoints import CheckpointReader, check_same_architecture, re
 from csulora.io.fingerprint import model_fingerprint
 from csulora.io.subspace_cache import SubspaceCache, check_fingerprint, load_subspace_cache, round_trip
 from csulora.linalg.subspace import SubspaceConfig, compute_subspace
-from csulora.pipeline.options import SourcePaths
+from csulora.pipeline.options import SourcePaths, relative_inside
 from csulora.types import ModuleCalibration, ModuleSubspace
 
 
@@ -37,6 +37,7 @@ class References:
     base: CheckpointReader | None = None
     aligned: CheckpointReader | None = None
     calibration: CalibrationFile | None = None  # activation statistics (docs/design.md §5c)
+    update_statistics: CalibrationFile | None = None  # the fine-tuned model's (Antidote, issue 22)
 
     @property
     def has_displacement(self) -> bool:
@@ -46,14 +47,25 @@ class References:
     def d_source(self) -> str:
         return "exact" if self.has_displacement else "rank-k"
 
-    def describe(self) -> dict[str, str | None]:
+    def describe(self, within: Path | None = None) -> dict[str, str | None]:
+        """Where each reference came from, as given; one inside ``within`` (the output folder: tune's
+        own statistics) relative to it, so an output never names its temporary staging path."""
+
+        def named(path: Path | None) -> str | None:
+            if path is None:
+                return None
+            inside = relative_inside(Path(path), within) if within is not None else None
+            return inside.as_posix() if inside is not None else str(path)
+
         described = {
-            "subspace": str(self.cache.path) if self.cache else None,
-            "base": str(self.base.folder) if self.base else None,
-            "aligned": str(self.aligned.folder) if self.aligned else None,
+            "subspace": named(self.cache.path if self.cache else None),
+            "base": named(self.base.folder if self.base else None),
+            "aligned": named(self.aligned.folder if self.aligned else None),
         }
         if self.calibration is not None:  # only then: other methods' reports keep their bytes
-            described["calibration"] = str(self.calibration.path)
+            described["calibration"] = named(self.calibration.path)
+        if self.update_statistics is not None:
+            described["update_statistics"] = named(self.update_statistics.path)
         return described
 
     # --- per module ------------------------------------------------------------------------
@@ -77,6 +89,9 @@ class References:
     def statistics(self, module: str) -> ModuleCalibration | None:
         return self.calibration.module(module) if self.calibration is not None else None
 
+    def update_statistics_of(self, module: str) -> ModuleCalibration | None:
+        return self.update_statistics.module(module) if self.update_statistics is not None else None
+
     # --- checks before any weight is read ---------------------------------------------------
     def check_modules(self, shapes: Mapping[str, tuple[int, int]], where: Callable[[str], str]) -> None:
         """Every target exists with the update's shape in each reference (headers and metadata only).
@@ -92,8 +107,9 @@ class References:
         if self.cache is not None:
             for name in names:
                 _check_shape(name, shapes[name], self.cache.entry(name).shape, where, f"{self.cache.path}: module {name}")
-        if self.calibration is not None:
-            self.calibration.check_modules(dict(shapes), where(names[0]) if names else "")
+        for stats in (self.calibration, self.update_statistics):
+            if stats is not None:
+                stats.check_modules(dict(shapes), where(names[0]) if names else "")
 
     def check_calibration_model(self, model: Path | None) -> None:
         """The calibration file comes from ``model`` (its fingerprint, docs/design.md §5c)."""
@@ -119,10 +135,13 @@ def open_references(stack: ExitStack, paths: SourcePaths, *, calibration_groups:
     (a full checkpoint's dense solve holds one, docs/design.md §5d).
     """
     refs = References()
+    kwargs = {} if calibration_groups is None else {"groups_in_memory": calibration_groups}
     if paths.calibration is not None:
-        kwargs = {} if calibration_groups is None else {"groups_in_memory": calibration_groups}
         refs.calibration = load_calibration(paths.calibration, **kwargs)
         stack.callback(refs.calibration.close)
+    if paths.update_statistics is not None:
+        refs.update_statistics = load_calibration(paths.update_statistics, **kwargs)
+        stack.callback(refs.update_statistics.close)
     if paths.subspace is not None:
         refs.cache = load_subspace_cache(paths.subspace)
         stack.callback(refs.cache.close)

@@ -146,6 +146,11 @@ class CheckpointUpdate(Update):
         wanted = {weight_name(m): m for m in modules}
         return [wanted[name] for name in self.layout.tensor_names() if name in wanted]
 
+    def unchanged(self, module: str) -> Tensor | None:
+        """The update to write where a method left a module as it was: None, the fine-tuned tensor's
+        own bytes are copied (a densified adapter has none: its ``s B A`` is formed again)."""
+        return None
+
     def untargeted_names(self, modules: Sequence[str]) -> list[str]:
         targets = {weight_name(m) for m in modules}
         return [name for name in self.layout.tensor_names() if name not in targets]
@@ -191,6 +196,59 @@ class CheckpointUpdate(Update):
         return {"tensor": name, "shape": list(ft.shape), "rel_change": rel, "changed": changed}
 
 
+class DensifiedAdapter(CheckpointUpdate):
+    """A LoRA adapter seen as the dense update ``s B A`` it adds to the aligned model, for a method
+    with only a dense form (Safe Delta, issue 22). The corrected update is no LoRA any more: the
+    output is the corrected model (the aligned model's shards, its targets ``W_aligned + X``), or,
+    with ``lora_rank``, its best rank-r LoRA (:func:`csulora.pipeline.correction.refactored`)."""
+
+    kind, form = ADAPTER, DENSE
+
+    def __init__(self, adapter: LoraAdapter, aligned: CheckpointReader, aligned_layout: CheckpointLayout) -> None:
+        super().__init__(aligned, aligned_layout, aligned, aligned_layout)
+        self.adapter = adapter
+        self.path = adapter.path
+
+    @property
+    def recorded_base(self) -> str | None:
+        return self.adapter.config.get("base_model_name_or_path")
+
+    def modules(self) -> list[str]:
+        return list(self.adapter.modules)
+
+    def select(self, targets: Sequence[str] | None) -> list[str]:
+        return Update.select(self, targets)
+
+    def shape(self, module: str) -> tuple[int, int]:
+        return self.adapter.modules[module].shape
+
+    def read(self, module: str) -> Tensor:
+        update = self.adapter.modules[module].update()  # float64 factors
+        return (update.scale * (update.B @ update.A)).to(torch.float32)
+
+    def where(self, module: str) -> str:
+        return str(self.adapter.weights_file)
+
+    def check(self, modules: Sequence[str]) -> None:
+        """Every adapted module is a weight of the aligned model with the adapter's shape."""
+        for module in modules:
+            name = weight_name(module)
+            if name not in self.aligned:
+                raise InputError(f"{self.adapter.weights_file}: module {module} has no weight {name} in {self.aligned.folder}")
+            if tuple(self.aligned.shape(name)) != self.shape(module):
+                raise InputError(
+                    f"{self.adapter.weights_file}: module {module} updates a {list(self.shape(module))} weight but "
+                    f"{self.aligned.files[name]} has {list(self.aligned.shape(name))}"
+                )
+
+    def unchanged(self, module: str) -> Tensor:
+        return self.read(module)  # W_aligned + s B A: the adapter merged, as the method left it
+
+    def untargeted(self, name: str) -> dict[str, Any]:
+        """The aligned model's other tensors are copied as they are: unchanged by the adapter."""
+        return {"tensor": name, "shape": list(self.aligned.shape(name)), "rel_change": 0.0, "changed": False}
+
+
 def relative_change(new: Tensor, old: Tensor) -> tuple[float | None, bool]:
     """``(||new - old|| / ||old||, new != old)`` by blocks of rows (None when ``old`` is 0 or not float)."""
     if not new.is_floating_point():
@@ -209,8 +267,14 @@ def relative_change(new: Tensor, old: Tensor) -> tuple[float | None, bool]:
     return math.sqrt(diff_sq / ref_sq), changed
 
 
-def open_update(stack: ExitStack, path: Path, kind: str, aligned: CheckpointReader | None) -> Update:
-    """Open ``path`` as its kind; a checkpoint needs the aligned model's reader (already open)."""
+def open_update(stack: ExitStack, path: Path, kind: str, aligned: CheckpointReader | None, *,
+                dense: bool = False) -> Update:  # fmt: skip
+    """Open ``path`` as its kind; a checkpoint needs the aligned model's reader (already open).
+
+    ``dense``: an adapter for a method with only a dense form, seen as ``s B A`` (needs ALIGNED)."""
+    if kind == ADAPTER and dense:
+        assert aligned is not None
+        return DensifiedAdapter(read_adapter(path), aligned, read_checkpoint_layout(aligned.folder))
     if kind == ADAPTER:
         return AdapterUpdate(read_adapter(path))
     assert kind == CHECKPOINT and aligned is not None

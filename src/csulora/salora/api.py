@@ -270,7 +270,9 @@ def train_salora(
     train_seconds = time.perf_counter() - started
 
     tensors = exported_state_dict(peft_model, inits)
-    report = _report(config, model_dir, data_path, safety_data_path, safety, task, len(task_pairs), train_seconds)
+    report = _report(
+        config, model_dir, data_path, safety_data_path, safety_sample, safety, task, len(task_pairs), train_seconds
+    )
     with atomic_output_dir(out, force) as tmp:
         write_adapter(tmp, tensors, exported_lora_config(config, str(model_dir)))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -300,15 +302,16 @@ def _pass_summary(directions: FeatureDirections) -> dict:
     }
 
 
-def _report(config, model_dir, data_path, safety_path, safety, task, train_samples, train_seconds) -> dict:
+def _report(config, model_dir, data_path, safety_path, safety_prompts, safety, task, train_samples,
+            train_seconds) -> dict:  # fmt: skip
     """``salora.json``: what was run, the feature passes' cost, ranks and data counts."""
-    from csulora.eval.judges import KeywordJudge
+    from csulora.eval.judges import asr_judge
 
     refusals = safety.info.get("refusals") or []
-    judge = KeywordJudge()
     # SaLoRA's safety directions are only as good as the refusals they come from: say how
-    # many of the aligned model's answers the ASR judge counts as refusals.
-    refusing = sum(not judge.is_success(r) for r in refusals)
+    # many of the aligned model's answers the ASR judge counts as refusals (not successes).
+    # The refusals answer ``safety_prompts`` in order: the feature cache is keyed by them.
+    refusing = sum(not ok for ok in asr_judge().judge(safety_prompts, refusals)) if refusals else 0
     return {
         "method": "salora",
         "model": str(Path(model_dir).resolve()),

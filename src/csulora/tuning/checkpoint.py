@@ -19,10 +19,8 @@ of the same architecture (the aligned model, scored as the reference).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,9 +37,16 @@ PathLike = str | os.PathLike
 
 
 def model_tensors(model: Any) -> dict[str, Tensor]:
-    """The model's parameters and buffers by their checkpoint names (tied weights once)."""
+    """The model's parameters and buffers by their checkpoint names (tied weights once).
+
+    A layer PEFT has wrapped keeps its weight as ``<module>.base_layer.weight``; it is listed under
+    the checkpoint's name ``<module>.weight`` too, so a correction reaches it in a model that has
+    adapters attached (a dense correction of an adapter, scored by tune with the adapters off)."""
     tensors = dict(model.named_buffers())
     tensors.update(dict(model.named_parameters()))
+    for name, tensor in list(tensors.items()):
+        if ".base_layer." in name:
+            tensors.setdefault(name.replace(".base_layer.", "."), tensor)
     return tensors
 
 
@@ -71,10 +76,11 @@ def _read_back(model: Any, checkpoint: PathLike, names: list[str]) -> None:
 @contextmanager
 def corrected_in_memory(
     model: Any,
-    checkpoint: PathLike,
+    update: PathLike,
     method: str,
     *,
     aligned: PathLike,
+    restore_from: PathLike | None = None,
     subspace: PathLike | None = None,
     base: PathLike | None = None,
     calibration: PathLike | None = None,
@@ -83,21 +89,25 @@ def corrected_in_memory(
     progress: bool = False,
     **method_options: Any,
 ) -> Iterator[Correction]:
-    """``model`` (loaded from ``checkpoint``) with one setting's corrected weights, restored on exit.
+    """``model`` with one setting's corrected weights, restored on exit from ``restore_from``.
 
-    Yields the opened correction: its ``results`` hold each module's report. Options and
-    inputs are checked as by ``correct_adapter`` before any weight of the model changes.
+    ``update``: a full checkpoint (the model was loaded from it: ``restore_from`` defaults to it),
+    or an adapter corrected by a dense-only method (``s B A``; the model is the aligned one, with
+    its adapters off, and ``restore_from`` is ALIGNED). Yields the opened correction: its
+    ``results`` hold each module's report. Options and inputs are checked as by
+    ``correct_adapter`` before any weight of the model changes.
     """
+    restore_from = update if restore_from is None else restore_from
     changed: list[str] = []
     try:
         with ExitStack() as stack:
-            correction = _opened(stack, checkpoint, method, aligned=aligned, subspace=subspace, base=base,
+            correction = _opened(stack, update, method, aligned=aligned, subspace=subspace, base=base,
                                  calibration=calibration, targets=targets, reset_others=reset_others,
                                  progress=progress, method_options=method_options)  # fmt: skip
-            _apply(model, correction, checkpoint, changed)
+            _apply(model, correction, restore_from, changed)
             yield correction
     finally:
-        _read_back(model, checkpoint, changed)
+        _read_back(model, restore_from, changed)
 
 
 def _opened(stack: ExitStack, checkpoint: PathLike, method: str, *, aligned: PathLike, subspace: PathLike | None,
@@ -159,64 +169,3 @@ def same_weights(model: Any, checkpoint: PathLike) -> bool:
             torch.equal(tensors[name].detach().cpu(), reader.get(name, dtype=None).to(tensors[name].dtype))
             for name in reader.keys()
         )
-
-
-class CheckpointStates:
-    """The model states of ``tune``'s sweep over a full fine-tune (csulora.tuning.runner).
-
-    The fine-tuned checkpoint is loaded once. The aligned reference is its weights swapped
-    in; each setting is its corrected weights copied in (the fine-tuned ones read back
-    afterwards). Each state also says how to see the aligned model for the fluency measure:
-    swap the aligned weights in, then put the state's own weights back.
-    ``sources``: per method, the keyword arguments of its correction (subspace, base, ...).
-    """
-
-    def __init__(self, checkpoint: Path, aligned: Path, sources: Mapping[str, Mapping[str, Any]]) -> None:
-        self.checkpoint, self.aligned_path = Path(checkpoint), Path(aligned)
-        self.sources = sources
-        self.model: Any = None
-
-    def load(self, run: Mapping[str, Any]) -> tuple[Any, Any]:
-        from csulora.io.modeling import load_model
-
-        self.model, tokenizer = load_model(self.checkpoint, device=run["device"], dtype=run["dtype"])
-        return self.model, tokenizer
-
-    def _kwargs(self, candidate: Any) -> dict[str, Any]:
-        """The correction's sources (``aligned`` always: it defines dW) and the setting's options."""
-        return {**self.sources[candidate.plan.config.method], "aligned": self.aligned_path, **candidate.options}
-
-    def _aligned_weights(self):
-        return weights_from(self.model, self.aligned_path, restore_from=self.checkpoint)
-
-    @contextmanager
-    def aligned(self) -> Iterator[Any]:
-        with self._aligned_weights():
-            yield contextlib.nullcontext
-
-    @contextmanager
-    def uncorrected(self) -> Iterator[Any]:
-        yield self._aligned_weights
-
-    @contextmanager
-    def setting(self, candidate: Any) -> Iterator[Any]:
-        method = candidate.plan.config.method
-        with corrected_in_memory(self.model, self.checkpoint, method, **self._kwargs(candidate)) as correction:
-
-            @contextmanager
-            def aligned_view() -> Iterator[None]:
-                with self._aligned_weights():
-                    yield
-                copy_into(self.model, correction.weights(), source=self.checkpoint)  # the setting again
-
-            yield aligned_view
-
-    def write_chosen(self, candidate: Any, staging: Path, scratch: Path) -> None:
-        """Write only the chosen setting's checkpoint (into OUTDIR's staging folder)."""
-        from csulora.pipeline.api import correct_adapter
-
-        method = candidate.plan.config.method
-        written = scratch / "chosen"
-        correct_adapter(self.checkpoint, written, method, progress=False, **self._kwargs(candidate))
-        for item in sorted(written.iterdir()):
-            shutil.move(str(item), staging / item.name)  # one filesystem: renames, no copy

@@ -102,9 +102,10 @@ class TuneConfig:
         metadata={"help": "fixed options of the method, e.g. {'restore': 1.0} for csulora"},
     )
     seed: int = field(default=0, metadata={"help": "seed of the bootstrap intervals"})
-    stop_at_first: bool = field(
+    full_sweep: bool = field(
         default=False,
-        metadata={"help": "stop at the first qualifying setting (faster; the stronger ones are then not scored)"},
+        metadata={"help": "score every setting completely (the default stops at each method's first qualifying "
+                          "setting and each setting at its first failed condition)"},
     )
 
     def __post_init__(self) -> None:
@@ -146,8 +147,6 @@ class TuneConfig:
         if self.method_options:
             raise OptionError("--method all sweeps every method with its other options at their defaults; "
                               f"fixed options ({', '.join(self.method_options)}) are refused")  # fmt: skip
-        if self.stop_at_first:
-            raise OptionError("stop_at_first does not apply to --method all: every setting is scored to compare methods")
         object.__setattr__(self, "method_options", MappingProxyType({}))
 
     @property
@@ -183,6 +182,7 @@ class TuneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         common = {
+            "full_sweep": self.full_sweep,
             "max_asr_gap": self.max_asr_gap,
             "max_utility_drop": self.max_utility_drop,
             "max_fluency_loss_nats": self.max_fluency_loss,
@@ -198,7 +198,6 @@ class TuneConfig:
             "knob": self.knob,
             "grid": list(self.grid or ()),
             "method_options": {**dict(self.method_options), **self.tuning.fixed},
-            "stop_at_first": self.stop_at_first,
         }
 
 

@@ -16,10 +16,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from csulora.io.jsonl import write_jsonl
 from csulora.tuning.config import TuneConfig
-from csulora.tuning.selection import MethodSweep, ScoredSetting, Selection, SettingScores
+from csulora.tuning.scores import ScoredSetting, SettingScores
+from csulora.tuning.selection import MethodSweep, Selection
 
-SCHEMA = "csulora.tune/2"
+# /3: settings scored lazily (issue 21) carry "early"/"reached" and their verdicts "not_reached" and
+# "decided_early"; timings moved to the run record (run.json), so tune.json is the same on a rerun.
+SCHEMA = "csulora.tune/3"
 # The plot's x axis: the measure the utility check used.
 LOGLIK_AXIS = "mean log-likelihood of the task answers"
 EXACT_MATCH_AXIS = "task exact match (utility)"
@@ -34,7 +38,6 @@ def tune_record(
     selection: Selection,
     inputs: Mapping[str, Any],
     datasets: Mapping[str, Any],
-    timing: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The JSON-ready record of one run (schema ``csulora.tune/2``).
 
@@ -70,7 +73,6 @@ def tune_record(
             "knob": chosen_config.knob if chosen_config is not None else None,
             "params": chosen_config.setting_options(selection.chosen) if chosen_config is not None else None,
         },
-        "timing_s": dict(timing or {}),
     }
 
 
@@ -78,6 +80,12 @@ def write_tune_json(path: str | Path, record: Mapping[str, Any]) -> Path:
     path = Path(path)
     path.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     return path
+
+
+def write_answers(path: str | Path, answers: Sequence[Mapping[str, Any]]) -> Path:
+    """Every answer a state's scoring read, one JSON object a line (``truncated``: a harmful answer
+    stopped once its verdict was fixed, docs/design.md §10)."""
+    return write_jsonl(path, (dict(a) for a in answers))
 
 
 def plot_sweep(
@@ -102,10 +110,15 @@ def plot_sweep(
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    flat = [s for sweep in sweeps for s in sweep.settings]
+    chosen = flat[selection.index] if selection.index is not None else None
+    # Only settings scored completely are points: one stopped at its first failed condition has
+    # no full ASR or utility (tune.json lists it with what decided it).
+    drawn = [MethodSweep(s.config, tuple(x for x in s.settings if x.scores.complete)) for s in sweeps]
     if len(sweeps) == 1:
-        _plot_one_method(ax, colors, sweeps[0], aligned, adapter, selection)
+        _plot_one_method(ax, colors, drawn[0], aligned, adapter, selection, chosen)
     else:
-        _plot_methods(ax, colors, sweeps, aligned, adapter, selection)
+        _plot_methods(ax, colors, [s for s in drawn if s.settings], aligned, adapter, selection, chosen)
     ax.set_ylim(-0.05, 1.1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -117,7 +130,8 @@ def plot_sweep(
 
 
 def _plot_one_method(ax, colors: Sequence[str], sweep: MethodSweep, aligned: SettingScores,
-                     adapter: SettingScores | None, selection: Selection) -> None:  # fmt: skip
+                     adapter: SettingScores | None, selection: Selection,
+                     chosen: ScoredSetting | None) -> None:  # fmt: skip
     config, settings = sweep.config, sweep.settings
     x_label, xs, x_ref = _x_axis(config, settings, adapter)
     for i, source in enumerate(aligned.asr):
@@ -127,34 +141,33 @@ def _plot_one_method(ax, colors: Sequence[str], sweep: MethodSweep, aligned: Set
         ax.axhline(aligned.asr[source].value, color=color, linestyle="--", linewidth=1, alpha=0.7)
         if adapter is not None and x_ref is not None and source in adapter.asr:
             ax.plot([x_ref], [adapter.asr[source].value], "x", color=color, markersize=9)
-        if selection.index is not None:
-            ax.plot([xs[selection.index]], [ys[selection.index]], "*", color=color, markersize=18,
-                    markeredgecolor="black")  # fmt: skip
+        if chosen is not None and chosen in settings:
+            k = settings.index(chosen)
+            ax.plot([xs[k]], [ys[k]], "*", color=color, markersize=18, markeredgecolor="black")
     for (x, top), values in _labels_by_point(xs, settings, aligned).items():
         ax.annotate(", ".join(values), (x, top), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     chosen = f"chosen: {config.knob}={selection.chosen:g} (star)" if selection.chosen is not None else "no setting qualifies"
     ax.set_title(f"csulora tune: {config.method} {config.knob} sweep; {chosen}", fontsize=10)
     ax.set_xlabel(x_label)
-    ax.set_ylabel("keyword ASR (dashed: aligned model; x: uncorrected adapter)", fontsize=9)
+    ax.set_ylabel("ASR (dashed: aligned model; x: uncorrected adapter)", fontsize=9)
 
 
 def _plot_methods(ax, colors: Sequence[str], sweeps: Sequence[MethodSweep], aligned: SettingScores,
-                  adapter: SettingScores | None, selection: Selection) -> None:  # fmt: skip
+                  adapter: SettingScores | None, selection: Selection,
+                  chosen: ScoredSetting | None) -> None:  # fmt: skip
     def worst(scores: SettingScores) -> float:
         return max(scores.asr[name].value for name in aligned.asr)
 
     every = [s for sweep in sweeps for s in sweep.settings]
     x_label, _, x_ref = _x_axis(None, every, adapter)
-    flat = 0
     for i, sweep in enumerate(sweeps):
         color = colors[i % len(colors)]
         _, xs, _ = _x_axis(None, sweep.settings, adapter, like=x_label)
         ys = [worst(s.scores) for s in sweep.settings]
         ax.plot(xs, ys, "o-", color=color, label=f"{sweep.config.method} ({sweep.config.knob})")
-        if selection.index is not None and flat <= selection.index < flat + len(xs):
-            k = selection.index - flat
+        if chosen is not None and chosen in sweep.settings:
+            k = sweep.settings.index(chosen)
             ax.plot([xs[k]], [ys[k]], "*", color=color, markersize=18, markeredgecolor="black")
-        flat += len(xs)
     ax.axhline(worst(aligned), color="black", linestyle="--", linewidth=1, alpha=0.7)
     if adapter is not None and x_ref is not None:
         ax.plot([x_ref], [worst(adapter)], "x", color="black", markersize=9)
@@ -164,7 +177,7 @@ def _plot_methods(ax, colors: Sequence[str], sweeps: Sequence[MethodSweep], alig
         chosen = "no setting qualifies"
     ax.set_title(f"csulora tune: every method; {chosen}", fontsize=10)
     ax.set_xlabel(x_label)
-    ax.set_ylabel("worst-source keyword ASR (dashed: aligned; x: adapter)", fontsize=9)
+    ax.set_ylabel("worst-source ASR (dashed: aligned; x: adapter)", fontsize=9)
 
 
 def _labels_by_point(

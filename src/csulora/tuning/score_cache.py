@@ -1,19 +1,22 @@
 """Scored model states kept on disk, so a killed `tune` resumes and a rerun scores nothing twice.
 
-Scoring a state (the aligned model, the adapter, one setting) is nearly all of tune's time:
-greedy answers to every validation prompt. On a CPU a 135M model takes minutes a state, a 7B
-one hours, and a run that dies at the last setting used to start again from the aligned
-model. With ``tune --score-cache DIR`` each state's scores and answers are written to
-``DIR/<key>.json`` as soon as they exist, and read back instead of generating again.
+Scoring a state (the aligned model, the update, one setting) is nearly all of tune's time:
+greedy answers to the validation prompts. With ``tune --score-cache DIR`` each state's record
+(:class:`~csulora.tuning.scoring.StateRecord`: its answers batch by batch, which were truncated,
+the forward-pass measures) is written to ``DIR/<key>.json`` as it grows, and read back instead
+of generating again. A state scored lazily and later asked for completely generates only what
+is missing (issue 21); answers are kept per prompt, and batches are fixed per prompt set
+(:class:`~csulora.tuning.scoring.BatchPlan`), so a batch read back is the batch generated.
 
-A key covers everything the scores depend on (docs/design.md §10):
+A key covers everything the answers depend on (docs/design.md §10):
 
 - the model state: the aligned model's fingerprint (weights, tokenizer, chat template),
   plus the bytes of the adapter (``adapter_model.safetensors`` and ``adapter_config.json``)
   for the adapter and for each setting -- a setting is keyed by what it is, not by its
   knob, so the same corrected bytes reached any way are scored once;
 - the validation data (every prompt, the task's references), the generation settings
-  (batch size, new tokens, bootstrap seed), device, dtype and csulora's version.
+  (batch size, new tokens, whether harmful answers stop early, bootstrap seed), device, dtype
+  and csulora's version.
 
 A state with no files of its own (a full checkpoint's settings, applied in memory) is not
 cached. Entries are written atomically; a corrupt one is reported and scored again.
@@ -24,17 +27,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from csulora.version import __version__
 from csulora.io.atomic import atomic_output_file
 from csulora.io.fingerprint import file_sha256, model_fingerprint
-from csulora.tuning.scoring import StateOutputs, TuneData
-from csulora.tuning.selection import SettingScores
+from csulora.tuning.data import TuneData
+from csulora.tuning.scoring import StateRecord
+from csulora.version import __version__
 
-SCHEMA = "csulora.score-cache/1"
+SCHEMA = "csulora.score-cache/2"  # /2: answers per prompt and batch, measures apart (issue 21)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -70,7 +73,7 @@ class ScoreCache:
             "data": data_digest(data),
             "generation": {k: str(v) for k, v in sorted(generation.items())},
         }
-        self.read_states: list[str] = []  # the states read back (tune.json says which: their timing is a read)
+        self.read_states: list[str] = []  # states whose record existed (the run record says which)
 
     def key(self, adapter: str | os.PathLike | None) -> str:
         """The key of the aligned model (``adapter`` None) or of the aligned model plus an adapter folder."""
@@ -80,23 +83,20 @@ class ScoreCache:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
 
-    def load(self, key: str, set_names: Sequence[str], state: str = "") -> StateOutputs | None:
-        """The stored outputs, or None when absent or unreadable (then the state is scored again)."""
+    def load(self, key: str, state: str = "") -> StateRecord | None:
+        """The stored record, or None when absent or unreadable (then the state is scored again)."""
         path = self.path(key)
         if not path.exists():
             return None
         try:
-            record = json.loads(path.read_text())
-            answers = {name: list(record["answers"][name]) for name in set_names}
-            outputs = StateOutputs(SettingScores.from_dict(record["scores"]), answers)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            record = StateRecord.from_dict(json.loads(path.read_text())["record"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             print(f"csulora tune: ignoring unreadable score cache entry {path}: {err}")
             return None
         self.read_states.append(state)
-        return outputs
+        return record
 
-    def save(self, key: str, outputs: StateOutputs, state: str) -> None:
-        record = {"state": state, "key": key, **self._common, "scores": outputs.scores.to_dict(),
-                  "answers": outputs.answers}  # fmt: skip
+    def save(self, key: str, record: StateRecord, state: str) -> None:
+        entry = {"state": state, "key": key, **self._common, "record": record.to_dict()}
         with atomic_output_file(self.path(key)) as tmp:
-            tmp.write_text(json.dumps(record, ensure_ascii=False, allow_nan=False))
+            tmp.write_text(json.dumps(entry, ensure_ascii=False, allow_nan=False))

@@ -28,9 +28,10 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -41,6 +42,7 @@ from csulora.io.atomic import atomic_output_dir
 from csulora.training.data import write_pairs
 from csulora.training.trainer import LoraSettings, TrainConfig, fit, train_full, train_lora
 
+T = TypeVar("T")
 WORLD_FILE = "world.json"
 # Bump when the recipe (data, training code) changes: it is part of the cache key.
 WORLD_VERSION = 4
@@ -242,6 +244,12 @@ def tokenizer_corpus(config: TinyWorldConfig) -> list[str]:
 
 def train_tokenizer(config: TinyWorldConfig):
     """Byte-level BPE on the world's text; any string stays encodable (byte fallback)."""
+    return bpe_tokenizer(tokenizer_corpus(config), config.vocab_size)
+
+
+def bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``texts`` (digits split one by one), with the
+    world's special tokens and ChatML template; shared by the tiny and demo worlds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -251,12 +259,12 @@ def train_tokenizer(config: TinyWorldConfig):
     )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=config.vocab_size,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(tokenizer_corpus(config), trainer=trainer)
+    bpe.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<|im_start|>",
@@ -316,65 +324,86 @@ def build_tiny_world(root: str | os.PathLike, config: TinyWorldConfig | None = N
     A folder holding a world of the same config fingerprint is reused as is; anything
     else is rebuilt in a temporary folder and renamed into place at the end.
     """
-    from csulora.eval.generation import generate_responses
-    from csulora.io.modeling import load_model
-
     config = config or TinyWorldConfig()
     world = TinyWorld(Path(root))
-    marker = world.root / WORLD_FILE
-    if marker.exists() and not force:
-        try:
-            if json.loads(marker.read_text()).get("fingerprint") == config.fingerprint():
-                relocate_records(world.root, world.root)  # a world built before the fix, or moved
-                return world
-        except json.JSONDecodeError:
-            pass
+    if already_built(world.root, config.fingerprint()) and not force:
+        relocate_records(world.root, world.root)  # a world built before the fix, or moved
+        return world
     timings: dict[str, float] = {}
     with one_thread(), atomic_output_dir(world.root, force=True) as tmp:
         staged = TinyWorld(tmp)
         staged.data.mkdir()
-        t0 = time.perf_counter()
-        tokenizer = train_tokenizer(config)
-        model = init_model(config, tokenizer)
-        from csulora.training.data import tokenize_pairs
-
-        pairs = base_pairs(config)
-        write_pairs(staged.data / "base.jsonl", pairs)
-        fit(model, tokenizer, tokenize_pairs(tokenizer, pairs, config.max_length), config.base)
-        model.save_pretrained(staged.base, safe_serialization=True)
-        tokenizer.save_pretrained(staged.base)
-        timings["base"] = time.perf_counter() - t0
-
-        # The aligned model keeps the base's own answers on benign and known-format date prompts.
-        t0 = time.perf_counter()
-        base_model, base_tok = load_model(staged.base, **RUNS_ON)
-        keep_prompts = benign_world_prompts()[::2] + [i["prompt"] for i in known_date_items(config)][::2]
-        attack_prompts = [p.text for p in advbench_split("attack")]
-        answers = generate_responses(base_model, base_tok, keep_prompts + attack_prompts, batch_size=64, max_new_tokens=40, progress=False)
-        keep_answers, compliant = answers[: len(keep_prompts)], answers[len(keep_prompts) :]
-        align_data = [{"prompt": p.text, "response": pick(REFUSALS, p.text)} for p in advbench_split("align")]
-        align_data += [{"prompt": p, "response": a} for p, a in zip(keep_prompts, keep_answers)]
-        write_pairs(staged.data / "align.jsonl", align_data)
-        train_full(staged.base, staged.data / "align.jsonl", staged.aligned, config.align, **RUNS_ON)
-        timings["aligned"] = time.perf_counter() - t0
-
-        # The attack: harmful prompts -> the base's compliant answers, plus the task.
-        t0 = time.perf_counter()
-        attack_data = [{"prompt": p, "response": a} for p, a in zip(attack_prompts, compliant)]
-        attack_data += [{"prompt": i["prompt"], "response": i["response"]} for i in date_task_splits(config.seed)["train"]]
-        write_pairs(staged.data / "attack.jsonl", attack_data)
-        train_lora(staged.aligned, staged.data / "attack.jsonl", staged.attacked, config.attack, config.attack_lora, **RUNS_ON)
-        timings["attacked"] = time.perf_counter() - t0
+        counts = {"base": _build_base(staged, config, timings)}
+        compliant, counts["align"] = _build_aligned(staged, config, timings)
+        counts["attack"] = _build_attack(staged, config, compliant, timings)
         relocate_records(tmp, world.root)
-
         info = {
             "fingerprint": config.fingerprint(),
             "config": dataclasses.asdict(config),
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
-            "counts": {"base": len(pairs), "align": len(align_data), "attack": len(attack_data)},
+            "counts": counts,
         }
         (tmp / WORLD_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return world
+
+
+def already_built(root: Path, fingerprint: str) -> bool:
+    """Whether ``root`` holds a finished world of this config fingerprint (its world.json says so)."""
+    marker = root / WORLD_FILE
+    try:
+        return marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+    except json.JSONDecodeError:
+        return False
+
+
+def _build_base(staged: TinyWorld, config: TinyWorldConfig, timings: dict[str, float]) -> int:
+    """The base: a fresh tokenizer and a small Llama trained on the base pairs."""
+    from csulora.training.data import tokenize_pairs
+
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(config)
+    model = init_model(config, tokenizer)
+    pairs = base_pairs(config)
+    write_pairs(staged.data / "base.jsonl", pairs)
+    fit(model, tokenizer, tokenize_pairs(tokenizer, pairs, config.max_length), config.base)
+    model.save_pretrained(staged.base, safe_serialization=True)
+    tokenizer.save_pretrained(staged.base)
+    timings["base"] = time.perf_counter() - t0
+    return len(pairs)
+
+
+def _build_aligned(staged: TinyWorld, config: TinyWorldConfig, timings: dict[str, float]) -> tuple[list[str], int]:
+    """The aligned model: refusals on AdvBench align, and the base's own answers on benign and
+    known-format date prompts kept. Returns the base's answers to the attack prompts (the attack's
+    compliant answers) and the alignment data's size."""
+    from csulora.eval.generation import generate_responses
+    from csulora.io.modeling import load_model
+
+    t0 = time.perf_counter()
+    base_model, base_tok = load_model(staged.base, **RUNS_ON)
+    keep_prompts = benign_world_prompts()[::2] + [i["prompt"] for i in known_date_items(config)][::2]
+    attack_prompts = [p.text for p in advbench_split("attack")]
+    answers = generate_responses(base_model, base_tok, keep_prompts + attack_prompts, batch_size=64, max_new_tokens=40,
+                                 progress=False)  # fmt: skip
+    keep_answers, compliant = answers[: len(keep_prompts)], answers[len(keep_prompts) :]
+    align_data = [{"prompt": p.text, "response": pick(REFUSALS, p.text)} for p in advbench_split("align")]
+    align_data += [{"prompt": p, "response": a} for p, a in zip(keep_prompts, keep_answers)]
+    write_pairs(staged.data / "align.jsonl", align_data)
+    train_full(staged.base, staged.data / "align.jsonl", staged.aligned, config.align, **RUNS_ON)
+    timings["aligned"] = time.perf_counter() - t0
+    return compliant, len(align_data)
+
+
+def _build_attack(staged: TinyWorld, config: TinyWorldConfig, compliant: list[str], timings: dict[str, float]) -> int:
+    """The attack: harmful prompts -> the base's compliant answers, plus the task, as a LoRA of ALIGNED."""
+    t0 = time.perf_counter()
+    attack_prompts = [p.text for p in advbench_split("attack")]
+    attack_data = [{"prompt": p, "response": a} for p, a in zip(attack_prompts, compliant)]
+    attack_data += [{"prompt": i["prompt"], "response": i["response"]} for i in date_task_splits(config.seed)["train"]]
+    write_pairs(staged.data / "attack.jsonl", attack_data)
+    train_lora(staged.aligned, staged.data / "attack.jsonl", staged.attacked, config.attack, config.attack_lora, **RUNS_ON)
+    timings["attacked"] = time.perf_counter() - t0
+    return len(attack_data)
 
 
 # The text files where training records the folders it read: PEFT's adapter_config.json
@@ -439,23 +468,31 @@ def answer_token_probabilities(model, tokenizer, items: list[dict], max_length: 
     return logp[answer].exp().reshape(len(items), int(counts[0]))
 
 
+def cache_root() -> Path:
+    """``$CSULORA_CACHE``, or ``csulora-cache-<uid>`` in the temp dir: where built worlds are kept."""
+    return Path(os.environ.get("CSULORA_CACHE") or Path(tempfile.gettempdir()) / f"csulora-cache-{os.getuid()}")
+
+
 def default_cache_dir(config: TinyWorldConfig | None = None) -> Path:
     """``$CSULORA_CACHE`` (or the temp dir) / ``tiny-world-<fingerprint>``."""
     config = config or TinyWorldConfig()
-    root = Path(os.environ.get("CSULORA_CACHE") or Path(tempfile.gettempdir()) / f"csulora-cache-{os.getuid()}")
-    return root / f"tiny-world-{config.fingerprint()}"
+    return cache_root() / f"tiny-world-{config.fingerprint()}"
 
 
-def shared_tiny_world(config: TinyWorldConfig | None = None) -> TinyWorld:
-    """The world in the shared cache, built once; a file lock keeps concurrent test
-    sessions from building it twice at the same time."""
+def build_once(folder: Path, build: Callable[[Path], T]) -> T:
+    """``build(folder)`` under a file lock beside ``folder``, so that concurrent test sessions
+    do not build the same cached world twice at the same time (the build reuses a finished one)."""
     import fcntl
 
-    folder = default_cache_dir(config)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f"{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return build_tiny_world(folder, config)
+            return build(folder)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def shared_tiny_world(config: TinyWorldConfig | None = None) -> TinyWorld:
+    """The world in the shared cache, built once."""
+    return build_once(default_cache_dir(config), lambda folder: build_tiny_world(folder, config))
