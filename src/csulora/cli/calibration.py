@@ -1,10 +1,12 @@
-"""``csulora calibrate``: argument parsing over :func:`csulora.references.calibration.calibrate`."""
+"""``csulora calibrate``: argument parsing over :func:`csulora.references.calibration.calibrate` and,
+with ``--update``, :func:`csulora.references.calibration.calibrate_update` (Antidote's statistics)."""
 
 from __future__ import annotations
 
 import argparse
 
 from csulora.cli.common import add_device_flags, device_options
+from csulora.errors import OptionError
 from csulora.eval.generation import DEFAULT_BATCH_SIZE
 from csulora.references.calibration import CALIBRATION_MAX_NEW_TOKENS
 
@@ -12,11 +14,16 @@ from csulora.references.calibration import CALIBRATION_MAX_NEW_TOKENS
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "calibrate",
-        help="measure the aligned model's activation statistics for the calibrated correction",
+        help="measure activation statistics: the aligned model's (calibrated, safedelta) or, with --update, "
+        "the fine-tuned model's (antidote)",
         description="Run ALIGNED on harmful prompts (each followed by its own greedy answer) and on the "
         "adapter's task data, and write per target module the Gram of its inputs on each set "
         "(docs/design.md §5c). Once per aligned model and task. The aligned model's answers are cached "
         "(--answer-cache), so a calibration of the same model for another task generates nothing. "
+        "With --update UPDATE --pairs FILE.jsonl instead: write Antidote's statistics, the Gram of each "
+        "module's inputs when the fine-tuned model (ALIGNED with the adapter UPDATE merged, or the full "
+        "fine-tune UPDATE) reads each harmful prompt followed by its harmful answer from FILE.jsonl "
+        "(nothing generated, no task pass); correct/tune --method antidote read it as --update-statistics. "
         "Beside the output, OUTPUT.run.json records the run's timings and machine; the statistics file "
         "itself is byte-identical on a rerun.",
     )
@@ -26,9 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="statistics file to write (never inside ALIGNED or onto an input)",
     )  # fmt: skip
     parser.add_argument(
-        "--task", required=True, metavar="FILE.jsonl|date:train",
+        "--task", metavar="FILE.jsonl|date:train",
         help='the adapter\'s training data (JSONL of {"prompt", "response"}) or date:train; '
-        "never a split tune selects on or a test split",
+        "never a split tune selects on or a test split (required unless --update)",
     )  # fmt: skip
     parser.add_argument(
         "--harmful", nargs="+", metavar="SPEC",
@@ -40,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated module names or suffixes (default: every linear layer in the decoder blocks)",
     )  # fmt: skip
     add_generation_flags(parser)
+    add_update_flags(parser)
     parser.add_argument(
         "--memory-budget", type=float, metavar="GB",
         help="memory the Gram sums of one pass may take; more groups than fit are done in several passes "
@@ -72,9 +80,53 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_update_flags(parser: argparse.ArgumentParser) -> None:
+    """The fine-tuned model's statistics (Antidote's): the update and the harmful pairs."""
+    group = parser.add_argument_group("the fine-tuned model's statistics, for antidote (instead of --task)")
+    group.add_argument(
+        "--update", metavar="UPDATE",
+        help="a PEFT adapter trained on ALIGNED (run merged into it) or a full fine-tune of ALIGNED: write its "
+        "statistics, which correct/tune --method antidote read as --update-statistics",
+    )  # fmt: skip
+    group.add_argument(
+        "--pairs", metavar="FILE.jsonl",
+        help='with --update: JSONL of {"prompt", "response"}, each a harmful prompt followed by a harmful answer '
+        "(read as given; every token of both counts)",
+    )  # fmt: skip
+
+
+def check_mode(args: argparse.Namespace) -> None:
+    """``--task`` or ``--update`` with ``--pairs``; flags of the other mode are refused, not ignored."""
+    if args.update is None:
+        if args.pairs is not None:
+            raise OptionError("--pairs applies with --update UPDATE (Antidote's statistics of the fine-tuned model)")
+        if args.task is None:
+            raise OptionError(
+                "give --task FILE.jsonl|date:train (the aligned model's statistics), or --update UPDATE --pairs "
+                "FILE.jsonl (the fine-tuned model's, for antidote)"
+            )
+        return
+    if args.pairs is None:
+        raise OptionError("--update needs --pairs FILE.jsonl: harmful prompts, each with a harmful answer")
+    given = {
+        "--task": args.task is not None, "--harmful": args.harmful is not None,
+        "--answer-cache": args.answer_cache is not None, "--no-answer-cache": args.no_answer_cache,
+        "--max-new-tokens": args.max_new_tokens != CALIBRATION_MAX_NEW_TOKENS,
+    }  # fmt: skip
+    for flag, present in given.items():
+        if present:
+            raise OptionError(
+                f"{flag} does not apply with --update: the fine-tuned model reads --pairs as given "
+                "(no task pass, nothing generated)"
+            )
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     from csulora.references.calibration import calibrate
 
+    check_mode(args)
+    if args.update is not None:
+        return run_calibrate_update(args)
     answer_cache = False if args.no_answer_cache else (args.answer_cache or True)
     result = calibrate(
         args.aligned, args.output, task=args.task, harmful=args.harmful, targets=args.targets,
@@ -91,5 +143,23 @@ def run_calibrate(args: argparse.Namespace) -> int:
         f"harmful {harmful['prompts']} prompts, {result.harmful_tokens} tokens; "
         f"task {task['examples']} examples, {result.task_tokens} tokens; "
         f"{generation}, statistics {result.seconds['statistics']:.1f} s; run record {result.record_path}"
+    )
+    return 0
+
+
+def run_calibrate_update(args: argparse.Namespace) -> int:
+    from csulora.references.calibration import calibrate_update
+
+    result = calibrate_update(
+        args.aligned, args.output, update=args.update, pairs=args.pairs, targets=args.targets,
+        batch_size=args.batch_size, memory_budget_gb=args.memory_budget, force=args.force, **device_options(args),
+    )  # fmt: skip
+    passes = "one pass" if result.passes == 1 else f"{result.passes} passes"
+    update = result.info["update"]
+    print(
+        f"wrote {result.path} (antidote's --update-statistics): {len(result.modules)} modules in "
+        f"{len(result.groups)} Gram groups ({passes}) of {update['model']}; "
+        f"{result.info['pairs']['examples']} pairs, {result.harmful_tokens} tokens; "
+        f"statistics {result.seconds['statistics']:.1f} s; run record {result.record_path}"
     )
     return 0

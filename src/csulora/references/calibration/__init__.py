@@ -18,10 +18,24 @@ The package, one job a module:
 - :mod:`.passes`: the memory budget, the passes it asks for, the statistics pass;
 - :mod:`.outputs`: the output checked before any work, the file and its run record;
 - :mod:`.api`: :func:`calibrate` itself.
+
+A second mode, :func:`calibrate_update` (``csulora calibrate ALIGNED --update UPDATE --pairs FILE``),
+runs the **fine-tuned** model (ALIGNED with an adapter, or a full fine-tune) on harmful prompts
+followed by harmful answers and writes Antidote's statistics through the same groups, passes and
+statistics pass, with no task pass (:mod:`.update_inputs`: what it reads, checked; :mod:`.update`:
+the run and its file, role ``update``).
 """
 
 from csulora.references.calibration.api import CalibrationResult, calibrate
 from csulora.references.calibration.data import CALIBRATION_MAX_NEW_TOKENS, DEFAULT_HARMFUL_SPECS
 from csulora.references.calibration.outputs import run_record_path
+from csulora.references.calibration.update import calibrate_update
 
-__all__ = ["CALIBRATION_MAX_NEW_TOKENS", "DEFAULT_HARMFUL_SPECS", "CalibrationResult", "calibrate", "run_record_path"]
+__all__ = [
+    "CALIBRATION_MAX_NEW_TOKENS",
+    "DEFAULT_HARMFUL_SPECS",
+    "CalibrationResult",
+    "calibrate",
+    "calibrate_update",
+    "run_record_path",
+]

@@ -168,8 +168,7 @@ def statistics_info(inputs: Inputs, measured: Measured, *, task, harmful, target
     return {
         "csulora_version": __version__,
         MODEL_FINGERPRINT_KEY: measured.fingerprint,
-        "aligned": inputs.given if looks_like_hub_id(inputs.given) and not os.path.exists(inputs.given)
-        else str(Path(inputs.given).resolve()),
+        "aligned": model_text(inputs.given),
         "targets": target_list(targets),
         "modules": len(inputs.modules),
         "groups": len(measured.plan.groups),
@@ -194,6 +193,11 @@ def statistics_info(inputs: Inputs, measured: Measured, *, task, harmful, target
     }
 
 
+def model_text(given: str) -> str:
+    """A model as the file records it: a hub id as given, a folder as its resolved path."""
+    return given if looks_like_hub_id(given) and not os.path.exists(given) else str(Path(given).resolve())
+
+
 def run_record(paths: OutputPaths, measured: Measured, device: torch.device) -> dict[str, Any]:
     """How this run went: the only file of a rerun allowed to differ (issue 23)."""
     return {
@@ -205,10 +209,15 @@ def run_record(paths: OutputPaths, measured: Measured, device: torch.device) -> 
         "memory_budget_bytes": measured.budget,
         "passes": len(measured.plan.passes),
         "passes_resume_from_cached_hidden_states": measured.plan.blocks is not None,
-        "machine": {"device": str(device), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                    "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": machine_facts(device),
         "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
+
+
+def machine_facts(device: torch.device) -> dict[str, Any]:
+    """Where the run ran, for its run record."""
+    return {"device": str(device), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}  # fmt: skip
 
 
 def calibrate(

@@ -22,7 +22,13 @@ from torch import nn
 
 from csulora.references.calibration.groups import PROBE_TOKENS, GramGroup, shared_input_groups
 from csulora.references.calibration.replay import BlockResume, block_index, decoder_blocks, replay_is_exact
-from csulora.references.calibration.statistics import BufferPool, accumulate_sums, build_calibration, sum_bytes
+from csulora.references.calibration.statistics import (
+    BufferPool,
+    accumulate_sums,
+    build_calibration,
+    build_update_statistics,
+    sum_bytes,
+)
 from csulora.types import ModuleCalibration
 
 # The Grams of one pass may take this share of the memory free after the model is loaded.
@@ -32,19 +38,20 @@ FALLBACK_BUDGET = 8 << 30  # when the free memory cannot be read
 Log = Callable[[str], None]
 
 
-def plan_passes(groups: Sequence[GramGroup], budget_bytes: int) -> list[list[GramGroup]]:
+def plan_passes(groups: Sequence[GramGroup], budget_bytes: int, *, sets: int = 2) -> list[list[GramGroup]]:
     """Consecutive groups (forward order) whose sums (:func:`~csulora.references.calibration.statistics.sum_bytes`)
     fit the budget together; a group larger than the budget gets a pass of its own. Building the
-    statistics needs two full ``n x n`` float64 matrices of the widest group on top (reused)."""
+    statistics needs two full ``n x n`` float64 matrices of the widest group on top (reused).
+    ``sets``: sums per group (1: the fine-tuned model's harmful sums alone)."""
     passes: list[list[GramGroup]] = []
     current: list[GramGroup] = []
     used = 0
     for group in groups:
-        if current and used + sum_bytes(group) > budget_bytes:
+        if current and used + sum_bytes(group, sets=sets) > budget_bytes:
             passes.append(current)
             current, used = [], 0
         current.append(group)
-        used += sum_bytes(group)
+        used += sum_bytes(group, sets=sets)
     if current:
         passes.append(current)
     return passes
@@ -110,20 +117,22 @@ class StatisticsPlan:
 
 
 def plan_statistics(
-    model: nn.Module, linears: Mapping[str, nn.Linear], examples: Sequence[Mapping], budget: int, log: Log
+    model: nn.Module, linears: Mapping[str, nn.Linear], examples: Sequence[Mapping], budget: int, log: Log,
+    *, sets: int = 2,
 ) -> StatisticsPlan:
     """Groups from a probe forward on the first example, passes from the memory budget, and
-    whether later passes may start from cached hidden states (checked by another probe)."""
+    whether later passes may start from cached hidden states (checked by another probe).
+    ``sets``: the sums each group holds (:func:`plan_passes`)."""
     probe = examples[0]["input_ids"][:PROBE_TOKENS]
     groups = shared_input_groups(model, linears, probe)
-    passes = plan_passes(groups, budget)
+    passes = plan_passes(groups, budget, sets=sets)
     blocks = None
     if len(passes) > 1 and all(g.calls == 1 for g in groups):
         blocks = decoder_blocks(model, linears)
         if blocks is not None and not replay_is_exact(model, blocks, linears, probe):
             blocks = None
     plan = StatisticsPlan(groups=groups, passes=passes, blocks=blocks)
-    needed = sum(sum_bytes(g) for g in groups)
+    needed = sum(sum_bytes(g, sets=sets) for g in groups)
     log(
         f"{len(linears)} modules in {len(groups)} Gram groups; their sums need {size_text(needed)}, "
         f"budget {size_text(budget)}: {plan.describe()}"
@@ -157,7 +166,7 @@ def collect_statistics(
     linears: Mapping[str, nn.Linear],
     plan: StatisticsPlan,
     harmful: Sequence[Mapping],
-    task: Sequence[Mapping],
+    task: Sequence[Mapping] | None,
     *,
     pad_id: int,
     batch_size: int,
@@ -166,24 +175,30 @@ def collect_statistics(
     log: Log,
 ) -> dict[str, ModuleCalibration]:
     """Every group's statistics, pass by pass: harmful sums, task sums, then the stored form.
-    The buffers of one pass's sums are reused by the next (:class:`~csulora.references.calibration.statistics.BufferPool`)."""
+    The buffers of one pass's sums are reused by the next (:class:`~csulora.references.calibration.statistics.BufferPool`).
+    ``task`` None: no task set, the fine-tuned model's statistics (harmful moment only,
+    :func:`~csulora.references.calibration.statistics.build_update_statistics`)."""
     calibrations: dict[str, ModuleCalibration] = {}
     pool = BufferPool()
     common = {"pad_id": pad_id, "batch_size": batch_size, "product_dtype": product_dtype, "progress": False, "pool": pool}
     passes = plan.passes
     cached: dict[str, Sequence[Any] | None] = {"harmful": None, "task": None}
-    tokens = sum(len(e["input_ids"]) for e in (*harmful, *task))
+    sets = (("harmful", harmful),) if task is None else (("harmful", harmful), ("task", task))
+    tokens = sum(len(e["input_ids"]) for _, examples in sets for e in examples)
     with token_bar(tokens * len(passes), progress) as bar:
         for number, part in enumerate(passes, start=1):
             if len(passes) > 1:
                 log(f"pass {number}/{len(passes)}: {len(part)} groups, {pass_span(part)}")
                 bar.set_postfix_str(f"pass {number}/{len(passes)}")
             sums = {}
-            for which, examples in (("harmful", harmful), ("task", task)):
+            for which, examples in sets:
                 resume = resume_for(plan, number, cached[which])
                 sums[which] = accumulate_sums(model, examples, part, linears, resume=resume, on_batch=bar.update, **common)
                 cached[which] = resume.recorded if resume is not None and resume.record_at is not None else None
             for group in part:  # pop: each group's sums go back to the pool as soon as it is built
+                if task is None:
+                    calibrations[group.name] = build_update_statistics(group, sums["harmful"].pop(group.name))
+                    continue
                 calibrations[group.name] = build_calibration(
                     group, sums["harmful"].pop(group.name), sums["task"].pop(group.name)
                 )

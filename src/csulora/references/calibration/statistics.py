@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from csulora.errors import InputError
-from csulora.linalg.gram import calibration_moments
+from csulora.linalg.gram import calibration_moments, update_moment
 from csulora.references.activations import MaskedInputHooks, StopForward, run_batches
 from csulora.references.calibration.groups import GramGroup
 from csulora.references.calibration.replay import BlockResume, block_index, recording_block_output, replaying_blocks
@@ -65,9 +65,10 @@ def packed_numel(n: int, strip: int | None = None) -> int:
     return offset + rows * (n - start)
 
 
-def sum_bytes(group: GramGroup, strip: int | None = None) -> int:
-    """The harmful and the task sum of ``group``, packed float64, held together while a pass runs."""
-    return 2 * packed_numel(group.n, strip) * 8
+def sum_bytes(group: GramGroup, strip: int | None = None, *, sets: int = 2) -> int:
+    """The harmful and the task sum of ``group``, packed float64, held together while a pass runs
+    (``sets=1``: the harmful sum alone, the fine-tuned model's statistics)."""
+    return sets * packed_numel(group.n, strip) * 8
 
 
 class BufferPool:
@@ -327,3 +328,18 @@ def build_calibration(group: GramGroup, harmful: PackedGram, task: PackedGram) -
         harmful.release()
         task.release()
     return replace(built, harmful=stored_form(built.harmful), task=stored_form(built.task))
+
+
+def build_update_statistics(group: GramGroup, harmful: PackedGram) -> ModuleCalibration:
+    """One group's statistics of the fine-tuned model (Antidote's): the harmful moment alone
+    (:func:`csulora.linalg.gram.update_moment`), ``task`` None. The sums' buffers go back to
+    their pool, as in :func:`build_calibration`."""
+    full = full_sum(harmful)
+    try:
+        moment = update_moment(group.name, full, harmful.tokens)
+    except ValueError as exc:
+        raise InputError(f"update statistics of {group.name}: {exc}") from None
+    finally:
+        harmful.pool.give(full.view(-1))
+        harmful.release()
+    return ModuleCalibration(group=group.name, harmful=stored_form(moment), task=None)
