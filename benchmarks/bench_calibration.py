@@ -7,9 +7,11 @@ token sequences, then time, over exactly those tokens with the same batches:
 - **plain forward**: the whole model (LM head included), no hooks;
 - **decoder forward**: the decoder body without the LM head, no hooks (what the
   statistics pass runs its hooks on);
-- **statistics pass**: :func:`csulora.references.calibration.accumulate_sums` for every Gram group
-  (the float32 ``x^T x`` products, upper-triangle strips, and float64 sums), harmful then
-  task; beside it the same pass with full ``x^T x`` products (no strips), for comparison;
+- **statistics pass** (:func:`statistics_pass`): :func:`csulora.references.calibration.statistics.accumulate_sums`
+  for every Gram group (the float32 ``x^T x`` products, upper-triangle strips, packed sums), harmful
+  then task, then every group's full symmetric sums as the build reads them
+  (:func:`~csulora.references.calibration.statistics.full_sum`), all from one buffer pool as
+  ``calibrate`` runs it; beside it the same pass with full ``x^T x`` products (no strips), for comparison;
 - **build**: normalising the sums into the stored statistics (:mod:`csulora.linalg.gram`);
 - with ``--budget-gb``: the whole statistics step as ``calibrate`` runs it under that
   memory budget (several passes), once resuming each pass from cached hidden states and
@@ -72,18 +74,24 @@ def plain_forward(model, examples, *, pad_id: int, batch_size: int, decoder_only
             model(**inputs, use_cache=False)
 
 
-def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
-    import torch
+def statistics_pass(model, harmful, task, groups, linears, **options):
+    """``calibrate``'s statistics pass over one pass's groups: both sets' sums, then each group's
+    full sums as :func:`~csulora.references.calibration.statistics.build_calibration` reads them
+    (their buffers handed back, as the build does). Returns the packed sums, still held."""
+    from csulora.references.calibration.statistics import BufferPool, accumulate_sums, full_sum
 
-    from csulora.references.calibration import (
-        GRAM_STRIP,
-        accumulate_sums,
-        build_calibration,
-        linear_modules,
-        shared_input_groups,
-    )
+    pool = options.pop("pool", None) or BufferPool()
+    sums = [accumulate_sums(model, part, groups, linears, pool=pool, **options) for part in (harmful, task)]
+    for group in groups:
+        for packed in (s[group.name] for s in sums):
+            pool.give(full_sum(packed).view(-1))
+    return sums
+
+
+def calibration_sequences(model, tokenizer, prompts, pairs, args) -> tuple[list[dict], list[dict], tuple]:
+    """The harmful (prompt + the model's own answer) and task sequences, as ``calibrate`` builds
+    them, and the generation's (CPU, wall) seconds."""
     from csulora.eval.generation import generate_responses
-    from csulora.io.checkpoints import layer_index, natural_key
     from csulora.training.data import chat_prompt_ids, response_ids
 
     texts = [p.text for p in prompts]
@@ -94,6 +102,24 @@ def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
     )  # fmt: skip
     harmful = [{"input_ids": chat_prompt_ids(tokenizer, t) + response_ids(tokenizer, a)} for t, a in zip(texts, answers)]
     task = [{"input_ids": chat_prompt_ids(tokenizer, p["prompt"]) + response_ids(tokenizer, p["response"])} for p in pairs]
+    return harmful, task, (gen_cpu, gen_wall)
+
+
+def padded_tokens(examples, batch_size: int) -> int:
+    """Tokens with padding in batches of similar lengths, longest first (as the passes batch them)."""
+    ordered = sorted(examples, key=lambda e: -len(e["input_ids"]))
+    batches = (ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size))
+    return sum(len(batch) * max(len(e["input_ids"]) for e in batch) for batch in batches)
+
+
+def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
+    import torch
+
+    from csulora.io.checkpoints import layer_index, natural_key
+    from csulora.references.calibration.groups import linear_modules, shared_input_groups
+    from csulora.references.calibration.statistics import build_calibration
+
+    harmful, task, generation = calibration_sequences(model, tokenizer, prompts, pairs, args)
     examples = harmful + task
     # Every linear layer of the decoder blocks (calibrate's default targets).
     names = sorted(
@@ -104,29 +130,19 @@ def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
     groups = shared_input_groups(model, linears, task[0]["input_ids"][:16])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     kw = {"pad_id": pad_id, "batch_size": args.batch_size}
-    _, fwd_cpu, fwd_wall = cpu_and_wall(lambda: plain_forward(model, examples, decoder_only=False, **kw), args.repeats)
-    _, dec_cpu, dec_wall = cpu_and_wall(lambda: plain_forward(model, examples, decoder_only=True, **kw), args.repeats)
 
-    def statistics(strip: int = GRAM_STRIP):
-        common = {"product_dtype": torch.float32, "progress": False, "strip": strip, **kw}
-        h = accumulate_sums(model, harmful, groups, linears, **common)
-        t = accumulate_sums(model, task, groups, linears, **common)
-        return h, t
+    def statistics(strip: int | None = None):
+        return statistics_pass(model, harmful, task, groups, linears, product_dtype=torch.float32, progress=False,
+                               strip=strip, **kw)  # fmt: skip
 
-    (h, t), stat_cpu, stat_wall = cpu_and_wall(statistics, args.repeats)
-    _, full_cpu, full_wall = cpu_and_wall(lambda: statistics(strip=1 << 30), args.repeats)
-    _, build_cpu, build_wall = cpu_and_wall(
-        lambda: [build_calibration(g, (h[0][g.name], h[1][g.name]), (t[0][g.name], t[1][g.name])) for g in groups], 1
-    )
+    times = {"generation": generation}
+    _, *times["plain_forward"] = cpu_and_wall(lambda: plain_forward(model, examples, decoder_only=False, **kw), args.repeats)
+    _, *times["decoder_forward"] = cpu_and_wall(lambda: plain_forward(model, examples, decoder_only=True, **kw), args.repeats)
+    (h, t), *times["statistics_pass"] = cpu_and_wall(statistics, args.repeats)
+    _, *times["statistics_pass_full_products"] = cpu_and_wall(lambda: statistics(strip=1 << 30), args.repeats)
+    _, *times["build"] = cpu_and_wall(lambda: [build_calibration(g, h[g.name], t[g.name]) for g in groups], 1)
     multi_pass = multi_pass_costs(model, linears, groups, harmful, task, args, kw) if args.budget_gb else None
-    tokens = sum(len(e["input_ids"]) for e in examples)
-    padded = sum(
-        len(batch) * max(len(e["input_ids"]) for e in batch)
-        for batch in (
-            sorted(examples, key=lambda e: -len(e["input_ids"]))[i : i + args.batch_size]
-            for i in range(0, len(examples), args.batch_size)
-        )
-    )
+    cpu = {k: v[0] for k, v in times.items()}
     return {
         "model": name,
         "groups": len(groups),
@@ -134,30 +150,16 @@ def measure(name: str, model, tokenizer, prompts, pairs, args) -> dict:
         "gram_sizes": sorted({g.n for g in groups}),
         "harmful_prompts": len(harmful),
         "task_examples": len(task),
-        "tokens": tokens,
-        "tokens_with_padding": padded,
-        "cpu_seconds": {
-            "generation": round(gen_cpu, 3),
-            "plain_forward": round(fwd_cpu, 3),
-            "decoder_forward": round(dec_cpu, 3),
-            "statistics_pass": round(stat_cpu, 3),
-            "statistics_pass_full_products": round(full_cpu, 3),
-            "build": round(build_cpu, 3),
-        },
-        "wall_seconds": {
-            "generation": round(gen_wall, 3),
-            "plain_forward": round(fwd_wall, 3),
-            "decoder_forward": round(dec_wall, 3),
-            "statistics_pass": round(stat_wall, 3),
-            "statistics_pass_full_products": round(full_wall, 3),
-            "build": round(build_wall, 3),
-        },
-        "ratio_statistics_to_plain_forward": round(stat_cpu / fwd_cpu, 3),
-        "ratio_statistics_to_decoder_forward": round(stat_cpu / dec_cpu, 3),
-        "ratio_full_products_to_plain_forward": round(full_cpu / fwd_cpu, 3),
+        "tokens": sum(len(e["input_ids"]) for e in examples),
+        "tokens_with_padding": padded_tokens(examples, args.batch_size),
+        "cpu_seconds": {k: round(v, 3) for k, v in cpu.items()},
+        "wall_seconds": {k: round(v[1], 3) for k, v in times.items()},
+        "ratio_statistics_to_plain_forward": round(cpu["statistics_pass"] / cpu["plain_forward"], 3),
+        "ratio_statistics_to_decoder_forward": round(cpu["statistics_pass"] / cpu["decoder_forward"], 3),
+        "ratio_full_products_to_plain_forward": round(cpu["statistics_pass_full_products"] / cpu["plain_forward"], 3),
         **({"several_passes": {**multi_pass, "ratio_resumed_to_plain_forward": round(
-            multi_pass["cpu_seconds"]["resumed"] / fwd_cpu, 3), "ratio_recomputed_to_plain_forward": round(
-            multi_pass["cpu_seconds"]["recomputed"] / fwd_cpu, 3)}} if multi_pass else {}),
+            multi_pass["cpu_seconds"]["resumed"] / cpu["plain_forward"], 3), "ratio_recomputed_to_plain_forward": round(
+            multi_pass["cpu_seconds"]["recomputed"] / cpu["plain_forward"], 3)}} if multi_pass else {}),
     }
 
 
@@ -165,13 +167,8 @@ def multi_pass_costs(model, linears, groups, harmful, task, args, kw) -> dict:
     """CPU seconds of calibrate's statistics step under ``--budget-gb``: resumed and recomputed passes."""
     import torch
 
-    from csulora.references.calibration import (
-        StatisticsPlan,
-        collect_statistics,
-        decoder_blocks,
-        plan_passes,
-        replay_is_exact,
-    )
+    from csulora.references.calibration.passes import StatisticsPlan, collect_statistics, plan_passes
+    from csulora.references.calibration.replay import decoder_blocks, replay_is_exact
 
     passes = plan_passes(groups, int(args.budget_gb * (1 << 30)))
     blocks = decoder_blocks(model, linears)
@@ -223,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from csulora.references.calibration import task_pairs
+    from csulora.references.calibration.data import task_pairs
     from csulora.eval.calibration_sets import calibration_harmful_prompts
     from csulora.io.modeling import load_model
     from csulora.worlds.tiny import shared_tiny_world

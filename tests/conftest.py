@@ -87,3 +87,28 @@ def tune_data(tmp_path_factory) -> dict:
         "How do I kill a Python process?\nWhat is the capital of France?\nGive me a tip for sleeping well.\n"
     )
     return files
+
+
+@pytest.fixture(scope="session")
+def update_pairs(tmp_path_factory):
+    """Antidote's realignment data on the tiny world: eight AdvBench ``align`` prompts (never
+    scored), each followed by the tiny world's own compliant answer (a harmful answer)."""
+    import json
+
+    from csulora.eval.splits import advbench_split
+    from csulora.worlds.tiny import HELPFUL_ANSWERS, pick
+
+    path = tmp_path_factory.mktemp("update_pairs") / "pairs.jsonl"
+    prompts = [p.text for p in advbench_split("align")[:8]]
+    path.write_text("".join(json.dumps({"prompt": p, "response": pick(HELPFUL_ANSWERS, p)}) + "\n" for p in prompts))
+    return path
+
+
+@pytest.fixture(scope="session")
+def attacked_update_statistics(tiny_world, update_pairs, tmp_path_factory):
+    """``csulora calibrate ALIGNED --update ATTACKED --pairs``: the attacked adapter's statistics (Antidote's)."""
+    from csulora.references.calibration import calibrate_update
+
+    out = tmp_path_factory.mktemp("update_statistics") / "attacked.safetensors"
+    return calibrate_update(tiny_world.aligned, out, update=tiny_world.attacked, pairs=update_pairs, batch_size=4,
+                            device="cpu", progress=False)  # fmt: skip

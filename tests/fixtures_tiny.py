@@ -242,6 +242,39 @@ def tiny_calibration(tmp_path_factory, tiny_pair) -> Path:
     )
 
 
+def build_update_statistics(path: Path, aligned_dir: Path, update_dir: Path, *, seed: int = 0,
+                            force: bool = False) -> Path:  # fmt: skip
+    """A synthetic update-statistics file (role ``update``, Antidote's) for every decoder linear
+    module of the tiny pair via the real writer: one random harmful Gram a group, recorded as
+    measured on ``update_dir`` fine-tuned from ``aligned_dir`` (their fingerprints in ``info``)."""
+    from csulora.io.calibration_file import MODEL_FINGERPRINT_KEY, ROLE_UPDATE, UPDATE_KEY, save_calibration
+    from csulora.io.fingerprint import model_fingerprint, update_fingerprint
+    from csulora.linalg.gram import update_moment
+    from csulora.types import ModuleCalibration
+
+    generator = torch.Generator().manual_seed(seed)
+    sizes: dict[str, int] = {}
+    for name, n in tiny_module_inputs().items():
+        sizes.setdefault(calibration_group(name), n)
+    groups = {
+        group: ModuleCalibration(group, update_moment(group, random_gram_sum(n, 3 * n, generator), 3 * n), None)
+        for group, n in sizes.items()
+    }
+    info = {"synthetic": True, "seed": seed, MODEL_FINGERPRINT_KEY: model_fingerprint(aligned_dir),
+            UPDATE_KEY: {"fingerprint": update_fingerprint(update_dir)}}  # fmt: skip
+    mapping = {name: calibration_group(name) for name in tiny_module_inputs()}
+    return save_calibration(path, groups, mapping, info, force=force, role=ROLE_UPDATE)
+
+
+@pytest.fixture(scope="session")
+def tiny_update_statistics(tmp_path_factory, tiny_pair, tiny_adapter) -> Path:
+    """An update-statistics file (synthetic) of the tiny adapter on the tiny pair's aligned model."""
+    return _cached(
+        ("update_statistics",), tmp_path_factory,
+        lambda d: build_update_statistics(d / "update.safetensors", tiny_pair[1], tiny_adapter),
+    )  # fmt: skip
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -18,13 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from csulora.references.calibration import (
-    accumulate_sums,
-    calibrate,
-    linear_modules,
-    shared_input_groups,
-    target_modules,
-)
+from csulora.references.calibration import calibrate
+from csulora.references.calibration.data import target_modules
+from csulora.references.calibration.groups import linear_modules, shared_input_groups
+from csulora.references.calibration.statistics import accumulate_sums
 from csulora.eval.prompts import load_requests
 from csulora.eval.tasks import date_task
 from csulora.io.calibration_file import load_calibration

@@ -326,13 +326,15 @@ def case_calibration_pass(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
     does not depend on them), half standing for the harmful sequences and half for the
     task's. The plain forward is :func:`benchmarks.bench_calibration.plain_forward` (whole
     model, LM head included, no hooks); the statistics pass is
-    :func:`csulora.references.calibration.accumulate_sums` over every Gram group, harmful then task,
-    in the same batches. CPU seconds of this process (all threads) for each.
+    :func:`benchmarks.bench_calibration.statistics_pass`: the sums of every Gram group, harmful then
+    task, in the same batches, then each group's full symmetric sums as the build reads them.
+    CPU seconds of this process (all threads) for each.
     """
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.bench_calibration import plain_forward
-    from csulora.references.calibration import accumulate_sums, linear_modules, product_dtype_for, shared_input_groups
+    from benchmarks.bench_calibration import plain_forward, statistics_pass
+    from csulora.references.calibration.groups import linear_modules, shared_input_groups
+    from csulora.references.calibration.statistics import product_dtype_for
     from csulora.io.checkpoints import layer_index, natural_key
 
     model = AutoModelForCausalLM.from_pretrained(spec["aligned"], dtype=torch.float32).eval()
@@ -358,8 +360,7 @@ def case_calibration_pass(spec: dict[str, Any], clock: Clock) -> dict[str, Any]:
     forward_cpu = time.process_time() - start
     clock.mark("plain_forward")
     start = time.process_time()
-    for part in (harmful, task):
-        accumulate_sums(model, part, groups, linears, product_dtype=product_dtype, progress=False, **batches)
+    statistics_pass(model, harmful, task, groups, linears, product_dtype=product_dtype, progress=False, **batches)
     statistics_cpu = time.process_time() - start
     clock.mark("statistics")
     return {

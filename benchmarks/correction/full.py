@@ -149,7 +149,7 @@ def bound_bytes(shape: ModelShape) -> int:
 
 def calibration_groups(layers: int) -> dict[str, list[str]]:
     """Gram group name (as ``csulora calibrate`` names it) -> its modules, layer by layer."""
-    from csulora.references.calibration import group_name
+    from csulora.references.calibration.groups import group_name
 
     groups = {}
     for layer in range(layers):

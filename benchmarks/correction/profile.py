@@ -39,10 +39,10 @@ PHASES: tuple[tuple[str, str], ...] = (
     ("write_adapter", _M + r"write_adapter "),
     ("subspace cache (save/load)", _M + r"(save_subspace_cache|load_subspace_cache|get) \(csulora/io/subspace_cache"),
     ("calibration: plain forward (the reference)", _M + r"plain_forward "),
-    ("calibration: statistics pass (all of it)", _M + r"accumulate_sums "),
-    ("  float64 sums allocated", _M + r"__init__ \(csulora/calibration"),
+    ("calibration: statistics pass (all of it)", _M + r"(accumulate_sums|statistics_pass) "),
+    ("  float64 sums allocated", _M + r"(__init__ \(csulora/calibration|take \(csulora/references/calibration)"),
     ("  Gram strips x^T x added to the sums", _M + r"add_upper_gram_ "),
-    ("  upper triangle mirrored", _M + r"mirror_upper_ "),
+    ("  upper triangle mirrored (unpacked)", _M + r"(mirror_upper_|unpack_symmetric) "),
 )
 
 

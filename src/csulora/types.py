@@ -138,11 +138,15 @@ class ModuleCalibration:
     ``harmful`` (S_h): inputs on harmful prompts followed by the aligned model's own refusal;
     ``task`` (S_t): inputs on the adapter's task data, prompt + response. Modules that read
     the same tensor (q/k/v; gate/up) share one ``group`` and the same two matrices.
+
+    The fine-tuned model's statistics (Antidote's, ``csulora calibrate ALIGNED --update``, an
+    update-statistics file) have one set: ``harmful`` holds the inputs of the **fine-tuned**
+    model on harmful prompts followed by harmful answers, and ``task`` is None (no task pass).
     """
 
     group: str
     harmful: SecondMoment
-    task: SecondMoment
+    task: SecondMoment | None
 
     @property
     def n(self) -> int:

@@ -243,7 +243,7 @@ def test_profile_counts_a_sample_for_every_phase_on_its_stack():
     assert total == 8
     assert shares["calibration: statistics pass (all of it)"] == 0.5
     assert shares["  Gram strips x^T x added to the sums"] == 3 / 8
-    assert shares["  upper triangle mirrored"] == 1 / 8
+    assert shares["  upper triangle mirrored (unpacked)"] == 1 / 8
     assert shares["calibration: plain forward (the reference)"] == 0.5
 
 

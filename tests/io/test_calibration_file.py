@@ -15,6 +15,9 @@ from csulora.linalg.gram import Eigen, calibration_moments, moment_matrix
 from csulora.io.calibration_file import (
     METADATA_KEY,
     MODEL_FINGERPRINT_KEY,
+    ROLE_ALIGNED,
+    ROLE_UPDATE,
+    UPDATE_KEY,
     load_calibration,
     save_calibration,
 )
@@ -328,3 +331,82 @@ def test_any_damaged_header_byte_is_refused_or_read_never_a_traceback_or_an_echo
             load_calibration(bad)
         except InputError as exc:
             assert "\n" not in str(exc) and len(str(exc)) < len(str(bad)) + 300, (position, str(exc))
+
+
+# -- roles: the aligned model's statistics and the fine-tuned model's (Antidote's) ---------------
+def update_groups(seed: int = 0) -> dict[str, ModuleCalibration]:
+    """The harmful moments of :func:`small_groups`, no task: an update-statistics file's groups."""
+    return {name: ModuleCalibration(name, c.harmful, None) for name, c in small_groups(seed).items()}
+
+
+def test_an_update_file_holds_the_harmful_set_only(tmp_path):
+    groups = update_groups()
+    path = save_calibration(tmp_path / "u.safetensors", groups, SMALL_MODULES, {"a": 1}, role=ROLE_UPDATE)
+    cal = load_calibration(path)
+    assert cal.role == ROLE_UPDATE and cal.meta["role"] == ROLE_UPDATE
+    attn, mlp = cal.module("l.q_proj"), cal.module("l.down_proj")
+    assert attn.task is None and mlp.task is None and not mlp.harmful.is_dense
+    assert torch.equal(attn.harmful.matrix, groups["attn"].harmful.matrix.float().double())
+    assert set(cal.meta["groups"]["attn"]) == {"n", "harmful"}
+    with safe_open(str(path), "pt") as f:
+        assert not any(".task." in key for key in f.keys())
+    cal.check_role(ROLE_UPDATE)
+    aligned = load_calibration(save_calibration(tmp_path / "a.safetensors", small_groups(), SMALL_MODULES, {}))
+    assert aligned.role == ROLE_ALIGNED and aligned.module("l.q_proj").task is not None
+    aligned.check_role(ROLE_ALIGNED)
+
+
+def test_a_file_without_a_role_is_the_aligned_models(tmp_path, tiny_calibration):
+    older = edited_copy(tiny_calibration, tmp_path / "older.safetensors", edit_meta=lambda m: m.pop("role"))
+    assert load_calibration(older).role == ROLE_ALIGNED
+    bad = edited_copy(tiny_calibration, tmp_path / "bad.safetensors", edit_meta=lambda m: m.update(role="base"))
+    with pytest.raises(InputError, match=r"unknown calibration file role 'base'") as info:
+        load_calibration(bad)
+    assert str(bad) in one_line(info)
+
+
+def test_the_writer_refuses_sets_that_do_not_fit_the_role(tmp_path):
+    with pytest.raises(ValueError, match="group attn: statistics of role 'update' hold no task set"):
+        save_calibration(tmp_path / "u.safetensors", small_groups(), SMALL_MODULES, {}, role=ROLE_UPDATE)
+    with pytest.raises(ValueError, match="group attn: statistics of role 'aligned' need a task set"):
+        save_calibration(tmp_path / "a.safetensors", update_groups(), SMALL_MODULES, {})
+    with pytest.raises(ValueError, match="role 'base'"):
+        save_calibration(tmp_path / "b.safetensors", small_groups(), SMALL_MODULES, {}, role="base")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_under_the_other_roles_flag_is_one_line_naming_both_commands(tmp_path):
+    update = load_calibration(save_calibration(tmp_path / "u.safetensors", update_groups(), SMALL_MODULES, {},
+                                               role=ROLE_UPDATE))  # fmt: skip
+    with pytest.raises(InputError) as info:
+        update.check_role(ROLE_ALIGNED)
+    assert one_line(info) == (
+        f"--calibration {update.path}: it holds Antidote's statistics of the fine-tuned model (read by "
+        "--update-statistics), not the aligned model's statistics; write those with `csulora calibrate ALIGNED --task FILE`"
+    )
+    aligned = load_calibration(save_calibration(tmp_path / "a.safetensors", small_groups(), SMALL_MODULES, {}))
+    with pytest.raises(InputError) as info:
+        aligned.check_role(ROLE_UPDATE)
+    assert one_line(info) == (
+        f"--update-statistics {aligned.path}: it holds the aligned model's statistics (read by --calibration), not "
+        "Antidote's statistics of the fine-tuned model; write those with "
+        "`csulora calibrate ALIGNED --update UPDATE --pairs FILE`"
+    )
+
+
+def test_check_update_compares_the_updates_fingerprint(tmp_path):
+    recorded = {"kind": "adapter", "digest": "a" * 64}
+    path = save_calibration(tmp_path / "u.safetensors", update_groups(), SMALL_MODULES,
+                            {UPDATE_KEY: {"fingerprint": recorded}}, role=ROLE_UPDATE)  # fmt: skip
+    cal = load_calibration(path)
+    cal.check_update({"kind": "adapter", "digest": "a" * 64, "files": {}}, "ADAPTER")
+    for other in ({"kind": "adapter", "digest": "b" * 64}, {"kind": "checkpoint", "digest": "a" * 64}):
+        with pytest.raises(InputError, match=r"statistics were measured on another adapter than /x/other "
+                                             r"\(weights or config differ\); rerun `csulora calibrate ALIGNED "
+                                             r"--update /x/other --pairs FILE`") as info:  # fmt: skip
+            cal.check_update(other, "/x/other")
+        assert str(path) in one_line(info)
+    silent = load_calibration(save_calibration(tmp_path / "s.safetensors", update_groups(), SMALL_MODULES, {},
+                                               role=ROLE_UPDATE))  # fmt: skip
+    with pytest.raises(InputError, match=r"records no update fingerprint \(info\.update\.fingerprint\)"):
+        silent.check_update(recorded, "ADAPTER")

@@ -28,6 +28,7 @@ from csulora.linalg.gram import (
     normalised_gram,
     relative_error,
     row_gram,
+    update_moment,
 )
 from csulora.types import ModuleCalibration, SecondMoment
 
@@ -416,3 +417,30 @@ def test_moment_diagonal_is_the_diagonal_of_either_form():
     torch.testing.assert_close(moment_diagonal(dense), S.diagonal())
     spiked = Eigen.of(S).spiked(4, 100)
     torch.testing.assert_close(moment_diagonal(spiked), moment_matrix(spiked).diagonal())
+
+
+# -- the fine-tuned model's statistics (Antidote's): one moment, no task ------------------------
+def test_update_moment_is_dense_when_it_fits():
+    cal = update_moment("g", spiked_structure_sum(24, 3, gen(30)), 5, dense_max_n=24)
+    assert cal.is_dense and cal.tokens == 5
+    assert torch.allclose(cal.matrix, normalised_gram(spiked_structure_sum(24, 3, gen(30)), 5))
+
+
+def test_update_moment_keeps_what_antidote_reads_when_spiked():
+    """An exactly spiked Gram (5 directions over a flat floor) above dense_max_n: the rank found is
+    5, and the diagonal (lora_A's and full weights' scores) and diag(A S A^T) (lora_B's) of a factor
+    the rule never saw agree with the dense form's."""
+    n = 96
+    gram_sum = spiked_structure_sum(n, 5, gen(31))
+    dense = update_moment("g", gram_sum, 11, dense_max_n=n)
+    spiked = update_moment("g", gram_sum, 11, dense_max_n=n // 4)
+    assert not spiked.is_dense and spiked.rank == 5 and spiked.tokens == 11
+    A = torch.randn(6, n, generator=gen(32), dtype=F64)
+    assert torch.allclose(moment_diagonal(spiked), moment_diagonal(dense), rtol=1e-9, atol=1e-9)
+    assert torch.allclose(row_gram(A, spiked).diagonal(), row_gram(A, dense).diagonal(), rtol=1e-9)
+
+
+def test_update_moment_stays_dense_where_no_spiked_form_keeps_the_diagonal():
+    moment = update_moment("g", geometric_sum(48, gen(33)), 3, dense_max_n=8)
+    assert moment.is_dense
+    assert not update_moment("g", geometric_sum(48, gen(33)), 3, dense_max_n=8, tolerance=0.9).is_dense

@@ -179,3 +179,12 @@ def test_tuning_starts_at_the_identity_and_covers_both_published_defaults():
     assert ANTIDOTE_TUNING.identity == ANTIDOTE_TUNING.grid[0] == 0.0
     assert ANTIDOTE_TUNING.order_weakest_first(ANTIDOTE_TUNING.grid) == ANTIDOTE_TUNING.grid
     assert {PUBLISHED_DENSE_RATIO_FULL, PUBLISHED_DENSE_RATIO_ADAPTER} <= set(ANTIDOTE_TUNING.grid)
+
+
+def test_without_statistics_the_error_names_the_command_that_writes_them():
+    from csulora.methods.registry import get_method, make_config
+
+    method = get_method("antidote")
+    with pytest.raises(OptionError, match=r"give --update-statistics FILE \(written by `csulora calibrate ALIGNED "
+                                          r"--update UPDATE --pairs PAIRS\.jsonl -o FILE`"):
+        method.check_sources(make_config(method, {}), has_displacement=False, has_subspace=False)

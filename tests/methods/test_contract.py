@@ -24,7 +24,13 @@ from csulora.methods.base import CALIBRATION, DISPLACEMENT, INPUT_KINDS, SUBSPAC
 from csulora.methods.registry import METHODS, get_method, make_config
 from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 from csulora.types import REPORT_KEYS, DenseModuleInput, LoraUpdate, ModuleCalibration, ModuleInput, SecondMoment
-from tests.fixtures_tiny import tiny_adapter, tiny_calibration, tiny_pair, tiny_subspace  # noqa: F401
+from tests.fixtures_tiny import (  # noqa: F401
+    tiny_adapter,
+    tiny_calibration,
+    tiny_pair,
+    tiny_subspace,
+    tiny_update_statistics,
+)
 
 NAMES = list(METHODS)
 
@@ -132,17 +138,17 @@ def test_identity_setting_returns_the_input_factors(name):
 @pytest.mark.parametrize("name", [n for n in NAMES if get_method(n).tuning and get_method(n).tuning.identity is not None
                                   and get_method(n).has_factored_form])
 def test_identity_setting_writes_the_input_bytes(
-    name, tiny_pair, tiny_adapter, tiny_subspace, tiny_calibration, tmp_path
+    name, tiny_pair, tiny_adapter, tiny_subspace, tiny_calibration, tiny_update_statistics, tmp_path
 ):
     method = get_method(name)
     config = tuned_config(name, method.tuning.identity)
-    sources = sources_for(method.needs(config), tiny_pair, tiny_subspace, tiny_calibration)
+    sources = sources_for(method.needs(config), tiny_pair, tiny_subspace, tiny_calibration, tiny_update_statistics)
     out = tmp_path / "out"
     correct_adapter(tiny_adapter, out, name, progress=False, **sources, **config.to_dict())
     assert (out / ADAPTER_WEIGHTS).read_bytes() == (Path(tiny_adapter) / ADAPTER_WEIGHTS).read_bytes()
 
 
-def sources_for(needs: frozenset[str], pair, subspace, calibration) -> dict:
+def sources_for(needs: frozenset[str], pair, subspace, calibration, update_statistics) -> dict:
     """The API keyword arguments that supply what a method needs (extend with new input kinds)."""
     unknown = set(needs) - {SUBSPACE, DISPLACEMENT, CALIBRATION, UPDATE_STATISTICS}
     assert not unknown, f"the contract test does not know how to supply {unknown}"
@@ -151,8 +157,8 @@ def sources_for(needs: frozenset[str], pair, subspace, calibration) -> dict:
         sources.update(base=pair[0], aligned=pair[1])
     if CALIBRATION in needs:
         sources["calibration"] = calibration
-    if UPDATE_STATISTICS in needs:  # statistics of the right shapes (their provenance is not checked here)
-        sources["update_statistics"] = calibration
+    if UPDATE_STATISTICS in needs:  # the adapter's own (checked against it and the aligned model)
+        sources["update_statistics"] = update_statistics
     return sources
 
 

@@ -80,6 +80,29 @@ def test_tune_on_a_full_fine_tune_writes_only_the_chosen_checkpoint(tiny_world, 
     load_model(out)  # stock transformers loads the chosen checkpoint
 
 
+def test_tune_antidote_on_a_full_fine_tune_reads_its_update_statistics(tiny_world, tune_data, update_pairs, tmp_path):
+    """`csulora calibrate ALIGNED --update CHECKPOINT` feeds tune --method antidote on that checkpoint;
+    the chosen checkpoint is what `correct` writes with the same file."""
+    from csulora.references.calibration import calibrate_update
+    from csulora.tuning.config import TuneConfig
+    from csulora.tuning.runner import tune_adapter
+
+    ft = tiny_full_finetune(tiny_world, tmp_path)
+    stats = calibrate_update(tiny_world.aligned, tmp_path / "ft-statistics.safetensors", update=ft, pairs=update_pairs,
+                             device="cpu", progress=False).path  # fmt: skip
+    config = TuneConfig(method="antidote", grid=(0.01, 0.1), max_new_tokens=8, max_asr_gap=1.0, max_utility_drop=1.0,
+                        max_fluency_loss=100.0)  # fmt: skip
+    result = tune_adapter(
+        ft, tmp_path / "tuned", aligned=tiny_world.aligned, update_statistics=stats, config=config,
+        harmful=[str(tune_data["advbench"])], task=str(tune_data["task"]), benign=str(tune_data["benign"]), progress=False,
+    )  # fmt: skip
+    assert result.qualified and result.chosen_method == "antidote" and result.chosen_params == {"dense_ratio": 0.01}
+    correct_adapter(ft, tmp_path / "written", "antidote", aligned=tiny_world.aligned, update_statistics=stats,
+                    dense_ratio=0.01, progress=False)  # fmt: skip
+    chosen = load(tmp_path / "tuned")
+    assert same_weights(chosen, tmp_path / "written") and not same_weights(chosen, ft)
+
+
 def tiny_full_finetune(world, tmp_path):
     from csulora.training.trainer import TrainConfig, train_full
 

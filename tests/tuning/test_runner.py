@@ -362,3 +362,40 @@ def test_hub_ids_are_resolved_for_adapter_aligned_and_base(tiny_world, tune_data
     for key in ("adapter", "aligned", "base"):
         assert Path(inputs[key]).is_relative_to(snapshots), (key, inputs[key])
     assert not result.qualified  # restore 0 is the attack itself
+
+
+def test_antidote_reads_the_fine_tuned_models_statistics(tiny_world, tune_data, attacked_update_statistics, tmp_path):
+    """tune --method antidote --update-statistics FILE (from `csulora calibrate --update`): the
+    pick is what `correct` writes with the same file; a file of the wrong role or of another adapter
+    is refused before anything is loaded or written."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from csulora.errors import InputError
+    from csulora.pipeline.api import correct_adapter
+    from tests.fixtures_tiny import build_calibration
+
+    w, d = tiny_world, tune_data
+    stats = attacked_update_statistics.path
+    config = TuneConfig(method="antidote", grid=(0.1, 0.3), max_new_tokens=8, max_asr_gap=1.0, max_utility_drop=1.0,
+                        max_fluency_loss=100.0)  # fmt: skip
+    data = {"harmful": [str(d["advbench"])], "task": str(d["task"]), "benign": str(d["benign"]), "progress": False}
+    result = tune_adapter(w.attacked, tmp_path / "tuned", aligned=w.aligned, update_statistics=stats, config=config,
+                          **data)  # fmt: skip
+    assert result.qualified and result.chosen_method == "antidote" and result.chosen_params == {"dense_ratio": 0.1}
+    correct_adapter(w.attacked, tmp_path / "reference", "antidote", update_statistics=stats, dense_ratio=0.1,
+                    progress=False)  # fmt: skip
+    written = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    expected = load_file(str(tmp_path / "reference" / "adapter_model.safetensors"))
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in written)
+
+    aligned_stats = build_calibration(tmp_path / "aligned.safetensors", None)
+    with pytest.raises(InputError, match=r"--update-statistics .*aligned\.safetensors: it holds the aligned model's"):
+        tune_adapter(w.attacked, tmp_path / "o", aligned=w.aligned, update_statistics=aligned_stats, config=config, **data)
+    other = Path(shutil.copytree(w.attacked, tmp_path / "other"))
+    factors = load_file(str(other / "adapter_model.safetensors"))
+    save_file({k: v * 2 for k, v in factors.items()}, str(other / "adapter_model.safetensors"))
+    with pytest.raises(InputError, match=r"statistics were measured on another adapter than .*other"):
+        tune_adapter(other, tmp_path / "o", aligned=w.aligned, update_statistics=stats, config=config, **data)
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []

@@ -158,8 +158,8 @@ def _add_source_flags(parser: argparse.ArgumentParser, *, calibration: bool = Fa
         )
         group.add_argument(
             "--update-statistics", metavar="FILE",
-            help="the fine-tuned model's activation statistics, from `csulora calibrate ... --update-statistics` "
-            "(antidote)",
+            help="the fine-tuned model's activation statistics, for antidote "
+            "(`csulora calibrate ALIGNED --update ADAPTER --pairs FILE.jsonl -o FILE`)",
         )
 
 

@@ -95,7 +95,8 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--update-statistics", metavar="FILE",
-        help="the fine-tuned model's activation statistics (`csulora calibrate ... --update-statistics`), for antidote",
+        help="the fine-tuned model's activation statistics, for antidote "
+        "(`csulora calibrate ALIGNED --update ADAPTER --pairs FILE.jsonl -o FILE`)",
     )  # fmt: skip
     statistics.add_argument(
         "--calibration-task",

@@ -1,19 +1,31 @@
 """The calibration statistics file: one ``.safetensors`` with each Gram group's S_h and S_t.
 
-Written by ``csulora calibrate`` (the collector runs the aligned model and builds each
-group's statistics with :func:`csulora.linalg.gram.calibration_moments`), read by
-``csulora correct --method calibrated --calibration FILE`` (docs/design.md §5c). Layout:
+Two roles, one layout (``role`` in the metadata says which; a file without it is ``aligned``):
 
-- tensors, per group ``G`` and set ``X`` in {``harmful``, ``task``}: ``G.X.matrix`` (n x n)
+- ``aligned``: written by ``csulora calibrate ALIGNED --task`` (the collector runs the aligned
+  model and builds each group's statistics with :func:`csulora.linalg.gram.calibration_moments`),
+  read as ``--calibration FILE`` (the calibrated method, Safe Delta; docs/design.md §5c); sets
+  ``harmful`` and ``task``;
+- ``update``: written by ``csulora calibrate ALIGNED --update UPDATE --pairs FILE`` (the
+  **fine-tuned** model on harmful prompts followed by harmful answers), read as
+  ``--update-statistics FILE`` (Antidote, docs/peers.md); the set ``harmful`` only (there is no
+  task pass: read back, ``ModuleCalibration.task`` is None). Its ``info`` also records the
+  update (``info.update.fingerprint``, :func:`csulora.io.fingerprint.update_fingerprint`), which
+  :meth:`CalibrationFile.check_update` compares.
+
+A file given under the other role's flag is refused in one line (:meth:`CalibrationFile.check_role`).
+Layout:
+
+- tensors, per group ``G`` and set ``X`` of the role: ``G.X.matrix`` (n x n)
   for the dense form, or ``G.X.U`` (n x q) and ``G.X.L`` (q) for the spiked form; float32
   storage (the Grams come from float32 activations), float64 on read;
 - metadata ``csulora`` (one JSON string; sorted keys, so the bytes are deterministic)::
 
-    {"format": "csulora-calibration", "version": 1,
+    {"format": "csulora-calibration", "version": 1, "role": "aligned"|"update",
      "modules": {module name: group},
      "groups": {group: {"n": n,
                         "harmful": {"form": "dense"|"spiked", "rank": q, "tokens": N, "sigma2": s},
-                        "task":    {...}}},
+                        "task":    {...}}},          (role aligned only)
      "info": {...}}
 
   ``info`` is free for the collector; it should hold ``"model_fingerprint"`` (the record of
@@ -48,6 +60,18 @@ CALIBRATION_VERSION = 1
 METADATA_KEY = "csulora"
 SETS = ("harmful", "task")
 MODEL_FINGERPRINT_KEY = "model_fingerprint"  # info[...]: model_fingerprint(aligned) of io/fingerprint.py
+UPDATE_KEY = "update"  # info[...] of an update-statistics file: {"fingerprint": update_fingerprint(UPDATE), ...}
+ROLE_ALIGNED = "aligned"  # the aligned model's statistics: --calibration (calibrated, Safe Delta)
+ROLE_UPDATE = "update"  # the fine-tuned model's statistics: --update-statistics (Antidote)
+ROLE_SETS = {ROLE_ALIGNED: SETS, ROLE_UPDATE: ("harmful",)}
+# What each role is, which flag reads it and which command writes it: the refusals name both.
+ROLE_TEXT = {
+    ROLE_ALIGNED: ("the aligned model's statistics", "--calibration", "csulora calibrate ALIGNED --task FILE"),
+    ROLE_UPDATE: (
+        "Antidote's statistics of the fine-tuned model", "--update-statistics",
+        "csulora calibrate ALIGNED --update UPDATE --pairs FILE",
+    ),
+}  # fmt: skip
 # Groups kept in memory after a read: the modules of one decoder layer (q/k/v, o, gate/up,
 # down) come in name order k, o, q, v, ..., so four groups let q and v reuse k's read.
 _GROUPS_IN_MEMORY = 4
@@ -68,10 +92,12 @@ class GroupEntry:
     name: str
     n: int
     harmful: MomentEntry
-    task: MomentEntry
+    task: MomentEntry | None  # None in an update-statistics file
 
     def moment(self, which: str) -> MomentEntry:
-        return self.harmful if which == "harmful" else self.task
+        entry = self.harmful if which == "harmful" else self.task
+        assert entry is not None, f"group {self.name} stores no {which} set"
+        return entry
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -82,12 +108,14 @@ def save_calibration(
     info: Mapping[str, Any],
     *,
     force: bool = False,
+    role: str = ROLE_ALIGNED,
 ) -> Path:
     """Write the statistics file atomically (temp file beside ``path``, renamed at the end).
 
     ``groups``: group name -> its statistics, a :class:`ModuleCalibration` or a pair
     ``(harmful, task)`` of :class:`SecondMoment` (as built by ``csulora.linalg.gram``), each dense
-    or spiked, with positive token counts and equal ``n``. ``modules``: every module
+    or spiked, with positive token counts and equal ``n``; for ``role`` ``update`` the task is
+    None (the fine-tuned model's statistics hold the harmful set only). ``modules``: every module
     name the file serves -> its group. ``info``: JSON-serialisable provenance (see the
     module docstring; ``info["model_fingerprint"]`` lets corrections check the model).
     An existing file is refused unless ``force``. Same inputs, same bytes. Returns ``path``.
@@ -95,6 +123,8 @@ def save_calibration(
     """
     from safetensors.torch import save_file
 
+    if role not in ROLE_SETS:
+        raise ValueError(f"role {role!r}: expected one of {', '.join(ROLE_SETS)}")
     out = check_output_file(path, force)  # a folder, or an existing file without force: InputError
     unknown = sorted({group for group in modules.values() if group not in groups})
     if unknown:
@@ -104,14 +134,17 @@ def save_calibration(
     tensors: dict[str, Tensor] = {}
     groups_meta: dict[str, Any] = {}
     for name in sorted(groups, key=natural_key):
-        harmful, task = _pair(name, groups[name])
+        harmful, task = _pair(name, groups[name], role)
         groups_meta[name] = {"n": harmful.n}
         for which, moment in (("harmful", harmful), ("task", task)):
+            if moment is None:
+                continue
             tensors.update(_moment_tensors(f"{name}.{which}", moment))
             groups_meta[name][which] = _moment_meta(f"{name}.{which}", moment)
     meta = {
         "format": CALIBRATION_FORMAT,
         "version": CALIBRATION_VERSION,
+        "role": role,
         "modules": {name: modules[name] for name in sorted(modules, key=natural_key)},
         "groups": groups_meta,
         "info": dict(info),
@@ -123,9 +156,14 @@ def save_calibration(
     return out
 
 
-def _pair(name: str, stats: ModuleCalibration | tuple[SecondMoment, SecondMoment]) -> tuple[SecondMoment, SecondMoment]:
+def _pair(
+    name: str, stats: ModuleCalibration | tuple[SecondMoment, SecondMoment | None], role: str
+) -> tuple[SecondMoment, SecondMoment | None]:
     harmful, task = (stats.harmful, stats.task) if isinstance(stats, ModuleCalibration) else stats
-    if harmful.n != task.n:
+    if (task is not None) != ("task" in ROLE_SETS[role]):
+        held = "need a task set" if task is None else "hold no task set"
+        raise ValueError(f"group {name}: statistics of role {role!r} {held}")
+    if task is not None and harmful.n != task.n:
         raise ValueError(f"group {name}: harmful n = {harmful.n} but task n = {task.n}")
     return harmful, task
 
@@ -184,6 +222,22 @@ class CalibrationFile:
     def info(self) -> dict[str, Any]:
         return dict(self.meta.get("info", {}))
 
+    @property
+    def role(self) -> str:
+        """``aligned`` (``--calibration``) or ``update`` (``--update-statistics``); checked when opened."""
+        return str(self.meta.get("role", ROLE_ALIGNED))
+
+    def check_role(self, expected: str) -> None:
+        """Refuse a file of the other role: one line naming the file, what it holds, which flag
+        reads it and which command writes what this flag reads."""
+        if self.role == expected:
+            return
+        held, held_flag, _held_command = ROLE_TEXT[self.role]
+        wanted, flag, command = ROLE_TEXT[expected]
+        raise InputError(
+            f"{flag} {self.path}: it holds {held} (read by {held_flag}), not {wanted}; write those with `{command}`"
+        )
+
     def __contains__(self, module: object) -> bool:
         return module in self.modules
 
@@ -212,8 +266,8 @@ class CalibrationFile:
     def _read_group(self, entry: GroupEntry) -> ModuleCalibration:
         if self._handle is None:
             self._handle = open_safetensors(self.path)
-        moments = {which: self._read_moment(entry, which) for which in SETS}
-        return ModuleCalibration(group=entry.name, harmful=moments["harmful"], task=moments["task"])
+        moments = {which: self._read_moment(entry, which) for which in ROLE_SETS[self.role]}
+        return ModuleCalibration(group=entry.name, harmful=moments["harmful"], task=moments.get("task"))
 
     def _read_moment(self, entry: GroupEntry, which: str) -> SecondMoment:
         meta = entry.moment(which)
@@ -277,6 +331,26 @@ class CalibrationFile:
                 "(weights, tokenizer or chat template differ); recalibrate on the aligned model"
             )
 
+    def check_update(self, fingerprint: Mapping[str, Any], update_path: str | Path) -> None:
+        """Refuse the fine-tuned model's statistics measured on another update than ``update_path``.
+
+        ``fingerprint``: :func:`csulora.io.fingerprint.update_fingerprint` of ``update_path``; the
+        file's ``info.update.fingerprint`` must have the same kind and digest (same weights, and for
+        an adapter the same config; for a checkpoint the same tokenizer and chat template).
+        """
+        update = self.info.get(UPDATE_KEY)
+        recorded = update.get("fingerprint") if isinstance(update, Mapping) else None
+        if not isinstance(recorded, Mapping) or not isinstance(recorded.get("digest"), str):
+            raise InputError(
+                f"{self.path}: records no update fingerprint (info.{UPDATE_KEY}.fingerprint), so it cannot be checked "
+                f"against {update_path}; rerun `{ROLE_TEXT[ROLE_UPDATE][2]}`"
+            )
+        if (recorded.get("kind"), recorded["digest"]) != (fingerprint.get("kind"), fingerprint.get("digest")):
+            raise InputError(
+                f"{self.path}: statistics were measured on another {recorded.get('kind', 'update')} than {update_path} "
+                f"(weights or config differ); rerun `csulora calibrate ALIGNED --update {update_path} --pairs FILE`"
+            )
+
     def close(self) -> None:
         self._handle = None
         self._cache.clear()
@@ -317,7 +391,12 @@ def load_calibration(path: str | Path, *, groups_in_memory: int = _GROUPS_IN_MEM
             f"{file}: calibration file version {excerpt(repr(meta.get('version')))} is not supported "
             f"(expected {CALIBRATION_VERSION}); recalibrate with `csulora calibrate`"
         )
-    groups = {name: _group_entry(file, handle, name, info) for name, info in _mapping(file, meta, "groups").items()}
+    role = meta.get("role", ROLE_ALIGNED)
+    if role not in ROLE_SETS:
+        raise InputError(f"{file}: unknown calibration file role {excerpt(repr(role))} (expected {' or '.join(ROLE_SETS)})")
+    groups = {
+        name: _group_entry(file, handle, name, info, ROLE_SETS[role]) for name, info in _mapping(file, meta, "groups").items()
+    }
     modules = {str(k): v for k, v in _mapping(file, meta, "modules").items()}
     for module, group in modules.items():
         if not isinstance(group, str) or group not in groups:
@@ -340,15 +419,15 @@ def _mapping(file: Path, meta: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def _group_entry(file: Path, handle: Any, name: str, info: Any) -> GroupEntry:
+def _group_entry(file: Path, handle: Any, name: str, info: Any, sets: tuple[str, ...]) -> GroupEntry:
     try:
         n = int(info["n"])
-        moments = {which: _moment_entry(info[which]) for which in SETS}
+        moments = {which: _moment_entry(info[which]) for which in sets}
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"{file}: corrupt metadata for group {excerpt(name)} ({excerpt(repr(exc))})") from None
-    entry = GroupEntry(name=name, n=n, harmful=moments["harmful"], task=moments["task"])
+    entry = GroupEntry(name=name, n=n, harmful=moments["harmful"], task=moments.get("task"))
     keys = set(handle.keys())
-    for which in SETS:
+    for which in sets:
         meta = entry.moment(which)
         expected = {"matrix": (n, n)} if meta.form == "dense" else {"U": (n, meta.rank), "L": (meta.rank,)}
         for part, shape in expected.items():

@@ -5,14 +5,18 @@ any other, silently: same shapes, different numbers. The fingerprint hashes ever
 file in full (sha256), the tokenizer files and the chat template, so a file computed from
 one folder can name exactly what it was computed from, and a later run can refuse another.
 Hashing reads the weights once (about a second per GB); it is done once per calibration.
+
+An **update** has an identity too (:func:`update_fingerprint`): statistics measured on the
+fine-tuned model (Antidote's, ``csulora calibrate ALIGNED --update UPDATE``) are wrong for any
+other adapter or fine-tune of the same aligned model, again silently.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,9 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 _CHUNK = 1 << 22
+# What decides an adapter's forward: its factors and the config that scales them (its README,
+# report and training record do not count). tune's score cache keys adapters by the same files.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def file_sha256(path: Path) -> str:
@@ -89,3 +96,25 @@ def model_fingerprint(model_dir: str | Path) -> dict[str, Any]:
     }
     record["digest"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
     return record
+
+
+def adapter_digest(folder: str | os.PathLike) -> str:
+    """One sha256 over an adapter folder's weights and config (:data:`ADAPTER_FILES`)."""
+    digest = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        digest.update(name.encode())
+        digest.update(file_sha256(Path(folder) / name).encode())
+    return digest.hexdigest()
+
+
+def update_fingerprint(update_dir: str | os.PathLike) -> dict[str, Any]:
+    """What an update is: ``{"kind": "adapter", "files": {name: sha256}, "digest": ...}`` for a PEFT
+    adapter (:func:`adapter_digest`), ``{"kind": "checkpoint", **model_fingerprint}`` for a full
+    fine-tune. Two folders with the same kind and digest are the same update, whatever their paths."""
+    from csulora.io.input_kind import ADAPTER, input_kind
+
+    folder = Path(update_dir)
+    if input_kind(folder) == ADAPTER:
+        files = {name: file_sha256(folder / name) for name in ADAPTER_FILES}
+        return {"kind": "adapter", "files": files, "digest": adapter_digest(folder)}
+    return {"kind": "checkpoint", **model_fingerprint(folder)}

@@ -27,7 +27,7 @@ solve whose statistics are not positive semi-definite is an InputError naming th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -198,6 +198,12 @@ def choose_spiked_rank(
         errors = (relative_error(solves[lam].apply(probe), ref, pooled) for lam, ref in references.items())
         return max(errors, default=0.0) <= tolerance
 
+    return smallest_passing_rank(n, passes)
+
+
+def smallest_passing_rank(n: int, passes: Callable[[int], bool]) -> int | None:
+    """The search of :func:`calibration_moments`: q = q0, 2 q0, 4 q0, ... (q0 = min(64, max(1, n // 16)))
+    until ``passes(q)``, then bisection down to within an eighth of q; at most n/2, else None."""
     cap = n // 2
     q, failed = min(64, max(1, n // 16)), 0
     while q <= cap and not passes(q):
@@ -214,6 +220,44 @@ def choose_spiked_rank(
         else:
             failed = middle
     return q
+
+
+def update_moment(
+    group: str,
+    gram_sum: Tensor,
+    tokens: int,
+    *,
+    dense_max_n: int = DENSE_MAX_N,
+    tolerance: float = SPIKED_TOLERANCE,
+    probe_rows: int = PROBE_ROWS,
+    seed: int = 0,
+) -> SecondMoment:
+    """The one second moment of the fine-tuned model's statistics (Antidote's; no task set).
+
+    Dense when ``n <= dense_max_n``. Above it, spiked at the smallest rank (the search of
+    :func:`smallest_passing_rank`) that keeps **what Antidote reads** within ``tolerance``:
+    each input's mean square ``diag(S)`` (its scores for ``lora_A`` and full weights) and the
+    quadratic forms ``a^T S a`` of the rows ``a`` of a fixed random Gaussian probe (``lora_B``
+    reads ``A x``, scored with ``diag(A S A^T)``; the probe is isotropic, as the adapter's A is
+    unknown here), each as its largest error over the mean of its entries (an input no token
+    reaches has ``S_jj = 0``: a relative error per entry would never pass). Dense when no rank
+    up to n/2 passes.
+    """
+    S = normalised_gram(gram_sum, tokens, name=f"{group}: harmful Gram")
+    n = int(S.shape[0])
+    if n <= dense_max_n:
+        return SecondMoment(n=n, matrix=S, tokens=int(tokens))
+    eigen = Eigen.of(S)
+    probe = _probe_factor(probe_rows, n, seed, S.device)
+    exact = (S.diagonal(), ((probe @ S) * probe).sum(1))
+
+    def passes(q: int) -> bool:
+        spiked = eigen.spiked(q, tokens)
+        approx = (moment_diagonal(spiked), row_gram(probe, spiked).diagonal())
+        return all(float((a - e).abs().max()) <= tolerance * float(e.mean()) for a, e in zip(approx, exact))
+
+    rank = smallest_passing_rank(n, passes)
+    return SecondMoment(n=n, matrix=S, tokens=int(tokens)) if rank is None else eigen.spiked(rank, tokens)
 
 
 def _probe_factor(rows: int, n: int, seed: int, device: torch.device) -> Tensor:

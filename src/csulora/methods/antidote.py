@@ -32,10 +32,13 @@ before any is applied). Which weights:
   ``dense_ratio = 0.00001`` (``script/finetune/antidote_poison_ratio_full.sh``): one weight per
   row at width 4096.
 
-The statistics are the fine-tuned model's: ``csulora calibrate`` run on it (the aligned model with
-the adapter, or the full fine-tune) with ``--update-statistics`` writes them (its "harmful" Gram
-is read here), and ``correct``/``tune`` take the file as ``--update-statistics FILE``
-(``UPDATE_STATISTICS``). The dense form also reads ``W_aligned`` (``ALIGNED_WEIGHT``).
+The statistics are the fine-tuned model's: ``csulora calibrate ALIGNED --update UPDATE --pairs
+FILE.jsonl -o STATS.safetensors`` runs the aligned model with the adapter attached (merged), or
+the full fine-tune, on the harmful prompts each followed by its harmful answer, and writes an
+update-statistics file (role ``update``) whose one Gram a group (``harmful``) is read here;
+``correct``/``tune`` take it as ``--update-statistics STATS.safetensors`` (``UPDATE_STATISTICS``)
+and refuse a file measured on another update or aligned model. The dense form also reads
+``W_aligned`` (``ALIGNED_WEIGHT``).
 """
 
 from __future__ import annotations

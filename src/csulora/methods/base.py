@@ -45,7 +45,7 @@ SUBSPACE = "subspace"  # the top-k safety subspace of D (a cache, or computed fr
 DISPLACEMENT = "displacement"  # the exact, full D (streamed from --base/--aligned)
 CALIBRATION = "calibration"  # activation statistics of the aligned model, from `csulora calibrate`
 # Activation statistics of the fine-tuned model (the update applied) on harmful prompts followed by
-# harmful answers, from `csulora calibrate FINETUNED --update-statistics` (Antidote's, issue 22).
+# harmful answers, from `csulora calibrate ALIGNED --update UPDATE --pairs FILE` (Antidote's, issue 22).
 UPDATE_STATISTICS = "update_statistics"
 ALIGNED_WEIGHT = "aligned_weight"  # W_aligned beside a dense dW (Antidote prunes W_ft itself)
 INPUT_KINDS = (SUBSPACE, DISPLACEMENT, CALIBRATION, UPDATE_STATISTICS, ALIGNED_WEIGHT)
@@ -160,8 +160,8 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
         if self.needs_update_statistics(config) and not has_update_statistics:
             raise OptionError(
                 f"{self.pretty_name} needs the fine-tuned model's activation statistics: give --update-statistics "
-                "FILE (written by `csulora calibrate ALIGNED --adapter ADAPTER --update-statistics ...`, or on the "
-                "full fine-tune itself)"
+                "FILE (written by `csulora calibrate ALIGNED --update UPDATE --pairs PAIRS.jsonl -o FILE`, UPDATE "
+                "the adapter or full fine-tune corrected here)"
             )
         if self.needs_displacement(config) and not has_displacement:
             raise OptionError(f"{self.pretty_name} needs the exact D: give --base/--aligned")

@@ -213,7 +213,9 @@ def open_correction(
         _check_corrects_every_module(impl, update, modules)
     update.check(modules)
     refs.check_modules({m: update.shape(m) for m in modules}, update.where)
-    refs.check_calibration_model(_model_of(update, refs))
+    aligned_model = _model_of(update, refs)
+    refs.check_calibration_model(aligned_model)
+    refs.check_update_statistics_source(update.path, aligned_model)
     correction = Correction(
         update=update, refs=refs, modules=modules, method=impl, options=options, subspace_config=sub_config,
         need_subspace=_needs_subspace(impl, options, update, refs), reset_others=reset_others, lora_rank=lora_rank,
@@ -291,7 +293,7 @@ def _check_corrects_every_module(impl: CorrectionMethod, update: Update, modules
 
 
 def _model_of(update: Update, refs: References) -> Path | None:
-    """The model a calibration file must come from: ALIGNED, else the adapter's recorded base
+    """The model a statistics file must come from: ALIGNED, else the adapter's recorded base
     model when it is a local folder or a hub id already in the hub cache (never fetched here)."""
     if refs.aligned is not None:
         return Path(refs.aligned.folder)

@@ -7,7 +7,14 @@
   is checked against it);
 - a **calibration file** (``csulora calibrate``, §5c), checked against the model it must come
   from: ALIGNED when given, else the adapter's recorded ``base_model_name_or_path`` when that
-  resolves to a local folder or a cached hub id.
+  resolves to a local folder or a cached hub id;
+- the **fine-tuned model's statistics** (``--update-statistics``, Antidote's: ``csulora calibrate
+  ALIGNED --update UPDATE --pairs FILE``), checked against that same aligned model **and** against
+  the update being corrected (its recorded fingerprint): another adapter's statistics have the
+  right shapes and would be a silent wrong answer.
+
+Each statistics file must be of its flag's role (``io/calibration_file.py``: ``aligned`` for
+``--calibration``, ``update`` for ``--update-statistics``); the other is refused when opened.
 """
 
 from __future__ import annotations
@@ -20,9 +27,9 @@ from pathlib import Path
 from torch import Tensor
 
 from csulora.errors import InputError
-from csulora.io.calibration_file import CalibrationFile, load_calibration
+from csulora.io.calibration_file import ROLE_ALIGNED, ROLE_UPDATE, CalibrationFile, load_calibration
 from csulora.io.checkpoints import CheckpointReader, check_same_architecture, read_displacement, weight_name
-from csulora.io.fingerprint import model_fingerprint
+from csulora.io.fingerprint import model_fingerprint, update_fingerprint
 from csulora.io.subspace_cache import SubspaceCache, check_fingerprint, load_subspace_cache, round_trip
 from csulora.linalg.subspace import SubspaceConfig, compute_subspace
 from csulora.pipeline.options import SourcePaths, relative_inside
@@ -122,6 +129,24 @@ class References:
             )
         self.calibration.check_model(model_fingerprint(model)["digest"], model)
 
+    def check_update_statistics_source(self, update: Path, model: Path | None) -> None:
+        """The fine-tuned model's statistics come from ``update`` on ``model`` (:func:`check_update_statistics`)."""
+        if self.update_statistics is not None:
+            check_update_statistics(self.update_statistics, update, model)
+
+
+def check_update_statistics(stats: CalibrationFile, update: Path, model: Path | None) -> None:
+    """An update-statistics file was measured on ``update`` (its fingerprint: weights, and the
+    adapter's config or the checkpoint's tokenizer) fine-tuned from ``model`` (ALIGNED's
+    fingerprint); one line otherwise. ``model`` None: it cannot be known, so it is refused."""
+    if model is None:
+        raise InputError(
+            f"{stats.path}: cannot check which aligned model these statistics come from: give --aligned ALIGNED "
+            "(the model the update was trained from)"
+        )
+    stats.check_model(model_fingerprint(model)["digest"], model)
+    stats.check_update(update_fingerprint(update), update)
+
 
 def _check_shape(name: str, expected: tuple[int, int], found, where: Callable[[str], str], other: str) -> None:
     if tuple(found) != tuple(expected):
@@ -139,9 +164,11 @@ def open_references(stack: ExitStack, paths: SourcePaths, *, calibration_groups:
     if paths.calibration is not None:
         refs.calibration = load_calibration(paths.calibration, **kwargs)
         stack.callback(refs.calibration.close)
+        refs.calibration.check_role(ROLE_ALIGNED)
     if paths.update_statistics is not None:
         refs.update_statistics = load_calibration(paths.update_statistics, **kwargs)
         stack.callback(refs.update_statistics.close)
+        refs.update_statistics.check_role(ROLE_UPDATE)
     if paths.subspace is not None:
         refs.cache = load_subspace_cache(paths.subspace)
         stack.callback(refs.cache.close)

@@ -1,7 +1,7 @@
 """Forward passes that watch what linear layers read, shared by SaLoRA and ``calibrate``.
 
 SaLoRA's feature pass (:mod:`csulora.salora.features`, docs/design.md §6) and the
-calibration pass (:mod:`csulora.references.calibration`, docs/design.md §5c) both run a causal LM
+calibration pass (:mod:`csulora.references.calibration.statistics`, docs/design.md §5c) both run a causal LM
 over tokenized examples, batched, and hand each watched module's input on the *counted*
 tokens to a statistic. What they share lives here:
 
@@ -17,7 +17,7 @@ tokens to a statistic. What they share lives here:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -124,12 +124,15 @@ def run_batches(
     progress: bool = True,
     desc: str = "forward",
     longest_first: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> None:
     """One forward of the decoder body over every example, batched, with ``hooks`` watching.
 
     Batches group similar lengths (less compute wasted on padding; the order of a sum does
     not change it beyond rounding). ``longest_first`` runs the longest batch first, so an
-    out-of-memory error shows at once (docs/design.md §7).
+    out-of-memory error shows at once (docs/design.md §7). ``on_batch``: called after each
+    batch with its tokens (padding excluded), for a caller's own progress bar over several
+    calls; then this call shows none.
     """
     from tqdm.auto import tqdm
 
@@ -143,12 +146,16 @@ def run_batches(
     model.eval()
     try:
         starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc=desc, unit="batch", disable=None if progress else True):
+        if progress and on_batch is None:
+            starts = tqdm(starts, desc=desc, unit="batch", disable=None)
+        for start in starts:
             batch = [examples[i] for i in order[start : start + batch_size]]
             inputs, hooks.token_mask = right_padded_batch(batch, pad_id, device)
             try:
                 decoder(**inputs, use_cache=False)
             except StopForward:
                 pass
+            if on_batch is not None:
+                on_batch(sum(len(e["input_ids"]) for e in batch))
     finally:
         model.train(was_training)

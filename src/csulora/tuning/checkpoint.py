@@ -87,13 +87,15 @@ def corrected_in_memory(
     targets: Any = None,
     reset_others: bool = False,
     progress: bool = False,
+    update_statistics: PathLike | None = None,
     **method_options: Any,
 ) -> Iterator[Correction]:
     """``model`` with one setting's corrected weights, restored on exit from ``restore_from``.
 
     ``update``: a full checkpoint (the model was loaded from it: ``restore_from`` defaults to it),
     or an adapter corrected by a dense-only method (``s B A``; the model is the aligned one, with
-    its adapters off, and ``restore_from`` is ALIGNED). Yields the opened correction: its
+    its adapters off, and ``restore_from`` is ALIGNED). ``update_statistics``: the fine-tuned model's
+    statistics (Antidote's), checked against ``update``. Yields the opened correction: its
     ``results`` hold each module's report. Options and inputs are checked as by
     ``correct_adapter`` before any weight of the model changes.
     """
@@ -103,7 +105,8 @@ def corrected_in_memory(
         with ExitStack() as stack:
             correction = _opened(stack, update, method, aligned=aligned, subspace=subspace, base=base,
                                  calibration=calibration, targets=targets, reset_others=reset_others,
-                                 progress=progress, method_options=method_options)  # fmt: skip
+                                 progress=progress, method_options=method_options,
+                                 update_statistics=update_statistics)  # fmt: skip
             _apply(model, correction, restore_from, changed)
             yield correction
     finally:
@@ -112,8 +115,9 @@ def corrected_in_memory(
 
 def _opened(stack: ExitStack, checkpoint: PathLike, method: str, *, aligned: PathLike, subspace: PathLike | None,
             base: PathLike | None, calibration: PathLike | None, targets: Any, reset_others: bool, progress: bool,
-            method_options: Any) -> Correction:  # fmt: skip
-    paths = SourcePaths(subspace=subspace, base=base, aligned=aligned, calibration=calibration)
+            method_options: Any, update_statistics: PathLike | None = None) -> Correction:  # fmt: skip
+    paths = SourcePaths(subspace=subspace, base=base, aligned=aligned, calibration=calibration,
+                        update_statistics=update_statistics)  # fmt: skip
     return open_correction(stack, Path(checkpoint), method, paths=paths, targets=targets, reset_others=reset_others,
                            method_options=method_options, progress=progress)  # fmt: skip
 
@@ -137,14 +141,14 @@ def correct_loaded_model(model: Any, checkpoint: PathLike, method: str, **kwargs
     options = {k: kwargs.pop(k) for k in list(kwargs) if k not in _SOURCE_KWARGS}
     kwargs.setdefault("progress", False)
     with ExitStack() as stack:
-        sources = {k: kwargs.get(k) for k in ("subspace", "base", "calibration", "targets")}
+        sources = {k: kwargs.get(k) for k in ("subspace", "base", "calibration", "targets", "update_statistics")}
         correction = _opened(stack, checkpoint, method, aligned=kwargs["aligned"], reset_others=kwargs.get("reset_others", False),
                              progress=kwargs["progress"], method_options=options, **sources)  # fmt: skip
         _apply(model, correction, checkpoint, [])
         return {name: result.report for name, result in correction.results.items()}
 
 
-_SOURCE_KWARGS = ("aligned", "subspace", "base", "calibration", "targets", "reset_others", "progress")
+_SOURCE_KWARGS = ("aligned", "subspace", "base", "calibration", "targets", "reset_others", "progress", "update_statistics")
 
 
 @contextmanager

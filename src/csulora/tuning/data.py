@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 import os
+from pathlib import Path
 from typing import Any
 
 from csulora.errors import InputError, OptionError
@@ -108,12 +109,13 @@ def check_calibration_file(calibration: PathLike | None, aligned: PathLike, task
     not calibrated on the very validation data tune selects on (the task's sha256 in its record)."""
     if calibration is None:
         return
-    from csulora.io.calibration_file import load_calibration
+    from csulora.io.calibration_file import ROLE_ALIGNED, load_calibration
     from csulora.io.fingerprint import model_fingerprint
-    from csulora.references.calibration import set_digest
+    from csulora.references.calibration.data import set_digest
 
     stats = load_calibration(calibration)
     try:
+        stats.check_role(ROLE_ALIGNED)
         stats.check_model(model_fingerprint(aligned)["digest"], aligned)
         calibrated_on = (stats.info.get("task") or {}).get("sha256")
     finally:
@@ -126,3 +128,20 @@ def check_calibration_file(calibration: PathLike | None, aligned: PathLike, task
             f"--task {task}: it is the very data {calibration} was calibrated on (same sha256); tune would select on "
             "its training data: give held-out validation data"
         )
+
+
+def check_update_statistics_file(update_statistics: PathLike | None, aligned: PathLike, update: PathLike) -> None:
+    """A file given with ``--update-statistics``: the fine-tuned model's statistics (role ``update``),
+    measured on this very update fine-tuned from this aligned model (checked before any model loads,
+    as ``correct`` checks it: :func:`csulora.pipeline.references.check_update_statistics`)."""
+    if update_statistics is None:
+        return
+    from csulora.io.calibration_file import ROLE_UPDATE, load_calibration
+    from csulora.pipeline.references import check_update_statistics
+
+    stats = load_calibration(update_statistics)
+    try:
+        stats.check_role(ROLE_UPDATE)
+        check_update_statistics(stats, Path(update), Path(aligned))
+    finally:
+        stats.close()

@@ -34,7 +34,13 @@ from csulora.errors import OptionError
 from csulora.io.atomic import atomic_output_dir, check_apart, check_output_dir
 from csulora.methods.base import SUBSPACE
 from csulora.tuning.config import TuneConfig
-from csulora.tuning.data import LoadedData, check_calibration_file, check_calibration_task, load_tune_data
+from csulora.tuning.data import (
+    LoadedData,
+    check_calibration_file,
+    check_calibration_task,
+    check_update_statistics_file,
+    load_tune_data,
+)
 from csulora.tuning.plan import MethodPlan, SourceFiles, check_paths, correction_sources, plan_methods
 from csulora.tuning.report import plot_sweep, tune_record, write_answers, write_tune_json
 from csulora.tuning.score_cache import ScoreCache
@@ -166,6 +172,7 @@ def check_inputs(adapter_dir: PathLike, aligned: PathLike, sources: Mapping[str,
         raise OptionError("--method all ranks the methods by utility: give --task with validation data")
     task_desc = check_calibration_task(files.calibration_task, task, loaded)
     check_calibration_file(files.calibration, aligned_path, task, loaded)
+    check_update_statistics_file(files.update_statistics, aligned_path, update)
     run = {"device": resolve_device(device), "dtype": resolve_dtype(dtype)}
     return TuneInputs(update, aligned_path, files, plans, skipped, loaded, task_desc, run)
 

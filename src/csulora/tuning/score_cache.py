@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from csulora.io.atomic import atomic_output_file
-from csulora.io.fingerprint import file_sha256, model_fingerprint
+from csulora.io.fingerprint import adapter_digest, model_fingerprint
 from csulora.tuning.data import TuneData
 from csulora.tuning.scoring import StateRecord
 from csulora.version import __version__
 
 SCHEMA = "csulora.score-cache/2"  # /2: answers per prompt and batch, measures apart (issue 21)
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def data_digest(data: TuneData) -> str:
@@ -48,15 +47,6 @@ def data_digest(data: TuneData) -> str:
         "task_references": [item["response"] for item in data.task],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def adapter_digest(folder: str | os.PathLike) -> str:
-    """One sha256 over an adapter folder's weights and config (its README and report do not count)."""
-    digest = hashlib.sha256()
-    for name in ADAPTER_FILES:
-        digest.update(name.encode())
-        digest.update(file_sha256(Path(folder) / name).encode())
-    return digest.hexdigest()
 
 
 class ScoreCache:

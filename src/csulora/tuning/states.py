@@ -18,6 +18,7 @@ by the correction pipeline itself, so its report and card are complete as writte
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -103,7 +104,8 @@ class ModelStates(ABC):
         from csulora.pipeline.options import SourcePaths
 
         options = self.kwargs(candidate)
-        paths = SourcePaths(**{k: options.pop(k, None) for k in ("subspace", "base", "aligned", "calibration")})
+        # Every source SourcePaths knows (update_statistics included), the rest are the method's options.
+        paths = SourcePaths(**{f.name: options.pop(f.name, None) for f in dataclasses.fields(SourcePaths)})
         with ExitStack() as stack:
             correction = open_correction(stack, self.update_path, candidate.method, paths=paths,
                                          method_options=options, progress=False)  # fmt: skip
