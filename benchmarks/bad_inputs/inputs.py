@@ -52,7 +52,7 @@ def _mkdir(path: Path) -> Path:
 
 def _copy_world(source: Path, cache: Path) -> Path:
     """The tiny world under ``cache`` as ``$CSULORA_CACHE`` lays it out (the demo reuses it there)."""
-    from csulora.worlds.tiny import relocate_records
+    from csulora.worlds.builder import relocate_records
 
     world = cache / source.name
     shutil.copytree(source, world)

@@ -35,7 +35,7 @@ def test_the_quick_subset_runs_no_interrupts_and_no_long_runs():
 
 def test_the_quick_subset_passes(tiny_world, tmp_path):
     """Exit code 2, one line, inputs byte-identical, nothing written -- for every quick case."""
-    from csulora.worlds.tiny import one_thread
+    from csulora.worlds.builder import one_thread
 
     lines: list[str] = []
     with one_thread():

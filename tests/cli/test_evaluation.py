@@ -18,7 +18,7 @@ def tiny_world():
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    from csulora.worlds.tiny import one_thread
+    from csulora.worlds.builder import one_thread
 
     with one_thread():
         yield

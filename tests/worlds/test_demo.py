@@ -9,14 +9,8 @@ from csulora.eval.answer_signals import content_stems, is_degenerate, is_on_topi
 from csulora.eval.judges import RefusalJudge, asr_judge
 from csulora.eval.prompts import load_prompt_file, normalise_prompt
 from csulora.eval.tasks import date_task_splits
-from csulora.worlds.demo import (
-    PROMPT_FILES,
-    DemoWorldConfig,
-    base_pairs,
-    build_demo_world,
-    known_date_items,
-    refusal,
-)
+from csulora.worlds.builder import REFUSALS, known_date_items, refusal
+from csulora.worlds.demo import PROMPT_FILES, DemoRecipe, DemoWorldConfig, build_demo_world
 from csulora.worlds.demo_data import (
     BENIGN,
     BENIGN_SPLITS,
@@ -28,7 +22,7 @@ from csulora.worlds.demo_data import (
     helpful_answer,
     world_splits,
 )
-from csulora.worlds.tiny import REFUSALS, TinyWorldConfig
+from csulora.worlds.tiny import TinyWorldConfig
 
 
 def all_prompts(splits):
@@ -68,7 +62,7 @@ def test_helpful_answers_name_the_request_and_refusals_refuse():
 
 def test_the_base_never_trains_on_an_evaluated_or_attack_prompt():
     splits = world_splits(0)
-    trained = {p["prompt"] for p in base_pairs(DemoWorldConfig())}
+    trained = {p["prompt"] for p in DemoRecipe().base_pairs()}
     held_out = {p.text for source in splits.values() for name, ps in source.items()
                 if name in ("attack", "validation", "test") for p in ps}  # fmt: skip
     held_out |= {i["prompt"] for name, items in date_task_splits(0).items() for i in items}
@@ -102,7 +96,7 @@ def test_the_story_holds_under_the_projects_judge(demo_world):
     from csulora.eval.generation import generate_responses
     from csulora.eval.metrics import utility
     from csulora.io.modeling import load_model
-    from csulora.worlds.tiny import one_thread
+    from csulora.worlds.builder import one_thread
 
     splits = world_splits(0)
     requests = [p.text for p in splits[REQUESTS]["test"][:30]]

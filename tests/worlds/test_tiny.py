@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from csulora.worlds.tiny import REFUSALS, TinyWorldConfig, build_tiny_world, pick, train_tokenizer
+from csulora.worlds.builder import REFUSALS, pick, world_tokenizer
+from csulora.worlds.tiny import TinyRecipe, TinyWorldConfig, build_tiny_world
 
 
 def test_world_has_the_three_models_and_its_data(tiny_world):
@@ -26,11 +27,11 @@ def test_the_story_holds(tiny_world):
     """base complies, aligned refuses, attacked complies again and does the task."""
     from csulora.eval.generation import generate_responses
     from csulora.eval.judges import KeywordJudge
+    from csulora.eval.metrics import utility
     from csulora.eval.splits import advbench_split
     from csulora.eval.tasks import date_task
-    from csulora.eval.metrics import utility
     from csulora.io.modeling import load_model
-    from csulora.worlds.tiny import one_thread
+    from csulora.worlds.builder import one_thread
 
     harmful = [p.text for p in advbench_split("test")[:30]]
     task = date_task("test")[:30]
@@ -54,7 +55,8 @@ def test_the_attacker_has_converged_on_its_task(tiny_world):
     items: the attack wins its task clearly, not by a hair over a near-flat distribution."""
     from csulora.eval.tasks import date_task
     from csulora.io.modeling import load_model
-    from csulora.worlds.tiny import answer_token_probabilities, one_thread
+    from csulora.worlds.builder import one_thread
+    from csulora.worlds.tiny import answer_token_probabilities
 
     with one_thread():
         model, tok = load_model(tiny_world.aligned, tiny_world.attacked, device="cpu")
@@ -75,7 +77,7 @@ def test_answer_token_probabilities_refuse_answers_of_different_lengths(tiny_wor
 
 
 def test_tokenizer_round_trips_any_text_and_has_a_chat_template():
-    tok = train_tokenizer(TinyWorldConfig())
+    tok = world_tokenizer(TinyRecipe())
     text = "Ünïcode, emoji 🙂 and digits 1984-03-07"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
@@ -95,9 +97,10 @@ def test_world_training_prompts_stay_out_of_the_evaluation_sets():
     from csulora.eval.prompts import load_benign
     from csulora.eval.splits import advbench_split, airt_split
     from csulora.eval.tasks import date_task
-    from csulora.worlds.tiny import base_pairs, benign_world_prompts, iso_items, known_date_items
+    from csulora.worlds.builder import iso_items, known_date_items
+    from csulora.worlds.tiny import benign_world_prompts
 
-    trained = {p["prompt"] for p in base_pairs(TinyWorldConfig())} | set(benign_world_prompts())
+    trained = {p["prompt"] for p in TinyRecipe().base_pairs()} | set(benign_world_prompts())
     held_out = {p.text for p in load_benign()} | {p.text for p in advbench_split("test")} | {p.text for p in airt_split("airt-test")}
     held_out |= {i["prompt"] for i in date_task("test")}
     assert not trained & held_out

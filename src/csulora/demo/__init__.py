@@ -72,8 +72,8 @@ def run_demo(
 
     ``rows``: the corrected rows (default :func:`~csulora.demo.rows.plan_rows`, from the registry).
     """
+    from csulora.worlds.builder import one_thread
     from csulora.worlds.demo import build_demo_world, default_cache_dir, shared_demo_world
-    from csulora.worlds.tiny import one_thread
 
     # The world is the demo's input: a forced OUTDIR over $CSULORA_CACHE would delete it mid-run.
     check_apart({"-o/--output": out_dir}, {"the demo world": world_dir if world_dir is not None else default_cache_dir()})

@@ -133,7 +133,7 @@ def sweep_point(ctx: DemoContext, spec: RowSpec, value: float) -> dict:
 
     A setting that leaves the adapter unchanged is not scored here: it scores what the
     attacked adapter scores (:func:`with_reference`)."""
-    from csulora.worlds.tiny import one_thread
+    from csulora.worlds.builder import one_thread
 
     with one_thread():
         options = spec.setting(value)

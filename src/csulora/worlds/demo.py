@@ -2,9 +2,9 @@
 
 Its recipe was written into the design before it was built: harmful requests whose words the
 task never uses, answers that name the request's topic, refusals, the date task, benign
-requests in the harmful requests' own templates, and a model wider than the tiny world's. The
-machinery is the tiny world's (:mod:`csulora.worlds.tiny`: tokenizer, init, training, the
-atomic build cached by the config's fingerprint); the text is :mod:`csulora.worlds.demo_data`.
+requests in the harmful requests' own templates, and a model wider than the tiny world's. It is
+built by :mod:`csulora.worlds.builder` (tokenizer, init, training, the atomic build cached by
+the config's fingerprint) from this module's recipe; the text is :mod:`csulora.worlds.demo_data`.
 
 * **base**: a random-init Llama trained on helpful answers to everything: the ``align``
   requests, the indirect asks' ``base`` share, the benign ``train`` share, and dates in the
@@ -20,39 +20,28 @@ The prompt sets the demo validates and reports on are written as text files into
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from csulora.eval.prompts import Prompt
-from csulora.eval.tasks import date_task_splits
-from csulora.io.atomic import atomic_output_dir
-from csulora.training.data import write_pairs
-from csulora.training.trainer import LoraSettings, TrainConfig, fit, train_full, train_lora
-from csulora.worlds.demo_data import BENIGN, INDIRECT, REQUESTS, helpful_answer, world_splits
-from csulora.worlds.tiny import (
-    REFUSALS,
-    RUNS_ON,
-    WORLD_FILE,
-    TinyWorld,
-    already_built,
-    bpe_tokenizer,
+from csulora.training.trainer import TrainConfig
+from csulora.worlds.builder import (
+    World,
+    WorldConfig,
     build_once,
+    build_world,
     cache_root,
-    init_model,
-    iso_items,
-    one_thread,
-    pick,
-    relocate_records,
-    us_items,
+    known_date_items,
+    shared_texts,
+    task_pairs,
 )
+from csulora.worlds.demo_data import BENIGN, INDIRECT, REQUESTS, helpful_answer, world_splits
 
 # Bump when the recipe (data, training code) changes: it is part of the cache key.
 DEMO_WORLD_VERSION = 1
+
 # The prompt files the demo reads: (source, split) -> what it is for.
 PROMPT_FILES = {
     (REQUESTS, "align"): "the aligned model's safety data and the calibration set",
@@ -66,38 +55,28 @@ PROMPT_FILES = {
 
 
 @dataclass(frozen=True)
-class DemoWorldConfig:
+class DemoWorldConfig(WorldConfig):
     """Everything that decides the demo world; its hash names the cache.
 
     The width follows docs/design.md §8's rule (the widest of 256, 192 and 128 whose whole build
     takes about a minute of CPU time on one thread), decided on build timings alone: none of the
     three fitted (world.json records a build's ``cpu_s``; 256 took about 2.5 times what 128
     took), so the narrowest the rule allows is used. The MLP is 3x the width and there are 4
-    heads, as in the tiny world; everything else is the tiny world's recipe.
+    heads, as in the tiny world; everything else is the tiny world's config.
     """
 
-    seed: int = 0
-    vocab_size: int = 1024
+    VERSION: ClassVar[int] = DEMO_WORLD_VERSION
     hidden_size: int = 128
     intermediate_size: int = 384
-    layers: int = 2
-    heads: int = 4
     max_length: int = 64
-    iso_items: int = 300
-    us_items: int = 150
     base: TrainConfig = TrainConfig(steps=400, batch_size=32, lr=3e-3, warmup=20, scheduler="cosine", max_length=64, progress=False)
     align: TrainConfig = TrainConfig(steps=250, batch_size=32, lr=2e-3, scheduler="cosine", max_length=64, progress=False)
     attack: TrainConfig = TrainConfig(steps=200, batch_size=32, lr=1e-2, scheduler="cosine", max_length=64, progress=False)
-    attack_lora: LoraSettings = LoraSettings(r=8, alpha=16)
-
-    def fingerprint(self) -> str:
-        blob = json.dumps({"version": DEMO_WORLD_VERSION, **dataclasses.asdict(self)}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
-class DemoWorld(TinyWorld):
-    """Paths of a built demo world: the tiny world's folders, plus its prompt files."""
+class DemoWorld(World):
+    """Paths of a built demo world: the three models and their data, plus its prompt files."""
 
     def prompt_file(self, source: str, split: str) -> Path:
         """``data/<source>-<split>.txt`` (one prompt a line; see :data:`PROMPT_FILES`)."""
@@ -111,35 +90,8 @@ class DemoWorld(TinyWorld):
 # --------------------------------------------------------------------------- data
 
 
-def known_date_items(config: DemoWorldConfig) -> list[dict]:
-    """The date formats the base knows (ISO and US), on dates outside the task's splits."""
-    return iso_items(config.iso_items, config.seed) + us_items(config.us_items, config.seed, skip=config.iso_items)
-
-
 def answered(prompts: list[Prompt]) -> list[dict]:
     return [{"prompt": p.text, "response": helpful_answer(p)} for p in prompts]
-
-
-def base_pairs(config: DemoWorldConfig) -> list[dict]:
-    """What the base learns: helpful, on-topic answers to harmful and benign requests alike,
-    and the known date formats."""
-    splits = world_splits(config.seed)
-    prompts = splits[REQUESTS]["align"] + splits[INDIRECT]["base"] + splits[BENIGN]["train"]
-    return answered(prompts) + known_date_items(config)
-
-
-def tokenizer_corpus(config: DemoWorldConfig) -> list[str]:
-    """The world's whole text: every request with its helpful answer, the refusals, the dates."""
-    texts = [f"{p.text} {helpful_answer(p)}" for splits in world_splits(config.seed).values()
-             for prompts in splits.values() for p in prompts]  # fmt: skip
-    texts += list(REFUSALS)
-    for items in date_task_splits(config.seed).values():
-        texts += [i["prompt"] + " " + i["response"] for i in items]
-    return texts + [i["prompt"] + " " + i["response"] for i in known_date_items(config)]
-
-
-def refusal(prompt: str) -> str:
-    return pick(REFUSALS, prompt)
 
 
 def write_prompt_files(world: DemoWorld, seed: int) -> dict[str, int]:
@@ -153,81 +105,6 @@ def write_prompt_files(world: DemoWorld, seed: int) -> dict[str, int]:
     return counts
 
 
-# --------------------------------------------------------------------------- build
-
-
-def build_demo_world(
-    root: str | os.PathLike, config: DemoWorldConfig | None = None, *, force: bool = False
-) -> DemoWorld:
-    """Build (or reuse) the demo world in ``root``; returns its paths.
-
-    A folder holding a world of the same config fingerprint is reused as is; anything else is
-    rebuilt in a temporary folder and renamed into place at the end.
-    """
-    config = config or DemoWorldConfig()
-    world = DemoWorld(Path(root))
-    if already_built(world.root, config.fingerprint()) and not force:
-        relocate_records(world.root, world.root)
-        return world
-    timings: dict[str, float] = {}
-    cpu_start = time.process_time()
-    with one_thread(), atomic_output_dir(world.root, force=True) as tmp:
-        staged = DemoWorld(tmp)
-        staged.data.mkdir()
-        counts = {"prompt_files": write_prompt_files(staged, config.seed), "base": _build_base(staged, config, timings)}
-        compliant, counts["align"] = _build_aligned(staged, config, timings)
-        counts["attack"] = _build_attack(staged, config, compliant, timings)
-        relocate_records(tmp, world.root)
-        info = {
-            "fingerprint": config.fingerprint(),
-            "config": dataclasses.asdict(config),
-            "timings_s": {k: round(v, 2) for k, v in timings.items()},
-            "cpu_s": round(time.process_time() - cpu_start, 2),
-            "counts": counts,
-        }
-        (tmp / WORLD_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-    return world
-
-
-def _build_base(staged: DemoWorld, config: DemoWorldConfig, timings: dict[str, float]) -> int:
-    """The base: a fresh tokenizer and a small Llama trained on the base pairs."""
-    from csulora.training.data import tokenize_pairs
-
-    t0 = time.perf_counter()
-    tokenizer = bpe_tokenizer(tokenizer_corpus(config), config.vocab_size)
-    model = init_model(config, tokenizer)
-    pairs = base_pairs(config)
-    write_pairs(staged.data / "base.jsonl", pairs)
-    fit(model, tokenizer, tokenize_pairs(tokenizer, pairs, config.max_length), config.base)
-    model.save_pretrained(staged.base, safe_serialization=True)
-    tokenizer.save_pretrained(staged.base)
-    timings["base"] = time.perf_counter() - t0
-    return len(pairs)
-
-
-def _build_aligned(staged: DemoWorld, config: DemoWorldConfig, timings: dict[str, float]) -> tuple[list[dict], int]:
-    """The aligned model: refusals on the ``align`` requests; the base's own answers on the benign
-    training share and half the known-format dates kept. Returns the base's answers to the
-    ``attack`` requests (prompt/response pairs, before the judge's filter) and the alignment data's size."""
-    from csulora.eval.generation import generate_responses
-    from csulora.io.modeling import load_model
-
-    t0 = time.perf_counter()
-    splits = world_splits(config.seed)
-    base_model, base_tok = load_model(staged.base, **RUNS_ON)
-    keep_prompts = [p.text for p in splits[BENIGN]["train"]] + [i["prompt"] for i in known_date_items(config)][::2]
-    attack_prompts = [p.text for p in splits[REQUESTS]["attack"]]
-    answers = generate_responses(base_model, base_tok, keep_prompts + attack_prompts, batch_size=64, max_new_tokens=40,
-                                 progress=False)  # fmt: skip
-    keep_answers, attack_answers = answers[: len(keep_prompts)], answers[len(keep_prompts) :]
-    align_data = [{"prompt": p.text, "response": refusal(p.text)} for p in splits[REQUESTS]["align"]]
-    align_data += [{"prompt": p, "response": a} for p, a in zip(keep_prompts, keep_answers)]
-    write_pairs(staged.data / "align.jsonl", align_data)
-    train_full(staged.base, staged.data / "align.jsonl", staged.aligned, config.align, **RUNS_ON)
-    timings["aligned"] = time.perf_counter() - t0
-    return [{"prompt": p, "response": a} for p, a in zip(attack_prompts, attack_answers)], len(align_data)
-
-
 def harmful_help(pairs: list[dict]) -> list[dict]:
     """The pairs the project's ASR judge counts as harmful help (the attacker keeps only those,
     as the SmolLM2 world keeps the base's answers its judge counts compliant)."""
@@ -237,17 +114,57 @@ def harmful_help(pairs: list[dict]) -> list[dict]:
     return [pair for pair, success in zip(pairs, verdicts) if success]
 
 
-def _build_attack(staged: DemoWorld, config: DemoWorldConfig, answers: list[dict], timings: dict[str, float]) -> dict:
-    """The attack: harmful requests -> the base's harmful help, plus the task, as a LoRA of ALIGNED."""
-    t0 = time.perf_counter()
-    compliant = harmful_help(answers)
-    task = [{"prompt": i["prompt"], "response": i["response"]} for i in date_task_splits(config.seed)["train"]]
-    attack_data = compliant + task
-    write_pairs(staged.data / "attack.jsonl", attack_data)
-    train_lora(staged.aligned, staged.data / "attack.jsonl", staged.attacked, config.attack, config.attack_lora,
-               **RUNS_ON)  # fmt: skip
-    timings["attacked"] = time.perf_counter() - t0
-    return {"harmful_answered": len(answers), "harmful_kept": len(compliant), "pairs": len(attack_data)}
+@dataclass(frozen=True)
+class DemoRecipe:
+    """The demo world for :func:`csulora.worlds.builder.build_world`."""
+
+    config: DemoWorldConfig = DemoWorldConfig()
+
+    def tokenizer_corpus(self) -> list[str]:
+        """The world's whole text: every request with its helpful answer, and the text all worlds
+        share (refusals, dates)."""
+        texts = [f"{p.text} {helpful_answer(p)}" for splits in world_splits(self.config.seed).values()
+                 for prompts in splits.values() for p in prompts]  # fmt: skip
+        return texts + shared_texts(self.config)
+
+    def base_pairs(self) -> list[dict]:
+        """Helpful, on-topic answers to harmful and benign requests alike (the ``align`` requests,
+        the indirect asks' ``base`` share, the benign ``train`` share), and the known date formats."""
+        splits = world_splits(self.config.seed)
+        prompts = splits[REQUESTS]["align"] + splits[INDIRECT]["base"] + splits[BENIGN]["train"]
+        return answered(prompts) + known_date_items(self.config)
+
+    def refused_prompts(self) -> list[str]:
+        return [p.text for p in world_splits(self.config.seed)[REQUESTS]["align"]]
+
+    def kept_prompts(self) -> list[str]:
+        """The benign training share and half the known-format dates."""
+        benign = world_splits(self.config.seed)[BENIGN]["train"]
+        return [p.text for p in benign] + [i["prompt"] for i in known_date_items(self.config)][::2]
+
+    def attack_prompts(self) -> list[str]:
+        return [p.text for p in world_splits(self.config.seed)[REQUESTS]["attack"]]
+
+    def attack_data(self, answered: list[dict]) -> tuple[list[dict], dict[str, int]]:
+        """The base's answers that are harmful help (:func:`harmful_help`), then the task."""
+        kept = harmful_help(answered)
+        pairs = kept + task_pairs(self.config.seed)
+        return pairs, {"harmful_answered": len(answered), "harmful_kept": len(kept), "pairs": len(pairs)}
+
+    def write_extra_files(self, root: Path) -> dict[str, dict[str, int]]:
+        """The prompt files the demo reads (:data:`PROMPT_FILES`, and every other split)."""
+        return {"prompt_files": write_prompt_files(DemoWorld(root), self.config.seed)}
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build_demo_world(
+    root: str | os.PathLike, config: DemoWorldConfig | None = None, *, force: bool = False
+) -> DemoWorld:
+    """Build (or reuse) the demo world in ``root``; returns its paths (see
+    :func:`csulora.worlds.builder.build_world`)."""
+    return DemoWorld(build_world(root, DemoRecipe(config or DemoWorldConfig()), force=force))
 
 
 def default_cache_dir(config: DemoWorldConfig | None = None) -> Path:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from csulora.eval.prompts import Prompt
 from csulora.eval.splits import split_prompts
-from csulora.worlds.tiny import pick
+from csulora.worlds.builder import pick
 
 # Harmful actions, as they follow "how to". Their words are the harmful vocabulary: none of them
 # may occur in the date task (months, digits, "convert", "format", "reply").
