@@ -121,7 +121,7 @@ def subspace_cases() -> list[Case]:
          ("subspace", "{base}", "{aligned}", "-o", "{aligned}/sub.safetensors"), {"match": "lies inside the input"}),
         ("-o ALIGNED/model.safetensors", "output onto or inside an input",
          ("subspace", "{base}", "{aligned}", "-o", "{aligned}/model.safetensors"),
-         {"match": "lies inside the input ALIGNED", "owner": REFERENCES, "reason": f"build_subspace {ADVICE}"}),
+         {"match": "lies inside the input ALIGNED"}),
         ("-o under /proc", "unwritable output",
          ("subspace", "{base}", "{aligned}", "-o", "/proc/csulora-bad-inputs/sub.safetensors"), {"match": "cannot be written"}),
         ("-o through a file", "unwritable output",
@@ -179,7 +179,7 @@ def correct_cases() -> list[Case]:
         ("-o ADAPTER --force", "output onto or inside an input", ("correct", "{attacked}", "-o", "{attacked}",
                                                                   *base[4:], "--force"), {"match": " is the input"}),
         ("-o ADAPTER", "output onto or inside an input", ("correct", "{attacked}", "-o", "{attacked}", *base[4:]),
-         {"match": " is the input", "owner": PIPELINE, "reason": f"pipeline/api.py _check_outputs {ADVICE}"}),
+         {"match": " is the input"}),
         ("-o ADAPTER/fixed", "output onto or inside an input", ("correct", "{attacked}", "-o", "{attacked}/fixed",
                                                                 *base[4:]), {"match": "lies inside the input"}),
         ("-o the world folder --force", "output onto or inside an input",
@@ -231,23 +231,21 @@ def calibrate_cases() -> list[Case]:
         ("adapter as ALIGNED", "wrong kind", ("calibrate", "{attacked}", *tail)),
         ("model without a tokenizer", "wrong model", ("calibrate", "{other_no_tokenizer}", *tail)),
         ("hub id, offline", "issue 23: hub ids", ("calibrate", "csulora-bad-inputs/no-such-model", *tail),
-         {"match": "hub", "owner": CALIBRATE,
-          "reason": "calibrate refuses hub ids ('no such checkpoint folder'): same resolver as the other commands"}),
+         {"match": "hub"}),
         ("NaN in ALIGNED", "NaN", ("calibrate", "{aligned_nan}", *tail), slow),
         ("--max-new-tokens 0", "out-of-range knob", (*base[:6], "--max-new-tokens", "0", "-o", "{out}")),
         ("--batch-size 0", "out-of-range knob", (*base, "--batch-size", "0")),
         ("existing output", "existing output", (), {"existing": "file", "match": "file exists"}),
         ("-o ALIGNED/model.safetensors --force", "output onto or inside an input",
          (*base[:-1], "{aligned}/model.safetensors", "--force"),
-         {"fast": False, "owner": CALIBRATE, "reason": "calibrate does not check_apart its output from ALIGNED"}),
+         {"fast": False}),
         ("-o inside ALIGNED", "output onto or inside an input", (*base[:-1], "{aligned}/calib.safetensors"),
-         {"fast": False, "owner": CALIBRATE, "reason": "calibrate does not check_apart its output from ALIGNED"}),
+         {"fast": False}),
         ("-o under /proc", "unwritable output", (*base[:-1], "/proc/csulora-bad-inputs/calib.safetensors"),
          {"match": "cannot be written"}),
     ]
     rerun = Case(id="calibrate/rerun --force is byte-identical", command="calibrate", error_class="issue 23: reruns",
-                 argv=base, kind="rerun", fast=False, owner=CALIBRATE,
-                 reason="timings and machine facts sit in the statistics file's metadata")  # fmt: skip
+                 argv=base, kind="rerun", fast=False)  # fmt: skip
     return _cases("calibrate", base, rows) + [rerun] + _interrupts("calibrate", base)
 
 
@@ -258,7 +256,7 @@ def tune_cases() -> list[Case]:
     calibrated = ("tune", "{attacked}", "--aligned", "{aligned}", "-o", "{out}", "--method", "calibrated", "--grid",
                   "0,10", *data)  # fmt: skip
     rest = base[2:]
-    apart = {"fast": False, "owner": TUNING, "reason": "tune does not check_apart OUTDIR from its inputs"}
+    apart = {"fast": False}
     rows = [
         ("missing ADAPTER", "missing", ("tune", "{missing}", *rest)),
         ("empty ADAPTER folder", "empty", ("tune", "{empty_dir}", *rest)),
@@ -273,23 +271,19 @@ def tune_cases() -> list[Case]:
          ("tune", "{attacked}", "--aligned", "{aligned}", "-o", "{attacked}", *base[6:], "--force"), apart),
         ("-o ADAPTER/fixed", "output onto or inside an input",
          ("tune", "{attacked}", "--aligned", "{aligned}", "-o", "{attacked}/fixed", *base[6:]),
-         {**apart, "match": r"-o/--output \S*/attacked/fixed lies inside the input",
-          "reason": "tune does not check_apart OUTDIR from its inputs: refused only by the pipeline, naming an "
-                    "internal candidate (.fixed.candidates-*/scale-00), not -o"}),
+         {**apart, "match": r"-o/--output \S*/attacked/fixed lies inside the input"}),
         ("-o under /proc", "unwritable output",
          ("tune", "{attacked}", "--aligned", "{aligned}", "-o", "/proc/csulora-bad-inputs/t", *base[6:]),
          {"match": "cannot be written"}),
         ("--harmful advbench:test", "issue 23: held-out data", (*base, "--harmful", "advbench:test"),
          {"match": "test split"}),
         ("calibrated without statistics names --calibration-task", "issue 23: newcomer", calibrated,
-         {"match": "--calibration-task", "owner": TUNING,
-          "reason": "the no-calibration error does not mention --calibration-task"}),
+         {"match": "--calibration-task"}),
         ("--task is the calibration's own data", "issue 23: validation is training data",
          ("tune", "{attacked}", "--aligned", "{aligned}", "-o", "{out}", "--method", "calibrated", "--grid", "0,10",
           "--harmful", "{h}", "--benign", "{b}", "--task", "{task}", "--max-new-tokens", "8", "--calibration",
           "{cal_real}"),
-         {"fast": False, "owner": TUNING, "reason": "tune does not compare --task with the data the statistics "
-                                                    "were calibrated on"}),
+         {"fast": False}),
     ]
     return _cases("tune", base, rows) + _tune_runs(base) + _interrupts("tune", base)
 
@@ -297,13 +291,11 @@ def tune_cases() -> list[Case]:
 def _tune_runs(base: tuple[str, ...]) -> list[Case]:
     quiet = Case(
         id="tune/no library FutureWarning", command="tune", error_class="issue 23: newcomer", argv=base,
-        kind="succeed", fast=False, stderr_lacks=("FutureWarning",), owner=TUNING,
-        reason="tuning/runner.py attaches the adapter with PeftModel.from_pretrained directly; "
-        "io.modeling.attach_adapter silences transformers' is_gradient_checkpointing warning",
+        kind="succeed", fast=False, stderr_lacks=("FutureWarning",),
     )  # fmt: skip
     rerun = Case(
         id="tune/rerun --force is byte-identical", command="tune", error_class="issue 23: reruns", argv=base,
-        kind="rerun", fast=False, owner=TUNING, reason="tune.json and README.md hold timings and machine facts",
+        kind="rerun", fast=False,
     )  # fmt: skip
     return [quiet, rerun, *_calibration_task_runs(base)]
 
@@ -314,11 +306,9 @@ def _calibration_task_runs(base: tuple[str, ...]) -> list[Case]:
     common = {"command": "tune", "argv": argv, "kind": "succeed", "fast": False}
     return [
         Case(id="tune/--calibration-task: card and stderr name no temporary path", error_class="issue 23: reruns",
-             inspect=_no_temporary_path, owner=TUNING,
-             reason="the card and calibrate's log name .OUTDIR.tmp-*/calibration.safetensors", **common),
+             inspect=_no_temporary_path, **common),
         Case(id="tune/--calibration-task: calibrate's generation default, recorded", error_class="issue 23: one path",
-             inspect=_calibrate_default_tokens, owner=TUNING,
-             reason="tune calibrates with its own --max-new-tokens (8 here), calibrate with 64", **common),
+             inspect=_calibrate_default_tokens, **common),
         Case(id="tune/--calibration-task: the card's calibration row is readable", error_class="issue 23: newcomer",
              inspect=_readable_calibration_row, **common),
     ]  # fmt: skip
@@ -439,8 +429,7 @@ def help_cases() -> list[Case]:
         Case(id="eval/help: OUTDIR rule matches --force", command="eval", error_class="issue 23: newcomer",
              argv=("eval",), kind="help", help_has=("must not exist or be empty unless --force",)),
         Case(id="tune/help says it writes an adapter or a checkpoint", command="tune",
-             error_class="issue 23: newcomer", argv=("tune",), kind="help", help_has=("checkpoint to OUTDIR",),
-             owner=TUNING, reason="cli/tuning.py: 'Writes the chosen adapter, tune.json and tune.png'"),
+             error_class="issue 23: newcomer", argv=("tune",), kind="help", help_has=("the chosen corrected adapter or checkpoint",)),
     ]  # fmt: skip
 
 

@@ -178,7 +178,9 @@ def _working(pid: int, folder: Path, inputs: Path) -> str | None:
 
 
 def rerun(case: Case, argv: list[str], env: dict[str, str], folder: Path, in_process: bool) -> tuple[Outcome, list[str]]:
-    """Run twice (the second time with ``--force``); every output file must be byte-identical."""
+    """Run twice (the second time with ``--force``); every output file must be byte-identical but the
+    run records (``run.json``, ``*.run.json``: timings and machine facts, documented as the one
+    file a rerun may change)."""
     first = execute(argv, env, in_process)
     out = Path(argv[argv.index("-o") + 1])
     before = tree_digest(out) if out.exists() else None
@@ -186,10 +188,15 @@ def rerun(case: Case, argv: list[str], env: dict[str, str], folder: Path, in_pro
     problems = _exit_problem(case, first) + _exit_problem(case, second)
     if before is not None and not problems:
         after = tree_digest(out)
-        differ = sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
+        differ = sorted(name for name in set(before) | set(after)
+                        if before.get(name) != after.get(name) and not is_run_record(name))  # fmt: skip
         if differ:
             problems.append(f"files differ on rerun: {differ}")
     return second, problems
+
+
+def is_run_record(name: str) -> bool:
+    return Path(name).name == "run.json" or name.endswith(".run.json")
 
 
 def judge_refusal(case: Case, outcome: Outcome) -> list[str]:

@@ -96,3 +96,15 @@ def test_the_output_never_touches_the_model_or_the_data(tiny_world, tmp_path, wh
         with pytest.raises(InputError, match="an output may never be, contain or lie inside an input"):
             train()
     assert sorted((p.name, p.read_bytes()) for p in [*model.iterdir(), data]) == before
+
+
+def test_target_modules_are_written_sorted(tmp_path):
+    """PEFT writes its set of targets in hash order; csulora's outputs list them sorted (same bytes on a rerun)."""
+    import json
+
+    from csulora.training.trainer import sort_target_modules
+
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps({"target_modules": ["v_proj", "q_proj", "k_proj"], "r": 8}))
+    sort_target_modules(config)
+    assert json.loads(config.read_text()) == {"r": 8, "target_modules": ["k_proj", "q_proj", "v_proj"]}

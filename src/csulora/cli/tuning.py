@@ -46,8 +46,9 @@ DESCRIPTION = (
     "--max-utility-drop. One method: the weakest qualifying setting is chosen; all: the highest "
     "validation utility among each method's weakest qualifying setting. By default a method stops at its "
     "first qualifying setting and a setting at its first failed condition (harmful sources first, batch by "
-    "batch); --full-sweep scores everything. Writes the chosen corrected adapter (a checkpoint for a full "
-    "fine-tune), tune.json, tune.png, the answers and run.json (timings) to OUTDIR. "
+    "batch); --full-sweep scores everything. Writes to OUTDIR the chosen corrected adapter or checkpoint (a "
+    "checkpoint for a full fine-tune or a method with only a dense form), tune.json, tune.png, the answers and "
+    "run.json (timings). "
     "Exit 1 when no setting qualifies."
 )
 

@@ -172,7 +172,7 @@ class CorrectionMethod(ABC, Generic[ConfigT]):
         if self.needs_calibration(config) and not has_calibration:
             raise OptionError(
                 f"{self.pretty_name} needs activation statistics: give --calibration FILE "
-                "(written by `csulora calibrate`)"
+                "(written by `csulora calibrate`), or to tune, --calibration-task DATA (it calibrates first)"
             )
 
     # -- how tune sweeps it -------------------------------------------------------------

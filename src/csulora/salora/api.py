@@ -302,7 +302,10 @@ def write_adapter(folder: Path, tensors: Mapping[str, torch.Tensor], lora_config
     """``adapter_config.json`` + ``adapter_model.safetensors``, the layout stock PEFT loads."""
     from safetensors.torch import save_file
 
+    from csulora.training.trainer import sort_target_modules
+
     lora_config.save_pretrained(str(folder))
+    sort_target_modules(folder / "adapter_config.json")
     save_file(dict(tensors), str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 

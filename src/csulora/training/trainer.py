@@ -148,6 +148,15 @@ def _freeze_embeddings(model) -> None:
     model.get_input_embeddings().weight.requires_grad_(False)
 
 
+def sort_target_modules(config_file: Path) -> None:
+    """PEFT keeps ``target_modules`` as a set and writes it in hash order, which differs from one
+    process to the next; sorted, the same training run writes the same bytes."""
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _write_train_record(folder: Path, **record) -> None:
     (folder / "train_config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
@@ -229,6 +238,7 @@ def train_lora(
     fit(model, tokenizer, tokenize_pairs(tokenizer, pairs, config.max_length), config)
     with atomic_output_dir(out_dir, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        sort_target_modules(tmp / "adapter_config.json")
         _write_train_record(
             tmp, method="lora", model=str(model_dir), data=str(data_path),
             config=dataclasses.asdict(config), lora=dataclasses.asdict(lora),

@@ -141,7 +141,7 @@ def test_an_unwritable_output_is_one_line_before_any_work(tmp_path, data, where)
         (tmp_path / "ro").mkdir(mode=0o555)
         out = tmp_path / "ro" / "calibration.safetensors"
     # No such model: were anything read or computed first, the error would be about it.
-    with pytest.raises(InputError, match=r"-o/--output .*calibration\.safetensors: cannot write there \(.+\); nothing") as info:
+    with pytest.raises(InputError, match=r"calibration\.safetensors: cannot be written: ") as info:
         calibrate(tmp_path / "no-model", out, task=data.task, harmful=[str(data.harmful)], progress=False)
     assert "\n" not in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "ro") == (["file"] if where == "parent is a file" else [])

@@ -264,7 +264,6 @@ def calibrate(
         save_calibration(staging, measured.calibrations, modules, info, force=True)
         record = run_record(paths, measured, run_device)
         publish(staging, paths, record)
-    log(f"wrote {paths.statistics}" + (f" and its run record {paths.record}" if paths.record else ""))
     return CalibrationResult(
         path=paths.statistics, modules=modules, groups=measured.plan.groups, harmful_tokens=measured.harmful_tokens,
         task_tokens=measured.task_tokens, passes=len(measured.plan.passes), seconds=measured.seconds,

@@ -192,7 +192,6 @@ def calibrate_update(
         save_calibration(staging, measured.calibrations, modules, info, force=True, role=ROLE_UPDATE)
         record = update_run_record(paths, measured, run_device)
         publish(staging, paths, record)
-    log(f"wrote {paths.statistics}" + (f" and its run record {paths.record}" if paths.record else ""))
     return CalibrationResult(
         path=paths.statistics, modules=modules, groups=measured.plan.groups, harmful_tokens=measured.tokens,
         task_tokens=0, passes=len(measured.plan.passes), seconds=measured.seconds, answers=[], info=info,
