@@ -21,7 +21,7 @@ import torch
 from csulora.references.calibration import calibrate
 from csulora.references.calibration.data import target_modules
 from csulora.references.calibration.groups import linear_modules, shared_input_groups
-from csulora.references.calibration.statistics import accumulate_sums
+from csulora.references.calibration.statistics import accumulate_sums, full_sum
 from csulora.eval.prompts import load_requests
 from csulora.eval.tasks import date_task
 from csulora.io.calibration_file import load_calibration
@@ -53,9 +53,9 @@ def gram_sums(aligned: Path, examples: list[dict], device: str, dtype: torch.dty
     model, tokenizer = load_model(aligned, device=device, dtype=dtype)
     linears = linear_modules(model, target_modules(aligned, None), aligned)
     groups = shared_input_groups(model, linears, examples[0]["input_ids"][:8])
-    sums, _ = accumulate_sums(model, examples, groups, linears, pad_id=tokenizer.pad_token_id, batch_size=4,
-                              product_dtype=dtype, progress=False)  # fmt: skip
-    return {name: total.cpu() for name, total in sums.items()}
+    sums = accumulate_sums(model, examples, groups, linears, pad_id=tokenizer.pad_token_id, batch_size=4,
+                           product_dtype=dtype, progress=False)  # fmt: skip
+    return {name: full_sum(total).cpu() for name, total in sums.items()}
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:

@@ -43,12 +43,16 @@ PHASES: tuple[tuple[str, str], ...] = (
     ("  float64 sums allocated", _M + r"(__init__ \(csulora/calibration|take \(csulora/references/calibration)"),
     ("  Gram strips x^T x added to the sums", _M + r"add_upper_gram_ "),
     ("  upper triangle mirrored (unpacked)", _M + r"(mirror_upper_|unpack_symmetric) "),
+    # native leaf frames (py-spy --native), every thread of the process: where a sample was
+    # taken, not what called it ("leaf:" patterns match the innermost frame only)
+    ("at a GEMM zeroing its output: first touch of fresh pages (sgemm_mscale)", r"leaf:sgemm_mscale"),
+    ("in an OpenMP thread waiting for work or at a barrier (libgomp)", r"leaf:\(libgomp"),
 )
 
 
 def phase_shares(lines: list[str]) -> tuple[int, dict[str, float]]:
     """Total samples and each phase's inclusive share (0-1)."""
-    patterns = [(label, re.compile(pattern)) for label, pattern in PHASES]
+    patterns = [(label, re.compile(pattern.removeprefix("leaf:")), pattern.startswith("leaf:")) for label, pattern in PHASES]
     counts: Counter[str] = Counter()
     total = 0
     for line in lines:
@@ -58,8 +62,8 @@ def phase_shares(lines: list[str]) -> tuple[int, dict[str, float]]:
         samples = int(number)
         total += samples
         frames = stack.split(";")
-        for label, pattern in patterns:
-            if any(pattern.search(frame) for frame in frames):
+        for label, pattern, leaf in patterns:
+            if any(pattern.search(frame) for frame in (frames[-1:] if leaf else frames)):
                 counts[label] += samples
     return total, {label: counts[label] / total if total else 0.0 for label, _ in PHASES}
 

@@ -154,10 +154,15 @@ def test_no_folder_is_left_behind_when_a_later_check_fails(tmp_path, data, tiny_
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("case", ["inside ALIGNED", "onto the task file", "onto a harmful file", "symlink into ALIGNED"])
+@pytest.mark.parametrize(
+    "case", ["inside ALIGNED", "onto the task file", "onto a harmful file", "symlink into ALIGNED", "answer cache"]
+)
 def test_an_output_may_never_be_or_lie_inside_an_input(tiny_world, data, tmp_path, case):
     aligned = Path(tiny_world.aligned)
-    if case == "inside ALIGNED":
+    cache = aligned / "answers" if case == "answer cache" else False
+    if case == "answer cache":  # the cache is written too: never inside ALIGNED
+        out = tmp_path / "calibration.safetensors"
+    elif case == "inside ALIGNED":
         out = aligned / "model.safetensors"
     elif case == "onto the task file":
         out = data.task
@@ -168,7 +173,7 @@ def test_an_output_may_never_be_or_lie_inside_an_input(tiny_world, data, tmp_pat
         out = tmp_path / "link" / "calibration.safetensors"
     before = {**tree_bytes(aligned), "task": data.task.read_bytes(), "harmful": data.harmful.read_bytes()}
     with pytest.raises(InputError, match=r"an output may never be, contain or lie inside an input") as info:
-        run(tiny_world, out, data, force=True)
+        run(tiny_world, out, data, force=True, answer_cache=cache)
     assert "\n" not in str(info.value)
     after = {**tree_bytes(aligned), "task": data.task.read_bytes(), "harmful": data.harmful.read_bytes()}
     assert after == before and leftovers(aligned) == []

@@ -252,12 +252,13 @@ def calibrate(
     check_options(max_new_tokens, batch_size, memory_budget_gb)
     paths = OutputPaths.checked(out_file, run_record_file, force)
     aligned_dir = resolve_model_dir(aligned, "ALIGNED")
-    paths.check_apart({"ALIGNED": aligned_dir, **input_files(task, spec_list(harmful))})
+    cache_dir = answer_cache_dir(answer_cache)
+    paths.check_apart({"ALIGNED": aligned_dir, **input_files(task, spec_list(harmful))}, cache_dir)
     run_device, model_dtype = resolve_device(device), resolve_dtype(dtype)
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": run_device, "dtype": model_dtype}
     with staged_output(paths.statistics) as staging:
         inputs = read_inputs(aligned_dir, os.fspath(aligned), task, harmful, targets)
-        measured = measure(inputs, memory_budget_gb=memory_budget_gb, cache_dir=answer_cache_dir(answer_cache),
+        measured = measure(inputs, memory_budget_gb=memory_budget_gb, cache_dir=cache_dir,
                            progress=progress, log=log, **settings)  # fmt: skip
         info = statistics_info(inputs, measured, task=task, harmful=harmful, targets=targets, **settings)
         modules = {m: g.name for g in measured.plan.groups for m in g.modules}

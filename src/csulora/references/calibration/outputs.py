@@ -54,8 +54,11 @@ class OutputPaths:
             check_output_file(path, force)
         return cls(statistics, path)
 
-    def check_apart(self, inputs: Mapping[str, os.PathLike | str | None]) -> None:
-        check_apart({"-o/--output": self.statistics, "the run record": self.record}, inputs)
+    def check_apart(self, inputs: Mapping[str, os.PathLike | str | None], answer_cache: Path | None = None) -> None:
+        """No output -- the answer cache's folder included: it is written too -- may be, contain or
+        lie inside an input."""
+        outputs = {"-o/--output": self.statistics, "the run record": self.record, "--answer-cache": answer_cache}
+        check_apart(outputs, inputs)
 
 
 def missing_folders(folder: Path) -> list[Path]:
