@@ -164,14 +164,16 @@ def write_correction(correction: Correction, folder: Path, *, input_spec: PathLi
 def _check_outputs(out_dir: PathLike, report_path: PathLike | None, force: bool, update_path: Path,
                    paths: SourcePaths) -> tuple[Path, Path | None]:  # fmt: skip
     """OUTDIR and a --report file: may be replaced only with ``force``, never an input (or inside one)."""
-    out = check_output_dir(out_dir, force)
+    out = Path(out_dir)
     report_file = Path(report_path) if report_path is not None else None
     if report_file is not None and report_file.is_dir():
         raise InputError(f"{report_file}: is a folder; give the report's file name")
     inputs = {"ADAPTER": update_path, "--subspace": paths.subspace, "--base": paths.base,
               "--aligned": paths.aligned, "--calibration": paths.calibration,
               "--update-statistics": paths.update_statistics}  # fmt: skip
+    # Apart first: "exists (use --force)" would be the wrong advice for an input.
     check_apart({"-o/--output": out, "--report": report_file}, inputs)
+    out = check_output_dir(out, force)
     if report_file is not None and relative_inside(report_file, out) is None:
         check_output_file(report_file, force, flag="--report")  # a file of its own: same rule as OUTDIR
     return out, report_file

@@ -54,10 +54,11 @@ def build_subspace(
     out = Path(out_file)
     if out.is_dir():
         raise InputError(f"{out}: is a folder; give the cache file name, e.g. {out / 'subspace.safetensors'}")
-    check_output_file(out, force)
     wanted = target_list(targets)
     base, aligned = resolve_model_dir(base, "BASE"), resolve_model_dir(aligned, "ALIGNED")
+    # Apart first: "exists (use --force)" would be the wrong advice for an input.
     check_apart({"-o/--output": out}, {"BASE": base, "ALIGNED": aligned})
+    check_output_file(out, force)
     with ExitStack() as stack:
         base_reader = stack.enter_context(CheckpointReader(base))
         aligned_reader = stack.enter_context(CheckpointReader(aligned))
