@@ -99,13 +99,18 @@ def compare(runs: dict[str, Path]) -> dict[str, Any]:
     }
 
 
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=Path, default=Path(".cache/smol"))
     parser.add_argument("--adapter", default="attacked", help="an adapter folder under WORLD/adapters")
     parser.add_argument("--method", default="calibrated", help="tune's --method (default: its own default)")
     parser.add_argument("--base", type=Path, help="BASE for the methods that read D (with --method all)")
-    parser.add_argument("--modes", default="full-sweep,default", help="which runs, in this order")
+    parser.add_argument("--modes", default="default,full-sweep", help="which runs, in this order")
     parser.add_argument("--keep", type=Path, help="keep the outputs here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/tune_cost.json"))
     args = parser.parse_args(argv)
@@ -119,14 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             measured[mode] = run_one(command, root / f"{mode}.log")
             runs[mode] = out
             print(f"[bench_tune] {mode}: {measured[mode]['wall_s']} s wall, {measured[mode]['cpu_s']} s CPU", flush=True)
-        result = {"world": str(args.world), "adapter": args.adapter, "method": args.method, "runs": measured,
-                  "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}  # fmt: skip
+            result = {"world": str(args.world), "adapter": args.adapter, "method": args.method, "runs": measured,
+                      "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}  # fmt: skip
+            write_json(args.json, result)  # after each run: a later run cut short keeps the earlier ones
         if set(runs) == set(MODES) and all(m["exit_code"] in (0, 1) for m in measured.values()):
             result["exactness"] = compare(runs)
             result["wall_ratio"] = round(measured["default"]["wall_s"] / measured["full-sweep"]["wall_s"], 3)
             result["cpu_ratio"] = round(measured["default"]["cpu_s"] / measured["full-sweep"]["cpu_s"], 3)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     print(json.dumps({k: v for k, v in result.items() if k != "exactness"}, indent=1))
     return 0
 
