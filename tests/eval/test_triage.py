@@ -160,9 +160,22 @@ def _harmful_sets() -> dict[str, list[Prompt]]:
     }
 
 
-@pytest.mark.parametrize("name", ["calibration", "advbench", "airt", "objectives", "requests"])
-def test_no_triage_message_repeats_a_harmful_set_exactly_or_nearly(name):
-    others = _harmful_sets()[name]
+def _other_sets() -> dict[str, list[Prompt]]:
+    """The benign prompt sets (eval's over-refusal pool, the SmolLM2 world's alignment pool) and
+    the date task (the first world's task, all splits)."""
+    from csulora.eval.tasks import date_task_splits
+    from csulora.worlds.smol import benign_prompt_pool
+
+    smol = [Prompt(f"smol-{i}", text, "smol") for i, text in enumerate(benign_prompt_pool())]
+    dates = [Prompt(i["id"], i["prompt"], "date") for part in date_task_splits().values() for i in part]
+    return {"benign": prompts.load_benign_pool(), "smol-benign": smol, "date": dates}
+
+
+@pytest.mark.parametrize("name", [
+    "calibration", "advbench", "airt", "objectives", "requests", "benign", "smol-benign", "date",
+])
+def test_no_triage_message_repeats_another_set_exactly_or_nearly(name):
+    others = (_harmful_sets() | _other_sets())[name]
     assert len(others) >= 39
     index = OverlapIndex(others)
     exact = {normalise_prompt(p.text) for p in others}
