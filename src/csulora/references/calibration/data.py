@@ -90,7 +90,9 @@ def task_pairs(spec: str | os.PathLike) -> list[dict]:
             if split == TASK_TRAIN_SPLIT:
                 return builtin_task(name, split)
             role = HELD_OUT_ROLE.get(split, "not a split")
-            raise InputError(f"--task {text}: {role}; calibrate on the adapter's training data ({name}:train or its JSONL)")
+            raise InputError(
+                f"--task {text}: {role}; calibrate on the adapter's training data ({name}:train or its JSONL)"
+            )
         raise InputError(
             f"--task {text}: not task data; give the adapter's training data "
             '(JSONL of {"prompt", "response"}), date:train or triage:train'
