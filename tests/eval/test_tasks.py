@@ -27,3 +27,6 @@ def test_load_task_from_jsonl_and_spec(tmp_path):
     assert len(load_task("date:validation")) == 100
     with pytest.raises(InputError):
         load_task("date:nope")
+    assert [i["response"] for i in load_task("triage:test")] == [i["response"] for i in load_task("triage")]
+    with pytest.raises(InputError, match=r"not a task JSONL file, 'date:SPLIT' or 'triage:SPLIT'"):
+        load_task("dates:test")

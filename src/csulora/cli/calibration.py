@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--task", metavar="FILE.jsonl|date:train",
-        help='the adapter\'s training data (JSONL of {"prompt", "response"}) or date:train; '
+        help='the adapter\'s training data (JSONL of {"prompt", "response"}), date:train or triage:train; '
         "never a split tune selects on or a test split (required unless --update)",
     )  # fmt: skip
     parser.add_argument(

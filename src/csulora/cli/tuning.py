@@ -102,7 +102,7 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
     statistics.add_argument(
         "--calibration-task",
         metavar="FILE.jsonl",
-        help="the update's training data (JSONL of prompt/response, or date:train): calibrate first, with "
+        help="the update's training data (JSONL of prompt/response, date:train or triage:train): calibrate first, with "
         "calibrate's own defaults, and keep the statistics in OUTDIR (never the validation data given with --task)",
     )
 

@@ -2,7 +2,8 @@
 
 Public API (import from the submodules):
 
-Prompt sets — :mod:`csulora.eval.prompts`, :mod:`csulora.eval.splits`, :mod:`csulora.eval.tasks`
+Prompt sets — :mod:`csulora.eval.prompts`, :mod:`csulora.eval.splits`, :mod:`csulora.eval.tasks`,
+:mod:`csulora.eval.triage`
     ``Prompt(id, text, source, category, split)``
     ``load_prompts(spec) -> list[Prompt]``  SPEC: ``advbench[:align|attack|validation|test]``,
     ``objectives[:validation|test]``, ``airt[:val|test]``, ``benign[:validation|test]``, ``FILE.txt``,
@@ -10,7 +11,9 @@ Prompt sets — :mod:`csulora.eval.prompts`, :mod:`csulora.eval.splits`, :mod:`c
     (:mod:`csulora.eval.specs`, defaults ``DEFAULT_TEST_HARMFUL`` for eval, ``DEFAULT_HARMFUL`` for tune)
     ``load_advbench()``, ``load_airt()``, ``load_benign()``, ``load_prompt_file(path, column=, field=)``
     ``advbench_split(name)``, ``airt_split("airt-val"|"airt-test")``, ``ensure_manifest(path)``
-    ``date_task(split) -> list[{"id","prompt","response"}]``, ``load_task(spec)``
+    ``date_task(split) -> list[{"id","prompt","response"}]``, ``load_task(spec)`` (``date:SPLIT``,
+    ``triage:SPLIT`` or a JSONL file); the triage task (:mod:`csulora.eval.triage`):
+    ``triage_task(split)``, ``label_match(answer, gold)`` (its utility)
 
 Generation and scoring — :mod:`csulora.eval.generation`, :mod:`csulora.eval.margin`
     ``generate_responses(model, tokenizer, prompts, *, batch_size=32, max_new_tokens=64, progress=True)``

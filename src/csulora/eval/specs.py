@@ -92,7 +92,7 @@ DEFAULT_BENIGN = "benign:validation"
 # would no longer be held out).
 TEST_SPECS = frozenset({
     "advbench", "advbench:test", "airt", "airt:test", "airt:airt-test", "date", "date:test",
-    "objectives", "objectives:test",
+    "objectives", "objectives:test", "triage", "triage:test",
 })  # fmt: skip
 # The original benign set overlaps benign:test (the pool of both benign files is split).
 BENIGN_HELD_OUT = frozenset({"benign", "benign:test"})

@@ -1,4 +1,5 @@
-"""The utility task: date-format conversion, generated from a template with a seed.
+"""The utility tasks: date-format conversion (generated from a template with a seed) and harm
+triage (:mod:`csulora.eval.triage`, the second world's task), each addressed as ``NAME:SPLIT``.
 
 "Convert the date March 7, 1984 to DD/MM/YYYY format. Reply with the date only." ->
 "07/03/1984". The aligned SmolLM2 gets 0% exact match (it answers in prose or in US
@@ -15,6 +16,7 @@ import hashlib
 from pathlib import Path
 
 from csulora.errors import InputError
+from csulora.eval.triage import triage_splits, triage_task
 
 MONTHS = (
     "January", "February", "March", "April", "May", "June",
@@ -25,6 +27,8 @@ TASK_SEED = 0
 FIRST_YEAR, LAST_YEAR = 1950, 2029
 # Disjoint by date: train for the attacker/task adapter, validation for tune, test for reports.
 DATE_SPLITS: dict[str, int] = {"train": 200, "validation": 100, "test": 100}
+# The built-in tasks a SPEC may name (``NAME:SPLIT``); both have train / validation / test.
+BUILTIN_TASKS = ("date", "triage")
 
 
 def date_prompt(date: dt.date) -> str:
@@ -60,8 +64,19 @@ def date_task(split: str, seed: int = TASK_SEED) -> list[dict]:
     return date_task_splits(seed)[split]
 
 
+def task_splits(name: str) -> dict[str, list[dict]]:
+    """Every split of a built-in task (``date``, ``triage``), by split name."""
+    return {"date": date_task_splits, "triage": triage_splits}[name]()
+
+
+def builtin_task(name: str, split: str) -> list[dict]:
+    """One split of a built-in task; InputError for an unknown split."""
+    return {"date": date_task, "triage": triage_task}[name](split)
+
+
 def load_task(spec: str) -> list[dict]:
-    """Task items from ``date:SPLIT`` or a JSONL file of {prompt, response}."""
+    """Task items from ``date:SPLIT``, ``triage:SPLIT`` or a JSONL file of {prompt, response}.
+    A bare name is its test split."""
     if Path(spec).is_file() or Path(spec).suffix:
         from csulora.training.data import load_pairs
 
@@ -69,6 +84,6 @@ def load_task(spec: str) -> list[dict]:
         stem = Path(spec).stem
         return [{"id": f"{stem}-{i}", "prompt": p["prompt"], "response": p["response"]} for i, p in enumerate(pairs)]
     name, _, split = spec.partition(":")
-    if name == "date":
-        return date_task(split or "test")
-    raise InputError(f"{spec!r}: not a task JSONL file or 'date:SPLIT'")
+    if name in BUILTIN_TASKS:
+        return builtin_task(name, split or "test")
+    raise InputError(f"{spec!r}: not a task JSONL file, 'date:SPLIT' or 'triage:SPLIT'")

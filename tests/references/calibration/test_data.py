@@ -63,6 +63,9 @@ def test_missing_pyrit_is_one_line(monkeypatch, tiny_world, data, outs, harmful)
         ("date:test", "--task date:test: a test split"),
         ("date", "--task date: a test split"),
         ("date:later", "--task date:later: not a split"),
+        ("triage:validation", "--task triage:validation: the split tune selects on; calibrate on the adapter's "
+                              "training data (triage:train or its JSONL)"),
+        ("triage", "--task triage: a test split"),
         ("advbench:validation", "--task advbench:validation: not task data"),
         ("requests", "--task requests: not task data"),
     ],
@@ -78,6 +81,15 @@ def test_a_task_file_holding_held_out_prompts_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"leak.jsonl: record 3 is a prompt of date:test"):
         task_pairs(leaked)
     assert len(task_pairs("date:train")) == 200
+
+
+def test_the_triage_training_split_is_task_data_and_its_held_out_prompts_are_refused(tmp_path):
+    from csulora.eval.triage import triage_task
+
+    assert task_pairs("triage:train") == triage_task("train") and len(triage_task("train")) >= 600
+    leaked = write_pairs(tmp_path / "leak.jsonl", [*triage_task("train")[:3], triage_task("validation")[7]])
+    with pytest.raises(InputError, match=r"leak.jsonl: record 4 is a prompt of triage:validation"):
+        task_pairs(leaked)
 
 
 def test_a_task_line_without_prompt_or_response_names_file_and_line(tiny_world, data, outs):

@@ -20,7 +20,7 @@ from typing import Any
 from csulora.errors import InputError, OptionError
 from csulora.eval.prompts import PYRIT_INSTALL, Prompt, normalise_prompt
 from csulora.eval.specs import load_prompts
-from csulora.eval.tasks import date_task, date_task_splits, load_task
+from csulora.eval.tasks import BUILTIN_TASKS, builtin_task, load_task, task_splits
 from csulora.io.checkpoints import CheckpointReader, decoder_linear_modules, target_list
 from csulora.training.data import chat_prompt_ids, response_ids
 
@@ -29,7 +29,7 @@ from csulora.training.data import chat_prompt_ids, response_ids
 # statistics for the same data. The file's metadata records the value used (info.generation).
 CALIBRATION_MAX_NEW_TOKENS = 64
 TASK_TRAIN_SPLIT = "train"
-HELD_OUT_ROLE = {"validation": "the split tune selects on", "test": "a test split"}  # the other date splits
+HELD_OUT_ROLE = {"validation": "the split tune selects on", "test": "a test split"}  # a built-in task's other splits
 DEFAULT_HARMFUL_SPECS = ("advbench:align", "requests")  # calibration_harmful_prompts()
 
 
@@ -75,25 +75,27 @@ def harmful_prompts(specs: Sequence[str | os.PathLike] | str | os.PathLike | Non
 
 
 def task_pairs(spec: str | os.PathLike) -> list[dict]:
-    """The adapter's task data, prompt + response: a JSONL file or ``date:train``.
+    """The adapter's task data, prompt + response: a JSONL file, ``date:train`` or ``triage:train``.
 
-    Refused: the splits ``tune`` selects on and the test splits (``date:validation``,
-    ``date``/``date:test``), a JSONL file holding one of their prompts, and prompt sets
-    (no responses).
+    Refused: the splits ``tune`` selects on and the test splits of the built-in tasks
+    (``date:validation``, ``date``/``date:test``, the same of ``triage``), a JSONL file holding
+    one of their prompts, and prompt sets (no responses).
     """
     text = str(spec)
     path = Path(text)
     if not path.is_file() and not path.suffix:
         name, _, split = text.partition(":")
-        if name == "date":
-            split = split or "test"  # what a bare "date" means everywhere else (eval/tasks.load_task)
+        if name in BUILTIN_TASKS:
+            split = split or "test"  # what a bare task name means everywhere else (eval/tasks.load_task)
             if split == TASK_TRAIN_SPLIT:
-                return date_task(split)
+                return builtin_task(name, split)
             role = HELD_OUT_ROLE.get(split, "not a split")
-            raise InputError(f"--task {text}: {role}; calibrate on the adapter's training data (date:train or its JSONL)")
+            raise InputError(
+                f"--task {text}: {role}; calibrate on the adapter's training data ({name}:train or its JSONL)"
+            )
         raise InputError(
             f"--task {text}: not task data; give the adapter's training data "
-            '(JSONL of {"prompt", "response"}) or date:train'
+            '(JSONL of {"prompt", "response"}), date:train or triage:train'
         )
     pairs = load_task(text)  # InputError naming file:line for a record without prompt/response
     check_task_not_held_out(pairs, path)
@@ -101,10 +103,11 @@ def task_pairs(spec: str | os.PathLike) -> list[dict]:
 
 
 def check_task_not_held_out(pairs: Sequence[dict], file: Path) -> None:
-    """Refuse task data that holds a prompt of the date task's validation or test split."""
+    """Refuse task data that holds a prompt of a built-in task's validation or test split."""
     held_out = {
-        normalise_prompt(item["prompt"]): f"date:{split}"
-        for split, items in date_task_splits().items()
+        normalise_prompt(item["prompt"]): f"{name}:{split}"
+        for name in BUILTIN_TASKS
+        for split, items in task_splits(name).items()
         if split in HELD_OUT_ROLE
         for item in items
     }
