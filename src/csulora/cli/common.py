@@ -33,3 +33,13 @@ def add_output_flag(parser: argparse.ArgumentParser, what: str) -> None:
         "-o", "--output", "--out", dest="output", metavar="OUTDIR", required=True,
         help=f"{what}; must not exist or be empty unless --force (--out: the old name, still accepted)",
     )  # fmt: skip
+
+
+def add_framing_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--framing NAME|FILE.json``: the chat form prompts are given in (docs/design.md §10)."""
+    parser.add_argument(
+        "--framing", metavar="NAME|FILE.json", default=None,
+        help=f"chat form of {what}: a shipped framing (plain: one user turn, the default; aoa: the identity-shift "
+        "attack's 'absolutely obedient agent' system message) or a JSON framing file "
+        '{"name", "system", "user_prefix", "user_suffix"}',
+    )  # fmt: skip

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from csulora.cli.common import add_device_flags, add_output_flag, device_options
+from csulora.cli.common import add_device_flags, add_framing_flag, add_output_flag, device_options
 from csulora.errors import OptionError
 
 TRAIN_METHODS = ("full", "lora", "salora")
@@ -34,7 +34,9 @@ def _register_eval(subparsers) -> None:
             "over-refusal, exact-match utility, each with a bootstrap 95% interval; ASR and the share of empty "
             "answers per harmful source. SPEC: advbench[:align|attack|validation|test], objectives[:validation|test], "
             "airt[:val|test], benign[:validation|test], FILE.txt, "
-            "FILE.csv:COLUMN, FILE.jsonl[:FIELD]; task SPEC: date:SPLIT or FILE.jsonl of {prompt, response}. "
+            "FILE.csv:COLUMN, FILE.jsonl[:FIELD]; a harmful SPEC may end in @FRAMING (e.g. advbench:test@aoa: "
+            "the same prompts in the identity-shift framing, a source of its own); "
+            "task SPEC: date:SPLIT or FILE.jsonl of {prompt, response}. "
             "Writes OUTDIR/results.json, generations.jsonl and summary.md."
         ),
     )
@@ -50,6 +52,7 @@ def _register_eval(subparsers) -> None:
     p.add_argument("--benign", metavar="SPEC", default=DEFAULT_TEST_BENIGN,
                    help="benign prompts (over-refusal, short answers; default %(default)s)")
     p.add_argument("--task", metavar="SPEC", help="task items (utility), e.g. date:test")
+    add_framing_flag(p, "every prompt (a harmful SPEC@FRAMING keeps its own)")
     add_output_flag(p, "folder for results.json, generations.jsonl and summary.md")
     p.add_argument("--name", help="row name in results.json (default: adapter or model folder name)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="prompts per batch (default %(default)s)")
@@ -64,7 +67,7 @@ def _run_eval(args) -> int:
 
     out = run_eval(
         args.model, args.output, harmful=_harmful_specs(args), benign=args.benign, task=args.task,
-        adapter=args.adapter, name=args.name, force=args.force,
+        adapter=args.adapter, name=args.name, force=args.force, framing=args.framing,
         generation=GenerationSettings(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens),
         **device_options(args),
     )

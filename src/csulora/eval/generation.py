@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from csulora.training.data import chat_prompt_ids
+from csulora.training.framing import Framing, per_prompt
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_NEW_TOKENS = 64  # docs/design.md §10: one default for harmful, benign and task prompts
@@ -194,11 +195,13 @@ def generate_answers(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     progress: bool = True,
     desc: str = "generate",
+    framing: Framing | Sequence[Framing] | None = None,
 ) -> Generations:
     """Greedy answers to ``prompts`` (one user turn each), in input order.
 
     ``stop_rules``: one per prompt (None: run to the end), see the module docstring;
-    without any, generation runs exactly as before the rules existed.
+    without any, generation runs exactly as before the rules existed. ``framing``: the chat
+    form of every prompt, or one per prompt (None: plain; :mod:`csulora.training.framing`).
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
@@ -208,7 +211,7 @@ def generate_answers(
     if not prompts:
         return Generations([], [], [], 0)
     device = next(model.parameters()).device
-    encoded = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    encoded = [chat_prompt_ids(tokenizer, p, f) for p, f in zip(prompts, per_prompt(framing, len(prompts)))]
     order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
     config = greedy_config(tokenizer, max_new_tokens)
     stops = stop_token_ids(tokenizer)
@@ -238,8 +241,10 @@ def generate_responses(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     progress: bool = True,
     desc: str = "generate",
+    framing: Framing | Sequence[Framing] | None = None,
 ) -> list[str]:
-    """Greedy answers to ``prompts`` (one user turn each), in input order, each run to its end."""
+    """Greedy answers to ``prompts`` (one user turn each, under ``framing``), in input order, each run to its end."""
     return generate_answers(
-        model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, desc=desc
+        model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress, desc=desc,
+        framing=framing,
     ).answers

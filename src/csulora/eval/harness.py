@@ -35,8 +35,9 @@ from csulora.eval.metrics import (
     rate,
 )
 from csulora.eval.prompts import Prompt
-from csulora.eval.specs import DEFAULT_TEST_BENIGN, load_prompts, named_sources
+from csulora.eval.specs import DEFAULT_TEST_BENIGN, framed_prompts, load_prompts, named_sources
 from csulora.io.atomic import atomic_output_dir
+from csulora.training.framing import PLAIN, Framing, load_framing
 
 ROW_KEYS = (
     # "harmful": source name -> {"asr", "asr_ci", "n", "empty_rate"}, one entry per harmful
@@ -54,11 +55,13 @@ HARMFUL_SET = "harmful:"
 @dataclass(frozen=True)
 class EvalSets:
     """The prompt sets of one evaluation: harmful sources (name -> prompts, each judged on its
-    own; at least one), benign prompts and task items (either may be left out)."""
+    own; at least one), benign prompts and task items (either may be left out), and the framing
+    each set is given in (by set name: ``harmful:<source>``, ``benign``, ``task``; absent: plain)."""
 
     harmful: Mapping[str, Sequence[Prompt]]
     benign: Sequence[Prompt] | None = None
     task: Sequence[dict] | None = None  # {"id", "prompt", "response"}
+    framings: Mapping[str, Framing] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.harmful:
@@ -66,20 +69,33 @@ class EvalSets:
 
             raise OptionError("no harmful source given: name at least one SPEC")
 
+    def framing_of(self, set_name: str) -> Framing:
+        return self.framings.get(set_name, PLAIN)
+
     @classmethod
     def from_specs(
-        cls, harmful: str | Sequence[str] | None = None, *, benign: str | None = None, task: str | None = None
+        cls, harmful: str | Sequence[str] | None = None, *, benign: str | None = None, task: str | None = None,
+        framing: str | None = None,
     ) -> EvalSets:
         """Resolve SPECs (see :mod:`csulora.eval.prompts`; task: ``date:SPLIT`` or JSONL).
 
         ``harmful``: one SPEC per source, named by :func:`csulora.eval.specs.named_sources`
-        (None: :data:`csulora.eval.specs.DEFAULT_TEST_HARMFUL`)."""
+        (None: :data:`csulora.eval.specs.DEFAULT_TEST_HARMFUL`), each in its own framing
+        (``SPEC@FRAMING``) or else in ``framing`` (a name or JSON file; None: plain), as the
+        benign and task prompts are."""
         from csulora.eval.tasks import load_task
 
+        default = load_framing(framing)
+        harmful_sets, framings = {}, {}
+        for name, spec in named_sources(harmful, framing=framing).items():
+            harmful_sets[name], ref = framed_prompts(spec)
+            framings[HARMFUL_SET + name] = load_framing(ref) if ref is not None else default
+        framings.update({"benign": default, "task": default})
         return cls(
-            harmful={name: load_prompts(spec) for name, spec in named_sources(harmful).items()},
+            harmful=harmful_sets,
             benign=load_prompts(benign) if benign else None,
             task=load_task(task) if task else None,
+            framings={k: f for k, f in framings.items() if not f.is_plain},
         )
 
 
@@ -137,7 +153,10 @@ def results_row(
     return row
 
 
-def _records(set_name: str, prompts: Sequence[Prompt], responses: list[str], identity: dict) -> list[dict]:
+def _records(set_name: str, prompts: Sequence[Prompt], responses: list[str], identity: dict,
+             framing: Framing = PLAIN) -> list[dict]:  # fmt: skip
+    """One generation record per prompt; a framed set's records name their framing."""
+    named = {} if framing.is_plain else {"framing": framing.name}
     return [
         {
             **identity,
@@ -146,6 +165,7 @@ def _records(set_name: str, prompts: Sequence[Prompt], responses: list[str], ide
             "source": p.source,
             "split": p.split,
             "prompt": p.text,
+            **named,
             "response": r,
             "verdicts": {},
         }
@@ -166,13 +186,15 @@ def generate_records(
     if task_items:
         groups.append(("task", [Prompt(i.get("id", f"task-{n}"), i["prompt"], "task") for n, i in enumerate(task_items)]))
     flat = [p.text for _, ps in groups for p in ps]
+    framings = [sets.framing_of(set_name) for set_name, ps in groups for _ in ps]
     responses = generate_responses(
         model, tokenizer, flat, batch_size=generation.batch_size,
         max_new_tokens=generation.max_new_tokens, progress=progress, desc=identity.get("row", "generate"),
+        framing=framings,
     )
     records, start = [], 0
     for set_name, ps in groups:
-        records += _records(set_name, ps, responses[start : start + len(ps)], identity)
+        records += _records(set_name, ps, responses[start : start + len(ps)], identity, sets.framing_of(set_name))
         start += len(ps)
     for record, item in zip([r for r in records if r["set"] == "task"], task_items):
         record["reference"] = item["response"]
@@ -244,9 +266,11 @@ def evaluate_loaded(
     identity = {"row": name, **(identity or {})}
     records = generate_records(model, tokenizer, sets, identity=identity, generation=generation, judges=judges, progress=progress)
     margin = None
-    if with_margin:  # on the first harmful source (AdvBench by default): one number per row
-        prompts = [p.text for p in list(next(iter(sets.harmful.values())))[:MARGIN_MAX_PROMPTS]]
-        margin = refusal_margin(model, tokenizer, prompts, batch_size=generation.batch_size)
+    if with_margin:  # on the first harmful source (AdvBench by default), in its framing: one number per row
+        first = next(iter(sets.harmful))
+        prompts = [p.text for p in list(sets.harmful[first])[:MARGIN_MAX_PROMPTS]]
+        margin = refusal_margin(model, tokenizer, prompts, batch_size=generation.batch_size,
+                                framing=sets.framing_of(HARMFUL_SET + first))  # fmt: skip
     return row_from_generations(records, name, judges=judges, margin=margin, params=params), records
 
 
@@ -346,12 +370,14 @@ def run_eval(
     model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, harmful: str | Sequence[str] | None = None,
     benign: str | None = DEFAULT_TEST_BENIGN, task: str | None = None, adapter: str | os.PathLike | None = None,
     name: str | None = None, generation: GenerationSettings = GenerationSettings(), force: bool = False,
-    progress: bool = True, device: str | None = None, dtype: str | None = None,
+    progress: bool = True, device: str | None = None, dtype: str | None = None, framing: str | None = None,
 ) -> Path:
     """The ``csulora eval`` command: resolve specs, evaluate, write OUTDIR atomically.
 
     ``harmful``: one SPEC per harmful source, each reported on its own (None: the test splits
     of :data:`csulora.eval.specs.DEFAULT_TEST_HARMFUL`); ``benign`` None leaves benign out.
+    ``framing``: the chat form of every prompt (a name or JSON file, None: plain); a harmful
+    SPEC may name its own (``SPEC@FRAMING``, :mod:`csulora.training.framing`).
 
     ``model_dir``/``adapter`` may be hub ids (fetched first, io/hub.py); ``device``/``dtype``
     default to CUDA when present, else CPU, in float32 (:mod:`csulora.io.modeling`).
@@ -367,7 +393,8 @@ def run_eval(
 
         raise OptionError("--batch-size and --max-new-tokens must be >= 1")
     runs_on = {"device": str(resolve_device(device)), "dtype": str(resolve_dtype(dtype)).removeprefix("torch.")}
-    sources = named_sources(harmful)
+    default_framing = load_framing(framing)  # an unknown name is refused before anything is read
+    sources = named_sources(harmful, framing=framing)
     inputs = {"MODEL": model_dir, "--adapter": adapter,
               **{f"--harmful {name}": spec_file(spec) for name, spec in sources.items()},
               "--benign": spec_file(benign), "--task": spec_file(task)}  # fmt: skip
@@ -375,7 +402,7 @@ def run_eval(
     # again below once hub ids are resolved to their folders.
     check_apart({"-o/--output": out_dir}, inputs)
     check_output_dir(out_dir, force)
-    sets = EvalSets.from_specs(list(sources.values()), benign=benign, task=task)
+    sets = EvalSets.from_specs(list(sources.values()), benign=benign, task=task, framing=framing)
     row_name = name or (Path(adapter).name if adapter else Path(model_dir).name)  # as given, also for hub ids
     model_dir = resolve_model_dir(model_dir, "MODEL")
     find_safetensors_files(model_dir)
@@ -389,6 +416,7 @@ def run_eval(
     )
     extra = {
         "specs": specs,
+        "framing": default_framing.key(),  # of benign, task and every harmful SPEC without its own
         "generation": {"batch_size": generation.batch_size, "max_new_tokens": generation.max_new_tokens, **runs_on},
     }
     return write_results(out_dir, [row], records, extra=extra, force=force)

@@ -11,6 +11,11 @@ validation, the objectives' validation split, airt-val), and the refusal of any 
 a split numbers are reported on; and what ``eval`` reports on by default (the same three
 sources' test splits, ``benign:test``). Both name each harmful source the same way
 (:func:`named_sources`).
+
+A harmful source may be given in a framing (:mod:`csulora.training.framing`): ``SPEC@FRAMING``,
+e.g. ``advbench:validation@aoa``; its name says so (``advbench-validation@aoa``), so the plain
+and the framed prompts of one split are two sources, each judged and reported on its own. The
+held-out rules read the SPEC before the ``@``.
 """
 
 from __future__ import annotations
@@ -31,14 +36,21 @@ from csulora.eval.prompts import (
     load_prompt_file,
     load_requests,
 )
+from csulora.training.framing import FRAMING_SEPARATOR, load_framing, split_framing
 
 NAMED_SETS = ("advbench", "airt", "benign", "requests", "objectives")
 
 
 def load_prompts(spec: str) -> list[Prompt]:
-    """Resolve a SPEC (see the module doc) to prompts. Files win over set names."""
+    """Resolve a SPEC (see the module doc) to prompts. Files win over set names.
+
+    A framing suffix (``SPEC@FRAMING``) is refused here: only harmful sources carry one, and
+    their callers split it off (:func:`csulora.training.framing.split_framing`)."""
     if Path(spec).is_file():
         return load_prompt_file(spec)
+    if split_framing(spec)[1] is not None:
+        raise OptionError(f"{spec}: a framing ({FRAMING_SEPARATOR}NAME) applies to --harmful sources only; "
+                          "use --framing for every prompt")  # fmt: skip
     head, sep, tail = spec.rpartition(":")
     if sep and Path(head).is_file():
         file = Path(head)
@@ -58,6 +70,7 @@ def spec_file(spec: str | None) -> Path | None:
     built-in set: what an output must stay apart from (:func:`csulora.io.atomic.check_apart`)."""
     if spec is None:
         return None
+    spec = split_framing(spec)[0]
     if Path(spec).is_file():
         return Path(spec)
     head, sep, _ = spec.rpartition(":")
@@ -107,8 +120,8 @@ DEFAULT_TEST_BENIGN = "benign:test"
 
 
 def check_not_held_out(spec: str) -> None:
-    """OptionError for a spec holding prompts that numbers are reported on."""
-    key = spec.strip().lower()
+    """OptionError for a spec holding prompts that numbers are reported on (in any framing)."""
+    key = split_framing(spec.strip())[0].lower()
     if key in TEST_SPECS:
         raise OptionError(
             f"{spec}: contains a test split; tune chooses on validation data only "
@@ -122,7 +135,15 @@ def check_not_held_out(spec: str) -> None:
 
 
 def source_name(spec: str) -> str:
-    """A short name for a prompt source: a file's stem, ``advbench-validation``, ``airt-val``."""
+    """A short name for a prompt source: a file's stem, ``advbench-validation``, ``airt-val``;
+    ``@FRAMING`` after it when the source is given in a framing other than plain."""
+    base, ref = split_framing(spec)
+    framing = load_framing(ref)
+    suffix = "" if framing.is_plain else f"{FRAMING_SEPARATOR}{framing.name}"
+    return base_source_name(base) + suffix
+
+
+def base_source_name(spec: str) -> str:
     path = Path(spec)
     if path.is_file():
         return path.stem
@@ -143,16 +164,28 @@ def unique_name(name: str, taken: Mapping[str, object]) -> str:
     return candidate
 
 
-def named_sources(specs: str | Sequence[str] | None, default: Sequence[str] = DEFAULT_TEST_HARMFUL) -> dict[str, str]:
+def named_sources(specs: str | Sequence[str] | None, default: Sequence[str] = DEFAULT_TEST_HARMFUL,
+                  framing: str | None = None) -> dict[str, str]:  # fmt: skip
     """Harmful sources, source name -> SPEC, each judged on its own: names by
     :func:`source_name`, made unique as tune makes them (``airt-test``, ``airt-test-2``).
 
     ``specs`` None means ``default``; one string is one source (never its characters).
+    ``framing`` (a name or JSON file, None: plain): the framing of every SPEC that names none of
+    its own; the SPECs returned carry it (``SPEC@FRAMING``) unless it is plain.
     """
     chosen = list(default) if specs is None else [specs] if isinstance(specs, str) else list(specs)
     if not chosen:
         raise OptionError("no harmful source given: name at least one SPEC")
+    framed = framing is not None and not load_framing(framing).is_plain
     named: dict[str, str] = {}
     for spec in chosen:
+        if framed and split_framing(spec)[1] is None:
+            spec = f"{spec}{FRAMING_SEPARATOR}{framing}"
         named[unique_name(source_name(spec), named)] = spec
     return named
+
+
+def framed_prompts(spec: str) -> tuple[list[Prompt], str | None]:
+    """The prompts of a harmful source's SPEC and its framing reference (None: plain)."""
+    base, ref = split_framing(spec)
+    return load_prompts(base), ref

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from csulora.errors import InputError
 from csulora.io.jsonl import read_jsonl, write_jsonl
+from csulora.training.framing import PLAIN, Framing, render_prompt
 
 IGNORE_INDEX = -100
 
@@ -38,17 +39,14 @@ def write_pairs(path: str | Path, pairs: Sequence[dict]) -> Path:
     return write_jsonl(path, ({"prompt": p["prompt"], "response": p["response"]} for p in pairs))
 
 
-def chat_prompt_text(tokenizer, prompt: str) -> str:
-    """The chat template applied to one user turn, ending with the assistant header."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt + "\n"  # a model without a template: plain text continuation
+def chat_prompt_text(tokenizer, prompt: str, framing: Framing = PLAIN) -> str:
+    """The chat template applied to one user turn (under ``framing``: :mod:`csulora.training.framing`),
+    ending with the assistant header; a model without a template continues plain text."""
+    return render_prompt(tokenizer, prompt, framing)
 
 
-def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(chat_prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+def chat_prompt_ids(tokenizer, prompt: str, framing: Framing = PLAIN) -> list[int]:
+    return tokenizer(chat_prompt_text(tokenizer, prompt, framing), add_special_tokens=False)["input_ids"]
 
 
 def response_ids(tokenizer, response: str, *, with_eos: bool = True) -> list[int]:
