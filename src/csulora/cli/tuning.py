@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from csulora.cli.common import add_device_flags, add_output_flag, device_options
+from csulora.cli.common import add_device_flags, add_framing_flag, add_output_flag, device_options
 from csulora.errors import OptionError
 from csulora.eval.specs import DEFAULT_HARMFUL
 from csulora.methods.registry import get_method, option_names, tunable_methods
@@ -134,8 +134,12 @@ def _add_data(p: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="FILE",
         help="harmful validation prompts, one source per file or set spec, each judged on its own "
-        f"(default: {' '.join(DEFAULT_HARMFUL)}, from pyrit); never a test split",
+        f"(default: {' '.join(DEFAULT_HARMFUL)}, from pyrit); never a test split. SPEC@FRAMING gives a source in a "
+        "framing of its own (advbench:validation advbench:validation@aoa: select on the plain and the identity-shift "
+        "form, two sources)",
     )
+    add_framing_flag(p, "every validation prompt (a harmful SPEC@FRAMING keeps its own; --calibration-task is "
+                     "calibrated plain)")
     p.add_argument("--task", metavar="FILE.jsonl", help='task validation data, {"prompt", "response"} per line')
     p.add_argument(
         "--benign",
@@ -258,6 +262,7 @@ def run_tune(args: argparse.Namespace) -> int:
         force=args.force,
         score_cache=args.score_cache,
         update_statistics=args.update_statistics,
+        framing=args.framing,
         **device_options(args),
     )
     print(format_sweep(result.record))

@@ -5,6 +5,10 @@ validation split and airt-val, :mod:`csulora.eval.specs`), the task's validation
 benign prompts (default ``benign:validation``). Test splits are refused (:func:`check_not_held_out`),
 and so is calibration task data that shares a prompt with the validation task, or that is the
 very file the given statistics were calibrated on (docs/design.md §10).
+
+Each set is given in a framing (:mod:`csulora.training.framing`): ``--framing`` for every set,
+or a harmful source's own (``SPEC@FRAMING``), so tune can select on the plain and the framed
+harmful validation prompts as separate sources (issue 24).
 """
 
 from __future__ import annotations
@@ -16,18 +20,35 @@ from pathlib import Path
 from typing import Any
 
 from csulora.errors import InputError, OptionError
-from csulora.eval.specs import DEFAULT_BENIGN, DEFAULT_HARMFUL, check_not_held_out, load_prompts, named_sources
+from csulora.eval.specs import (
+    DEFAULT_BENIGN,
+    DEFAULT_HARMFUL,
+    check_not_held_out,
+    framed_prompts,
+    load_prompts,
+    named_sources,
+)
+from csulora.training.framing import PLAIN, Framing, load_framing
 
 PathLike = str | os.PathLike
 
 
 @dataclass(frozen=True)
 class TuneData:
-    """The validation data every setting is scored on (never a test split)."""
+    """The validation data every setting is scored on (never a test split), and each set's
+    framing by set name (``harmful:<source>``, ``task``, ``benign``; absent: plain)."""
 
     harmful: Mapping[str, Sequence[str]]  # source name -> prompts, each judged separately
     task: Sequence[Mapping[str, str]] = field(default=())  # {"prompt", "response"} items
     benign: Sequence[str] = field(default=())
+    framings: Mapping[str, Framing] = field(default_factory=dict)
+
+    def framing_of(self, set_name: str) -> Framing:
+        return self.framings.get(set_name, PLAIN)
+
+    def framing_keys(self) -> dict[str, dict]:
+        """The framed sets' framings, for cache keys: empty when every set is plain."""
+        return {name: f.key() for name, f in sorted(self.framings.items()) if not f.is_plain}
 
     def prompt_count(self) -> int:
         return sum(len(p) for p in self.harmful.values()) + len(self.task) + len(self.benign)
@@ -48,18 +69,22 @@ class LoadedData:
     description: dict[str, Any]
 
 
-def load_tune_data(harmful: Sequence[str] | None, task: str | None, benign: str | None) -> LoadedData:
-    """Read every prompt set before any model is loaded; refuse test splits."""
+def load_tune_data(harmful: Sequence[str] | None, task: str | None, benign: str | None,
+                   framing: str | None = None) -> LoadedData:  # fmt: skip
+    """Read every prompt set before any model is loaded; refuse test splits. ``framing`` (a name or
+    JSON file, None: plain): the chat form of every set but a harmful SPEC@FRAMING, which keeps its own."""
     from csulora.eval.tasks import load_task
 
+    default = load_framing(framing)
     specs = list(harmful) if harmful else list(DEFAULT_HARMFUL)
     for spec in specs + [s for s in (task, benign) if s is not None]:
         check_not_held_out(spec)
     sources: dict[str, list[str]] = {}
     described: dict[str, Any] = {}
-    for name, spec in named_sources(specs).items():
+    framings: dict[str, Framing] = {}
+    for name, spec in named_sources(specs, framing=framing).items():
         try:
-            prompts = load_prompts(spec)
+            prompts, ref = framed_prompts(spec)
         except InputError as exc:
             if harmful:
                 raise
@@ -68,7 +93,8 @@ def load_tune_data(harmful: Sequence[str] | None, task: str | None, benign: str 
                 f"are unavailable: {exc}; or give --harmful FILE ..."
             ) from None
         sources[name] = [p.text for p in prompts]
-        described[name] = {"spec": spec, "n": len(prompts)}
+        framings[f"harmful:{name}"] = load_framing(ref) if ref is not None else default
+        described[name] = {"spec": spec, "n": len(prompts), "framing": framings[f"harmful:{name}"].name}
     task_items: list[dict[str, str]] = []
     task_desc = None
     if task is not None:
@@ -77,8 +103,11 @@ def load_tune_data(harmful: Sequence[str] | None, task: str | None, benign: str 
     benign_spec = benign if benign is not None else DEFAULT_BENIGN
     benign_prompts = [p.text for p in load_prompts(benign_spec)]
     benign_desc = {"spec": benign_spec, "n": len(benign_prompts), "default": benign is None}
-    data = TuneData(harmful=sources, task=task_items, benign=benign_prompts)
-    return LoadedData(data, {"harmful": described, "task": task_desc, "benign": benign_desc})
+    framings.update({"task": default, "benign": default})
+    data = TuneData(harmful=sources, task=task_items, benign=benign_prompts,
+                    framings={k: f for k, f in framings.items() if not f.is_plain})  # fmt: skip
+    description = {"harmful": described, "task": task_desc, "benign": benign_desc, "framing": default.key()}
+    return LoadedData(data, description)
 
 
 def check_calibration_task(calibration_task: str | None, task: str | None, loaded: LoadedData) -> dict | None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from csulora.errors import OptionError
+from csulora.eval.specs import spec_file
 from csulora.io.atomic import atomic_output_dir, check_apart, check_output_dir
 from csulora.methods.base import SUBSPACE
 from csulora.tuning.config import TuneConfig
@@ -118,6 +119,7 @@ def tune_adapter(
     progress: bool = True,
     score_cache: PathLike | None = None,
     update_statistics: PathLike | None = None,
+    framing: str | None = None,
 ) -> TuneResult:
     """Sweep ``config.method``'s knob (or every method's, ``method="all"``) and write the chosen correction.
 
@@ -130,13 +132,16 @@ def tune_adapter(
     ``benign``: prompts for over-refusal, short answers and fluency (default ``benign:validation``).
     ``device``/``dtype``: where and in what precision the model runs. ``score_cache``: a folder
     keeping every scored state (:mod:`csulora.tuning.score_cache`). ``update_statistics``: the
-    fine-tuned model's statistics, for the methods that read them (Antidote). When no setting
+    fine-tuned model's statistics, for the methods that read them (Antidote). ``framing``: the chat
+    form of every validation set (a name or JSON file, None: plain); a harmful ``SPEC@FRAMING`` keeps
+    its own, so ``harmful=["advbench:validation", "advbench:validation@aoa"]`` selects on both forms
+    (:mod:`csulora.training.framing`); ``calibration_task`` is calibrated plain. When no setting
     qualifies no correction is written, only tune.json, tune.png, the answers and the run record.
     """
     config = config or TuneConfig()
     sources = {"subspace": subspace, "base": base, "calibration": calibration, "calibration_task": calibration_task,
                "update_statistics": update_statistics}  # fmt: skip
-    inputs = check_inputs(adapter_dir, aligned, sources, config, harmful, task, benign, device, dtype)
+    inputs = check_inputs(adapter_dir, aligned, sources, config, harmful, task, benign, device, dtype, framing)
     out = check_output_dir(out_dir, force)
     check_apart({"-o/--output": out, "--score-cache": score_cache}, _input_paths(inputs, harmful, task, benign))
     started = time.perf_counter()
@@ -160,14 +165,14 @@ def tune_adapter(
 
 def check_inputs(adapter_dir: PathLike, aligned: PathLike, sources: Mapping[str, Any], config: TuneConfig,
                  harmful: Sequence[str] | None, task: str | None, benign: str | None, device: str | None,
-                 dtype: str | None) -> TuneInputs:  # fmt: skip
+                 dtype: str | None, framing: str | None = None) -> TuneInputs:  # fmt: skip
     """Every check that needs no model: paths, plans, data, the calibration's provenance.
     ``sources``: subspace, base, calibration, calibration_task, update_statistics."""
     from csulora.io.modeling import resolve_device, resolve_dtype
 
     update, aligned_path, files = check_paths(adapter_dir, aligned, **sources)
     plans, skipped = plan_methods(config, files, dense=_is_checkpoint(update))
-    loaded = load_tune_data(harmful, task, benign)
+    loaded = load_tune_data(harmful, task, benign, framing)
     if config.is_all and not loaded.data.task:
         raise OptionError("--method all ranks the methods by utility: give --task with validation data")
     task_desc = check_calibration_task(files.calibration_task, task, loaded)
@@ -193,7 +198,7 @@ def _input_paths(inputs: TuneInputs, harmful: Sequence[str] | None, task: str | 
         "--benign": benign, "--update-statistics": files.update_statistics,
     }  # fmt: skip
     for i, spec in enumerate(harmful or ()):
-        paths[f"--harmful {i + 1}"] = spec
+        paths[f"--harmful {i + 1}"] = spec_file(spec)  # a SPEC@FRAMING's file too
     return {flag: p for flag, p in paths.items() if p is None or Path(p).exists()}
 
 

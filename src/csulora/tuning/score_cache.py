@@ -14,7 +14,9 @@ A key covers everything the answers depend on (docs/design.md §10):
   plus the bytes of the adapter (``adapter_model.safetensors`` and ``adapter_config.json``)
   for the adapter and for each setting -- a setting is keyed by what it is, not by its
   knob, so the same corrected bytes reached any way are scored once;
-- the validation data (every prompt, the task's references), the generation settings
+- the validation data (every prompt, the task's references, and the framing of each framed set
+  -- a framed run never reads a plain run's answers; a plain run's key is as before framings),
+  the generation settings
   (batch size, new tokens, whether harmful answers stop early, bootstrap seed), device, dtype
   and csulora's version.
 
@@ -42,10 +44,12 @@ SCHEMA = "csulora.score-cache/2"  # /2: answers per prompt and batch, measures a
 
 def data_digest(data: TuneData) -> str:
     """One sha256 over every prompt set and the task's reference responses."""
-    payload = {
+    payload: dict[str, Any] = {
         "sets": data.prompt_sets(),
         "task_references": [item["response"] for item in data.task],
     }
+    if data.framing_keys():  # only when some set is framed: plain keys stay those of older runs
+        payload["framings"] = data.framing_keys()
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

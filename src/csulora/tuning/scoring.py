@@ -66,7 +66,7 @@ class BatchPlan:
     def of(cls, tokenizer: Any, data: TuneData, batch_size: int) -> BatchPlan:
         plans = {}
         for name, prompts in data.prompt_sets():
-            lengths = [len(chat_prompt_ids(tokenizer, p)) for p in prompts]
+            lengths = [len(chat_prompt_ids(tokenizer, p, data.framing_of(name))) for p in prompts]
             order = sorted(range(len(prompts)), key=lambda i: (-lengths[i], i))
             plans[name] = tuple(tuple(order[i : i + batch_size]) for i in range(0, len(order), batch_size))
         return cls(plans)
@@ -143,6 +143,7 @@ class StateScorer:
         out = generate_answers(
             self.model, self.tokenizer, prompts, stop_rules=rules, batch_size=len(batch),
             max_new_tokens=self.generation.max_new_tokens, progress=False, desc=self.desc,
+            framing=self.data.framing_of(set_name),
         )  # fmt: skip
         cut = self.record.truncated.setdefault(set_name, set())
         for i, answer, truncated in zip(batch, out.answers, out.truncated, strict=True):
@@ -216,7 +217,8 @@ class StateScorer:
         if self.data.task:
             self.answer_all(TASK)
             self.measure("task_loglik", lambda: mean_response_logprob(
-                self.model, self.tokenizer, self.data.task, batch_size=self.generation.batch_size))  # fmt: skip
+                self.model, self.tokenizer, self.data.task, batch_size=self.generation.batch_size,
+                framing=self.data.framing_of(TASK)))  # fmt: skip
 
     def _benign(self) -> None:
         if self.data.benign:
@@ -271,13 +273,16 @@ class StateScorer:
         if not items:
             return None
         with self.aligned_view():  # type: ignore[misc]
-            return mean_response_logprob(self.model, self.tokenizer, items, batch_size=self.generation.batch_size)
+            return mean_response_logprob(self.model, self.tokenizer, items, batch_size=self.generation.batch_size,
+                                         framing=self.data.framing_of(BENIGN))  # fmt: skip
 
     def _margin(self) -> float:
         """The refusal margin over every harmful prompt (forward passes only): reported beside the
         ASR, never used to choose (it knows only its fixed wordings, docs/design.md §5b)."""
         harmful = [p for prompts in self.data.harmful.values() for p in prompts]
-        return refusal_margin(self.model, self.tokenizer, harmful, batch_size=self.generation.batch_size)
+        framings = [self.data.framing_of(f"harmful:{source}") for source, ps in self.data.harmful.items() for _ in ps]
+        return refusal_margin(self.model, self.tokenizer, harmful, batch_size=self.generation.batch_size,
+                              framing=framings)  # fmt: skip
 
     def _answer_lists(self) -> tuple[dict[str, list[str | None]], dict[str, list[bool]]]:
         answers, truncated = {}, {}
