@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from csulora.cli.common import add_device_flags, device_options
+from csulora.cli.common import add_device_flags, add_framing_flag, device_options
 from csulora.errors import OptionError
 from csulora.eval.generation import DEFAULT_BATCH_SIZE
 from csulora.references.calibration import CALIBRATION_MAX_NEW_TOKENS
@@ -46,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--targets", metavar="LIST",
         help="comma-separated module names or suffixes (default: every linear layer in the decoder blocks)",
     )  # fmt: skip
+    add_framing_flag(parser, "the harmful and the task prompts, for their answers and statistics (recorded in the file)")
     add_generation_flags(parser)
     add_update_flags(parser)
     parser.add_argument(
@@ -112,6 +113,7 @@ def check_mode(args: argparse.Namespace) -> None:
         "--task": args.task is not None, "--harmful": args.harmful is not None,
         "--answer-cache": args.answer_cache is not None, "--no-answer-cache": args.no_answer_cache,
         "--max-new-tokens": args.max_new_tokens != CALIBRATION_MAX_NEW_TOKENS,
+        "--framing": args.framing is not None,
     }  # fmt: skip
     for flag, present in given.items():
         if present:
@@ -131,7 +133,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     result = calibrate(
         args.aligned, args.output, task=args.task, harmful=args.harmful, targets=args.targets,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, memory_budget_gb=args.memory_budget,
-        force=args.force, answer_cache=answer_cache, **device_options(args),
+        force=args.force, answer_cache=answer_cache, framing=args.framing, **device_options(args),
     )  # fmt: skip
     harmful, task = result.info["harmful"], result.info["task"]
     passes = "one pass" if result.passes == 1 else f"{result.passes} passes"

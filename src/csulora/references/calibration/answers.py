@@ -5,8 +5,9 @@ second calibration of the same model with other task data or targets reads them 
 of generating them again (generation is most of ``calibrate``'s time on a CPU). The key
 (:class:`AnswerKey`) holds the model's fingerprint digest (weights, tokenizer, chat template:
 :func:`csulora.io.fingerprint.model_fingerprint`), the prompts' digest, ``max_new_tokens``,
-the batch size (padding changes rounding), the device type and dtype, and the csulora, torch
-and transformers versions. One entry is one JSON file named by the key's sha256, written
+the batch size (padding changes rounding), the device type and dtype, the csulora, torch
+and transformers versions, and -- for a framed calibration only, so plain keys are those of older
+runs -- the framing the prompts were given in (a framed run never reads a plain run's answers). One entry is one JSON file named by the key's sha256, written
 atomically; an entry that cannot be read, or does not hold this key's answers, is generated
 again and replaced.
 
@@ -28,6 +29,7 @@ from typing import Any
 from csulora.eval.generation import generate_answers
 from csulora.io.atomic import atomic_output_file
 from csulora.training.data import chat_prompt_ids
+from csulora.training.framing import PLAIN, Framing
 
 ANSWERS_FORMAT = "csulora-calibration-answers"
 ANSWERS_VERSION = 1
@@ -68,9 +70,13 @@ class AnswerKey:
     csulora_version: str
     torch_version: str
     transformers_version: str
+    framing: dict[str, Any] | None = None  # Framing.key() of a framed calibration; None: plain
 
     def record(self) -> dict[str, Any]:
-        return asdict(self)
+        record = asdict(self)
+        if record["framing"] is None:  # plain: the key of a run from before framings
+            del record["framing"]
+        return record
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.record(), sort_keys=True).encode()).hexdigest()
@@ -119,7 +125,8 @@ def write_answers(path: Path, key: AnswerKey, answers: Sequence[str]) -> str | N
 
 
 def generate_with_bar(
-    model, tokenizer, texts: Sequence[str], *, batch_size: int, max_new_tokens: int, progress: bool
+    model, tokenizer, texts: Sequence[str], *, batch_size: int, max_new_tokens: int, progress: bool,
+    framing: Framing = PLAIN,
 ) -> tuple[list[str], int]:
     """Greedy answers (input order) and the tokens generated, batch by batch under one bar in tokens/s.
 
@@ -128,7 +135,7 @@ def generate_with_bar(
     """
     from tqdm.auto import tqdm
 
-    lengths = [len(chat_prompt_ids(tokenizer, t)) for t in texts]
+    lengths = [len(chat_prompt_ids(tokenizer, t, framing)) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
     answers = [""] * len(texts)
     generated = 0
@@ -138,7 +145,7 @@ def generate_with_bar(
             batch = order[start : start + batch_size]
             out = generate_answers(
                 model, tokenizer, [texts[i] for i in batch], batch_size=len(batch), max_new_tokens=max_new_tokens,
-                progress=False,
+                progress=False, framing=framing,
             )  # fmt: skip
             for i, answer in zip(batch, out.answers):
                 answers[i] = answer
@@ -149,9 +156,13 @@ def generate_with_bar(
 
 
 def aligned_answers(
-    model, tokenizer, texts: Sequence[str], key: AnswerKey, cache_dir: Path | None, *, progress: bool, log: Log
+    model, tokenizer, texts: Sequence[str], key: AnswerKey, cache_dir: Path | None, *, progress: bool, log: Log,
+    framing: Framing = PLAIN,
 ) -> AlignedAnswers:
-    """The answers from ``cache_dir`` when it holds them for ``key``, else generated (and stored there)."""
+    """The answers from ``cache_dir`` when it holds them for ``key``, else generated (and stored there);
+    ``framing`` must be the one ``key`` names."""
+    if key.framing != (None if framing.is_plain else framing.key()):
+        raise ValueError(f"answer key names framing {key.framing}, the prompts are given in {framing.name!r}")
     path = key.path(cache_dir) if cache_dir is not None else None
     if path is not None:
         answers, why = read_answers(path, key)
@@ -161,7 +172,8 @@ def aligned_answers(
         if why != "missing":
             log(f"answer cache entry {path} {why}: generating the answers again")
     answers, generated = generate_with_bar(
-        model, tokenizer, texts, batch_size=key.batch_size, max_new_tokens=key.max_new_tokens, progress=progress
+        model, tokenizer, texts, batch_size=key.batch_size, max_new_tokens=key.max_new_tokens, progress=progress,
+        framing=framing,
     )
     if path is None:
         return AlignedAnswers(answers, False, generated, {"file": None, "status": "off"})

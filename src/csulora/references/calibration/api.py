@@ -48,6 +48,7 @@ from csulora.references.calibration.groups import GramGroup, linear_modules
 from csulora.references.calibration.outputs import RUN_RECORD_FORMAT, OutputPaths, publish, staged_output
 from csulora.references.calibration.passes import StatisticsPlan, collect_statistics, memory_budget, plan_statistics
 from csulora.references.calibration.statistics import product_dtype_for
+from csulora.training.framing import PLAIN, Framing, load_framing
 from csulora.types import ModuleCalibration
 from csulora.version import __version__
 
@@ -79,6 +80,7 @@ class Inputs:
     modules: list[str]
     prompts: list[Prompt]
     pairs: list[dict]
+    framing: Framing = PLAIN  # the chat form of the harmful and the task prompts
 
 
 @dataclass
@@ -114,20 +116,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def read_inputs(aligned: Path, given: str, task, harmful, targets) -> Inputs:
+def read_inputs(aligned: Path, given: str, task, harmful, targets, framing: Framing = PLAIN) -> Inputs:
     """Targets from the checkpoint's header, the harmful prompts and the task data, all checked."""
     modules = target_modules(aligned, targets)
-    return Inputs(aligned, given, modules, harmful_prompts(harmful), task_pairs(task))
+    return Inputs(aligned, given, modules, harmful_prompts(harmful), task_pairs(task), framing)
 
 
 def answer_key(fingerprint: Mapping, prompts: Sequence[Prompt], *, max_new_tokens: int, batch_size: int,
-               device: torch.device, dtype: torch.dtype) -> AnswerKey:  # fmt: skip
+               device: torch.device, dtype: torch.dtype, framing: Framing = PLAIN) -> AnswerKey:  # fmt: skip
     import transformers
 
     return AnswerKey(
         model=fingerprint["digest"], prompts_sha256=set_digest(p.text for p in prompts), prompts=len(prompts),
         max_new_tokens=max_new_tokens, batch_size=batch_size, device=device.type, dtype=dtype_name(dtype),
         csulora_version=__version__, torch_version=torch.__version__, transformers_version=transformers.__version__,
+        framing=None if framing.is_plain else framing.key(),
     )  # fmt: skip
 
 
@@ -140,13 +143,14 @@ def measure(inputs: Inputs, *, max_new_tokens: int, batch_size: int, memory_budg
         model, tokenizer = load_model(inputs.aligned, device=device, dtype=dtype)
         linears = linear_modules(model, inputs.modules, inputs.aligned)
     key = answer_key(fingerprint, inputs.prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                     device=device, dtype=dtype)  # fmt: skip
+                     device=device, dtype=dtype, framing=inputs.framing)  # fmt: skip
     with timed(seconds, "generation"):
         texts = [p.text for p in inputs.prompts]
-        answers = aligned_answers(model, tokenizer, texts, key, cache_dir, progress=progress, log=log)
+        answers = aligned_answers(model, tokenizer, texts, key, cache_dir, progress=progress, log=log,
+                                  framing=inputs.framing)  # fmt: skip
     with timed(seconds, "statistics"):
-        harmful = harmful_sequences(tokenizer, inputs.prompts, answers.answers)
-        task = task_sequences(tokenizer, inputs.pairs)
+        harmful = harmful_sequences(tokenizer, inputs.prompts, answers.answers, inputs.framing)
+        task = task_sequences(tokenizer, inputs.pairs, inputs.framing)
         budget = memory_budget(memory_budget_gb, device)
         plan = plan_statistics(model, linears, task, budget, log)
         calibrations = collect_statistics(
@@ -173,6 +177,7 @@ def statistics_info(inputs: Inputs, measured: Measured, *, task, harmful, target
         "modules": len(inputs.modules),
         "groups": len(measured.plan.groups),
         "generation": {"max_new_tokens": max_new_tokens, "greedy": True, "chat_template": True, "batch_size": batch_size},
+        "framing": inputs.framing.key(),  # the chat form of the harmful and the task prompts
         "device": device.type,
         "dtype": dtype_name(dtype),
         "products": dtype_name(product_dtype_for(device, dtype)),
@@ -236,6 +241,7 @@ def calibrate(
     progress: bool = True,
     answer_cache: str | os.PathLike | bool = True,
     run_record_file: bool = True,
+    framing: str | Framing | None = None,
 ) -> CalibrationResult:
     """Write the calibration statistics of ``aligned`` for one task to ``out_file`` (docs/design.md §5c).
 
@@ -247,8 +253,12 @@ def calibrate(
     model's cached answers (True: ``$CSULORA_CACHE/calibration-answers`` or the user cache; False:
     none). The output is written atomically; an existing one needs ``force``; beside it
     ``<out_file>.run.json`` records timings and machine facts (``run_record_file=False``: not written).
+    ``framing``: the chat form of the harmful and the task prompts, for their answers and statistics
+    (a name, a JSON framing file or a :class:`~csulora.training.framing.Framing`; None: plain); the
+    file's metadata records it (``info["framing"]``).
     """
     log = logger(progress)
+    chosen_framing = load_framing(framing)  # an unknown name is refused before anything is read
     check_options(max_new_tokens, batch_size, memory_budget_gb)
     paths = OutputPaths.checked(out_file, run_record_file, force)
     aligned_dir = resolve_model_dir(aligned, "ALIGNED")
@@ -257,7 +267,7 @@ def calibrate(
     run_device, model_dtype = resolve_device(device), resolve_dtype(dtype)
     settings = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "device": run_device, "dtype": model_dtype}
     with staged_output(paths.statistics) as staging:
-        inputs = read_inputs(aligned_dir, os.fspath(aligned), task, harmful, targets)
+        inputs = read_inputs(aligned_dir, os.fspath(aligned), task, harmful, targets, chosen_framing)
         measured = measure(inputs, memory_budget_gb=memory_budget_gb, cache_dir=cache_dir,
                            progress=progress, log=log, **settings)  # fmt: skip
         info = statistics_info(inputs, measured, task=task, harmful=harmful, targets=targets, **settings)

@@ -23,6 +23,7 @@ from csulora.eval.specs import load_prompts
 from csulora.eval.tasks import BUILTIN_TASKS, builtin_task, load_task, task_splits
 from csulora.io.checkpoints import CheckpointReader, decoder_linear_modules, target_list
 from csulora.training.data import chat_prompt_ids, response_ids
+from csulora.training.framing import PLAIN, Framing
 
 # The length of the aligned model's greedy answers to the harmful prompts: one default for
 # `csulora calibrate` and `tune --calibration-task` (issue 23), so both routes measure the same
@@ -165,12 +166,15 @@ def set_digest(records: Iterable[Any]) -> str:
     return digest.hexdigest()
 
 
-def harmful_sequences(tokenizer, prompts: Sequence[Prompt], answers: Sequence[str]) -> list[dict]:
-    """Each harmful prompt through the chat template, then the aligned model's own answer and
-    end of turn: the positions where the refusal is generated are covered (docs/design.md §5c)."""
-    return [{"input_ids": chat_prompt_ids(tokenizer, p.text) + response_ids(tokenizer, a)} for p, a in zip(prompts, answers)]
+def harmful_sequences(tokenizer, prompts: Sequence[Prompt], answers: Sequence[str],
+                      framing: Framing = PLAIN) -> list[dict]:  # fmt: skip
+    """Each harmful prompt through the chat template (in ``framing``), then the aligned model's own
+    answer and end of turn: the positions where the refusal is generated are covered (docs/design.md §5c)."""
+    return [{"input_ids": chat_prompt_ids(tokenizer, p.text, framing) + response_ids(tokenizer, a)}
+            for p, a in zip(prompts, answers)]  # fmt: skip
 
 
-def task_sequences(tokenizer, pairs: Sequence[Mapping]) -> list[dict]:
-    """Task prompt + response, tokenized as for training (docs/design.md §10)."""
-    return [{"input_ids": chat_prompt_ids(tokenizer, p["prompt"]) + response_ids(tokenizer, p["response"])} for p in pairs]
+def task_sequences(tokenizer, pairs: Sequence[Mapping], framing: Framing = PLAIN) -> list[dict]:
+    """Task prompt (in ``framing``) + response, tokenized as for training (docs/design.md §10)."""
+    return [{"input_ids": chat_prompt_ids(tokenizer, p["prompt"], framing) + response_ids(tokenizer, p["response"])}
+            for p in pairs]  # fmt: skip
