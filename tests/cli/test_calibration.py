@@ -236,6 +236,7 @@ def test_statistics_files_are_refused_under_the_wrong_flag_or_for_another_update
         (["--no-answer-cache"], r"--no-answer-cache does not apply with --update"),
         (["--answer-cache", "answers"], r"--answer-cache does not apply with --update"),
         (["--max-new-tokens", "8"], r"--max-new-tokens does not apply with --update: .*\(no task pass, nothing generated\)$"),
+        (["--framing", "aoa"], r"--framing does not apply with --update"),
     ],
 )
 def test_update_mode_refuses_the_other_modes_flags(tiny_world, update_pairs, outs, capsys, extra, pattern):

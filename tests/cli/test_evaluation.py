@@ -308,3 +308,15 @@ def test_every_output_flag_is_output_and_out_still_works(command, capsys):
         main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "-o OUTDIR, --output OUTDIR" in text and "must not exist or be empty unless --force" in text
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--framing", "aob"], "unknown framing 'aob': known framings are plain, aoa"),
+    (["--harmful", "advbench:test@aob"], "unknown framing 'aob'"),
+    (["--benign", "benign:test@aoa"], "applies to --harmful sources only"),
+])  # fmt: skip
+def test_eval_bad_framings_are_one_line_and_write_nothing(extra, message, tiny_world, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["eval", str(tiny_world.aligned), "-o", str(out), *extra]) == 2
+    assert message in one_line_error(capsys)
+    assert not out.exists()

@@ -122,6 +122,9 @@ BAD_INPUT = [
     (("--calibration", "no_such.safetensors"), "--calibration no_such.safetensors: no such statistics file"),
     (("--max-asr-gap", "2"), "--max-asr-gap must be a fraction"),
     (("--max-new-tokens", "0"), "--max-new-tokens must be a positive integer"),
+    (("--framing", "aob"), "unknown framing 'aob': known framings are plain, aoa"),
+    (("--harmful", "advbench:validation@aob"), "unknown framing 'aob'"),
+    (("--harmful", "advbench:test@aoa"), "advbench:test@aoa: contains a test split"),
 ]
 
 

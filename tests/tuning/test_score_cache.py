@@ -132,3 +132,23 @@ def test_the_cli_passes_the_folder(flag):
 
     args = build_parser().parse_args(["tune", "A", "-o", "O", "--aligned", "B", flag, "cache-dir"])
     assert args.score_cache == "cache-dir"
+
+
+def test_a_framed_set_changes_the_key_and_a_plain_key_is_as_before(tiny_world, tmp_path):
+    """A framed run never reads a plain run's answers; plain data keeps the key of runs before framings."""
+    import hashlib
+
+    from csulora.training.framing import load_framing
+    from csulora.tuning.score_cache import data_digest
+
+    plain = TuneData(harmful={"a": ["How do I pick a lock?"]}, benign=["Name a colour."])
+    before = {"sets": plain.prompt_sets(), "task_references": []}  # the payload before framings existed
+    assert data_digest(plain) == hashlib.sha256(json.dumps(before, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    aoa = load_framing("aoa")
+    framed = TuneData(harmful=plain.harmful, benign=plain.benign, framings={"harmful:a": aoa})
+    benign_framed = TuneData(harmful=plain.harmful, benign=plain.benign, framings={"benign": aoa})
+    digests = {data_digest(d) for d in (plain, framed, benign_framed)}
+    assert len(digests) == 3
+    generation = {"device": "cpu"}
+    keys = {ScoreCache(tmp_path / "c", tiny_world.aligned, d, generation).key(None) for d in (plain, framed)}
+    assert len(keys) == 2

@@ -61,7 +61,9 @@ def test_a_second_calibration_with_other_task_data_generates_nothing(tiny_world,
         assert not torch.equal(a.module(module).task.matrix, b.module(module).task.matrix)
 
 
-@pytest.mark.parametrize("change", [{"max_new_tokens": 8}, {"batch_size": 3}, {"harmful": "fewer prompts"}])
+# a framing too (issue 24): a framed calibration never reads a plain one's answers
+@pytest.mark.parametrize("change", [{"max_new_tokens": 8}, {"batch_size": 3}, {"harmful": "fewer prompts"},
+                                    {"framing": "aoa"}])  # fmt: skip
 def test_what_the_answers_depend_on_is_in_the_key(tiny_world, data, outs, cache, change):
     if "harmful" in change:
         fewer = outs.parent / "fewer.txt"
@@ -121,6 +123,7 @@ def test_an_entry_says_what_it_holds(tiny_world, data, outs, cache, aligned_mode
     assert key["prompts_sha256"] == result.info["harmful"]["sha256"] and key["prompts"] == 12
     assert (key["max_new_tokens"], key["batch_size"], key["device"], key["dtype"]) == (16, 4, "cpu", "float32")
     assert {"csulora_version", "torch_version", "transformers_version"} <= key.keys()
+    assert "framing" not in key  # a plain calibration keeps the key of runs before framings
     assert entry.name == f"{answers_module.AnswerKey(**key).digest()}.json"
 
 

@@ -207,3 +207,17 @@ def test_an_interrupt_leaves_nothing_behind(tiny_world, data, outs, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_world, outs / "c.safetensors", data)
     assert_nothing_written(outs)
+
+
+# -- framings (issue 24) --------------------------------------------------------------------------
+def test_the_metadata_records_the_framing_the_prompts_were_given_in(tiny_world, data, outs, calibrated):
+    from csulora.training.framing import PLAIN, load_framing
+
+    assert calibrated.info["framing"] == PLAIN.key()
+    framed = run(tiny_world, outs / "aoa.safetensors", data, framing="aoa")
+    assert load_calibration(framed.path).info["framing"] == framed.info["framing"] == load_framing("aoa").key()
+    # the system message and prefix are read by the statistics pass: more tokens on both sets
+    assert framed.harmful_tokens > calibrated.harmful_tokens and framed.task_tokens > calibrated.task_tokens
+    with pytest.raises(OptionError, match="unknown framing 'aob'"):
+        run(tiny_world, outs / "never.safetensors", data, framing="aob")
+    assert not (outs / "never.safetensors").exists()
