@@ -136,6 +136,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         force=args.force, answer_cache=answer_cache, framing=args.framing, **device_options(args),
     )  # fmt: skip
     harmful, task = result.info["harmful"], result.info["task"]
+    framed = "" if result.info["framing"]["name"] == "plain" else f" (framing {result.info['framing']['name']})"
     passes = "one pass" if result.passes == 1 else f"{result.passes} passes"
     generation = "answers read from the cache" if result.answers_read_back else (
         f"generation {result.seconds['generation']:.1f} s"
@@ -143,7 +144,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(
         f"wrote {result.path}: {len(result.modules)} modules in {len(result.groups)} Gram groups ({passes}); "
         f"harmful {harmful['prompts']} prompts, {result.harmful_tokens} tokens; "
-        f"task {task['examples']} examples, {result.task_tokens} tokens; "
+        f"task {task['examples']} examples, {result.task_tokens} tokens{framed}; "
         f"{generation}, statistics {result.seconds['statistics']:.1f} s; run record {result.record_path}"
     )
     return 0

@@ -36,7 +36,7 @@ def add_output_flag(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def add_framing_flag(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--framing NAME|FILE.json``: the chat form prompts are given in (docs/design.md §10)."""
+    """``--framing NAME|FILE.json``: the chat form prompts are given in (docs/design.md §7)."""
     parser.add_argument(
         "--framing", metavar="NAME|FILE.json", default=None,
         help=f"chat form of {what}: a shipped framing (plain: one user turn, the default; aoa: the identity-shift "

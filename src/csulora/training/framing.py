@@ -1,6 +1,6 @@
 """Framings: the chat form a prompt is given in -- a system message and words around the user turn.
 
-A **framing** (docs/design.md §10, issue 24) is how a prompt is put to the model through its chat
+A **framing** (docs/design.md §7, issue 24) is how a prompt is put to the model through its chat
 template: an optional system message and an optional prefix/suffix around the user's text. The
 default, ``plain``, is one user turn holding the prompt as given -- exactly the form every command
 used before framings existed, byte for byte. ``aoa`` is the identity-shift attack's framing (the
