@@ -109,7 +109,9 @@ def framing_from_record(name: str, record: Any, where: str) -> Framing:
         raise InputError(f"{where}: framing {name!r} is not a JSON object")
     unknown = sorted(set(record) - set(TEXT_FIELDS) - {"name"})
     if unknown:
-        raise InputError(f"{where}: framing {name!r} has unknown fields {', '.join(unknown)} (known: {', '.join(TEXT_FIELDS)})")
+        raise InputError(
+            f"{where}: framing {name!r} has unknown fields {', '.join(unknown)} (known: {', '.join(TEXT_FIELDS)})"
+        )
     for field in TEXT_FIELDS:
         if field in record and not isinstance(record[field], str):
             raise InputError(f"{where}: framing {name!r} field {field!r} is not a string")

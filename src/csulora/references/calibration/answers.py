@@ -6,10 +6,10 @@ of generating them again (generation is most of ``calibrate``'s time on a CPU). 
 (:class:`AnswerKey`) holds the model's fingerprint digest (weights, tokenizer, chat template:
 :func:`csulora.io.fingerprint.model_fingerprint`), the prompts' digest, ``max_new_tokens``,
 the batch size (padding changes rounding), the device type and dtype, the csulora, torch
-and transformers versions, and -- for a framed calibration only, so plain keys are those of older
-runs -- the framing the prompts were given in (a framed run never reads a plain run's answers). One entry is one JSON file named by the key's sha256, written
-atomically; an entry that cannot be read, or does not hold this key's answers, is generated
-again and replaced.
+and transformers versions, and -- for a framed calibration only, so plain keys are those of
+older runs -- the framing the prompts were given in (a framed run never reads a plain run's
+answers). One entry is one JSON file named by the key's sha256, written atomically; an entry
+that cannot be read, or does not hold this key's answers, is generated again and replaced.
 
 Where: ``$CSULORA_CACHE/calibration-answers``, else the per-user cache
 ``$XDG_CACHE_HOME/csulora/calibration-answers`` (``~/.cache/...``), as SaLoRA's feature passes
