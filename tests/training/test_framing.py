@@ -107,6 +107,9 @@ def test_split_framing(tmp_path):
     odd.write_text("x\n")
     assert split_framing(str(odd)) == (str(odd), None)  # an existing file wins
     assert split_framing(f"{odd}@aoa") == (str(odd), "aoa")
+    assert split_framing("/data/run@2/prompts.csv:goal") == ("/data/run@2/prompts.csv:goal", None)  # a folder's '@'
+    assert split_framing("/data/run@2/prompts.txt") == ("/data/run@2/prompts.txt", None)
+    assert split_framing("airt:val@/my/pirate.json") == ("airt:val", "/my/pirate.json")
     with pytest.raises(OptionError, match="no framing after"):
         split_framing("advbench:validation@")
 

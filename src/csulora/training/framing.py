@@ -177,11 +177,14 @@ def load_framing(ref: str | Framing | None) -> Framing:
 
 
 def split_framing(spec: str) -> tuple[str, str | None]:
-    """``SPEC@FRAMING`` -> (SPEC, FRAMING); a spec without one (or an existing file named with '@') -> (spec, None)."""
+    """``SPEC@FRAMING`` -> (SPEC, FRAMING); a spec without one -> (spec, None).
+
+    An '@' inside a path is no framing: an existing file wins, and a FRAMING never holds ':' (a
+    CSV column or JSONL field follows a file) nor a '/' unless it is a ``.json`` framing file."""
     if Path(spec).is_file():
         return spec, None
     head, sep, tail = spec.rpartition(FRAMING_SEPARATOR)
-    if not sep or not head:
+    if not sep or not head or ":" in tail or ("/" in tail and not tail.strip().lower().endswith(".json")):
         return spec, None
     if not tail.strip():
         raise OptionError(f"{spec}: no framing after {FRAMING_SEPARATOR!r} (known: {', '.join(known_framings())})")
