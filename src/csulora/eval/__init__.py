@@ -16,7 +16,8 @@ Prompt sets — :mod:`csulora.eval.prompts`, :mod:`csulora.eval.splits`, :mod:`c
     ``triage_task(split)``, ``label_match(answer, gold)`` (its utility)
 
 Generation and scoring — :mod:`csulora.eval.generation`, :mod:`csulora.eval.margin`
-    ``generate_responses(model, tokenizer, prompts, *, batch_size=32, max_new_tokens=64, progress=True)``
+    ``generate_responses(model, tokenizer, prompts, *, batch_size=32, max_new_tokens=64, progress=True,
+    framing=None)``
     ``refusal_margin(model, tokenizer, prompts)``, ``mean_response_logprob(model, tokenizer, items)``
 
 Judges and metrics — :mod:`csulora.eval.judges`, :mod:`csulora.eval.metrics`
@@ -27,7 +28,9 @@ Judges and metrics — :mod:`csulora.eval.judges`, :mod:`csulora.eval.metrics`
     ``rate(flags) -> Rate(value, ci, n)``, ``bootstrap_ci(values)``, ``exact_match(pred, ref)``
 
 Harness — :mod:`csulora.eval.harness`
-    ``EvalSets(harmful={source: prompts}, benign, task)`` / ``EvalSets.from_specs([spec, ...], benign=, task=)``
+    ``EvalSets(harmful={source: prompts}, benign, task, framings)`` /
+    ``EvalSets.from_specs([spec, ...], benign=, task=, framing=)``: a harmful ``SPEC@FRAMING`` is
+    that source in a framing (:mod:`csulora.training.framing`, e.g. ``advbench:test@aoa``)
     ``evaluate_model(model_dir, adapter, sets, *, name, params=None, ...) -> (row, records)``
     ``evaluate_loaded(model, tokenizer, sets, *, name, ...) -> (row, records)``
     ``row_from_generations(records, name, ...)``, ``results_row(name, asr=..., ...)``
