@@ -399,3 +399,25 @@ def test_antidote_reads_the_fine_tuned_models_statistics(tiny_world, tune_data, 
     with pytest.raises(InputError, match=r"statistics were measured on another adapter than .*other"):
         tune_adapter(other, tmp_path / "o", aligned=w.aligned, update_statistics=stats, config=config, **data)
     assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
+
+
+def test_tune_selects_on_the_plain_and_the_framed_prompts_as_two_sources(tiny_world, tune_data, tmp_path, capsys):
+    """``--harmful FILE FILE@aoa`` (issue 24): the identity-shift form is one more harmful source,
+    bounded on its own, and the record and the printed table name it."""
+    w, d = tiny_world, tune_data
+    out = tmp_path / "tuned"
+    code = main(
+        ["tune", str(w.attacked), "-o", str(out), "--aligned", str(w.aligned), "--base", str(w.base),
+         "--method", "scale", "--grid", "0", "--harmful", str(d["advbench"]), f"{d['advbench']}@aoa",
+         "--benign", str(d["benign"]), "--max-new-tokens", "8", "--device", "cpu", "--dtype", "float32"]
+    )  # fmt: skip
+    assert code in (0, 1)
+    assert "ASR advbench-val@aoa" in capsys.readouterr().out
+    record = json.loads((out / TUNE_JSON).read_text())
+    assert set(record["aligned"]["asr"]) == {"advbench-val", "advbench-val@aoa"}
+    assert record["datasets"]["harmful"]["advbench-val@aoa"]["framing"] == "aoa"
+    assert record["datasets"]["harmful"]["advbench-val"]["framing"] == "plain"
+    conditions = [c["name"] for c in record["settings"][0]["verdict"]["conditions"]]
+    assert any("advbench-val@aoa" in name for name in conditions)  # bounded on its own
+    sets = {row["set"] for row in lines(out / GENERATIONS)}
+    assert {"harmful:advbench-val", "harmful:advbench-val@aoa"} <= sets
