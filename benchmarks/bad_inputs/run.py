@@ -145,7 +145,7 @@ def interrupt(argv: list[str], env: dict[str, str], signum: int, folder: Path, i
     """Start the command, wait until it works, send ``signum``, collect what it says."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "csulora", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_process_env(env))  # fmt: skip
+                            text=True, env=_process_env(env), preexec_fn=_sigint_as_at_a_terminal)  # fmt: skip
     note, when = "finished before it could be interrupted", None
     while proc.poll() is None and time.perf_counter() - started < CASE_TIMEOUT_S:
         when = _working(proc.pid, folder, inputs)
@@ -162,6 +162,14 @@ def interrupt(argv: list[str], env: dict[str, str], signum: int, folder: Path, i
         stdout, stderr = proc.communicate()
         note = "did not stop after the signal"
     return Outcome(proc.returncode, stdout, stderr, time.perf_counter() - started, note, when)
+
+
+def _sigint_as_at_a_terminal() -> None:
+    """In the child before it starts: SIGINT's default action, as a command typed at a terminal
+    has it. A runner started in the background of a non-interactive shell (``cmd &``, nohup)
+    inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler: the case
+    would time out measuring the shell, not csulora."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _working(pid: int, folder: Path, inputs: Path) -> str | None:
