@@ -173,7 +173,7 @@ def check_targets(rows: list[dict], attack_record: dict | None, world: World = D
         if update.name in by and pick is not None:
             pick_targets(pick, aligned, by[update.name], update.keep, put)
     attack = world.attack.name
-    rec = next((r for r in rows if r.get("recommended")), None)
+    rec = next((r for r in rows if r.get("recommended") and r.get("update") == attack), None)
     if rec is not None:
         peers = [r["name"] for r in rows if r.get("update") == attack and r is not rec and r.get("method")
                  and dominates(r, rec)]  # fmt: skip
