@@ -15,9 +15,9 @@ from csulora.eval.judges import asr_judge
 from csulora.io.jsonl import write_jsonl
 
 from benchmarks.smol.evaluation import HARMFUL_TEST_SOURCES, Variant, generations, test_sets, verdicts
-from benchmarks.smol.pipeline import RUNS_ON, TABLE_METHODS, Context, read_marker, stage_done, world_stage, world_stages, write_json
+from benchmarks.smol.pipeline import RUNS_ON, Context, read_marker, stage_done, world_stage, world_stages, write_json
 from benchmarks.smol.reported import all_rows, check_targets
-from benchmarks.smol.worlds import DATE, World
+from benchmarks.smol.worlds import DATE, TABLE_METHODS, World
 
 
 def machine_info() -> dict:

@@ -22,7 +22,7 @@ import torch
 
 from csulora.worlds.smol import RECIPE, SmolRecipe
 
-from benchmarks.smol.worlds import DATE, TABLE_METHODS, WORLDS, World  # noqa: F401  (TABLE_METHODS: its readers)
+from benchmarks.smol.worlds import DATE, WORLDS, World
 
 
 def recipe_from_env() -> SmolRecipe:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.smol.evaluation import Variant
-from benchmarks.smol.pipeline import RUNS_ON, TABLE_METHODS, Context, world_stage, write_json
+from benchmarks.smol.pipeline import RUNS_ON, Context, world_stage, write_json
+from benchmarks.smol.worlds import TABLE_METHODS
 from benchmarks.smol.statistics import calibration_file, update_folder, update_statistics_file
 
 SCORE_CACHE = ("table", "score-cache")  # in the world's folder

@@ -21,7 +21,15 @@ if str(REPO_ROOT) not in sys.path:  # `benchmarks` is a top-level folder, not in
 
 import benchmarks.smol  # noqa: F401  (registers the stages)
 from benchmarks.smol import __main__ as cli
-from benchmarks.smol import evaluation, outputs, pipeline, reported, statistics, table, world
+from benchmarks.smol import (
+    evaluation,
+    outputs,
+    pipeline,
+    reported,
+    statistics,
+    table,
+    world,
+)
 from benchmarks.smol.evaluation import Variant
 from benchmarks.smol.worlds import DATE, TRIAGE, WORLDS
 from csulora.eval.tasks import builtin_task
