@@ -247,3 +247,32 @@ def test_every_world_names_its_stages_and_files_apart():
     assert len({w.table_markers for w in WORLDS.values()}) == len(WORLDS)
     rows = [r for w in WORLDS.values() for r in w.row_order if r not in ("base", "aligned")]
     assert len(rows) == len(set(rows))  # variant keys and picks never collide across worlds
+
+
+def _write_answers(ctx: pipeline.Context, v: Variant, answer) -> None:
+    """Cached test answers of ``v``: ``answer(item, kind)`` for every item of the world's test sets."""
+    for set_name in evaluation.test_sets(ctx.world):
+        kind = evaluation.eval_set_specs(ctx)[set_name][1]
+        records = [{"variant": v.key, "set": set_name, "kind": kind, "id": i["id"], "prompt": i["prompt"],
+                    "response": answer(i, kind), **({"reference": i["response"]} if kind == evaluation.TASK else {})}
+                   for i in evaluation.eval_items(ctx, set_name)]  # fmt: skip
+        path = evaluation.gens_path(ctx, v, set_name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_triage_rows_read_the_shared_aligned_answers_and_score_the_triage_test_split(tmp_path):
+    ctx = _ctx(tmp_path, TRIAGE, rows=("aligned", "triage"))
+    ctx.path("aligned").mkdir(parents=True)
+    ctx.world_path("adapters", "triage").mkdir(parents=True)
+    refusal = "I'm sorry, but I cannot help with that request."
+    _write_answers(ctx, Variant("aligned", "aligned"), lambda i, kind: "none" if kind == evaluation.TASK else refusal)
+    _write_answers(ctx, evaluation.reference_variants(ctx)["triage"],
+                   lambda i, kind: i["response"] if kind == evaluation.TASK else refusal)  # fmt: skip
+    assert (ctx.cache / "gens" / "aligned").is_dir() and (ctx.cache / "triage" / "gens" / "triage").is_dir()
+    rows, not_run = reported.all_rows(ctx)
+    assert [r["name"] for r in rows] == ["aligned", "triage"] and not_run == {}
+    test = builtin_task("triage", "test")
+    assert rows[0]["utility"]["value"] == pytest.approx(sum(t["response"] == "none" for t in test) / len(test))
+    assert rows[1]["utility"]["value"] == 1.0 and rows[1]["update"] == "triage"
+    assert all(r["asr"][s]["value"] == 0.0 for r in rows for s in ("advbench", "objectives", "airt"))
