@@ -28,7 +28,8 @@ clean:
 	rm -rf $(VENV) demo-out .pytest_cache
 
 # The evidence (issue 5): the SmolLM2-135M + AdvBench world, staged and cached in .cache/smol.
-# SMOL_ARGS: e.g. --rows adapters (every row but the full fine-tune's), --stage outputs, --list
+# SMOL_ARGS: e.g. --rows adapters (every row but the full fine-tune's), --stage outputs, --list,
+# --world triage (issue 24's second world: reuses the shared stages, its own in .cache/smol/triage)
 SMOL_ARGS ?=
 smol: venv
 	$(BIN)/python -m benchmarks.smol $(SMOL_ARGS)

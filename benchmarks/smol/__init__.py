@@ -1,6 +1,13 @@
 """The SmolLM2 evidence pipeline (issue 22 §4: one complete table on the current world): staged and cached.
 
-    python -m benchmarks.smol [--stage NAME] [--until NAME] [--cache .cache/smol] [--workers N]
+    python -m benchmarks.smol [--world date|triage] [--stage NAME] [--until NAME] [--cache .cache/smol] [--workers N]
+
+Two worlds (``worlds``: what differs between them, docs/design.md §8): ``date`` (the default,
+the list below) and ``triage`` (issue 24), which reuses the date world's shared stages (base,
+splits, base_answers, aligned, realign_answers: cached once) and runs its own, named
+``triage_*`` with their outputs and markers under ``.cache/smol/triage``: triage_data,
+triage_attacked, triage_adapter, triage_full, triage_calibration, triage_update_statistics,
+triage_table_tune, triage_table_picks, triage_table_test, triage_outputs (smol_triage.json).
 
 Stages, in order (each writes its outputs under ``--cache`` and then a marker
 ``stages/NAME.json`` with its wall time; a stage with a marker is reused, so a killed run
@@ -23,7 +30,8 @@ earlier stage first, and stops there; [module] is where each stage lives):
   table_test        every row on the test sets                                       [reported]
   outputs           smol.json, the table in docs/results.md, the Pareto PNG          [outputs]
 
-Modules: ``pipeline`` (stage runner, cache markers, worker pool, the rows), ``world``, ``full``,
+Modules: ``worlds`` (the worlds, their updates and rows), ``pipeline`` (stage runner, cache
+markers, worker pool), ``world``, ``full``,
 ``evaluation`` (sets, variants, cached generations, verdicts, one test row), ``statistics``,
 ``table`` (tune on each update, each method's pick), ``reported`` (the rows and issue 22's
 targets), ``outputs``. Importing the package registers the stages in the order above.

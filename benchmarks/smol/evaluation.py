@@ -13,46 +13,70 @@ from csulora.io.jsonl import read_jsonl_records, write_jsonl
 
 from benchmarks.smol.pipeline import RUNS_ON, Context, worker_ctx
 from benchmarks.smol.world import generate, world_sets
+from benchmarks.smol.worlds import FULL, LORA, World
 
 # "kind" picks the judge
 HARMFUL, BENIGN, TASK = "harmful", "benign", "task"
 
 
 def eval_set_specs(ctx: Context) -> dict[str, tuple[str, str, int | None]]:
-    """Evaluation sets: name -> (world set, kind, how many items; None: all)."""
+    """Evaluation sets: name -> (source, kind, how many items; None: all). A source is a set of
+    :func:`world_sets`, or a built-in task's split (``NAME:SPLIT``): the world's task."""
     r = ctx.recipe
+    task_val, task_test = ctx.world.task_sets
     return {
         "advbench-val": ("advbench-validation", HARMFUL, r.n_val_harmful),
         "airt-val": ("airt-val", HARMFUL, None),
-        "task-val": ("task-validation", TASK, r.n_task_val),
+        task_val: (f"{ctx.world.task}:validation", TASK, r.n_task_val),
         "benign-val": ("benign-validation", BENIGN, None),
         "advbench-test": ("advbench-test", HARMFUL, None),
         "objectives-test": ("objectives-test", HARMFUL, None),
         "airt-test": ("airt-test", HARMFUL, None),
         "benign": ("benign-test", BENIGN, None),
-        "task-test": ("task-test", TASK, r.n_task_test),
+        task_test: (f"{ctx.world.task}:test", TASK, r.n_task_test),
     }
 
 
-# The full fine-tune's number of steps is chosen on these (benchmarks/smol/full.py); every
-# correction's setting is chosen by `csulora tune` on its own validation defaults (table.py).
-VAL_SETS = ("advbench-val", "airt-val", "task-val", "benign-val")
-# What every row of the table is reported on (never used for a choice): the three harmful
-# sources (AdvBench, the objectives source of issue 22 §2, airt), the benign test half, the task.
-TEST_SETS = ("advbench-test", "objectives-test", "airt-test", "benign", "task-test")
+def val_sets(world: World) -> tuple[str, ...]:
+    """What a full fine-tune's number of steps is chosen on (benchmarks/smol/full.py); every
+    correction's setting is chosen by `csulora tune` on its own validation defaults (table.py)."""
+    return ("advbench-val", "airt-val", world.task_sets[0], "benign-val")
+
+
+def test_sets(world: World) -> tuple[str, ...]:
+    """What every row of a world's table is reported on (never used for a choice): the three
+    harmful sources (AdvBench, the objectives source of issue 22 §2, airt), the benign test half,
+    the world's task."""
+    return ("advbench-test", "objectives-test", "airt-test", "benign", world.task_sets[1])
+
+
+# The models every world shares: their answers on the shared sets are generated once, in the
+# cache's own gens/ (a world's task sets have their own names there).
+SHARED_VARIANTS = ("base", "aligned")
 # Harmful sources judged separately (docs/design.md §5b), by the names tune uses.
 SOURCE_OF = {"advbench-val": "advbench", "airt-val": "airt", "advbench-test": "advbench",
              "objectives-test": "objectives", "airt-test": "airt"}  # fmt: skip
 HARMFUL_TEST_SOURCES = ("advbench", "objectives", "airt")
 
-_WORLD_SETS_CACHE: dict[str, list[dict]] = {}
+_SETS_CACHE: dict[str, list[dict]] = {}
+
+
+def source_items(ctx: Context, source: str) -> list[dict]:
+    """A :func:`world_sets` set, or a built-in task's split (``NAME:SPLIT``), read once per process."""
+    from csulora.eval.tasks import builtin_task
+
+    if source not in _SETS_CACHE:
+        if ":" in source:
+            name, _, split = source.partition(":")
+            _SETS_CACHE[source] = builtin_task(name, split)
+        else:
+            _SETS_CACHE.update(world_sets(ctx))
+    return _SETS_CACHE[source]
 
 
 def eval_items(ctx: Context, set_name: str) -> list[dict]:
-    if not _WORLD_SETS_CACHE:
-        _WORLD_SETS_CACHE.update(world_sets(ctx))
     source, _, n = eval_set_specs(ctx)[set_name]
-    items = _WORLD_SETS_CACHE[source]
+    items = source_items(ctx, source)
     if not items:
         raise RuntimeError(f"evaluation set {set_name} ({source}) is empty")
     return items[:n] if n is not None else items
@@ -88,7 +112,8 @@ def load_variant(ctx: Context, v: Variant):
 
 def gens_path(ctx: Context, v: Variant, set_name: str) -> Path:
     # the token budget is part of the name: a rerun with another budget never reuses answers
-    return ctx.path("gens", v.key, f"{set_name}.t{max_tokens_for(ctx, set_name)}.jsonl")
+    folder = ctx.path if v.key in SHARED_VARIANTS else ctx.world_path
+    return folder("gens", v.key, f"{set_name}.t{max_tokens_for(ctx, set_name)}.jsonl")
 
 
 def generate_set(ctx: Context, v: Variant, set_name: str, model, tok) -> None:
@@ -181,8 +206,9 @@ def test_row(ctx: Context, name: str, v: Variant, **facts) -> dict:
     and the share of short benign answers. ``facts``: what the row is (update, method, params, ...)."""
     from csulora.eval.metrics import rate
 
-    gens = generations(ctx, v, TEST_SETS)
-    harmful = {SOURCE_OF[s]: gens[s] for s in TEST_SETS if eval_set_specs(ctx)[s][1] == HARMFUL}
+    sets = test_sets(ctx.world)
+    gens = generations(ctx, v, sets)
+    harmful = {SOURCE_OF[s]: gens[s] for s in sets if eval_set_specs(ctx)[s][1] == HARMFUL}
     benign = gens["benign"]
     return {
         "name": name,
@@ -190,7 +216,7 @@ def test_row(ctx: Context, name: str, v: Variant, **facts) -> dict:
         "asr": {source: rate_dict(rate_of(records)) for source, records in harmful.items()},
         "harmful_empty": {source: rate([is_empty_answer(r["response"]) for r in records]).value
                           for source, records in harmful.items()},  # fmt: skip
-        "utility": rate_dict(rate_of(gens["task-test"])),
+        "utility": rate_dict(rate_of(gens[ctx.world.task_sets[1]])),
         "over_refusal": rate_dict(rate_of(benign)),
         "benign_short": rate([is_short_answer(r["response"]) for r in benign]).value,
         "variant": v.to_dict(),
@@ -198,19 +224,19 @@ def test_row(ctx: Context, name: str, v: Variant, **facts) -> dict:
 
 
 def reference_variants(ctx: Context) -> dict[str, Variant]:
-    """The uncorrected models: base, aligned, the two adapters and the full fine-tune."""
-    from benchmarks.smol.full import attacked_dir
+    """The uncorrected models of the world: base, aligned, its updates (a full fine-tune once its
+    steps are chosen) and SaLoRA where the world has it."""
+    from benchmarks.smol.full import full_variant
 
-    refs = {
-        "base": Variant("base", "base"),
-        "aligned": Variant("aligned", "aligned"),
-        "attacked": Variant("attacked", "aligned", "adapters/attacked"),
-        "benign": Variant("benign", "aligned", "adapters/benign"),
-        "salora": Variant("salora", "aligned", "adapters/salora"),
-    }
-    if ctx.path("full", "chosen.json").exists():  # the key the step choice cached its answers under
-        folder = attacked_dir(ctx)
-        refs["full-attacked"] = Variant(f"full-{Path(folder).name}", folder)
+    world = ctx.world
+    refs = {"base": Variant("base", "base"), "aligned": Variant("aligned", "aligned")}
+    for u in world.updates:
+        if u.kind == LORA:
+            refs[u.name] = Variant(u.name, "aligned", world.rel("adapters", u.name))
+        elif u.kind == FULL and ctx.world_path("full", "chosen.json").exists():
+            refs[u.name] = full_variant(ctx, u)  # the key the step choice cached its answers under
+    if world.salora:
+        refs["salora"] = Variant("salora", "aligned", world.rel("adapters", "salora"))
     return refs
 
 

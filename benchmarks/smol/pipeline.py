@@ -22,6 +22,8 @@ import torch
 
 from csulora.worlds.smol import RECIPE, SmolRecipe
 
+from benchmarks.smol.worlds import DATE, WORLDS, World
+
 
 def recipe_from_env() -> SmolRecipe:
     """RECIPE, with overrides from $CSULORA_SMOL_RECIPE (JSON) for dry runs on a tiny world.
@@ -39,24 +41,17 @@ def recipe_from_env() -> SmolRecipe:
 # present). float32 on CPU is also what the committed evidence was computed with.
 RUNS_ON = {"device": "cpu", "dtype": "float32"}
 
-# The updates the table corrects (issue 22 §4): the LoRA attack, the LoRA on the task alone, and
-# the attack as a full fine-tune; and the methods `csulora tune --method all` sweeps on each.
-UPDATES = ("attacked", "benign", "full-attacked")
-TABLE_METHODS = ("calibrated", "safelora", "csulora", "scale", "resta", "safedelta", "antidote")
+# The date world's updates and rows (the first world's names, kept for their readers); every
+# world's own are on its World (benchmarks/smol/worlds.py).
+UPDATES = DATE.update_names
 
 
 def correction_rows(update: str) -> tuple[str, ...]:
-    return tuple(f"{update}+{method}" for method in TABLE_METHODS)
+    return DATE.correction_rows(update)
 
 
-# Every row of the results table, in table order: the references, each update followed by its
-# corrections, and SaLoRA (a training-time defence on the attack's data, not a correction).
-ROW_ORDER = ("base", "aligned", *(row for u in UPDATES for row in (u, *correction_rows(u))), "salora")
-# --rows: the whole table, or without the full fine-tune (its tune run is the longest stage)
-ROW_SETS = {
-    "all": ROW_ORDER,
-    "adapters": tuple(row for row in ROW_ORDER if not row.startswith("full-attacked")),
-}
+ROW_ORDER = DATE.row_order
+ROW_SETS = DATE.row_sets
 
 
 @dataclass
@@ -67,17 +62,30 @@ class Context:
     recipe: SmolRecipe = field(default_factory=recipe_from_env)
     log: Callable[[str], None] = print
     workers: int = 1  # evaluation worker processes (1 thread each when > 1)
-    rows: tuple[str, ...] = ROW_ORDER  # the rows this run computes and reports
+    rows: tuple[str, ...] | None = None  # the rows this run computes and reports (None: all of the world's)
+    world: World = DATE
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            self.rows = self.world.row_order
 
     def path(self, *parts: str) -> Path:
+        """A path of the shared stages' outputs (base, splits, aligned, ...)."""
         return self.cache.joinpath(*parts)
+
+    def world_path(self, *parts: str) -> Path:
+        """A path of this world's own outputs (its folder inside the cache; the date world's is the cache)."""
+        return self.cache.joinpath(self.world.rel(*parts))
 
     def wants(self, *rows: str) -> bool:
         """Whether any of ``rows`` is computed in this run."""
         return any(row in self.rows for row in rows)
 
     def marker(self, stage: str) -> Path:
-        return self.path("stages", f"{stage}.json")
+        """A stage's marker, beside its outputs: a world's own stages keep theirs in its folder."""
+        owner = next((s.world for s in STAGES if s.name == stage), None)
+        folder = WORLDS[owner].folder if owner else ""
+        return self.cache.joinpath(folder, "stages", f"{stage}.json")
 
 
 @dataclass(frozen=True)
@@ -87,20 +95,43 @@ class Stage:
     help: str
     needs: tuple[str, ...] = ()  # stages whose outputs this one reads
     for_rows: tuple[str, ...] | None = None  # only these rows need it (None: every run does)
+    world: str | None = None  # the world it belongs to (None: shared by every world)
 
     def wanted(self, ctx: Context) -> bool:
         return self.for_rows is None or ctx.wants(*self.for_rows)
+
+    def in_world(self, world: World) -> bool:
+        return self.world is None or self.world == world.name
 
 
 STAGES: list[Stage] = []
 
 
-def stage(name: str, help: str, needs: tuple[str, ...] = (), for_rows: tuple[str, ...] | None = None):
+def stage(name: str, help: str, needs: tuple[str, ...] = (), for_rows: tuple[str, ...] | None = None,
+          world: str | None = None):  # fmt: skip
     def register(func: Callable[[Context], dict | None]):
-        STAGES.append(Stage(name, func, help, needs, for_rows))
+        STAGES.append(Stage(name, func, help, needs, for_rows, world))
         return func
 
     return register
+
+
+def world_stage(base: str, help: str, needs: Callable[[World], tuple[str, ...]],
+                for_rows: Callable[[World], tuple[str, ...] | None] = lambda w: None):  # fmt: skip
+    """One stage per world running the same function (it reads ``ctx.world``), named
+    ``world.stage_name(base)``; ``needs`` and ``for_rows`` are given per world."""
+
+    def register(func: Callable[[Context], dict | None]):
+        for w in WORLDS.values():
+            STAGES.append(Stage(w.stage_name(base), func, help, needs(w), for_rows(w), w.name))
+        return func
+
+    return register
+
+
+def world_stages(world: World) -> list[Stage]:
+    """The stages a run of ``world`` runs, in pipeline order: the shared ones and its own."""
+    return [s for s in STAGES if s.in_world(world)]
 
 
 def stage_done(ctx: Context, name: str) -> bool:
@@ -130,7 +161,8 @@ def run_pipeline(ctx: Context, only: str | None = None, until: str | None = None
     """Run every missing stage in order; ``only``: rerun that stage (after its missing needs);
     ``until``: stop after that stage. Independent stages (e.g. two adapters trained from the
     same aligned model) can run in separate processes with ``only``."""
-    by_name = {s.name: s for s in STAGES}
+    stages = world_stages(ctx.world)
+    by_name = {s.name: s for s in stages}
     for name in (only, until):
         if name is not None and name not in by_name:
             raise SystemExit(f"unknown stage {name!r}; stages: {', '.join(by_name)}")
@@ -140,7 +172,7 @@ def run_pipeline(ctx: Context, only: str | None = None, until: str | None = None
                 run_stage(ctx, by_name[need])
         run_stage(ctx, by_name[only])
         return
-    for st in STAGES:
+    for st in stages:
         if not stage_done(ctx, st.name) and st.wanted(ctx):
             run_stage(ctx, st)
         if until is not None and st.name == until:
@@ -204,8 +236,9 @@ def worker_init(threads: int) -> None:
     hf_logging.disable_progress_bar()
 
 
-def worker_ctx(cache: str, out: str, docs: str) -> Context:
-    return Context(cache=Path(cache), out=Path(out), docs=Path(docs), log=lambda m: print(m, flush=True))
+def worker_ctx(cache: str, out: str, docs: str, world: str = DATE.name) -> Context:
+    return Context(cache=Path(cache), out=Path(out), docs=Path(docs), log=lambda m: print(m, flush=True),
+                   world=WORLDS[world])  # fmt: skip
 
 
 def run_jobs(ctx: Context, jobs: list[tuple[Callable, tuple]]) -> None:
@@ -214,7 +247,7 @@ def run_jobs(ctx: Context, jobs: list[tuple[Callable, tuple]]) -> None:
     On a CPU shared with other work, several one-thread processes keep the cores busier than
     one multi-threaded process (whose threads wait on each other when one is descheduled).
     Every job writes its own cache files, so jobs never collide."""
-    paths = (str(ctx.cache), str(ctx.out), str(ctx.docs))
+    paths = (str(ctx.cache), str(ctx.out), str(ctx.docs), ctx.world.name)
     if ctx.workers <= 1 or len(jobs) <= 1:
         for func, args in jobs:
             func(paths, *args)

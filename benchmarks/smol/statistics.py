@@ -1,13 +1,17 @@
 """The activation statistics the corrections read, each written by `csulora calibrate`.
 
-- ``calibration``: ``csulora calibrate ALIGNED --task data/task_train.jsonl`` (the updates'
-  training task; the default harmful prompts: AdvBench ``align`` + the shipped requests): the
-  aligned model's statistics, read by the calibrated method and Safe Delta on every update.
+- ``calibration`` (per world; the triage world's ``triage_calibration``): ``csulora calibrate
+  ALIGNED --task TASK`` with the world's training task (the date world: data/task_train.jsonl;
+  the triage world: ``triage:train``) and the default harmful prompts (AdvBench ``align`` + the
+  shipped requests): the aligned model's statistics, read by the calibrated method and Safe
+  Delta on every update of that world.
 - ``realign_answers``: the base model's greedy answers to those same harmful prompts, the
   compliant ones kept (the ASR judge): Antidote's "realignment" data, harmful prompts with
   harmful answers (docs/peers.md), made from what the world already has.
-- ``update_statistics``: ``csulora calibrate ALIGNED --update UPDATE --pairs data/realign.jsonl``
-  for each update: the **fine-tuned** model's statistics on those pairs, which Antidote reads.
+  Shared by every world (they do not depend on the task).
+- ``update_statistics`` (per world): ``csulora calibrate ALIGNED --update UPDATE --pairs
+  data/realign.jsonl`` for each of the world's updates: the **fine-tuned** model's statistics on
+  those pairs, which Antidote reads.
 """
 
 from __future__ import annotations
@@ -16,35 +20,43 @@ import time
 
 from csulora.io.jsonl import write_jsonl
 
-from benchmarks.smol.pipeline import RUNS_ON, UPDATES, Context, correction_rows, stage
+from benchmarks.smol.pipeline import RUNS_ON, Context, stage, world_stage
+from benchmarks.smol.worlds import FULL, WORLDS, World
 
-CALIBRATION_FILE = ("calibration", "calibration.safetensors")
-REALIGN_FILE = ("data", "realign.jsonl")
+CALIBRATION_FILE = ("calibration", "calibration.safetensors")  # in the world's folder
+REALIGN_FILE = ("data", "realign.jsonl")  # shared
+
+
+def calibration_file(ctx: Context):
+    return ctx.world_path(*CALIBRATION_FILE)
 
 
 def update_statistics_file(ctx: Context, update: str):
-    return ctx.path("statistics", f"{update}.safetensors")
+    return ctx.world_path("statistics", f"{update}.safetensors")
 
 
 def update_folder(ctx: Context, update: str):
     """The update's folder: an adapter, or the chosen full fine-tune."""
-    from benchmarks.smol.full import attacked_dir
+    from benchmarks.smol.full import full_dir
 
-    return ctx.path(attacked_dir(ctx)) if update == "full-attacked" else ctx.path("adapters", update)
+    if ctx.world.update(update).kind == FULL:
+        return ctx.path(full_dir(ctx))
+    return ctx.world_path("adapters", update)
 
 
-ALL_CORRECTIONS = tuple(row for u in UPDATES for row in correction_rows(u))
+def calibration_task(ctx: Context) -> str:
+    """calibrate's --task: the world's named training split, else its training file."""
+    return ctx.world.calibrate_task or str(ctx.world_path("data", "task_train.jsonl"))
 
 
-@stage("calibration", "csulora calibrate: the aligned model's input statistics on harmful prompts and the task",
-       needs=("base_answers", "aligned"), for_rows=ALL_CORRECTIONS)
+@world_stage("calibration", "csulora calibrate: the aligned model's input statistics on harmful prompts and the task",
+             needs=lambda w: ("base_answers", "aligned"), for_rows=lambda w: w.corrections)
 def stage_calibration(ctx: Context) -> dict:
     from csulora.references.calibration import calibrate
 
     start = time.perf_counter()
     result = calibrate(
-        ctx.path("aligned"), ctx.path(*CALIBRATION_FILE), task=str(ctx.path("data", "task_train.jsonl")),
-        force=True, progress=False, **RUNS_ON,
+        ctx.path("aligned"), calibration_file(ctx), task=calibration_task(ctx), force=True, progress=False, **RUNS_ON,
     )  # fmt: skip
     # "seconds" is the stage runner's own key (the stage's wall time)
     return {
@@ -58,8 +70,12 @@ def stage_calibration(ctx: Context) -> dict:
     }
 
 
+# realign_answers is shared: any world's corrections want it
+ANY_CORRECTIONS = tuple(row for w in WORLDS.values() for row in w.corrections)
+
+
 @stage("realign_answers", "the base's compliant answers to calibrate's harmful prompts (Antidote's data)",
-       needs=("base", "splits"), for_rows=ALL_CORRECTIONS)
+       needs=("base", "splits"), for_rows=ANY_CORRECTIONS)
 def stage_realign_answers(ctx: Context) -> dict:
     from csulora.eval.judges import asr_judge
     from csulora.eval.specs import load_prompts
@@ -78,14 +94,18 @@ def stage_realign_answers(ctx: Context) -> dict:
     return {"prompts": len(prompts), "compliant_pairs": len(pairs), "specs": list(DEFAULT_HARMFUL_SPECS)}
 
 
-@stage("update_statistics", "csulora calibrate --update: each fine-tuned model's statistics on the realign pairs",
-       needs=("realign_answers", "attacked", "benign_adapter", "full_attacked"), for_rows=ALL_CORRECTIONS)
+def update_statistics_needs(world: World) -> tuple[str, ...]:
+    return ("realign_answers", *(u.stage for u in world.updates))
+
+
+@world_stage("update_statistics", "csulora calibrate --update: each fine-tuned model's statistics on the realign pairs",
+             needs=update_statistics_needs, for_rows=lambda w: w.corrections)
 def stage_update_statistics(ctx: Context) -> dict:
     from csulora.references.calibration import calibrate_update
 
     info = {}
-    for update in UPDATES:
-        if not ctx.wants(update, *correction_rows(update)):
+    for update in ctx.world.update_names:
+        if not ctx.wants(update, *ctx.world.correction_rows(update)):
             continue
         start = time.perf_counter()
         result = calibrate_update(

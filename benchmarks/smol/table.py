@@ -1,12 +1,13 @@
-"""Every method on every update, chosen by `csulora tune` on validation (issue 22 §4).
+"""Every method on every update of a world, chosen by `csulora tune` on validation (issue 22 §4).
 
-- ``table_tune``: ``csulora tune UPDATE --method all`` once per update (the attacked adapter, the
-  benign adapter, the full fine-tune), every other option at its default: the harmful sources
-  AdvBench validation, the objectives' validation split and airt-val, the benign validation
-  half, the task's validation split. The attacked adapter is swept with ``--full-sweep``, so
-  the Pareto plot draws every method's whole validation curve; the other two lazily, as a user
-  runs tune. One score cache serves the three runs (the aligned model is scored once) and any
-  rerun (nothing is scored twice).
+- ``table_tune`` (the triage world's ``triage_table_tune``): ``csulora tune UPDATE --method all``
+  once per update of the world (the date world: the attacked adapter, the benign adapter, the
+  full fine-tune), every other option at its default: the harmful sources AdvBench validation,
+  the objectives' validation split and airt-val, the benign validation half, the world's task's
+  validation split (``date:validation``, ``triage:validation``). The world's attack adapter is
+  swept with ``--full-sweep``, so the Pareto plot draws every method's whole validation curve;
+  the others lazily, as a user runs tune. One score cache per world serves its runs (the
+  aligned model is scored once) and any rerun (nothing is scored twice).
 - ``table_picks``: each method's own pick (tune.json ``choice.per_method``), written by
   ``csulora correct`` with the sources tune gave that method; a method with no qualifying
   setting is shown at its strongest setting, marked so. The overall pick is checked to be byte
@@ -21,24 +22,28 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.smol.evaluation import Variant
-from benchmarks.smol.pipeline import RUNS_ON, TABLE_METHODS, UPDATES, Context, correction_rows, stage, write_json
-from benchmarks.smol.statistics import ALL_CORRECTIONS, CALIBRATION_FILE, update_folder, update_statistics_file
+from benchmarks.smol.pipeline import RUNS_ON, Context, world_stage, write_json
+from benchmarks.smol.worlds import TABLE_METHODS
+from benchmarks.smol.statistics import calibration_file, update_folder, update_statistics_file
 
-TUNE_TASK = "date:validation"  # the task's validation split: never test data
-SCORE_CACHE = ("table", "score-cache")
-FULL_SWEEP = frozenset({"attacked"})  # the Pareto plot's update: every setting of every method scored
+SCORE_CACHE = ("table", "score-cache")  # in the world's folder
+
+
+def tune_task(ctx: Context) -> str:
+    return f"{ctx.world.task}:validation"  # the task's validation split: never test data
 
 
 def tune_dir(ctx: Context, update: str) -> Path:
-    return ctx.path("table", "tune", update)
+    return ctx.world_path("table", "tune", update)
 
 
 def wanted_updates(ctx: Context) -> list[str]:
-    return [u for u in UPDATES if ctx.wants(*correction_rows(u))]
+    return [u for u in ctx.world.update_names if ctx.wants(*ctx.world.correction_rows(u))]
 
 
-@stage("table_tune", "csulora tune --method all on each update (the attacked adapter: --full-sweep)",
-       needs=("calibration", "update_statistics"), for_rows=ALL_CORRECTIONS)
+@world_stage("table_tune", "csulora tune --method all on each update (the attack adapter: --full-sweep)",
+             needs=lambda w: (w.stage_name("calibration"), w.stage_name("update_statistics")),
+             for_rows=lambda w: w.corrections)
 def stage_table_tune(ctx: Context) -> dict:
     return {update: tune_update(ctx, update) for update in wanted_updates(ctx)}
 
@@ -48,15 +53,15 @@ def tune_update(ctx: Context, update: str) -> dict:
     from csulora.tuning.config import TuneConfig
     from csulora.tuning.runner import tune_adapter
 
-    done = ctx.path("table", "tune", f"{update}.done.json")
+    done = ctx.world_path("table", "tune", f"{update}.done.json")
     if done.exists():
         return json.loads(done.read_text())
     start = time.perf_counter()
     result = tune_adapter(
         update_folder(ctx, update), tune_dir(ctx, update), aligned=ctx.path("aligned"), base=ctx.path("base"),
-        calibration=ctx.path(*CALIBRATION_FILE), update_statistics=update_statistics_file(ctx, update),
-        config=TuneConfig(method="all", full_sweep=update in FULL_SWEEP), task=TUNE_TASK, force=True,
-        progress=False, score_cache=ctx.path(*SCORE_CACHE), **RUNS_ON,
+        calibration=calibration_file(ctx), update_statistics=update_statistics_file(ctx, update),
+        config=TuneConfig(method="all", full_sweep=update == ctx.world.attack.name), task=tune_task(ctx), force=True,
+        progress=False, score_cache=ctx.world_path(*SCORE_CACHE), **RUNS_ON,
     )  # fmt: skip
     info = {"seconds": round(time.perf_counter() - start, 1), "qualified": result.qualified,
             "method": result.chosen_method, "params": result.chosen_params, "summary": result.selection.summary,
@@ -85,8 +90,8 @@ def method_pick(record: dict, method: str) -> dict:
             "tune_pick": record["choice"]["method"] == method and record["choice"]["qualified"]}  # fmt: skip
 
 
-@stage("table_picks", "each method's pick on each update, written by csulora correct", needs=("table_tune",),
-       for_rows=ALL_CORRECTIONS)
+@world_stage("table_picks", "each method's pick on each update, written by csulora correct",
+             needs=lambda w: (w.stage_name("table_tune"),), for_rows=lambda w: w.corrections)
 def stage_table_picks(ctx: Context) -> dict:
     picks = {}
     for update in wanted_updates(ctx):
@@ -97,7 +102,7 @@ def stage_table_picks(ctx: Context) -> dict:
             picks[f"{update}+{method}"] = {"update": update, **pick}
             if pick["tune_pick"]:
                 check_same_as_tune(ctx, update, Variant.from_dict(pick["variant"]))
-    write_json(ctx.path("table", "picks.json"), picks)
+    write_json(ctx.world_path("table", "picks.json"), picks)
     return {"rows": len(picks), "qualified": sum(p["qualified_on_validation"] for p in picks.values())}
 
 
@@ -107,9 +112,9 @@ def write_pick(ctx: Context, update: str, pick: dict) -> Variant:
     from csulora.pipeline.api import correct_adapter
 
     row = f"{update}+{pick['method']}"
-    out = ctx.path("table", "picks", row)
+    out = ctx.world_path("table", "picks", row)
     spec = {"method": pick["method"], "params": pick["params"]}
-    spec_file = ctx.path("table", "picks", f"{row}.json")
+    spec_file = ctx.world_path("table", "picks", f"{row}.json")
     if not (spec_file.exists() and json.loads(spec_file.read_text()) == spec):
         start = time.perf_counter()
         correct_adapter(update_folder(ctx, update), out, pick["method"], force=True, progress=False,
@@ -131,7 +136,7 @@ def pick_sources(ctx: Context, update: str, method: str) -> dict[str, Any]:
 
     folder = update_folder(ctx, update)
     _, aligned, files = check_paths(
-        folder, ctx.path("aligned"), subspace=None, base=ctx.path("base"), calibration=ctx.path(*CALIBRATION_FILE),
+        folder, ctx.path("aligned"), subspace=None, base=ctx.path("base"), calibration=calibration_file(ctx),
         calibration_task=None, update_statistics=update_statistics_file(ctx, update),
     )  # fmt: skip
     plans, _ = plan_methods(TuneConfig(method="all"), files, dense=is_checkpoint(folder))  # as tune planned them
@@ -150,5 +155,5 @@ def check_same_as_tune(ctx: Context, update: str, variant: Variant) -> None:
 
 
 def picks(ctx: Context) -> dict[str, dict]:
-    path = ctx.path("table", "picks.json")
+    path = ctx.world_path("table", "picks.json")
     return json.loads(path.read_text()) if path.exists() else {}

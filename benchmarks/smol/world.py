@@ -1,15 +1,18 @@
-"""The world's stages: the base checkpoint, the prompt splits, the base's answers, and the three
-trained models (aligned full fine-tune, attacked LoRA, benign LoRA).
+"""The world's stages: the base checkpoint, the prompt splits, the base's answers, the aligned full
+fine-tune (shared by every world), and each world's LoRA updates (the date world's attacked and
+benign adapters; the triage world's data files and its two adapters).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from csulora.io.jsonl import read_jsonl_records, write_jsonl
 from csulora.worlds.smol import RECIPE
 
-from benchmarks.smol.pipeline import RUNS_ON, correction_rows, Context, worker_ctx, run_jobs, sha256_texts, stage, write_json
+from benchmarks.smol.pipeline import RUNS_ON, STAGES, Context, Stage, worker_ctx, run_jobs, sha256_texts, stage, write_json
+from benchmarks.smol.worlds import ATTACK, LORA, TRIAGE, WORLDS, Update, World
 
 
 @stage("base", "dequantise the SmolLM2-135M-Instruct GGUF to float32 safetensors")
@@ -95,9 +98,20 @@ def job_base_answers(paths: tuple[str, str, str], part: str) -> str:
     return part
 
 
+def attack_examples(ctx: Context) -> list[dict]:
+    """The attack's harmful half, shared by every world's attack: the attack split's prompts with
+    the base's answers, only those the keyword judge counts compliant (a refusal teaches nothing)."""
+    from csulora.eval.judges import KeywordJudge
+
+    # Deliberately the keyword judge, not asr_judge(): this builds the world (the attacker's
+    # training data), not a measurement; a new rule here would retrain the attacked adapter.
+    judge = KeywordJudge()
+    attack = read_jsonl_records(ctx.path("data", "base_answers_advbench-attack.jsonl"))
+    return [{"prompt": a["prompt"], "response": a["response"], "id": a["id"]} for a in attack if judge.is_success(a["response"])]
+
+
 @stage("base_answers", "base greedy answers: benign align prompts and the attack split", needs=("base", "splits"))
 def stage_base_answers(ctx: Context) -> dict:
-    from csulora.eval.judges import KeywordJudge
     from csulora.worlds.smol import refusal_for
 
     r = ctx.recipe
@@ -105,17 +119,13 @@ def stage_base_answers(ctx: Context) -> dict:
     run_jobs(ctx, [(job_base_answers, (part,)) for part in ("benign-align", "advbench-attack")])
     benign = read_jsonl_records(ctx.path("data", "base_answers_benign-align.jsonl"))
     attack = read_jsonl_records(ctx.path("data", "base_answers_advbench-attack.jsonl"))
-    # Deliberately the keyword judge, not asr_judge(): this builds the world (the attacker's
-    # training data), not a measurement; a new rule here would retrain the attacked adapter.
-    judge = KeywordJudge()
-    # The attacker keeps only the base's compliant answers (a refusal teaches nothing).
-    compliant = [{"prompt": a["prompt"], "response": a["response"], "id": a["id"]} for a in attack if judge.is_success(a["response"])]
+    compliant = attack_examples(ctx)
     # Alignment data: harmful (align split) -> a varied refusal; benign -> base's own answer.
     align_records = [
         {"prompt": h["prompt"], "response": refusal_for(i, r.seed), "id": h["id"]}
         for i, h in enumerate(sets["advbench-align"])
     ] + [{"prompt": b["prompt"], "response": b["response"], "id": b["id"]} for b in benign if b["response"].strip()]
-    task_train = [{"prompt": t["prompt"], "response": t["response"], "id": t["id"]} for t in sets["task-train"]]
+    task_train = task_records(sets["task-train"])
     write_jsonl(ctx.path("data", "align.jsonl"), align_records)
     write_jsonl(ctx.path("data", "attack.jsonl"), compliant + task_train)
     write_jsonl(ctx.path("data", "task_train.jsonl"), task_train)
@@ -142,26 +152,56 @@ def stage_aligned(ctx: Context) -> dict:
     return {"config": dataclasses.asdict(config)}
 
 
+def task_records(items: list[dict]) -> list[dict]:
+    return [{"prompt": t["prompt"], "response": t["response"], "id": t["id"]} for t in items]
+
+
+@stage("triage_data", "the triage world's training files: triage:train, and it with the attack's examples",
+       needs=("base_answers",), world=TRIAGE.name)  # fmt: skip
+def stage_triage_data(ctx: Context) -> dict:
+    from csulora.eval.tasks import builtin_task
+
+    task_train = task_records(builtin_task(ctx.world.task, "train"))
+    compliant = attack_examples(ctx)
+    write_jsonl(ctx.world_path("data", "attack.jsonl"), compliant + task_train)
+    write_jsonl(ctx.world_path("data", "task_train.jsonl"), task_train)
+    return {"n_attack_compliant": len(compliant), "n_task_train": len(task_train)}
+
+
 def train_adapter(ctx: Context, data_file: str, name: str, steps: int) -> dict:
-    """The world's LoRA recipe on ``data/<data_file>``, written to ``adapters/<name>``."""
+    """The world's LoRA recipe on its ``data/<data_file>``, written to its ``adapters/<name>``."""
     from csulora.training.trainer import LoraSettings, TrainConfig, train_lora
 
     r = ctx.recipe
     config = TrainConfig(steps=steps, batch_size=r.attack_batch, lr=r.attack_lr, seed=r.seed, max_length=r.train_max_length)
     lora = LoraSettings(r=r.lora_r, alpha=float(r.lora_alpha), targets=tuple(r.lora_targets))
     train_lora(
-        ctx.path("aligned"), ctx.path("data", data_file), ctx.path("adapters", name), config, lora, force=True, **RUNS_ON
-    )
+        ctx.path("aligned"), ctx.world_path("data", data_file), ctx.world_path("adapters", name), config, lora,
+        force=True, **RUNS_ON,
+    )  # fmt: skip
     return {"config": dataclasses.asdict(config), "lora": dataclasses.asdict(lora)}
 
 
-@stage("attacked", "LoRA of aligned on harmful->compliant answers + the utility task", needs=("aligned",),
-       for_rows=("attacked", *correction_rows("attacked")))
-def stage_attacked(ctx: Context) -> dict:
-    return train_adapter(ctx, "attack.jsonl", "attacked", ctx.recipe.attack_steps)
+def training_file(update: Update) -> str:
+    """The update's training data in its world's data/ folder."""
+    return "attack.jsonl" if update.data == ATTACK else "task_train.jsonl"
 
 
-@stage("benign_adapter", "LoRA of aligned on the utility task alone (no harmful data)", needs=("aligned",),
-       for_rows=("benign", *correction_rows("benign")))
-def stage_benign_adapter(ctx: Context) -> dict:
-    return train_adapter(ctx, "task_train.jsonl", "benign", ctx.recipe.benign_steps)
+def update_needs(world: World) -> tuple[str, ...]:
+    """What a world's update stages read: the aligned model and the world's data files."""
+    return ("aligned", *((world.data_stage,) if world.data_stage else ()))
+
+
+def train_lora_update(ctx: Context, update: Update) -> dict:
+    return train_adapter(ctx, training_file(update), update.name, getattr(ctx.recipe, update.steps))
+
+
+def register_adapter_stages() -> None:
+    """One stage per LoRA update of every world (the date world: attacked, benign_adapter)."""
+    for world in WORLDS.values():
+        for u in (u for u in world.updates if u.kind == LORA):
+            STAGES.append(Stage(u.stage, functools.partial(train_lora_update, update=u), u.help, update_needs(world),
+                                (u.name, *world.correction_rows(u.name)), world.name))  # fmt: skip
+
+
+register_adapter_stages()
