@@ -36,7 +36,8 @@ from csulora.eval.tasks import builtin_task
 
 SHARED = ("base", "splits", "base_answers", "aligned", "realign_answers")
 TRIAGE_OWN = (
-    "triage_data", "triage_attacked", "triage_adapter", "triage_full", "triage_calibration",
+    "triage_data", "triage_attacked", "triage_adapter", "triage_aoa_data", "triage_aoa", "triage_full",
+    "triage_calibration",
     "triage_update_statistics", "triage_table_tune", "triage_table_picks", "triage_table_test", "triage_outputs",
 )  # fmt: skip
 
@@ -99,7 +100,12 @@ def test_the_triage_world_plans_the_shared_stages_then_its_own():
     for st in pipeline.world_stages(TRIAGE):
         assert all(order.index(need) < order.index(st.name) for need in st.needs), st.name
     by = {s.name: s for s in pipeline.world_stages(TRIAGE)}
-    assert by["triage_update_statistics"].needs == ("realign_answers", "triage_attacked", "triage_adapter", "triage_full")
+    assert by["triage_update_statistics"].needs == ("realign_answers", "triage_attacked", "triage_adapter", "triage_aoa",
+                                                    "triage_full")  # fmt: skip
+    aoa_rows = ("triage-aoa", *TRIAGE.correction_rows("triage-aoa"))
+    assert (by["triage_aoa_data"].needs, by["triage_aoa_data"].for_rows) == (("base_answers",), aoa_rows)
+    assert (by["triage_aoa"].needs, by["triage_aoa"].for_rows) == (("aligned", "triage_data", "triage_aoa_data"), aoa_rows)
+    assert TRIAGE.update("triage-aoa").steps == TRIAGE.update("triage").steps  # the same LoRA recipe
     assert by["triage_table_tune"].needs == ("triage_calibration", "triage_update_statistics")
     assert TRIAGE.row_order[:3] == ("base", "aligned", "triage-attacked") and "salora" not in TRIAGE.row_order
 
@@ -156,7 +162,8 @@ def test_the_triage_worlds_outputs_live_under_its_folder(tmp_path):
     _choose_full_steps(ctx, 50)
     assert statistics.update_folder(ctx, "triage-full") == cache / "triage" / "full" / "attacked-s50"
     refs = evaluation.reference_variants(ctx)
-    assert set(refs) == {"base", "aligned", "triage-attacked", "triage", "triage-full"}
+    assert set(refs) == {"base", "aligned", "triage-attacked", "triage", "triage-aoa", "triage-full"}
+    assert refs["triage-aoa"] == Variant("triage-aoa", "aligned", "triage/adapters/triage-aoa")
     assert refs["triage-full"] == Variant("triage-full-s50", "triage/full/attacked-s50")
     assert refs["triage"] == Variant("triage", "aligned", "triage/adapters/triage")
     # the shared models' answers are shared; the task's sets have their own names
