@@ -67,14 +67,15 @@ def table_markdown(rows: list[dict], not_run: dict[str, str], sources: tuple[str
     n = {s: rows[0]["asr"][s]["n"] for s in sources} if rows else {}
     columns = " | ".join(f"ASR {s} (n={n.get(s, '?')}) | empty" for s in sources)
     head = f"| row | {columns} | utility | over-refusal | benign < 12 chars | setting (chosen on validation) |"
-    lines = [head, "|" + "---|" * (6 + 2 * len(sources))]
+    width = 5 + 2 * len(sources)  # cells a line: row, an ASR and an empty share a source, 4 more
+    lines = [head, "|" + "---|" * width]  # as many as the header's, or it is no Markdown table
     for r in rows:
         name = f"**{r['name']}** (recommended)" if r.get("recommended") else r["name"]
         asr = " | ".join(f"{fmt_rate(r['asr'][s])} | {r['harmful_empty'][s]:.2f}" for s in sources)
         lines.append(f"| {name} | {asr} | {fmt_rate(r['utility'])} | {fmt_rate(r['over_refusal'])} | "
                      f"{r['benign_short']:.2f} | {setting_text(r)} |")  # fmt: skip
     for name, reason in not_run.items():
-        lines.append(f"| {name} | {reason} |" + " |" * (4 + 2 * len(sources)))
+        lines.append(f"| {name} | {reason} |" + " |" * (width - 2))
     return "\n".join(lines)
 
 
