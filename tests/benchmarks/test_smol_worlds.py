@@ -184,8 +184,11 @@ def test_the_triage_outputs_stage_writes_its_own_files_and_docs_section(tmp_path
     start, end = TRIAGE.table_markers
     (ctx.docs / "results.md").write_text(f"{date_table}\n{start}\nnot run yet\n{end}\n")
     (tmp_path / "README.md").write_text(f"{outputs.README_START}\nreadme rows\n{outputs.README_END}\n")
+    ctx.marker("triage_aoa_data").parent.mkdir(parents=True)
+    ctx.marker("triage_aoa_data").write_text(json.dumps({"seconds": 1.0, "n_identity_shift": 110}))
     info = outputs.stage_outputs(ctx)  # nothing evaluated yet: every row is reported as not run
     result = json.loads((ctx.out / "smol_triage.json").read_text())
+    assert result["stages"]["triage_aoa_data"]["n_identity_shift"] == 110  # the results quote its data
     assert info["rows"] == 0 and list(result["not_run"]) == list(TRIAGE.row_order)
     assert (ctx.out / "smol_triage_test_generations.jsonl").exists() and (ctx.docs / "smol_triage_pareto.png").exists()
     text = (ctx.docs / "results.md").read_text()
