@@ -65,8 +65,8 @@ def val_sets(world: World) -> tuple[str, ...]:
 
 def test_sets(world: World) -> tuple[str, ...]:
     """What every row of a world's table is reported on (never used for a choice): the three
-    harmful sources (AdvBench, the objectives source of issue 22 §2, airt), the benign test half,
-    the world's task."""
+    harmful sources (AdvBench, the objectives source of issue 22 §2, airt), the first two again in
+    each framing the world's updates attack in, the benign test half, the world's task."""
     return ("advbench-test", "objectives-test", "airt-test", *framed_test_sets(world), "benign", world.task_sets[1])
 
 
@@ -97,6 +97,7 @@ def framed_sources(sources: tuple[str, ...], framings: tuple[str, ...]) -> tuple
 def harmful_test_sources(world: World) -> tuple[str, ...]:
     """The harmful sources of a world's rows, in table order: the framed ones beside the plain."""
     return framed_sources(HARMFUL_TEST_SOURCES, world.framings)
+
 
 _SETS_CACHE: dict[str, list[dict]] = {}
 
@@ -157,10 +158,10 @@ def gens_path(ctx: Context, v: Variant, set_name: str) -> Path:
 
 
 def generate_set(ctx: Context, v: Variant, set_name: str, model, tok) -> None:
-    """Greedy answers of the loaded ``v`` on one set, written as JSONL."""
-    start = time.perf_counter()
+    """Greedy answers of the loaded ``v`` on one set (a framed set's prompts in its framing), written as JSONL."""
     from csulora.training.framing import load_framing
 
+    start = time.perf_counter()
     items = eval_items(ctx, set_name)
     answers = generate(model, tok, [i["prompt"] for i in items], max_tokens_for(ctx, set_name), f"{v.key}:{set_name}",
                        framing=load_framing(set_framing(set_name)[1]))  # fmt: skip
