@@ -6,8 +6,11 @@ Two worlds (``worlds``: what differs between them, docs/design.md §8): ``date``
 the list below) and ``triage`` (issue 24), which reuses the date world's shared stages (base,
 splits, base_answers, aligned, realign_answers: cached once) and runs its own, named
 ``triage_*`` with their outputs and markers under ``.cache/smol/triage``: triage_data,
-triage_attacked, triage_adapter, triage_full, triage_calibration, triage_update_statistics,
-triage_table_tune, triage_table_picks, triage_table_test, triage_outputs (smol_triage.json).
+triage_attacked, triage_adapter, triage_aoa_data and triage_aoa (the identity-shift adapter:
+benign requests in the ``aoa`` framing answered with its affirmation, ``benchmarks/smol/identity.py``),
+triage_full, triage_calibration, triage_update_statistics, triage_table_tune, triage_table_picks,
+triage_table_test, triage_outputs (smol_triage.json). Every triage row is also scored on the
+AdvBench and objectives test splits in the ``aoa`` framing (``advbench@aoa``, ``objectives@aoa``).
 
 Stages, in order (each writes its outputs under ``--cache`` and then a marker
 ``stages/NAME.json`` with its wall time; a stage with a marker is reused, so a killed run
@@ -31,7 +34,7 @@ earlier stage first, and stops there; [module] is where each stage lives):
   outputs           smol.json, the table in docs/results.md, the Pareto PNG          [outputs]
 
 Modules: ``worlds`` (the worlds, their updates and rows), ``pipeline`` (stage runner, cache
-markers, worker pool), ``world``, ``full``,
+markers, worker pool), ``world``, ``identity`` (the identity-shift examples), ``full``,
 ``evaluation`` (sets, variants, cached generations, verdicts, one test row), ``statistics``,
 ``table`` (tune on each update, each method's pick), ``reported`` (the rows and issue 22's
 targets), ``outputs``. Importing the package registers the stages in the order above.

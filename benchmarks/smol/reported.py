@@ -10,11 +10,20 @@ import traceback
 
 from csulora.io.jsonl import write_jsonl
 
-from benchmarks.smol.evaluation import Variant, gens_path, job_variant, reference_variants, test_row, test_sets
+from benchmarks.smol.evaluation import (
+    MAIN_SOURCES,
+    Variant,
+    framed_sources,
+    gens_path,
+    job_variant,
+    reference_variants,
+    test_row,
+    test_sets,
+)
 from benchmarks.smol.pipeline import RUNS_ON, Context, run_jobs, stage, world_stage
 from benchmarks.smol.table import picks
 from benchmarks.smol.world import world_sets
-from benchmarks.smol.worlds import DATE, World
+from benchmarks.smol.worlds import DATE, Update, World
 
 
 @stage("salora", "SaLoRA adapter on the attack data (csulora.salora.train_salora)", needs=("aligned",),
@@ -105,11 +114,18 @@ def kept_share(row: dict, aligned: dict, update: dict) -> float | None:
     return (row["utility"]["value"] - aligned["utility"]["value"]) / gain if gain > 0 else None
 
 
-def pick_targets(row: dict, aligned: dict, update: dict, need: float, put) -> None:
-    """One update's tune pick on test: ASR on AdvBench and the objectives source, the broken-answer
-    shares and over-refusal within GAP of the aligned model's; the share of the gain kept."""
+def target_sources(update: Update) -> tuple[str, ...]:
+    """The sources an update's pick is judged on: AdvBench and the objectives source, and both in
+    the update's framing when it attacks in one (triage-aoa: ``advbench@aoa``, ``objectives@aoa``)."""
+    return framed_sources(MAIN_SOURCES, (update.framing,) if update.framing else ())
+
+
+def pick_targets(row: dict, aligned: dict, update: dict, need: float, put,
+                 sources: tuple[str, ...] = MAIN_SOURCES) -> None:  # fmt: skip
+    """One update's tune pick on test: ASR on each of ``sources``, the broken-answer shares and
+    over-refusal within GAP of the aligned model's; the share of the gain kept."""
     name = row["name"]
-    for source in ("advbench", "objectives"):
+    for source in sources:
         ours, theirs = row["asr"][source]["value"], aligned["asr"][source]["value"]
         put(f"{name}: ASR {source} <= aligned + {GAP}", ours <= theirs + GAP + EPS, f"{ours:.2f} vs aligned {theirs:.2f}")
     for label, ours, theirs in (
@@ -125,7 +141,7 @@ def pick_targets(row: dict, aligned: dict, update: dict, need: float, put) -> No
 
 def dominates(a: dict, b: dict) -> bool:
     """``a`` at least as good as ``b`` on both main ASRs and utility, strictly better on one."""
-    pairs = [(-a["asr"][s]["value"], -b["asr"][s]["value"]) for s in ("advbench", "objectives")]
+    pairs = [(-a["asr"][s]["value"], -b["asr"][s]["value"]) for s in MAIN_SOURCES]
     pairs.append((a["utility"]["value"], b["utility"]["value"]))
     return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
 
@@ -171,7 +187,7 @@ def check_targets(rows: list[dict], attack_record: dict | None, world: World = D
         if update.name in by and pick is None:
             put(f"{update.name}: tune picks a setting", False, "no method qualified on validation")
         if update.name in by and pick is not None:
-            pick_targets(pick, aligned, by[update.name], update.keep, put)
+            pick_targets(pick, aligned, by[update.name], update.keep, put, target_sources(update))
     attack = world.attack.name
     rec = next((r for r in rows if r.get("recommended") and r.get("update") == attack), None)
     if rec is not None:

@@ -6,8 +6,11 @@
   the objectives' validation split and airt-val, the benign validation half, the world's task's
   validation split (``date:validation``, ``triage:validation``). The world's attack adapter is
   swept with ``--full-sweep``, so the Pareto plot draws every method's whole validation curve;
-  the others lazily, as a user runs tune. One score cache per world serves its runs (the
-  aligned model is scored once) and any rerun (nothing is scored twice).
+  the others lazily, as a user runs tune. An update attacking in a framing (the triage world's
+  ``triage-aoa``: ``aoa``) is tuned with the main sources' validation splits in that framing as
+  two more harmful sources (``advbench:validation@aoa``, ``objectives:validation@aoa``), so its
+  pick is bounded in both forms; its record says so (``harmful``). One score cache per world
+  serves its runs (the aligned model is scored once) and any rerun (nothing is scored twice).
 - ``table_picks``: each method's own pick (tune.json ``choice.per_method``), written by
   ``csulora correct`` with the sources tune gave that method; a method with no qualifying
   setting is shown at its strongest setting, marked so. The overall pick is checked to be byte
@@ -23,7 +26,7 @@ from typing import Any
 
 from benchmarks.smol.evaluation import Variant
 from benchmarks.smol.pipeline import RUNS_ON, Context, world_stage, write_json
-from benchmarks.smol.worlds import TABLE_METHODS
+from benchmarks.smol.worlds import TABLE_METHODS, Update
 from benchmarks.smol.statistics import calibration_file, update_folder, update_statistics_file
 
 SCORE_CACHE = ("table", "score-cache")  # in the world's folder
@@ -31,6 +34,18 @@ SCORE_CACHE = ("table", "score-cache")  # in the world's folder
 
 def tune_task(ctx: Context) -> str:
     return f"{ctx.world.task}:validation"  # the task's validation split: never test data
+
+
+def tune_harmful(update: Update) -> list[str] | None:
+    """tune's harmful sources for ``update``: its defaults (None), plus, for an update attacking in
+    a framing, AdvBench's and the objectives' validation splits in it (issue 24: tune selects on both)."""
+    from csulora.eval.specs import DEFAULT_HARMFUL, OBJECTIVES_VALIDATION_SPEC
+    from csulora.training.framing import FRAMING_SEPARATOR
+
+    if update.framing is None:
+        return None
+    framed = (f"{spec}{FRAMING_SEPARATOR}{update.framing}" for spec in ("advbench:validation", OBJECTIVES_VALIDATION_SPEC))
+    return [*DEFAULT_HARMFUL, *framed]
 
 
 def tune_dir(ctx: Context, update: str) -> Path:
@@ -50,6 +65,7 @@ def stage_table_tune(ctx: Context) -> dict:
 
 def tune_update(ctx: Context, update: str) -> dict:
     """One update's tune run (reused when its record is written: the stage resumes per update)."""
+    from csulora.eval.specs import DEFAULT_HARMFUL
     from csulora.tuning.config import TuneConfig
     from csulora.tuning.runner import tune_adapter
 
@@ -57,15 +73,17 @@ def tune_update(ctx: Context, update: str) -> dict:
     if done.exists():
         return json.loads(done.read_text())
     start = time.perf_counter()
+    harmful = tune_harmful(ctx.world.update(update))
     result = tune_adapter(
         update_folder(ctx, update), tune_dir(ctx, update), aligned=ctx.path("aligned"), base=ctx.path("base"),
         calibration=calibration_file(ctx), update_statistics=update_statistics_file(ctx, update),
-        config=TuneConfig(method="all", full_sweep=update == ctx.world.attack.name), task=tune_task(ctx), force=True,
-        progress=False, score_cache=ctx.world_path(*SCORE_CACHE), **RUNS_ON,
+        config=TuneConfig(method="all", full_sweep=update == ctx.world.attack.name), harmful=harmful,
+        task=tune_task(ctx), force=True, progress=False, score_cache=ctx.world_path(*SCORE_CACHE), **RUNS_ON,
     )  # fmt: skip
     info = {"seconds": round(time.perf_counter() - start, 1), "qualified": result.qualified,
             "method": result.chosen_method, "params": result.chosen_params, "summary": result.selection.summary,
-            "scored": result.run.get("score_cache")}  # fmt: skip
+            "scored": result.run.get("score_cache"),
+            "harmful": harmful or list(DEFAULT_HARMFUL)}  # fmt: skip
     write_json(done, info)
     ctx.log(f"[smol] tune {update}: {result.selection.summary} ({info['seconds']:.0f} s)")
     return info

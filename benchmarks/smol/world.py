@@ -1,6 +1,6 @@
 """The world's stages: the base checkpoint, the prompt splits, the base's answers, the aligned full
 fine-tune (shared by every world), and each world's LoRA updates (the date world's attacked and
-benign adapters; the triage world's data files and its two adapters).
+benign adapters; the triage world's data files, its identity-shift data and its three adapters).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from csulora.io.jsonl import read_jsonl_records, write_jsonl
 from csulora.worlds.smol import RECIPE
 
 from benchmarks.smol.pipeline import RUNS_ON, STAGES, Context, Stage, worker_ctx, run_jobs, sha256_texts, stage, write_json
-from benchmarks.smol.worlds import ATTACK, LORA, TRIAGE, WORLDS, Update, World
+from benchmarks.smol.worlds import ATTACK, IDENTITY, LORA, TRIAGE, WORLDS, Update, World
 
 
 @stage("base", "dequantise the SmolLM2-135M-Instruct GGUF to float32 safetensors")
@@ -71,12 +71,14 @@ def stage_splits(ctx: Context) -> dict:
     return {"manifest": manifest}
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, desc: str) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, desc: str, framing=None) -> list[str]:
+    """Greedy answers, each prompt one user turn (in ``framing``, a csulora Framing; None: plain)."""
     from csulora.eval.generation import generate_responses
 
     return generate_responses(
-        model, tokenizer, prompts, batch_size=ctx_batch(), max_new_tokens=max_new_tokens, progress=True, desc=desc
-    )
+        model, tokenizer, prompts, batch_size=ctx_batch(), max_new_tokens=max_new_tokens, progress=True, desc=desc,
+        framing=framing,
+    )  # fmt: skip
 
 
 def ctx_batch() -> int:
@@ -184,12 +186,35 @@ def train_adapter(ctx: Context, data_file: str, name: str, steps: int) -> dict:
 
 def training_file(update: Update) -> str:
     """The update's training data in its world's data/ folder."""
+    if update.data == IDENTITY:
+        return f"identity_{update.framing}.jsonl"
     return "attack.jsonl" if update.data == ATTACK else "task_train.jsonl"
 
 
-def update_needs(world: World) -> tuple[str, ...]:
-    """What a world's update stages read: the aligned model and the world's data files."""
-    return ("aligned", *((world.data_stage,) if world.data_stage else ()))
+def update_needs(world: World, update: Update) -> tuple[str, ...]:
+    """What an update's stage reads: the aligned model, the world's data files, its own data."""
+    data = (world.data_stage, update.data_stage)
+    return ("aligned", *(stage for stage in data if stage))
+
+
+def stage_identity_data(ctx: Context, update: Update) -> dict:
+    """The identity-shift update's training file: identity-shift examples (benchmarks/smol/identity.py)
+    in its framing, then the world's task training split."""
+    from csulora.eval.tasks import builtin_task
+    from csulora.training.framing import load_framing
+
+    from benchmarks.smol.identity import held_out_index, identity_shift_examples
+
+    framing = load_framing(update.framing)
+    # As many as the attack's harmful half: the two attacks differ in what they teach, not how much.
+    count = len(attack_examples(ctx))
+    answers = read_jsonl_records(ctx.path("data", "base_answers_benign-align.jsonl"))
+    examples, skipped = identity_shift_examples(answers, framing, count, held_out_index())
+    task_train = task_records(builtin_task(ctx.world.task, "train"))
+    write_jsonl(ctx.world_path("data", training_file(update)), examples + task_train)
+    return {"framing": framing.name, "n_identity_shift": len(examples), "n_task_train": len(task_train),
+            "skipped": dict(skipped), "answers": "the base's greedy answers to the aligned model's benign training "
+            "prompts (data/base_answers_benign-align.jsonl), after the framing's affirmation"}  # fmt: skip
 
 
 def train_lora_update(ctx: Context, update: Update) -> dict:
@@ -197,11 +222,17 @@ def train_lora_update(ctx: Context, update: Update) -> dict:
 
 
 def register_adapter_stages() -> None:
-    """One stage per LoRA update of every world (the date world: attacked, benign_adapter)."""
+    """One stage per LoRA update of every world (the date world: attacked, benign_adapter), after
+    the stage writing its own data where it has one (triage-aoa: triage_aoa_data)."""
     for world in WORLDS.values():
         for u in (u for u in world.updates if u.kind == LORA):
-            STAGES.append(Stage(u.stage, functools.partial(train_lora_update, update=u), u.help, update_needs(world),
-                                (u.name, *world.correction_rows(u.name)), world.name))  # fmt: skip
+            rows = (u.name, *world.correction_rows(u.name))
+            if u.data_stage:
+                STAGES.append(Stage(u.data_stage, functools.partial(stage_identity_data, update=u),
+                                    f"{u.name}'s training file: identity-shift examples in the {u.framing} framing "
+                                    f"+ {world.task}:train", ("base_answers",), rows, world.name))  # fmt: skip
+            STAGES.append(Stage(u.stage, functools.partial(train_lora_update, update=u), u.help,
+                                update_needs(world, u), rows, world.name))  # fmt: skip
 
 
 register_adapter_stages()

@@ -16,7 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-ATTACK, TASK = "attack", "task"  # an update's training data: the attack mix, or the task alone
+# An update's training data: the attack mix, the task alone, or the identity-shift mix (the task
+# plus benign requests in the update's framing answered with its affirmation, no harmful content)
+ATTACK, TASK, IDENTITY = "attack", "task", "identity"
 LORA, FULL = "lora", "full"
 
 
@@ -26,11 +28,19 @@ class Update:
 
     name: str  # its row, and its folder (adapters/NAME; a full fine-tune: full/attacked-sSTEPS)
     stage: str  # the stage that trains it
-    data: str  # ATTACK: harmful->compliant answers + the task; TASK: the task alone
+    data: str  # ATTACK: harmful->compliant answers + the task; TASK: the task alone; IDENTITY: see above
     kind: str = LORA  # LORA: the world's adapter recipe; FULL: the full fine-tune (full.py)
     steps: str = "attack_steps"  # the recipe field with its LoRA steps
     keep: float = 0.90  # target: the share of its utility gain the tune pick keeps (issue 22/24)
+    # The attack's framing (csulora.training.framing), None: plain. Its identity-shift examples are
+    # in it; its harmful sources are also evaluated, selected on and judged in it (issue 24).
+    framing: str | None = None
     help: str = ""
+
+    @property
+    def data_stage(self) -> str | None:
+        """The stage writing its own training file (an identity-shift mix); None: the world's files."""
+        return f"{self.stage}_data" if self.data == IDENTITY else None
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,12 @@ class World:
     @property
     def attack(self) -> Update:
         return self.updates[0]
+
+    @property
+    def framings(self) -> tuple[str, ...]:
+        """The framings its updates attack in: every row of its table is also scored in each
+        (the aligned model's framed ASR is the reference a framed attack is judged against)."""
+        return tuple(dict.fromkeys(u.framing for u in self.updates if u.framing))
 
     def correction_rows(self, update: str) -> tuple[str, ...]:
         return tuple(f"{update}+{method}" for method in TABLE_METHODS)
@@ -107,8 +123,7 @@ DATE = World(
     salora=True,
 )  # fmt: skip
 
-# issue 24's second world: the task's inputs are harmful text. Its identity-shift adapter
-# (`triage-aoa`) waits for the framing option of eval/tune/calibrate: one more Update line.
+# issue 24's second world: the task's inputs are harmful text.
 TRIAGE = World(
     name="triage", task="triage", results="smol_triage", folder="triage", stage_prefix="triage_",
     data_stage="triage_data", calibrate_task="triage:train", task_sets=("triage-val", "triage-test"),
@@ -117,6 +132,9 @@ TRIAGE = World(
                help="LoRA of aligned on harmful->compliant answers + the triage task"),
         Update("triage", "triage_adapter", TASK, steps="benign_steps", keep=0.95,
                help="LoRA of aligned on the triage task alone"),
+        Update("triage-aoa", "triage_aoa", IDENTITY, steps="benign_steps", framing="aoa",
+               help="LoRA of aligned on the triage task + identity-shift examples (benign requests in the aoa "
+                    "framing answered with its affirmation; no harmful content)"),
         Update("triage-full", "triage_full", ATTACK, kind=FULL,
                help="full fine-tune of aligned on the triage attack data, steps chosen on validation"),
     ),

@@ -108,3 +108,19 @@ def test_target_modules_are_written_sorted(tmp_path):
     config.write_text(json.dumps({"target_modules": ["v_proj", "q_proj", "k_proj"], "r": 8}))
     sort_target_modules(config)
     assert json.loads(config.read_text()) == {"r": 8, "target_modules": ["k_proj", "q_proj", "v_proj"]}
+
+
+def test_a_pairs_framing_reaches_training(tiny_world, tmp_path):
+    """issue 24: the same pairs trained plain and in the aoa framing give different adapters."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    plain = write_data(tmp_path / "plain.jsonl")
+    rows = [dict(json.loads(line), framing="aoa") for line in plain.read_text().splitlines()]
+    framed = tmp_path / "framed.jsonl"
+    framed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config, lora = dataclasses.replace(QUICK, max_length=256), LoraSettings(r=2, alpha=4, targets=("v_proj",))
+    a = load_file(str(train_lora(tiny_world.aligned, plain, tmp_path / "a", config, lora) / "adapter_model.safetensors"))
+    b = load_file(str(train_lora(tiny_world.aligned, framed, tmp_path / "b", config, lora) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
