@@ -18,12 +18,18 @@ import torch
 HUGE = "x" * 5000  # a corrupt header field, kilobytes long: the error must not echo it
 
 
-def build_inputs(root: Path, *, real_calibration: bool = False) -> dict[str, str]:
-    """Build ``root/inputs`` (and ``root/pristine``); returns placeholder -> path."""
+def build_inputs(root: Path, *, real_calibration: bool = False, demo_world: bool = False) -> dict[str, str]:
+    """Build ``root/inputs`` (and ``root/pristine``); returns placeholder -> path. ``demo_world``:
+    the demo's world is copied into the cache too (a demo that runs would otherwise build it
+    there, changing an input)."""
     from csulora.worlds.tiny import shared_tiny_world
 
     inputs = root / "inputs"
     world = _copy_world(shared_tiny_world().root, inputs / "cache")
+    if demo_world:
+        from csulora.worlds.demo import shared_demo_world
+
+        _copy_world(shared_demo_world().root, inputs / "cache")
     paths: dict[str, Path] = {
         "inputs": inputs, "world": world, "cache": inputs / "cache",
         "base": world / "base", "aligned": world / "aligned", "attacked": world / "attacked",
@@ -57,7 +63,7 @@ def _copy_world(source: Path, cache: Path) -> Path:
     world = cache / source.name
     shutil.copytree(source, world)
     relocate_records(world, world)  # the adapter's record names this copy's aligned model
-    (cache / f"{source.name}.lock").touch()  # as shared_tiny_world leaves it: the cache's own lock
+    (cache / f"{source.name}.lock").touch()  # as build_once leaves it: the cache's own lock
     return world
 
 
