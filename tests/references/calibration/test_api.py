@@ -203,7 +203,7 @@ def test_an_interrupt_leaves_nothing_behind(tiny_world, data, outs, monkeypatch)
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api_module, "collect_statistics", interrupted)
+    monkeypatch.setattr(api_module, "statistics_pass", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_world, outs / "c.safetensors", data)
     assert_nothing_written(outs)

@@ -46,7 +46,7 @@ from csulora.references.calibration.data import (
 )
 from csulora.references.calibration.groups import GramGroup, linear_modules
 from csulora.references.calibration.outputs import RUN_RECORD_FORMAT, OutputPaths, publish, staged_output
-from csulora.references.calibration.passes import StatisticsPlan, collect_statistics, memory_budget, plan_statistics
+from csulora.references.calibration.passes import StatisticsPlan, statistics_pass
 from csulora.references.calibration.statistics import product_dtype_for
 from csulora.training.framing import PLAIN, Framing, load_framing
 from csulora.types import ModuleCalibration
@@ -151,12 +151,9 @@ def measure(inputs: Inputs, *, max_new_tokens: int, batch_size: int, memory_budg
     with timed(seconds, "statistics"):
         harmful = harmful_sequences(tokenizer, inputs.prompts, answers.answers, inputs.framing)
         task = task_sequences(tokenizer, inputs.pairs, inputs.framing)
-        budget = memory_budget(memory_budget_gb, device)
-        plan = plan_statistics(model, linears, task, budget, log)
-        calibrations = collect_statistics(
-            model, linears, plan, harmful, task,
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, batch_size=batch_size,
-            product_dtype=product_dtype_for(device, dtype), progress=progress, log=log,
+        plan, calibrations, budget = statistics_pass(
+            model, tokenizer, linears, harmful, task, memory_budget_gb=memory_budget_gb, device=device,
+            dtype=dtype, batch_size=batch_size, progress=progress, log=log,
         )  # fmt: skip
     return Measured(
         fingerprint, answers, plan, calibrations, harmful_tokens=sum(len(e["input_ids"]) for e in harmful),

@@ -27,6 +27,7 @@ from csulora.references.calibration.statistics import (
     accumulate_sums,
     build_calibration,
     build_update_statistics,
+    product_dtype_for,
     sum_bytes,
 )
 from csulora.types import ModuleCalibration
@@ -203,3 +204,21 @@ def collect_statistics(
                     group, sums["harmful"].pop(group.name), sums["task"].pop(group.name)
                 )
     return calibrations
+
+
+def statistics_pass(
+    model: nn.Module, tokenizer: Any, linears: Mapping[str, nn.Linear], harmful: Sequence[Mapping],
+    task: Sequence[Mapping] | None, *, memory_budget_gb: float | None, device: torch.device, dtype: torch.dtype,
+    batch_size: int, progress: bool, log: Log,
+) -> tuple[StatisticsPlan, dict[str, ModuleCalibration], int]:
+    """The plan (groups probed on the task's first example, else the harmful set's), the statistics
+    and the memory budget they ran under. ``task`` None: the fine-tuned model's harmful sums alone."""
+    budget = memory_budget(memory_budget_gb, device)
+    sets = 1 if task is None else 2
+    plan = plan_statistics(model, linears, harmful if task is None else task, budget, log, sets=sets)
+    calibrations = collect_statistics(
+        model, linears, plan, harmful, task,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, batch_size=batch_size,
+        product_dtype=product_dtype_for(device, dtype), progress=progress, log=log,
+    )  # fmt: skip
+    return plan, calibrations, budget

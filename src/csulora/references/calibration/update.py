@@ -50,7 +50,7 @@ from csulora.references.calibration.api import (
 from csulora.references.calibration.data import CALIBRATION_MAX_NEW_TOKENS, check_options, harmful_sequences, set_digest
 from csulora.references.calibration.groups import linear_modules
 from csulora.references.calibration.outputs import RUN_RECORD_FORMAT, OutputPaths, publish, staged_output
-from csulora.references.calibration.passes import StatisticsPlan, collect_statistics, memory_budget, plan_statistics
+from csulora.references.calibration.passes import StatisticsPlan, statistics_pass
 from csulora.references.calibration.statistics import product_dtype_for
 from csulora.references.calibration.update_inputs import UpdateInputs, read_update_inputs
 from csulora.types import ModuleCalibration
@@ -91,12 +91,9 @@ def measure_update(inputs: UpdateInputs, *, batch_size: int, memory_budget_gb: f
         linears = linear_modules(model, inputs.modules, inputs.model_dir)
     with timed(seconds, "statistics"):
         sequences = harmful_sequences(tokenizer, inputs.prompts, inputs.responses)
-        budget = memory_budget(memory_budget_gb, device)
-        plan = plan_statistics(model, linears, sequences, budget, log, sets=1)
-        calibrations = collect_statistics(
-            model, linears, plan, sequences, None,
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, batch_size=batch_size,
-            product_dtype=product_dtype_for(device, dtype), progress=progress, log=log,
+        plan, calibrations, budget = statistics_pass(
+            model, tokenizer, linears, sequences, None, memory_budget_gb=memory_budget_gb, device=device,
+            dtype=dtype, batch_size=batch_size, progress=progress, log=log,
         )  # fmt: skip
     return UpdateMeasured(
         aligned_fingerprint, fingerprint, plan, calibrations, tokens=sum(len(e["input_ids"]) for e in sequences),
