@@ -132,11 +132,10 @@ def tune_adapter(
     ``benign``: prompts for over-refusal, short answers and fluency (default ``benign:validation``).
     ``device``/``dtype``: where and in what precision the model runs. ``score_cache``: a folder
     keeping every scored state (:mod:`csulora.tuning.score_cache`). ``update_statistics``: the
-    fine-tuned model's statistics, for the methods that read them (Antidote). ``framing``: the chat
-    form of every validation set (a name or JSON file, None: plain); a harmful ``SPEC@FRAMING`` keeps
-    its own, so ``harmful=["advbench:validation", "advbench:validation@aoa"]`` selects on both forms
-    (:mod:`csulora.training.framing`); ``calibration_task`` is calibrated plain. When no setting
-    qualifies no correction is written, only tune.json, tune.png, the answers and the run record.
+    fine-tuned model's statistics (Antidote). ``framing``: the chat form of every validation set (a
+    name or JSON file, None: plain); a harmful ``SPEC@FRAMING`` keeps its own, so ``harmful=
+    ["advbench:validation", "advbench:validation@aoa"]`` selects on both forms (:mod:`csulora.training.framing`);
+    ``calibration_task`` is calibrated plain. No setting qualifies: tune.json, tune.png, answers, run record only.
     """
     config = config or TuneConfig()
     sources = {"subspace": subspace, "base": base, "calibration": calibration, "calibration_task": calibration_task,
